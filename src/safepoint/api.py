@@ -1,0 +1,88 @@
+"""The one-checkpoint functions: save, restore, load and verify a single checkpoint directory.
+
+They share the format, the commit protocol and the verification of :class:`~safepoint.CheckpointManager`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+from .errors import CheckpointNotFoundError, ConfigError, StorageError
+from .gc import step_dirs
+from .layout import MANIFEST_NAME
+from .manager import CheckpointInfo, check_state_version, save_to
+from .reader import read_checkpoint
+from .restore import RestoreReport, apply_checkpoint, plain_values
+from .storage import Storage, open_storage
+from .verify import VerifyReport, verify_storage
+
+__all__ = ["load", "restore", "save", "verify"]
+
+PathLike = str | os.PathLike[str]
+
+
+def save(
+    path: PathLike,
+    state: Mapping[str, Any],
+    *,
+    step: int = 0,
+    metrics: Mapping[str, float] | None = None,
+    state_version: int = 1,
+) -> CheckpointInfo:
+    """Write ``state`` as one checkpoint directory at ``path``, durably and atomically.
+
+    Raises CheckpointExistsError if ``path`` already holds a committed checkpoint (it is left untouched).
+    """
+    storage = open_storage(path)
+    _refuse_file(storage)
+    if step_dirs(storage):
+        raise ConfigError(f"{storage.describe('')} is a CheckpointManager directory; save there with the manager")
+    return save_to(storage, "", step, state, metrics=metrics, state_version=check_state_version(state_version))
+
+
+def restore(path: PathLike, state: MutableMapping[str, Any], *, strict: bool = True) -> RestoreReport:
+    """Apply the checkpoint at ``path`` to ``state`` in place: verified, totally or not at all."""
+    storage = _committed(path)
+    loaded = read_checkpoint(storage, "")
+    return apply_checkpoint(loaded, state, strict=strict, path=storage.describe(""))
+
+
+def load(path: PathLike, *, allow_pickle: Iterable[str] | bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` as nested plain values (objects' state_dicts as dicts), every byte verified.
+
+    Entries saved with :class:`safepoint.Pickled` are unpickled only if ``allow_pickle`` is True or names their
+    key path; otherwise UnsafeCheckpointError names them.
+    """
+    storage = _committed(path)
+    return plain_values(read_checkpoint(storage, ""), allow_pickle)
+
+
+def verify(path: PathLike) -> VerifyReport:
+    """Check every byte of the checkpoint at ``path``, or of every checkpoint in the manager directory."""
+    storage = open_storage(path)
+    if not storage.exists(""):
+        raise CheckpointNotFoundError(f"{storage.describe('')} does not exist")
+    _refuse_file(storage)
+    return verify_storage(storage)
+
+
+def _refuse_file(storage: Storage) -> None:
+    if storage.exists("") and not storage.is_dir(""):
+        raise StorageError(f"{storage.describe('')} is a file, not a checkpoint directory", path=storage.describe(""))
+
+
+def _committed(path: PathLike) -> Storage:
+    storage = open_storage(path)
+    _refuse_file(storage)
+    if not storage.exists(MANIFEST_NAME):
+        steps = step_dirs(storage)
+        hint = (
+            f"; it is a manager directory with steps {[s for s, _ in steps][-5:]}: use "
+            "CheckpointManager(path).restore(state), or pass one step directory"
+            if steps
+            else ""
+        )
+        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.describe('')}{hint}")
+    return storage

@@ -1,0 +1,272 @@
+"""The commit protocol: a pure plan of what to write, and the executor that writes it in a crash-safe order.
+
+Order of a save (each step a named fault point, see :mod:`safepoint.faults`)::
+
+    mkdir checkpoint dir (fsync parent)  ->  take the attempt lock  ->  mkdir <save_id>/ (fsync)
+    for each payload file: write + hash in one pass, fsync
+    fsync <save_id>/  ->  write <save_id>/manifest.json, fsync
+    PUBLISH: link(<save_id>/manifest.json, manifest.json)   fails if the step is committed: CheckpointExistsError
+    fsync checkpoint dir                                    an error here is an AmbiguousCommitError
+    remove the staging name of the manifest and the lock
+
+Before publication a failure removes the attempt's files and re-raises the original error (cleanup errors are
+attached as notes, never raised instead). After it, the checkpoint is visible and complete; only its durability
+can be in doubt, and a retry of the step finds and verifies it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import faults
+from .codec import Encoded
+from .errors import AmbiguousCommitError, CheckpointExistsError, ConfigError, SafepointError, StorageError
+from .layout import MANIFEST_NAME, join, lock_name, new_save_id
+from .manifest import EntryRecord, FileRecord, Manifest
+from .payload import WRITE_BUFFER_BYTES, PlannedFile, plan_file, write_file
+from .storage import AttemptLock, Storage
+
+__all__ = ["SHARD_BYTES", "SavePlan", "execute_save", "plan_save"]
+
+logger = logging.getLogger("safepoint")
+
+#: Payload files are cut at about this size, so large states are spread over several files.
+SHARD_BYTES = 1 << 30
+_SPLIT_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class SavePlan:
+    checkpoint: str  # the checkpoint directory, relative to the storage root ("" when it is the root)
+    step: int
+    save_id: str
+    files: tuple[PlannedFile, ...]  # paths relative to the checkpoint directory
+    entries: tuple[EntryRecord, ...]
+    tree: dict[str, object]
+    metrics: dict[str, float]
+    state_version: int
+
+    @property
+    def staging(self) -> str:
+        return join(self.checkpoint, self.save_id)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"safepoint {version('safepoint')}"
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "safepoint"
+
+
+def plan_save(
+    encoded: Encoded,
+    *,
+    checkpoint: str,
+    step: int,
+    metrics: Mapping[str, float] | None = None,
+    state_version: int = 1,
+    shard_bytes: int = SHARD_BYTES,
+    save_id: str | None = None,
+) -> SavePlan:
+    """Decide names, files and offsets for a save. Touches no storage."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+    save_id = save_id or new_save_id()
+    names = _unique_names([leaf.key for leaf in encoded.leaves])
+    # A new file starts at a new top-level entry once the current file is sizeable, so that each file's read
+    # buffer backs one object's tensors after a restore (an optimizer keeps views of its own file, not the
+    # model's), and at shard_bytes within an entry.
+    groups: list[list[int]] = [[]]
+    filled, top = 0, None
+    for index, leaf in enumerate(encoded.leaves):
+        nbytes = leaf.tensor.numel() * leaf.tensor.element_size()
+        entry = leaf.key.split("/", 1)[0]
+        if groups[-1] and (filled + nbytes > shard_bytes or (entry != top and filled >= _SPLIT_BYTES)):
+            groups.append([])
+            filled = 0
+        groups[-1].append(index)
+        filled += nbytes
+        top = entry
+    files: list[PlannedFile] = []
+    entry_file: dict[int, int] = {}
+    for file_index, group in enumerate(g for g in groups if g):
+        items = [(i, names[i], encoded.leaves[i].tensor) for i in group]
+        files.append(plan_file(f"{save_id}/{file_index:05d}.safetensors", items))
+        entry_file.update(dict.fromkeys(group, file_index))
+    entries = tuple(
+        EntryRecord(
+            key=leaf.key,
+            kind=leaf.kind,
+            dtype=_dtype_name(leaf.tensor),
+            shape=tuple(leaf.tensor.shape),
+            file=entry_file[i],
+            name=names[i],
+            scalar=leaf.scalar,
+        )
+        for i, leaf in enumerate(encoded.leaves)
+    )
+    return SavePlan(
+        checkpoint=checkpoint,
+        step=step,
+        save_id=save_id,
+        files=tuple(files),
+        entries=entries,
+        tree=encoded.tree,
+        metrics=_check_metrics(metrics or {}),
+        state_version=state_version,
+    )
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    from .codec import DTYPES
+
+    return DTYPES[tensor.dtype]
+
+
+def _unique_names(keys: list[str]) -> list[str]:
+    seen: set[str] = set()
+    names = []
+    for index, key in enumerate(keys):
+        name = key if key not in seen and key != "__metadata__" else f"{key}#{index}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
+    checked: dict[str, float] = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"metric names must be strings, not {name!r}")
+        number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+        if isinstance(number, bool) or not isinstance(number, (int, float, np.number)):
+            raise ConfigError(f"metric {name!r} must be a number, not {type(value).__name__}")
+        checked[name] = int(number) if isinstance(number, (int, np.integer)) else float(number)
+    return checked
+
+
+def execute_save(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
+    """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable."""
+    faults.point("save.begin")
+    committed = join(plan.checkpoint, MANIFEST_NAME)
+    lock = _begin_attempt(storage, plan, committed)
+    try:
+        manifest = _write_attempt(storage, plan, leaves)
+        faults.point("commit.publish.before")
+        try:
+            storage.publish(join(plan.staging, MANIFEST_NAME), committed)
+        except FileExistsError as err:
+            raise CheckpointExistsError(
+                f"step {plan.step} was committed by another writer at {storage.describe(plan.checkpoint)} "
+                "while this save was writing; the committed checkpoint is untouched",
+                step=plan.step,
+                path=storage.describe(plan.checkpoint),
+            ) from err
+        faults.point("commit.publish.after")
+    except BaseException as err:
+        _abort_attempt(storage, plan, lock, err)
+        raise
+    try:
+        storage.sync_dir(plan.checkpoint)
+        faults.point("commit.dirsync.after")
+    except (OSError, SafepointError) as err:
+        lock.release(remove=False)  # leave it to the collector: the attempt dir may be the committed data
+        raise AmbiguousCommitError(
+            f"step {plan.step} was published at {storage.describe(plan.checkpoint)} but could not be made durable "
+            f"({err}); it may or may not survive a crash. Saving step {plan.step} again is safe: it verifies "
+            "the committed checkpoint and reports it",
+            errno=getattr(err, "errno", None),
+            path=storage.describe(plan.checkpoint),
+        ) from err
+    _finish_attempt(storage, plan, lock)
+    return manifest
+
+
+def _begin_attempt(storage: Storage, plan: SavePlan, committed: str) -> AttemptLock:
+    for _ in range(10):
+        storage.ensure_dir(plan.checkpoint)
+        if storage.exists(committed):
+            raise CheckpointExistsError(
+                f"step {plan.step} is already committed at {storage.describe(plan.checkpoint)}",
+                step=plan.step,
+                path=storage.describe(plan.checkpoint),
+            )
+        try:
+            return storage.lock_attempt(join(plan.checkpoint, lock_name(plan.save_id)))
+        except FileNotFoundError:
+            continue  # a collector removed the empty checkpoint dir between mkdir and lock: make it again
+    raise StorageError(f"cannot start a save in {storage.describe(plan.checkpoint)}: it keeps disappearing")
+
+
+def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
+    storage.ensure_dir(plan.staging)
+    faults.point("staging.mkdir.after")
+    records: list[FileRecord] = []
+    buffer = bytearray(WRITE_BUFFER_BYTES) if plan.files else bytearray()
+    for planned in plan.files:
+        faults.point("data.write.before")
+        sink = storage.create(join(plan.checkpoint, planned.path))
+        try:
+            checksum = write_file(sink, planned, leaves, buffer)
+            faults.point("data.write.after")
+            faults.point("data.fsync.before")
+            sink.finish()
+            faults.point("data.fsync.after")
+        except BaseException:
+            sink.abort()
+            raise
+        records.append(FileRecord(planned.path, planned.size, checksum))
+    storage.sync_dir(plan.staging)
+    faults.point("staging.fsync.after")
+    manifest = Manifest(
+        step=plan.step,
+        save_id=plan.save_id,
+        created=time.time(),
+        files=tuple(records),
+        entries=plan.entries,
+        tree=dict(plan.tree),
+        metrics=plan.metrics,
+        state_version=plan.state_version,
+        writer=_version(),
+    )
+    faults.point("manifest.write.before")
+    sink = storage.create(join(plan.staging, MANIFEST_NAME))
+    try:
+        sink.write(memoryview(manifest.to_json()))
+        sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    faults.point("manifest.fsync.after")
+    return manifest
+
+
+def _abort_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock, error: BaseException) -> None:
+    """Remove what this attempt wrote. Never raises: a cleanup failure is attached to ``error`` as a note."""
+    try:
+        storage.remove_tree(plan.staging)
+        lock.release(remove=True)
+        storage.remove_empty_dir(plan.checkpoint)
+    except BaseException as cleanup:
+        lock.release(remove=False)
+        note = f"safepoint: cleaning up the failed save of step {plan.step} also failed: {cleanup!r}"
+        error.add_note(note) if hasattr(error, "add_note") else logger.warning(note)
+
+
+def _finish_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock) -> None:
+    """Drop the staging name of the manifest and the lock. The save is already durable: failures only log."""
+    try:
+        storage.remove_file(join(plan.staging, MANIFEST_NAME))
+        lock.release(remove=True)
+        faults.point("commit.cleanup.after")
+    except (OSError, SafepointError) as err:
+        lock.release(remove=False)
+        logger.warning("step %s is committed, but removing its staging leftovers failed: %s", plan.step, err)

@@ -1,0 +1,139 @@
+"""The one exception tree of safepoint.
+
+Every error safepoint raises on purpose is a :class:`SafepointError`. Errors from the operating system or a
+dependency are mapped at the boundary where they happen, with ``raise ... from err`` so the cause is kept::
+
+    SafepointError
+    ├── ConfigError (also ValueError)        invalid arguments, caught at construction
+    ├── InvalidStateError (also TypeError)   a value in the state that cannot be checkpointed
+    ├── StorageError (also OSError)          an I/O failure; ``errno`` is the operating system's
+    │   └── AmbiguousCommitError             failed after the point of publication: it may be committed
+    ├── CheckpointExistsError                that step is already committed; the committed one is untouched
+    ├── CheckpointNotFoundError              no committed checkpoint where one was asked for
+    ├── CorruptCheckpointError               checksums, sizes or structure do not match the manifest
+    │   ├── FormatVersionError               written by a newer format, or an unknown field
+    │   └── UnsafeCheckpointError            a path escaping the root, a symlink, pickle without opt-in
+    ├── RestoreError                         the checkpoint does not fit the live state; nothing was changed
+    └── ManagerClosedError                   the manager was used after ``close()``
+
+This module must never import anything from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "AmbiguousCommitError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "InvalidStateError",
+    "ManagerClosedError",
+    "RestoreError",
+    "SafepointError",
+    "StorageError",
+    "UnsafeCheckpointError",
+]
+
+
+class SafepointError(Exception):
+    """The root of every error safepoint raises."""
+
+
+class ConfigError(SafepointError, ValueError):
+    """An argument is invalid. Raised before anything is read or written."""
+
+
+class InvalidStateError(SafepointError, TypeError):
+    """A value in the state cannot be checkpointed. ``key`` names where it is, e.g. ``optimizer/state/0``."""
+
+    def __init__(self, message: str, *, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class StorageError(SafepointError, OSError):
+    """An I/O operation failed. ``errno`` carries the operating system's code (e.g. ``errno.ENOSPC``)."""
+
+    def __init__(self, message: str, *, errno: int | None = None, path: str = "") -> None:
+        super().__init__(message)
+        # OSError's own constructor would reinterpret our arguments, so the attributes are set explicitly.
+        self.errno = errno
+        self.filename = path
+        self.path = path
+
+    def __str__(self) -> str:
+        text = str(self.args[0]) if self.args else ""
+        if self.errno is not None:
+            name = _errno.errorcode.get(self.errno, str(self.errno))
+            return f"{text} [{name}]"
+        return text
+
+
+class AmbiguousCommitError(StorageError):
+    """The save failed after its commit record was published.
+
+    The checkpoint may or may not be durable. Saving the same step again is safe: the retry finds the committed
+    checkpoint, verifies it and reports it with :class:`CheckpointExistsError`.
+    """
+
+
+class CheckpointExistsError(SafepointError):
+    """The step is already committed. The committed checkpoint was not modified."""
+
+    def __init__(self, message: str, *, step: int | None = None, path: str = "", verified: bool | None = None):
+        super().__init__(message)
+        self.step = step
+        self.path = path
+        self.verified = verified
+
+
+class CheckpointNotFoundError(SafepointError):
+    """There is no committed checkpoint where one was asked for."""
+
+
+class CorruptCheckpointError(SafepointError):
+    """A checkpoint does not match its manifest: a checksum, a size, a missing file or a malformed record.
+
+    ``path`` names the file found to be bad.
+    """
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class FormatVersionError(CorruptCheckpointError):
+    """The checkpoint was written by a newer format than this code knows, or carries fields it does not know."""
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """The checkpoint asks for something unsafe: a path outside its root, a symlink, or pickle without opt-in."""
+
+
+class RestoreError(SafepointError):
+    """The checkpoint does not fit the live state. Live objects were left unchanged.
+
+    ``missing`` lists entries the live state has and the checkpoint lacks; ``unexpected`` entries the checkpoint
+    has and the live state lacks; ``mismatched`` entries whose shape, dtype or type differ, each with the reason.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: tuple[str, ...] = (),
+        unexpected: tuple[str, ...] = (),
+        mismatched: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+
+
+class ManagerClosedError(SafepointError):
+    """The manager was used after ``close()``."""

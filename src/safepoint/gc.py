@@ -1,0 +1,105 @@
+"""Collecting what crashed or failed saves left behind, and only what is certainly dead.
+
+An attempt (a ``<save_id>/`` directory and its ``<save_id>.lock``) is dead when nobody holds its lock (the kernel
+drops the lock of a killed writer) and the checkpoint's manifest does not name it. The manifest is read *after*
+the lock is taken, so a writer that publishes and then releases is never mistaken for a dead one. Attempts of a
+checkpoint whose manifest cannot be read are left alone: that data may be all there is of the step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from . import faults
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
+from .layout import MANIFEST_NAME, join, lock_name, parse_attempt, parse_step_dir
+from .reader import read_manifest
+from .storage import AttemptLock, Storage
+
+__all__ = ["GcReport", "collect", "collect_checkpoint", "step_dirs"]
+
+logger = logging.getLogger("safepoint")
+
+
+@dataclass(frozen=True)
+class GcReport:
+    removed: tuple[str, ...]  # attempts and empty checkpoint directories removed
+    in_progress: tuple[str, ...]  # attempts whose writer is alive: left alone
+
+    def __bool__(self) -> bool:
+        return bool(self.removed)
+
+
+def step_dirs(storage: Storage, base: str = "") -> list[tuple[int, str]]:
+    """(step, directory) for every canonical step directory under ``base``, ascending by step."""
+    try:
+        names = storage.listdir(base)
+    except FileNotFoundError:
+        return []
+    found = [(step, join(base, name)) for name in names if (step := parse_step_dir(name)) is not None]
+    return sorted(found)
+
+
+def collect(storage: Storage) -> GcReport:
+    """Collect dead attempts in a manager directory, or in a single checkpoint directory."""
+    removed: list[str] = []
+    live: list[str] = []
+    dirs = [d for _, d in step_dirs(storage)] or [""]
+    for directory in dirs:
+        report = collect_checkpoint(storage, directory)
+        removed += report.removed
+        live += report.in_progress
+    return GcReport(tuple(removed), tuple(live))
+
+
+def _committed_save_id(storage: Storage, checkpoint: str) -> str | None:
+    """The save id the manifest names; None if not committed. Raises if the manifest is unreadable."""
+    try:
+        return read_manifest(storage, checkpoint).save_id
+    except CheckpointNotFoundError:
+        return None
+
+
+def collect_checkpoint(storage: Storage, checkpoint: str) -> GcReport:
+    try:
+        names = storage.listdir(checkpoint)
+    except FileNotFoundError:
+        return GcReport((), ())
+    attempts = sorted({parsed[0] for name in names if (parsed := parse_attempt(name)) is not None})
+    removed: list[str] = []
+    live: list[str] = []
+    for save_id in attempts:
+        outcome = _collect_attempt(storage, checkpoint, save_id)
+        (removed if outcome == "removed" else live if outcome == "live" else []).append(join(checkpoint, save_id))
+    if checkpoint and not storage.exists(join(checkpoint, MANIFEST_NAME)) and storage.remove_empty_dir(checkpoint):
+        removed.append(checkpoint)
+    return GcReport(tuple(removed), tuple(live))
+
+
+def _collect_attempt(storage: Storage, checkpoint: str, save_id: str) -> str:
+    lock_path = join(checkpoint, lock_name(save_id))
+    lock: AttemptLock | None = None
+    # asked even when the listing showed no lock file: a listing taken during a writer's start may miss it
+    try:
+        lock = storage.try_lock_attempt(lock_path)
+    except FileNotFoundError:
+        lock = None  # no lock file: the writer finished, or never got past creating it
+    else:
+        if lock is None:
+            return "live"
+    try:
+        try:
+            committed = _committed_save_id(storage, checkpoint)
+        except (CorruptCheckpointError, SafepointError) as err:
+            logger.warning("leaving %s alone: its manifest cannot be read (%s)", storage.describe(checkpoint), err)
+            return "kept"
+        if committed == save_id:
+            return "committed"  # the lock file alone is a leftover: released with remove=True below
+        faults.point("gc.delete.before")
+        storage.remove_tree(join(checkpoint, save_id))
+        faults.point("gc.delete.after")
+        return "removed"
+    finally:
+        if lock is not None:
+            lock.release(remove=True)

@@ -1,0 +1,343 @@
+"""CheckpointManager: numbered checkpoints in one directory, verified resume, retention, and a safe lifecycle.
+
+Lifecycle: the manager is a context manager. ``close()`` is idempotent and safe from any state, including a
+constructor that failed half-way; ``__exit__`` never replaces the exception of the ``with`` body (a cleanup error
+is attached to it as a note). There is no ``__del__``: nothing can raise at garbage collection.
+
+Resume: ``restore(state)`` walks from the newest committed step down to the first one that verifies and fits,
+and reports every step it passed over with the reason. Nothing to restore returns ``None``. Committed
+checkpoints that all fail verification raise: starting from scratch over them would be the silent failure this
+library exists to prevent.
+
+Retention runs only after a save is durable, works from what is on disk (so it survives restarts), never
+removes the newest committed step or the one just saved, and never touches names it does not own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import types
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import faults
+from .codec import encode_state
+from .commit import execute_save, plan_save
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    ManagerClosedError,
+    SafepointError,
+    StorageError,
+)
+from .gc import GcReport, collect, collect_checkpoint, step_dirs
+from .layout import MANIFEST_NAME, join, step_dir
+from .manifest import Manifest
+from .reader import read_checkpoint, read_manifest, verify_checkpoint
+from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint
+from .retention import RetentionPolicy, steps_to_keep
+from .storage import Storage, open_storage
+from .verify import VerifyReport, verify_storage
+
+__all__ = ["CheckpointInfo", "CheckpointManager", "check_state_version", "save_to"]
+
+logger = logging.getLogger("safepoint")
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as its manifest describes it."""
+
+    step: int
+    path: str
+    save_id: str
+    nbytes: int
+    created: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, manifest: Manifest, path: str) -> CheckpointInfo:
+        return cls(manifest.step, path, manifest.save_id, manifest.nbytes, manifest.created, dict(manifest.metrics))
+
+
+def check_state_version(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"state_version must be a non-negative integer, not {value!r}")
+    return value
+
+
+def save_to(
+    storage: Storage,
+    checkpoint: str,
+    step: int,
+    state: Mapping[str, Any],
+    *,
+    metrics: Mapping[str, float] | None,
+    state_version: int,
+) -> CheckpointInfo:
+    """Encode, write and commit ``state`` as ``checkpoint``. On a step already committed, verify it and say so."""
+    encoded = encode_state(state)
+    plan = plan_save(encoded, checkpoint=checkpoint, step=step, metrics=metrics, state_version=state_version)
+    try:
+        manifest = execute_save(storage, plan, [leaf.tensor for leaf in encoded.leaves])
+    except CheckpointExistsError as err:
+        raise _existing(storage, checkpoint, step, err) from err
+    return CheckpointInfo.of(manifest, storage.describe(checkpoint))
+
+
+def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExistsError) -> CheckpointExistsError:
+    where = storage.describe(checkpoint)
+    try:
+        manifest = verify_checkpoint(storage, checkpoint)
+    except SafepointError as problem:
+        return CheckpointExistsError(
+            f"{err}; it does NOT verify ({problem}). It was left untouched: inspect it, remove it by hand, "
+            "or save under another step",
+            step=step,
+            path=where,
+            verified=False,
+        )
+    return CheckpointExistsError(
+        f"{err}; it verifies (save id {manifest.save_id}, {manifest.nbytes} bytes), so a retry after an "
+        "ambiguous commit can treat the step as saved",
+        step=step,
+        path=where,
+        verified=True,
+    )
+
+
+class CheckpointManager:
+    """Numbered, verified checkpoints in ``directory``; see the module docstring for the guarantees.
+
+    >>> with CheckpointManager("runs/exp1", keep_last=3) as manager:   # doctest: +SKIP
+    ...     report = manager.restore(state)        # None when there is nothing to resume from
+    ...     start = report.step + 1 if report else 0
+    ...     for step in range(start, total_steps):
+    ...         manager.save(step, state, metrics={"loss": loss})
+    """
+
+    _closed = True  # class default: close() and __del__ work even if __init__ failed before setting anything
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        keep_best: int | None = None,
+        best_metric: str | None = None,
+        best_mode: str = "min",
+        keep_every: int | None = None,
+        state_version: int = 1,
+    ) -> None:
+        self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        self._state_version = check_state_version(state_version)
+        if not isinstance(directory, (str, os.PathLike)):
+            raise ConfigError(f"directory must be a path, not {type(directory).__name__}")
+        self._storage = open_storage(directory)
+        self.directory = self._storage.describe("")
+        if self._storage.exists("") and not self._storage.is_dir(""):
+            raise StorageError(f"{self.directory} exists and is not a directory", path=self.directory)
+        if self._storage.exists(MANIFEST_NAME):
+            raise ConfigError(
+                f"{self.directory} is a single checkpoint, not a manager directory; "
+                "use safepoint.restore() or safepoint.load() on it"
+            )
+        self._storage.ensure_dir("")
+        self._closed = False
+        self._collect_dead_staging()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the manager. Idempotent; safe whatever failed before."""
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> CheckpointManager:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: types.TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException as cleanup:
+            note = f"safepoint: closing the manager also failed: {cleanup!r}"
+            exc.add_note(note) if hasattr(exc, "add_note") else logger.error(note)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"CheckpointManager({getattr(self, 'directory', '?')!r}, {state})"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ManagerClosedError(f"{self!r} is closed")
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def save(
+        self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None
+    ) -> CheckpointInfo:
+        """Commit ``state`` as ``step``; returns once it is durable. Retention runs after that.
+
+        Raises CheckpointExistsError if the step is committed (the committed one is untouched and verified),
+        InvalidStateError before writing anything if a value cannot be checkpointed, StorageError (with the
+        operating system's errno, e.g. ENOSPC) if writing fails, leaving nothing visible.
+        """
+        self._check_open()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+        info = save_to(self._storage, step_dir(step), step, state, metrics=metrics, state_version=self._state_version)
+        try:
+            self._apply_retention(step)
+        except SafepointError as err:
+            logger.warning("step %s is saved, but retention failed (it runs again after the next save): %s", step, err)
+        return info
+
+    def _apply_retention(self, just_saved: int) -> None:
+        if self._policy.keeps_everything:
+            return
+        metrics: dict[int, Mapping[str, float]] = {}
+        for step, path in step_dirs(self._storage):
+            try:
+                metrics[step] = read_manifest(self._storage, path).metrics
+            except CheckpointNotFoundError:
+                continue
+            except SafepointError as err:  # unreadable: neither counted nor deleted; verify reports it
+                logger.warning("retention leaves %s alone: %s", self._storage.describe(path), err)
+        keep = steps_to_keep(self._policy, metrics, protect=(just_saved,))
+        for step in sorted(set(metrics) - keep):
+            self._delete(step)
+
+    def _delete(self, step: int) -> None:
+        """Unpublish first (the checkpoint disappears atomically and durably), then collect its data."""
+        path = step_dir(step)
+        self._storage.remove_file(join(path, MANIFEST_NAME))
+        self._storage.sync_dir(path)
+        faults.point("retention.unpublish.after")
+        collect_checkpoint(self._storage, path)
+        faults.point("retention.delete.after")
+
+    # -- listing ---------------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Committed steps, ascending. A committed step has a published manifest; restore() verifies it."""
+        self._check_open()
+        return [step for step, path in step_dirs(self._storage) if self._storage.exists(join(path, MANIFEST_NAME))]
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Every committed checkpoint whose manifest reads, ascending by step."""
+        self._check_open()
+        infos = []
+        for _, path in step_dirs(self._storage):
+            try:
+                infos.append(CheckpointInfo.of(read_manifest(self._storage, path), self._storage.describe(path)))
+            except CheckpointNotFoundError:
+                continue
+        return infos
+
+    # -- restoring -------------------------------------------------------------------------------------------
+    def restore(
+        self, state: MutableMapping[str, Any], *, step: int | None = None, strict: bool = True
+    ) -> RestoreReport | None:
+        """Apply a checkpoint to ``state`` in place, verified, totally or not at all.
+
+        With ``step=None``: the newest checkpoint that verifies; returns None if nothing is committed. With a
+        step: exactly that one (CheckpointNotFoundError or CorruptCheckpointError, never a fallback).
+        ``strict=False`` reports missing and unexpected entries instead of raising; shape, dtype and type
+        mismatches always raise RestoreError, with the live state unchanged.
+        """
+        self._check_open()
+        if step is not None:
+            return self._restore_step(state, step, strict)
+        skipped: list[SkippedCheckpoint] = []
+        committed = self.steps()
+        for candidate in reversed(committed):
+            path = step_dir(candidate)
+            try:
+                loaded = read_checkpoint(self._storage, path)
+                _check_step(loaded.manifest, candidate, self._storage.describe(path))
+            except FormatVersionError:
+                raise  # a newer safepoint wrote it: falling back would silently lose progress
+            except (CorruptCheckpointError, StorageError) as err:
+                logger.warning("skipping step %s: %s", candidate, err)
+                skipped.append(SkippedCheckpoint(candidate, self._storage.describe(path), str(err)))
+                continue
+            except CheckpointNotFoundError:
+                continue  # deleted by retention elsewhere since the listing
+            return apply_checkpoint(
+                loaded, state, strict=strict, path=self._storage.describe(path), skipped=tuple(skipped)
+            )
+        if skipped:
+            reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
+            raise CorruptCheckpointError(
+                f"{self.directory} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
+                f"start from scratch over them:\n{reasons}"
+            )
+        return None
+
+    def _restore_step(self, state: MutableMapping[str, Any], step: int, strict: bool) -> RestoreReport:
+        path = step_dir(step)
+        where = self._storage.describe(path)
+        try:
+            loaded = read_checkpoint(self._storage, path)
+        except CheckpointNotFoundError:
+            available = self.steps()
+            raise CheckpointNotFoundError(
+                f"step {step} is not committed in {self.directory} (committed: {_summary(available)})"
+            ) from None
+        _check_step(loaded.manifest, step, where)
+        return apply_checkpoint(loaded, state, strict=strict, path=where)
+
+    # -- maintenance -----------------------------------------------------------------------------------------
+    def verify(self) -> VerifyReport:
+        """Check every byte of every committed checkpoint."""
+        self._check_open()
+        return verify_storage(self._storage)
+
+    def gc(self) -> GcReport:
+        """Remove what failed or crashed saves left behind, where their writer is certainly gone."""
+        self._check_open()
+        return collect(self._storage)
+
+    def _collect_dead_staging(self) -> None:
+        try:
+            report = collect(self._storage)
+        except SafepointError as err:
+            logger.warning("could not collect leftovers of crashed saves in %s: %s", self.directory, err)
+            return
+        if report.removed:
+            logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), self.directory)
+
+
+def _check_step(manifest: Manifest, step: int, where: str) -> None:
+    if manifest.step != step:
+        raise CorruptCheckpointError(
+            f"{where}: its manifest is for step {manifest.step}, not {step} (a file was moved or swapped)",
+            path=where,
+        )
+
+
+def _summary(steps: list[int]) -> str:
+    if not steps:
+        return "none"
+    if len(steps) <= 8:
+        return ", ".join(map(str, steps))
+    return f"{', '.join(map(str, steps[:3]))}, ..., {', '.join(map(str, steps[-3:]))} ({len(steps)} in all)"

@@ -1,0 +1,65 @@
+"""Reading committed checkpoints: the manifest first, then every payload file verified against it.
+
+Nothing read here reaches a live object: callers get verified plain values and decide what to apply.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .layout import MANIFEST_NAME, join
+from .manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest
+from .payload import read_file
+from .storage import Storage
+
+__all__ = ["LoadedCheckpoint", "read_checkpoint", "read_manifest", "verify_checkpoint"]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    checkpoint: str  # relative to the storage root
+    manifest: Manifest
+    leaves: list[Any]  # entry index -> verified value (tensor, ndarray, PickledPayload)
+
+
+def read_manifest(storage: Storage, checkpoint: str) -> Manifest:
+    """The parsed manifest of a committed checkpoint; CheckpointNotFoundError if it is not committed."""
+    path = join(checkpoint, MANIFEST_NAME)
+    where = storage.describe(path)
+    try:
+        data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.describe(checkpoint)}") from err
+    return Manifest.from_json(data, where)
+
+
+def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
+    grouped: dict[int, list[tuple[int, EntryRecord]]] = defaultdict(list)
+    for index, entry in enumerate(manifest.entries):
+        grouped[entry.file].append((index, entry))
+    return grouped
+
+
+def read_checkpoint(storage: Storage, checkpoint: str) -> LoadedCheckpoint:
+    """Read and verify every byte of a checkpoint; raise CorruptCheckpointError naming the first bad file."""
+    manifest = read_manifest(storage, checkpoint)
+    leaves: list[Any] = [None] * len(manifest.entries)
+    grouped = _by_file(manifest)
+    for file_index, record in enumerate(manifest.files):
+        for index, value in read_file(storage, checkpoint, record, grouped.get(file_index, [])).items():
+            leaves[index] = value
+    if any(value is None for value in leaves):  # pragma: no cover - the parser guarantees every entry has a file
+        raise CorruptCheckpointError(f"{storage.describe(checkpoint)}: an entry has no data")
+    return LoadedCheckpoint(checkpoint, manifest, leaves)
+
+
+def verify_checkpoint(storage: Storage, checkpoint: str) -> Manifest:
+    """Check every byte of a checkpoint, one file at a time (memory bounded by the largest file)."""
+    manifest = read_manifest(storage, checkpoint)
+    grouped = _by_file(manifest)
+    for file_index, record in enumerate(manifest.files):
+        read_file(storage, checkpoint, record, grouped.get(file_index, []))
+    return manifest

@@ -1,0 +1,22 @@
+"""Where checkpoints live: a small Storage protocol and its backends."""
+
+from __future__ import annotations
+
+import os
+
+from .base import AttemptLock, FileSink, Storage
+from .local import LocalStorage
+
+__all__ = ["AttemptLock", "FileSink", "LocalStorage", "Storage", "open_storage"]
+
+
+def open_storage(location: str | os.PathLike[str]) -> Storage:
+    """The storage for a path or ``file://`` URL. Object-store URLs come with the fsspec backend."""
+    text = os.fspath(location)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    elif "://" in text:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unsupported storage URL {text!r}: only local paths and file:// are supported")
+    return LocalStorage(text)

@@ -1,0 +1,93 @@
+"""Checking every byte of one checkpoint or of every checkpoint in a manager directory: the VerifyReport."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import CorruptCheckpointError, SafepointError
+from .gc import step_dirs
+from .layout import MANIFEST_NAME, join, parse_attempt
+from .reader import read_manifest, verify_checkpoint
+from .storage import Storage
+
+__all__ = ["CheckpointStatus", "VerifyReport", "verify_storage"]
+
+
+@dataclass(frozen=True)
+class CheckpointStatus:
+    step: int
+    path: str
+    ok: bool
+    error: str | None = None
+    bad_file: str | None = None  # the file found to be bad, when one is to blame
+    nbytes: int = 0
+    created: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    path: str
+    checkpoints: tuple[CheckpointStatus, ...]
+    notes: tuple[str, ...] = ()  # not failures: e.g. leftovers of uncommitted saves
+
+    @property
+    def ok(self) -> bool:
+        """True when every committed checkpoint verified."""
+        return all(c.ok for c in self.checkpoints)
+
+    @property
+    def bad(self) -> tuple[CheckpointStatus, ...]:
+        return tuple(c for c in self.checkpoints if not c.ok)
+
+
+def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus], None] | None = None) -> VerifyReport:
+    """Verify a single checkpoint (the root holds a manifest) or every committed step below the root."""
+    single = storage.exists(MANIFEST_NAME)
+    targets: list[tuple[int | None, str]] = [(None, "")] if single else list(step_dirs(storage))
+    statuses: list[CheckpointStatus] = []
+    notes: list[str] = []
+    for step, path in targets:
+        leftovers = _uncommitted(storage, path)
+        if not storage.exists(join(path, MANIFEST_NAME)):
+            notes.append(f"{storage.describe(path)}: an uncommitted save left {len(leftovers)} item(s); "
+                         "`safepoint gc` removes them once their writer is gone")  # fmt: skip
+            continue
+        status = _verify_one(storage, path, step)
+        if len(leftovers) > 1 or (leftovers and status.ok and _committed_id(storage, path) not in leftovers):
+            notes.append(f"{storage.describe(path)}: leftovers of another save attempt; `safepoint gc` removes them")
+        statuses.append(status)
+        if on_checkpoint is not None:
+            on_checkpoint(status)
+    return VerifyReport(storage.describe(""), tuple(statuses), tuple(notes))
+
+
+def _uncommitted(storage: Storage, path: str) -> set[str]:
+    try:
+        names = storage.listdir(path)
+    except FileNotFoundError:
+        return set()
+    return {parsed[0] for name in names if (parsed := parse_attempt(name)) is not None}
+
+
+def _committed_id(storage: Storage, path: str) -> str | None:
+    try:
+        return read_manifest(storage, path).save_id
+    except SafepointError:
+        return None
+
+
+def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStatus:
+    where = storage.describe(path)
+    try:
+        manifest = verify_checkpoint(storage, path)
+    except CorruptCheckpointError as err:
+        return CheckpointStatus(step if step is not None else -1, where, False, str(err), err.path or None)
+    except SafepointError as err:
+        return CheckpointStatus(step if step is not None else -1, where, False, str(err), getattr(err, "path", None))
+    if step is not None and manifest.step != step:
+        message = f"{where}: the manifest says step {manifest.step}, the directory says {step}"
+        return CheckpointStatus(step, where, False, message, storage.describe(join(path, MANIFEST_NAME)))
+    return CheckpointStatus(manifest.step, where, True, None, None, manifest.nbytes, manifest.created,
+                            dict(manifest.metrics))  # fmt: skip
