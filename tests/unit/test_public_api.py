@@ -1,0 +1,65 @@
+"""The public surface is a contract: pinned here, so a change to it is a deliberate one."""
+
+from __future__ import annotations
+
+import safepoint
+
+EXPECTED = [
+    "FORMAT_VERSION",
+    "AmbiguousCommitError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointNotFoundError",
+    "CheckpointStatus",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "FormatVersionError",
+    "GcReport",
+    "InvalidStateError",
+    "ManagerClosedError",
+    "Pickled",
+    "RNGState",
+    "RestoreError",
+    "RestoreReport",
+    "SafepointError",
+    "SkippedCheckpoint",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "VerifyReport",
+    "load",
+    "restore",
+    "save",
+    "verify",
+]
+
+
+def test_all_is_pinned_and_sorted() -> None:
+    assert safepoint.__all__ == EXPECTED
+
+
+def test_every_public_name_exists() -> None:
+    missing = [name for name in EXPECTED if not hasattr(safepoint, name)]
+    assert missing == []
+
+
+def test_every_error_is_under_one_root() -> None:
+    errors = [getattr(safepoint, n) for n in EXPECTED if n.endswith("Error")]
+    assert len(errors) == 12  # the root and its eleven subclasses
+    for error in errors:
+        assert issubclass(error, safepoint.SafepointError), error
+    assert issubclass(safepoint.ConfigError, ValueError)
+    assert issubclass(safepoint.StorageError, OSError)
+    assert issubclass(safepoint.AmbiguousCommitError, safepoint.StorageError)
+    assert issubclass(safepoint.UnsafeCheckpointError, safepoint.CorruptCheckpointError)
+
+
+def test_format_version_is_a_positive_int() -> None:
+    assert isinstance(safepoint.FORMAT_VERSION, int)
+    assert safepoint.FORMAT_VERSION >= 1
+
+
+def test_package_ships_py_typed() -> None:
+    from importlib.resources import files
+
+    assert files("safepoint").joinpath("py.typed").is_file()
