@@ -82,7 +82,8 @@ def test_kill_at_each_fault_point_leaves_only_verified_checkpoints(tmp_path: Pat
             assert (2 in steps) == (published or point.startswith(("retention.", "gc."))), (point, steps)
             for step in steps:
                 names = attempts(directory, step)
-                assert "manifest.json" in names and not any(n.endswith(".lock") for n in names), (point, names)
+                assert "manifest.json" in names, (point, names)
+                assert not any(n.endswith(".lock") for n in names), (point, names)
             stray = [p for p in directory.iterdir() if p.name not in {step_dir(s) for s in steps}]
             assert stray == [], point
 
