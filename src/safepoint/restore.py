@@ -1,12 +1,15 @@
 """Applying a verified checkpoint to live objects, totally or not at all, and the RestoreReport.
 
 Order: the checkpoint is read and every byte verified (:mod:`safepoint.reader`); the loaded values are matched
-against the live state (keys, types, shapes, dtypes) into a list of actions; only if the whole match is valid are
-the actions applied. Objects with ``load_state_dict`` other than modules are backed up just before they are
-applied (cheap when resuming: a fresh optimizer has no state) and rolled back if a later action fails. Modules are
-matched exactly (every key, shape and dtype) beforehand, so their ``load_state_dict`` cannot meet a mismatch.
-After applying, every restored tensor is compared with the checkpoint, so an object whose ``load_state_dict``
-silently ignores data is caught and rolled back instead of training from its initial weights.
+against the live state (keys, types, shapes, dtypes) into a plan; only if the whole match is valid is anything
+applied, in two phases:
+
+1. Objects' ``load_state_dict``, then a check that every tensor they were given is what their ``state_dict()``
+   now returns, so an object that silently ignores data is caught instead of training on from its initial
+   weights. Objects other than modules are backed up just before they are applied (cheap when resuming: a fresh
+   optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
+   (every key, shape and dtype) beforehand and not copied: a backup would double the memory of the model.
+2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
 """
 
 from __future__ import annotations
@@ -82,7 +85,7 @@ class _Plan:
     strict: bool
     actions: list[Callable[[], None]] = field(default_factory=list)  # cannot fail once matched
     objects: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, live object, state_dict)
-    checks: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, live tensor or object, saved)
+    checks: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, live object, its saved state_dict)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
@@ -157,7 +160,6 @@ def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, key: str) -> None
             live.copy_(saved)
 
     plan.actions.append(copy_tensor)
-    plan.checks.append((key, live, saved))
 
 
 def _match_array(plan: _Plan, live: np.ndarray[Any, Any], saved: Any, key: str) -> None:
@@ -169,7 +171,6 @@ def _match_array(plan: _Plan, live: np.ndarray[Any, Any], saved: Any, key: str) 
         plan.mismatched.append(f"{key}: the live array is read-only")
         return
     plan.actions.append(lambda: np.copyto(live, saved))
-    plan.checks.append((key, live, saved))
 
 
 def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> None:
@@ -351,8 +352,9 @@ def _restore_error(plan: _Plan, step: int, path: str, strict: bool) -> RestoreEr
 
 
 def _apply(plan: _Plan, step: int) -> None:
-    # objects other than modules first (they may fail, and can be rolled back); modules, matched exactly, next;
-    # plain copies last, with backups of the values they overwrite
+    # Phase 1, which may fail: objects' load_state_dict (others first, each backed up; modules, matched exactly,
+    # last), then the check that every tensor they were given took effect. A failure rolls phase 1 back.
+    # Phase 2 cannot fail once matched: plain tensor copies and assignments into dicts, lists and tuples.
     order = sorted(plan.objects, key=lambda item: isinstance(item[1], torch.nn.Module))
     undo: list[Callable[[], None]] = []
     try:
@@ -362,19 +364,23 @@ def _apply(plan: _Plan, step: int) -> None:
             except Exception as err:
                 raise RestoreError(
                     f"restoring {key!r} from step {step} failed in its load_state_dict: {err!r}; "
-                    "everything applied before it was rolled back"
+                    "objects restored before it were rolled back and nothing else was changed"
                 ) from err
-        for action in plan.actions:
-            action()
         _check_applied(plan, step)
     except BaseException as err:
-        for rollback in reversed(undo):
-            try:
-                rollback()
-            except Exception as rollback_error:
-                note = f"safepoint: rolling back after the failed restore also failed: {rollback_error!r}"
-                err.add_note(note) if hasattr(err, "add_note") else logger.error(note)
+        _roll_back(undo, err)
         raise
+    for action in plan.actions:
+        action()
+
+
+def _roll_back(undo: list[Callable[[], None]], err: BaseException) -> None:
+    for rollback in reversed(undo):
+        try:
+            rollback()
+        except Exception as rollback_error:
+            note = f"safepoint: rolling back after the failed restore also failed: {rollback_error!r}"
+            err.add_note(note) if hasattr(err, "add_note") else logger.error(note)
 
 
 def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
@@ -393,10 +399,6 @@ def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
 def _check_applied(plan: _Plan, step: int) -> None:
     wrong: list[str] = []
     for key, live, saved in plan.checks:
-        if not is_stateful(live):
-            if not _bitwise_equal(live, saved):
-                wrong.append(f"{key}: differs from the checkpoint after it was applied")
-            continue
         current = live.state_dict()  # once per object: the checks walk it
         for sub_path, tensor in _tensors_in(saved, []):
             where = f"{key}/{key_path(sub_path)}"
@@ -413,14 +415,12 @@ def _check_applied(plan: _Plan, step: int) -> None:
         raise RestoreError(
             f"restoring step {step} did not take effect: "
             + "; ".join(wrong[:10])
-            + " (a load_state_dict that ignores data?); objects restored before the check were rolled back",
+            + " (a load_state_dict that ignores data?); the restored objects were rolled back and nothing else was changed",
             mismatched=tuple(wrong),
         )
 
 
 def _bitwise_equal(live: Any, saved: Any) -> bool:
-    if isinstance(live, np.ndarray) and isinstance(saved, np.ndarray):
-        return live.shape == saved.shape and live.dtype == saved.dtype and live.tobytes() == saved.tobytes()
     if not isinstance(live, torch.Tensor) or not isinstance(saved, torch.Tensor):
         return False
     if live.shape != saved.shape:
