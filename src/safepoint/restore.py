@@ -415,7 +415,8 @@ def _check_applied(plan: _Plan, step: int) -> None:
         raise RestoreError(
             f"restoring step {step} did not take effect: "
             + "; ".join(wrong[:10])
-            + " (a load_state_dict that ignores data?); the restored objects were rolled back and nothing else was changed",
+            + " (a load_state_dict that ignores data?); "
+            "the restored objects were rolled back and nothing else was changed",
             mismatched=tuple(wrong),
         )
 

@@ -157,7 +157,7 @@ def test_a_load_state_dict_that_ignores_data_is_caught_and_rolled_back(tmp_path:
 def test_a_failing_load_state_dict_rolls_back_what_was_applied(tmp_path: Path) -> None:
     safepoint.save(tmp_path / "c", {"a": Holder(1.0), "b": Fails(), "progress": {"x": 5}})
     live = {"a": Holder(0.0), "b": Fails(), "progress": {"x": 0}}
-    with pytest.raises(safepoint.RestoreError, match="'b'.*cannot take this") as caught:
+    with pytest.raises(safepoint.RestoreError, match=r"'b'.*cannot take this") as caught:
         safepoint.restore(tmp_path / "c", live)
     assert isinstance(caught.value.__cause__, ValueError)
     assert torch.equal(live["a"].value, torch.zeros(2))
