@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .errors import CorruptCheckpointError, SafepointError
+from .errors import SafepointError
 from .gc import step_dirs
 from .layout import MANIFEST_NAME, join, parse_attempt
 from .reader import read_manifest, verify_checkpoint
@@ -24,6 +24,7 @@ class CheckpointStatus:
     nbytes: int = 0
     created: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    save_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,13 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
     statuses: list[CheckpointStatus] = []
     notes: list[str] = []
     for step, path in targets:
-        leftovers = _uncommitted(storage, path)
+        attempts = _attempts(storage, path)
         if not storage.exists(join(path, MANIFEST_NAME)):
-            notes.append(f"{storage.describe(path)}: an uncommitted save left {len(leftovers)} item(s); "
+            notes.append(f"{storage.describe(path)}: an uncommitted save left {len(attempts)} attempt(s); "
                          "`safepoint gc` removes them once their writer is gone")  # fmt: skip
             continue
         status = _verify_one(storage, path, step)
-        if len(leftovers) > 1 or (leftovers and status.ok and _committed_id(storage, path) not in leftovers):
+        if attempts - {status.save_id}:
             notes.append(f"{storage.describe(path)}: leftovers of another save attempt; `safepoint gc` removes them")
         statuses.append(status)
         if on_checkpoint is not None:
@@ -63,7 +64,7 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
     return VerifyReport(storage.describe(""), tuple(statuses), tuple(notes))
 
 
-def _uncommitted(storage: Storage, path: str) -> set[str]:
+def _attempts(storage: Storage, path: str) -> set[str]:
     try:
         names = storage.listdir(path)
     except FileNotFoundError:
@@ -80,14 +81,22 @@ def _committed_id(storage: Storage, path: str) -> str | None:
 
 def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStatus:
     where = storage.describe(path)
+    number = step if step is not None else -1
     try:
         manifest = verify_checkpoint(storage, path)
-    except CorruptCheckpointError as err:
-        return CheckpointStatus(step if step is not None else -1, where, False, str(err), err.path or None)
     except SafepointError as err:
-        return CheckpointStatus(step if step is not None else -1, where, False, str(err), getattr(err, "path", None))
+        bad_file = getattr(err, "path", "") or None
+        return CheckpointStatus(number, where, False, str(err), bad_file, save_id=_committed_id(storage, path))
     if step is not None and manifest.step != step:
         message = f"{where}: the manifest says step {manifest.step}, the directory says {step}"
-        return CheckpointStatus(step, where, False, message, storage.describe(join(path, MANIFEST_NAME)))
-    return CheckpointStatus(manifest.step, where, True, None, None, manifest.nbytes, manifest.created,
-                            dict(manifest.metrics))  # fmt: skip
+        bad = storage.describe(join(path, MANIFEST_NAME))
+        return CheckpointStatus(step, where, False, message, bad, save_id=manifest.save_id)
+    return CheckpointStatus(
+        manifest.step,
+        where,
+        True,
+        nbytes=manifest.nbytes,
+        created=manifest.created,
+        metrics=dict(manifest.metrics),
+        save_id=manifest.save_id,
+    )

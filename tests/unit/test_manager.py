@@ -311,3 +311,15 @@ def test_manager_refuses_a_single_checkpoint_directory(tmp_path: Path) -> None:
     safepoint.save(tmp_path / "one", {"x": torch.ones(1)})
     with pytest.raises(safepoint.ConfigError, match="single checkpoint"):
         safepoint.CheckpointManager(tmp_path / "one")
+
+
+def test_verify_reports_leftover_staging_as_a_note_not_a_failure(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.ones(4)})
+    (tmp_path / step_dir(1) / ("d" * 32)).mkdir()  # a dead attempt beside the committed one
+    (tmp_path / step_dir(2) / ("e" * 32)).mkdir(parents=True)  # a step that never committed
+    report = safepoint.verify(tmp_path)
+    assert report.ok
+    assert [c.step for c in report.checkpoints] == [1]
+    assert len(report.notes) == 2
+    assert all("safepoint gc" in note for note in report.notes)
