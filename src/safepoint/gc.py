@@ -42,11 +42,15 @@ def step_dirs(storage: Storage, base: str = "") -> list[tuple[int, str]]:
 
 
 def collect(storage: Storage) -> GcReport:
-    """Collect dead attempts in a manager directory, or in a single checkpoint directory."""
+    """Collect dead attempts in the step directories of a manager directory, or, when the root is a single
+    checkpoint (it holds a manifest or attempt lock files), in the root. A directory that is neither is left
+    alone: a name that merely looks like a save id proves nothing."""
+    dirs = step_dirs(storage)
+    if not dirs:
+        return collect_checkpoint(storage, "", owned=storage.exists(MANIFEST_NAME))
     removed: list[str] = []
     live: list[str] = []
-    dirs = [d for _, d in step_dirs(storage)] or [""]
-    for directory in dirs:
+    for _, directory in dirs:
         report = collect_checkpoint(storage, directory)
         removed += report.removed
         live += report.in_progress
@@ -61,12 +65,16 @@ def _committed_save_id(storage: Storage, checkpoint: str) -> str | None:
         return None
 
 
-def collect_checkpoint(storage: Storage, checkpoint: str) -> GcReport:
+def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True) -> GcReport:
+    """Collect dead attempts in one checkpoint directory. Unless the directory is ``owned`` (a step directory, or
+    one holding a manifest), only attempts that have a lock file are considered ours."""
     try:
         names = storage.listdir(checkpoint)
     except FileNotFoundError:
         return GcReport((), ())
-    attempts = sorted({parsed[0] for name in names if (parsed := parse_attempt(name)) is not None})
+    parsed_names = [parsed for name in names if (parsed := parse_attempt(name)) is not None]
+    locked = {save_id for save_id, is_lock in parsed_names if is_lock}
+    attempts = sorted({save_id for save_id, _ in parsed_names if owned or save_id in locked})
     removed: list[str] = []
     live: list[str] = []
     for save_id in attempts:

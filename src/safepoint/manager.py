@@ -243,7 +243,7 @@ class CheckpointManager:
         return steps[-1] if steps else None
 
     def checkpoints(self) -> list[CheckpointInfo]:
-        """Every committed checkpoint whose manifest reads, ascending by step."""
+        """Every committed checkpoint whose manifest reads, ascending by step (see :meth:`verify` for the rest)."""
         self._check_open()
         infos = []
         for _, path in step_dirs(self._storage):
@@ -251,6 +251,8 @@ class CheckpointManager:
                 infos.append(CheckpointInfo.of(read_manifest(self._storage, path), self._storage.describe(path)))
             except CheckpointNotFoundError:
                 continue
+            except SafepointError as err:  # one bad manifest must not hide the others; verify() reports it
+                logger.warning("leaving out %s: %s", self._storage.describe(path), err)
         return infos
 
     # -- restoring -------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 Saving it captures Python's ``random``, numpy's global generator, torch's CPU generator and, when CUDA is
 available, every CUDA device's generator. Restoring it sets them all, so a resumed run draws the same numbers
 (dropout masks, shuffles) as an uninterrupted one.
+
+A fresh process seeds Python's and numpy's generators from the operating system: for two runs to be comparable
+from their start (not only from a resume), seed all three yourself (``random.seed``, ``np.random.seed``,
+``torch.manual_seed``).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from .errors import SafepointError
 from .gc import step_dirs
 from .layout import MANIFEST_NAME, join, parse_attempt
+from .manifest import Manifest
 from .reader import read_manifest, verify_checkpoint
 from .storage import Storage
 
@@ -16,7 +17,7 @@ __all__ = ["CheckpointStatus", "VerifyReport", "verify_storage"]
 
 @dataclass(frozen=True)
 class CheckpointStatus:
-    step: int
+    step: int  # -1 only for a single checkpoint whose manifest cannot be read
     path: str
     ok: bool
     error: str | None = None
@@ -72,21 +73,19 @@ def _attempts(storage: Storage, path: str) -> set[str]:
     return {parsed[0] for name in names if (parsed := parse_attempt(name)) is not None}
 
 
-def _committed_id(storage: Storage, path: str) -> str | None:
-    try:
-        return read_manifest(storage, path).save_id
-    except SafepointError:
-        return None
-
-
 def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStatus:
     where = storage.describe(path)
-    number = step if step is not None else -1
     try:
         manifest = verify_checkpoint(storage, path)
     except SafepointError as err:
         bad_file = getattr(err, "path", "") or None
-        return CheckpointStatus(number, where, False, str(err), bad_file, save_id=_committed_id(storage, path))
+        try:  # the manifest may be fine and a payload bad: then it still names the step and the save
+            readable: Manifest | None = read_manifest(storage, path)
+        except SafepointError:
+            readable = None
+        number = step if step is not None else readable.step if readable else -1
+        save_id = readable.save_id if readable else None
+        return CheckpointStatus(number, where, False, str(err), bad_file, save_id=save_id)
     if step is not None and manifest.step != step:
         message = f"{where}: the manifest says step {manifest.step}, the directory says {step}"
         bad = storage.describe(join(path, MANIFEST_NAME))

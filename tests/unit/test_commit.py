@@ -182,3 +182,29 @@ def test_retention_unpublishes_before_deleting(tmp_path: Path) -> None:
     with safepoint.CheckpointManager(tmp_path) as manager:
         assert manager.steps() == [2]
     assert not (tmp_path / step_dir(1)).exists()
+
+
+def test_gc_never_touches_save_id_lookalikes_outside_step_directories(tmp_path: Path) -> None:
+    """Regression: a directory merely named like a save id, in a directory that is not ours, was deleted."""
+    precious = tmp_path / ("0123456789abcdef" * 2)
+    precious.mkdir()
+    (precious / "x").write_text("precious")
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.gc()
+    from safepoint.gc import collect
+
+    collect(LocalStorage(tmp_path))
+    assert (precious / "x").read_text() == "precious"
+
+
+def test_gc_collects_a_crashed_standalone_save(tmp_path: Path) -> None:
+    script = "import sys, torch, safepoint\nsafepoint.save(sys.argv[1], {'w': torch.ones(1000)})\n"
+    env = {**os.environ, "SAFEPOINT_FAULTS": "data.fsync.after=kill"}
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == -9
+    assert len(list((tmp_path / "c").iterdir())) == 2  # the attempt and its lock file
+    from safepoint.gc import collect
+
+    report = collect(LocalStorage(tmp_path / "c"))
+    assert len(report.removed) == 1
+    assert list((tmp_path / "c").iterdir()) == []

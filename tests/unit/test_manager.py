@@ -323,3 +323,22 @@ def test_verify_reports_leftover_staging_as_a_note_not_a_failure(tmp_path: Path)
     assert [c.step for c in report.checkpoints] == [1]
     assert len(report.notes) == 2
     assert all("safepoint gc" in note for note in report.notes)
+
+
+def test_checkpoints_lists_the_readable_ones_when_one_manifest_is_bad(tmp_path: Path) -> None:
+    """Regression: one unreadable manifest made checkpoints() raise for the whole directory."""
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.ones(1)})
+        manager.save(2, {"x": torch.ones(1)})
+        (tmp_path / step_dir(1) / "manifest.json").write_text("{")
+        assert [c.step for c in manager.checkpoints()] == [2]
+        assert manager.steps() == [1, 2]
+
+
+def test_verify_of_a_single_corrupt_checkpoint_names_its_step(tmp_path: Path) -> None:
+    """Regression: the step of a single checkpoint with a bad payload was reported as -1."""
+    safepoint.save(tmp_path / "c", {"w": torch.ones(4)}, step=9)
+    flip_byte(next((tmp_path / "c").glob("*/00000.safetensors")))
+    report = safepoint.verify(tmp_path / "c")
+    assert not report.ok
+    assert report.checkpoints[0].step == 9

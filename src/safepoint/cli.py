@@ -1,0 +1,491 @@
+"""The ``safepoint`` command-line tool: list, inspect, verify and clean checkpoint directories, and run the demo.
+
+This module owns argument parsing, presentation (rich tables on a terminal, plain lines in logs) and the mapping
+of :class:`~safepoint.SafepointError` to one ``error: ...`` line and an exit code. It reads through the same
+functions as the library and never writes to a checkpoint, except ``gc``, which only calls the collector.
+
+Exit codes: 0 success; 1 a checkpoint is invalid or damaged (verification failure); 2 a usage error or a path
+that does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import PackageNotFoundError, version
+from typing import IO
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from .codec import DTYPE_NAMES
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreError, SafepointError
+from .gc import collect, step_dirs
+from .layout import MANIFEST_NAME, join, parse_attempt, step_dir
+from .manifest import Manifest
+from .reader import read_manifest
+from .storage import Storage, open_storage
+from .verify import CheckpointStatus, VerifyReport, verify_storage
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+
+# Logs and pipes have no width: wrapping there would split paths and error messages across lines.
+_PLAIN_WIDTH = 200
+# A progress bar for one checkpoint would flash and vanish; below this it only adds noise.
+_BAR_MIN_CHECKPOINTS = 2
+
+
+class UsageError(Exception):
+    """A request the CLI refuses before touching anything (exit 2); raised by the subcommands."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the tool; returns the exit code instead of exiting, so tests and wrappers can call it."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse exits on --help (0) and on usage errors (2)
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    command: Callable[[argparse.Namespace, Console], int] = args.run
+    try:
+        return command(args, _console(sys.stdout))
+    except UsageError as err:
+        return _fail(str(err), EXIT_USAGE)
+    except (CorruptCheckpointError, RestoreError) as err:
+        return _fail(str(err), EXIT_INVALID)
+    except SafepointError as err:
+        return _fail(str(err), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _console(file: IO[str]) -> Console:
+    console = Console(file=file, highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console.width = _PLAIN_WIDTH
+    return console
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------
+def _package_version() -> str:
+    try:
+        return version("safepoint")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+        return "unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safepoint",
+        description="See, verify and clean safepoint checkpoints, or watch a killed training run resume exactly.",
+        epilog="Run `safepoint COMMAND --help` for what each command does, with an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"safepoint {_package_version()}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def command(name: str, summary: str, details: str, example: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name,
+            help=summary,
+            description=f"{summary}\n\n{details}",
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    ls = command(
+        "ls",
+        "List the checkpoints of a manager directory (or one checkpoint directory).",
+        "Shows step, creation time, size, metrics and a cheap status: 'committed' when the manifest parses and\n"
+        "every file it lists is there with the right size, otherwise 'damaged: <reason>'. Payloads are not read:\n"
+        "use `safepoint verify` to check every byte. Uncommitted saves are listed as notes below the table.\n"
+        "Exits 0 whenever the directory could be listed.",
+        "safepoint ls runs/exp1",
+    )
+    ls.add_argument("directory", metavar="DIR", help="a CheckpointManager directory or one checkpoint directory")
+    ls.set_defaults(run=_cmd_ls)
+
+    inspect = command(
+        "inspect",
+        "Show what one checkpoint holds: header, files and every entry (key, kind, dtype, shape, bytes).",
+        "CKPT is a checkpoint directory, or a manager directory with --step (default: the newest committed\n"
+        "step). Only the manifest and file sizes are read; exits 1 if the checkpoint is damaged.",
+        "safepoint inspect runs/exp1 --step 1200",
+    )
+    inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a manager directory")
+    inspect.add_argument("--step", type=_step, help="the step to show, in a manager directory (default: newest)")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    verify = command(
+        "verify",
+        "Check every byte of every committed checkpoint against its manifest's sizes and checksums.",
+        "Exits 0 only if every committed checkpoint is valid, 1 if any is not (each bad one is printed with the\n"
+        "file to blame), 2 if the path does not exist. Leftovers of uncommitted saves are printed as notes and\n"
+        "are not failures. A progress bar is drawn on stderr when it is a terminal.",
+        "safepoint verify runs/exp1 && echo all good",
+    )
+    verify.add_argument("path", metavar="DIR|CKPT", help="a manager directory or one checkpoint directory")
+    verify.set_defaults(run=_cmd_verify)
+
+    gc = command(
+        "gc",
+        "Remove what crashed or failed saves left behind, where their writer is certainly gone.",
+        "An attempt is removed only when no live process holds its lock and no manifest names it; attempts of\n"
+        "a running save are listed and left alone. Committed checkpoints are never touched. DIR must be a\n"
+        "safepoint directory: gc refuses one with no step directories, manifest or attempt lock files.",
+        "safepoint gc runs/exp1",
+    )
+    gc.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory")
+    gc.set_defaults(run=_cmd_gc)
+
+    demo = command(
+        "demo",
+        "Train a small model, SIGKILL it mid-run, resume it, and show the result is bitwise identical.",
+        "Runs an uninterrupted reference run and a second run in child processes, kills the second with SIGKILL\n"
+        "at a random moment after it has committed some checkpoints, resumes it from the newest valid one, and\n"
+        "compares final weights, optimizer, scheduler, RNG and progress with the reference, byte for byte.\n"
+        "Exits 0 when identical, 1 otherwise. --dir must be new, empty, or a previous demo directory (its\n"
+        "earlier results are replaced); without --dir a fresh temporary directory is used and kept.",
+        "safepoint demo --dir /tmp/sp-demo --steps 400",
+    )
+    demo.add_argument("--dir", dest="directory", help="where the runs write (default: a new temporary directory)")
+    demo.add_argument("--steps", type=_step, default=400, help="training steps per run (at least 20; default 400)")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+def _open_existing(path: str) -> Storage:
+    storage = open_storage(path)
+    if not storage.exists(""):
+        raise UsageError(f"{storage.describe('')} does not exist")
+    if not storage.is_dir(""):
+        raise UsageError(f"{storage.describe('')} is not a directory")
+    return storage
+
+
+def _relative(storage: Storage, text: str) -> str:
+    """Messages name absolute paths; inside a listing of one directory the part below it is what matters."""
+    return text.replace(storage.describe("") + "/", "")
+
+
+def _human_size(nbytes: int) -> str:
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    value = float(nbytes)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} PiB"
+
+
+def _local_time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items()))
+
+
+def _attempts(storage: Storage, checkpoint: str) -> set[str]:
+    try:
+        names = storage.listdir(checkpoint)
+    except FileNotFoundError:
+        return set()
+    return {parsed[0] for name in names if (parsed := parse_attempt(name)) is not None}
+
+
+def _is_safepoint_dir(storage: Storage) -> bool:
+    if storage.exists(MANIFEST_NAME) or step_dirs(storage):
+        return True
+    return any(parsed is not None and parsed[1] for parsed in map(parse_attempt, storage.listdir("")))
+
+
+# -- ls --------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Row:
+    step: int
+    manifest: Manifest | None
+    status: str  # "committed" or "damaged: <reason>"
+
+
+def _cheap_status(storage: Storage, checkpoint: str, step: int | None) -> _Row:
+    """What the manifest promises, checked without reading payloads: it parses, and every file has its size."""
+    fallback = step if step is not None else -1
+    try:
+        manifest = read_manifest(storage, checkpoint)
+    except SafepointError as err:
+        return _Row(fallback, None, f"damaged: {_relative(storage, str(err))}")
+    if step is not None and manifest.step != step:
+        return _Row(step, manifest, f"damaged: the manifest is for step {manifest.step}")
+    for record in manifest.files:
+        path = join(checkpoint, record.path)
+        try:
+            size = storage.size(path)
+        except FileNotFoundError:
+            return _Row(manifest.step, manifest, f"damaged: {record.path} is missing")
+        except SafepointError as err:
+            return _Row(manifest.step, manifest, f"damaged: {_relative(storage, str(err))}")
+        if size != record.size:
+            return _Row(manifest.step, manifest, f"damaged: {record.path} is {size} bytes, the manifest says "
+                                                 f"{record.size}")  # fmt: skip
+    return _Row(manifest.step, manifest, "committed")
+
+
+def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
+    storage = _open_existing(args.directory)
+    rows: list[_Row] = []
+    notes: list[str] = []
+    single = storage.exists(MANIFEST_NAME)
+    targets: list[tuple[int | None, str]] = [(None, "")] if single else list(step_dirs(storage))
+    for step, path in targets:
+        attempts = _attempts(storage, path)
+        name = path or "."
+        if not storage.exists(join(path, MANIFEST_NAME)):
+            notes.append(f"{name}: uncommitted ({len(attempts)} save attempt(s) in progress or crashed; "
+                         "invisible to restore; `safepoint gc` removes dead ones)")  # fmt: skip
+            continue
+        row = _cheap_status(storage, path, step)
+        rows.append(row)
+        extra = attempts - {row.manifest.save_id} if row.manifest else set()
+        if extra:
+            notes.append(f"{name}: {len(extra)} leftover attempt(s) besides the committed one; `safepoint gc`")
+    console.print(Text(storage.describe(""), style="bold"))
+    if not rows:
+        console.print("no committed checkpoints")
+    else:
+        console.print(_ls_table(rows))
+        damaged = sum(row.status != "committed" for row in rows)
+        total = sum(row.manifest.nbytes for row in rows if row.manifest)
+        summary = f"{len(rows)} checkpoint(s), {_human_size(total)}"
+        console.print(summary + (f", [red]{damaged} damaged[/red]" if damaged else ""))
+    for note in notes:
+        console.print(Text(f"note: {note}", style="yellow"))
+    return EXIT_OK
+
+
+def _ls_table(rows: list[_Row]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("step", justify="right")
+    table.add_column("time")
+    table.add_column("size", justify="right")
+    table.add_column("metrics", overflow="fold")
+    table.add_column("status", overflow="fold")
+    for row in rows:
+        manifest = row.manifest
+        ok = row.status == "committed"
+        table.add_row(
+            Text(str(row.step) if row.step >= 0 else "?"),
+            Text(_local_time(manifest.created) if manifest else "-"),
+            Text(_human_size(manifest.nbytes) if manifest else "-"),
+            Text(_format_metrics(manifest.metrics) if manifest else ""),
+            Text(row.status, style="green" if ok else "red"),
+        )
+    return table
+
+
+# -- inspect ---------------------------------------------------------------------------------------------------
+def _choose_checkpoint(storage: Storage, step: int | None) -> str:
+    if storage.exists(MANIFEST_NAME):
+        manifest = read_manifest(storage, "")
+        if step is not None and step != manifest.step:
+            raise UsageError(
+                f"{storage.describe('')} is a single checkpoint of step {manifest.step}; "
+                "--step chooses among the steps of a manager directory"
+            )
+        return ""
+    committed = [s for s, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+    if not committed:
+        raise CheckpointNotFoundError(f"no committed checkpoint in {storage.describe('')}")
+    if step is None:
+        return step_dir(committed[-1])
+    if step not in committed:
+        shown = ", ".join(map(str, committed[-10:]))
+        raise CheckpointNotFoundError(f"step {step} is not committed in {storage.describe('')} "
+                                      f"(committed: {shown})")  # fmt: skip
+    return step_dir(step)
+
+
+def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
+    storage = _open_existing(args.checkpoint)
+    checkpoint = _choose_checkpoint(storage, args.step)
+    manifest = read_manifest(storage, checkpoint)
+    status = _cheap_status(storage, checkpoint, None).status
+    header = (
+        ("checkpoint", storage.describe(checkpoint)),
+        ("step", str(manifest.step)),
+        ("save id", manifest.save_id),
+        ("created", _local_time(manifest.created)),
+        ("format version", str(manifest.format_version)),
+        ("state_version", str(manifest.state_version)),
+        ("world size", str(manifest.world_size)),
+        ("writer", manifest.writer or "-"),
+        ("metrics", _format_metrics(manifest.metrics) or "-"),
+        ("state", _top_level(manifest)),
+        ("size", f"{_human_size(manifest.nbytes)} in {len(manifest.files)} file(s)"),
+        (
+            "status",
+            "committed (sizes checked; `safepoint verify` checks every byte)" if status == "committed" else status,
+        ),
+    )
+    for name, value in header:
+        console.print(Text.assemble((f"{name:<16}", "bold"), value), soft_wrap=True)
+    console.print()
+    console.print(Text("files", style="bold"))
+    files = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("path", "size", "bytes", "checksum"):
+        files.add_column(column, justify="right" if column in ("size", "bytes") else "left")
+    for record in manifest.files:
+        files.add_row(Text(record.path), Text(_human_size(record.size)), Text(str(record.size)), Text(record.checksum))
+    console.print(files)
+    console.print()
+    console.print(Text(f"entries ({len(manifest.entries)})", style="bold"))
+    console.print(_entries_table(manifest))
+    return EXIT_OK if status == "committed" else EXIT_INVALID
+
+
+def _top_level(manifest: Manifest) -> str:
+    """The top-level keys and, for objects saved through state_dict, their recorded class."""
+    parts = []
+    for key, node in manifest.tree["v"]:
+        kind = node["k"]
+        parts.append(f"{key} ({node['type'] if kind == 'object' else kind})")
+    return ", ".join(parts) or "-"
+
+
+def _entries_table(manifest: Manifest) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("key", overflow="fold")
+    table.add_column("kind")
+    table.add_column("dtype")
+    table.add_column("shape")
+    table.add_column("bytes", justify="right")
+    for entry in manifest.entries:
+        dtype = str(DTYPE_NAMES[entry.dtype]).removeprefix("torch.") if entry.kind != "pickle" else "-"
+        shape = "[" + ", ".join(map(str, entry.shape)) + "]"
+        table.add_row(Text(entry.key), Text(entry.kind), Text(dtype), Text(shape), Text(str(entry.nbytes)))
+    return table
+
+
+# -- verify ----------------------------------------------------------------------------------------------------
+def _cmd_verify(args: argparse.Namespace, console: Console) -> int:
+    storage = _open_existing(args.path)
+    single = storage.exists(MANIFEST_NAME)
+    total = 1 if single else sum(storage.exists(join(p, MANIFEST_NAME)) for _, p in step_dirs(storage))
+    errors = _console(sys.stderr)
+    if errors.is_terminal and total >= _BAR_MIN_CHECKPOINTS:
+        report = _verify_with_bar(storage, total, errors)
+        for status in report.checkpoints:
+            _print_status(console, storage, status)
+    else:
+        report = verify_storage(storage, lambda status: _print_status(console, storage, status))
+    for note in report.notes:
+        console.print(Text(f"note: {_relative(storage, note)}", style="yellow"))
+    if not report.checkpoints:
+        console.print(f"no committed checkpoint in {storage.describe('')}: nothing to verify")
+        return EXIT_OK
+    if report.ok:
+        console.print(Text(f"all {len(report.checkpoints)} committed checkpoint(s) are valid", style="green"))
+        return EXIT_OK
+    console.print(Text(f"{len(report.bad)} of {len(report.checkpoints)} committed checkpoint(s) are INVALID",
+                       style="bold red"))  # fmt: skip
+    return EXIT_INVALID
+
+
+def _verify_with_bar(storage: Storage, total: int, errors: Console) -> VerifyReport:
+    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"))
+    # The bar lives on stderr and results are printed after it, so stdout is the same with or without a terminal.
+    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True,
+                  redirect_stdout=False, redirect_stderr=False) as progress:  # fmt: skip
+        task = progress.add_task("", total=total)
+        bad = 0
+
+        def advance(status: CheckpointStatus) -> None:
+            nonlocal bad
+            bad += not status.ok
+            progress.update(task, advance=1, description=f"step {status.step}" + (f", {bad} bad" if bad else ""))
+
+        return verify_storage(storage, advance)
+
+
+def _manifest_step(storage: Storage) -> str:
+    """A failed single checkpoint is reported without a step; its manifest may still say which one it is."""
+    try:
+        return str(read_manifest(storage, "").step)
+    except SafepointError:
+        return "?"
+
+
+def _print_status(console: Console, storage: Storage, status: CheckpointStatus) -> None:
+    step = str(status.step) if status.step >= 0 else _manifest_step(storage)
+    if status.ok:
+        line = Text.assemble(("valid  ", "green"), f"step {step}  {_human_size(status.nbytes)}")
+        if status.metrics:
+            line.append(f"  {_format_metrics(status.metrics)}")
+        console.print(line)
+        return
+    console.print(Text.assemble(("INVALID", "bold red"), f" step {step}: {_relative(storage, status.error or '')}"))
+    if status.bad_file:
+        console.print(Text(f"         bad file: {status.bad_file}"))
+
+
+# -- gc --------------------------------------------------------------------------------------------------------
+def _cmd_gc(args: argparse.Namespace, console: Console) -> int:
+    storage = _open_existing(args.directory)
+    # The collector removes any attempt-shaped name it finds unlocked; in a directory that is not ours such a
+    # name is someone else's data, so it is not offered the chance.
+    if not _is_safepoint_dir(storage):
+        raise UsageError(
+            f"{storage.describe('')} does not look like a safepoint directory (no step directories, manifest or "
+            "attempt locks); refusing to collect anything in it"
+        )
+    report = collect(storage)
+    for path in report.removed:
+        what = "dead save attempt" if parse_attempt(path.rsplit("/", 1)[-1]) else "empty uncommitted step directory"
+        console.print(Text.assemble(("removed  ", "green"), f"{path}  ({what})"))
+    for path in report.in_progress:
+        console.print(Text.assemble(("left     ", "yellow"), f"{path}  (its writer is alive: a save in progress)"))
+    if not report.removed and not report.in_progress:
+        console.print(f"nothing to collect in {storage.describe('')}")
+    else:
+        console.print(f"{len(report.removed)} removed, {len(report.in_progress)} left because a writer is alive")
+    return EXIT_OK
+
+
+# -- demo ------------------------------------------------------------------------------------------------------
+def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
+    from .demo import DemoRefused, run_demo  # the demo's machinery is only needed here
+
+    try:
+        return run_demo(args.directory, args.steps, console)
+    except DemoRefused as err:
+        raise UsageError(str(err)) from err
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
