@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import math
 import pickle
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -33,6 +34,7 @@ from .errors import InvalidStateError
 
 __all__ = [
     "DTYPES",
+    "MAX_INT_BITS",
     "MAX_TREE_DEPTH",
     "Encoded",
     "Leaf",
@@ -69,6 +71,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPES.ite
 
 #: Nesting deeper than this is refused on save and on load (a corrupt or hostile manifest cannot recurse forever).
 MAX_TREE_DEPTH = 200
+#: Python ints are stored in the JSON tree in decimal. Larger ones are refused on save: 2**2048 has 617 digits,
+#: under the 640-digit floor of ``sys.set_int_max_str_digits``, so every interpreter can write and read them back.
+MAX_INT_BITS = 2048
 
 LeafKind = Literal["tensor", "ndarray", "pickle"]
 
@@ -120,7 +125,7 @@ def encode_state(state: Mapping[str, Any]) -> Encoded:
     if not isinstance(state, Mapping):
         raise InvalidStateError(f"the state must be a dict of named entries, not {type(state).__name__}")
     leaves: list[Leaf] = []
-    tree = _Encoder(leaves).node(state, [], set())
+    tree = _Encoder(leaves).node(state, [], set(), 0)
     return Encoded(tree, leaves)
 
 
@@ -132,9 +137,10 @@ class _Encoder:
         self.leaves.append(Leaf(key_path(path), kind, tensor, scalar))
         return len(self.leaves) - 1
 
-    def node(self, value: Any, path: list[str | int], active: set[int]) -> dict[str, Any]:
-        if len(path) > MAX_TREE_DEPTH:
-            raise InvalidStateError(f"state nested deeper than {MAX_TREE_DEPTH} levels", key=key_path(path))
+    def node(self, value: Any, path: list[str | int], active: set[int], depth: int) -> dict[str, Any]:
+        # depth counts tree nodes, as the manifest parser does (an object node adds a level but no key)
+        if depth > MAX_TREE_DEPTH:
+            raise _invalid(f"state nested deeper than {MAX_TREE_DEPTH} levels", path)
         # order matters: bool before int, numpy scalars before float, Pickled and tensors before Stateful
         if value is None:
             return {"k": "none"}
@@ -143,6 +149,8 @@ class _Encoder:
         if isinstance(value, np.generic):
             return self.array(np.asarray(value), path, scalar=True)
         if isinstance(value, int):
+            if value.bit_length() > MAX_INT_BITS:
+                raise _invalid(f"ints beyond {MAX_INT_BITS} bits cannot be checkpointed; store it as a str", path)
             return {"k": "int", "v": int(value)}
         if isinstance(value, float):
             return {"k": "float", "v": _float_to_json(float(value))}
@@ -155,65 +163,75 @@ class _Encoder:
         if isinstance(value, np.ndarray):
             return self.array(value, path, scalar=False)
         if isinstance(value, Pickled):
-            payload = torch.frombuffer(bytearray(pickle.dumps(value.value, protocol=5)), dtype=torch.uint8)
+            try:
+                data = pickle.dumps(value.value, protocol=5)
+            except Exception as err:  # PicklingError, or whatever the object's own __reduce__ raises
+                raise _invalid(f"cannot pickle {type(value.value).__name__}: {err}", path) from err
+            payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             return {"k": "pickle", "e": self.leaf("pickle", payload, path)}
-        return self.container(value, path, active)
+        return self.container(value, path, active, depth)
 
-    def container(self, value: Any, path: list[str | int], active: set[int]) -> dict[str, Any]:
+    def container(self, value: Any, path: list[str | int], active: set[int], depth: int) -> dict[str, Any]:
         if id(value) in active:
-            raise InvalidStateError("the state contains a reference cycle", key=key_path(path))
+            raise _invalid("the state contains a reference cycle", path)
         active.add(id(value))
         try:
             if isinstance(value, Mapping):
                 items = []
                 for k, v in value.items():
                     if isinstance(k, bool) or not isinstance(k, (str, int)):
-                        raise InvalidStateError(
-                            f"dict keys must be str or int, not {type(k).__name__} ({k!r})",
-                            key=key_path(path),
-                        )
-                    items.append([k, self.node(v, [*path, k], active)])
+                        raise _invalid(f"dict keys must be str or int, not {type(k).__name__} ({k!r:.80})", path)
+                    items.append([k, self.node(v, [*path, k], active, depth + 1)])
                 return {"k": "dict", "v": items}
             if isinstance(value, (list, tuple)):
                 kind = "tuple" if isinstance(value, tuple) else "list"
-                return {"k": kind, "v": [self.node(v, [*path, i], active) for i, v in enumerate(value)]}
+                return {"k": kind, "v": [self.node(v, [*path, i], active, depth + 1) for i, v in enumerate(value)]}
             if is_stateful(value):
                 cls = type(value)
                 return {
                     "k": "object",
                     "type": f"{cls.__module__}.{cls.__qualname__}",
-                    "v": self.node(value.state_dict(), path, active),
+                    "v": self.node(value.state_dict(), path, active, depth + 1),
                 }
         finally:
             active.discard(id(value))
-        raise InvalidStateError(
+        raise _invalid(
             f"cannot checkpoint a value of type {type(value).__module__}.{type(value).__qualname__}; "
             "use tensors, arrays, numbers, strings, containers or objects with state_dict(), "
             "or wrap it in safepoint.Pickled to opt into pickle",
-            key=key_path(path),
+            path,
         )
 
     def array(self, value: np.ndarray[Any, Any], path: list[str | int], *, scalar: bool) -> dict[str, Any]:
         if value.dtype.hasobject or value.dtype.kind not in "biufc":
-            raise InvalidStateError(f"numpy dtype {value.dtype} cannot be checkpointed", key=key_path(path))
-        native = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False))
+            raise _invalid(f"numpy dtype {value.dtype} cannot be checkpointed", path)
+        # ascontiguousarray returns at least one dimension: the reshape keeps 0-d arrays and numpy scalars 0-d
+        native = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False)).reshape(value.shape)
         try:
-            tensor = torch.from_numpy(native)
+            with warnings.catch_warnings():
+                # a read-only array (np.frombuffer, a read-only memmap) is only ever read through this tensor
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+                tensor = torch.from_numpy(native)
         except TypeError as err:
-            raise InvalidStateError(f"numpy dtype {value.dtype} cannot be checkpointed", key=key_path(path)) from err
+            raise _invalid(f"numpy dtype {value.dtype} cannot be checkpointed", path) from err
         _check_tensor(tensor, path)
         return {"k": "ndarray", "e": self.leaf("ndarray", tensor, path, scalar)}
 
 
 def _check_tensor(tensor: torch.Tensor, path: list[str | int]) -> torch.Tensor:
-    where = key_path(path)
     if tensor.layout != torch.strided:
-        raise InvalidStateError(f"{tensor.layout} tensors cannot be checkpointed; densify them first", key=where)
+        raise _invalid(f"{tensor.layout} tensors cannot be checkpointed; densify them first", path)
     if tensor.device.type == "meta":
-        raise InvalidStateError("a meta tensor has no data to checkpoint", key=where)
+        raise _invalid("a meta tensor has no data to checkpoint", path)
     if tensor.dtype not in DTYPES:
-        raise InvalidStateError(f"tensors of dtype {tensor.dtype} cannot be checkpointed", key=where)
+        raise _invalid(f"tensors of dtype {tensor.dtype} cannot be checkpointed", path)
     return tensor.detach()
+
+
+def _invalid(message: str, path: list[str | int]) -> InvalidStateError:
+    """The error names the key path in its message too: a traceback shows the message, not ``.key``."""
+    where = key_path(path)
+    return InvalidStateError(f"state entry {where[:300]!r}: {message}" if path else message, key=where)
 
 
 def _float_to_json(value: float) -> float | str:

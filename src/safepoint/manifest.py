@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checksum import ChecksumFormatError, format_checksum, new_hasher, parse_checksum
-from .codec import DTYPE_NAMES, MAX_TREE_DEPTH
+from .codec import DTYPE_NAMES, MAX_TREE_DEPTH, key_path
 from .errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 
 __all__ = [
@@ -39,8 +39,8 @@ MANIFEST_NAME = "manifest.json"
 #: Manifests larger than this are refused before they are read (about 2 million entries).
 MAX_MANIFEST_BYTES = 512 << 20
 _MAX_NDIM = 64
-_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_SAVE_ID = re.compile(r"^[0-9a-f]{32}$")
+_PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # used with fullmatch: "$" would allow "\n"
+_SAVE_ID = re.compile(r"[0-9a-f]{32}")
 _ELEMENT_SIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -130,7 +130,10 @@ class Manifest:
     @classmethod
     def from_json(cls, data: bytes, source: str) -> Manifest:
         """Parse and validate a manifest read from ``source`` (named in every error)."""
-        return _Parser(source).manifest(data)
+        try:
+            return _Parser(source).manifest(data)
+        except RecursionError as err:  # json.loads may cope with a nesting that re-serialising (the checksum) cannot
+            raise CorruptCheckpointError(f"{source}: nested too deeply to be a manifest", path=source) from err
 
 
 def _body_checksum(body: Mapping[str, Any]) -> str:
@@ -152,7 +155,7 @@ def check_relative_path(path: object, source: str) -> str:
     if not isinstance(path, str):
         raise UnsafeCheckpointError(f"{source}: file path {path!r} is not a string", path=source)
     parts = path.split("/")
-    if len(parts) > 4 or not all(_PATH_PART.match(p) and p not in (".", "..") for p in parts):
+    if len(parts) > 4 or not all(_PATH_PART.fullmatch(p) and p not in (".", "..") for p in parts):
         raise UnsafeCheckpointError(
             f"{source}: file path {path[:200]!r} is not a plain relative name inside the checkpoint",
             path=source,
@@ -205,17 +208,20 @@ class _Parser:
             raise self.fail("a file is listed twice")
         entries = tuple(self.entry(e, i, files) for i, e in enumerate(self.array(body["entries"], "entries")))
         self.names_unique(entries)
-        referenced: list[tuple[int, str]] = []
-        tree = self.node(body["tree"], 0, len(entries), referenced)
+        referenced: list[tuple[int, str, str]] = []
+        tree = self.node(body["tree"], 0, (), len(entries), referenced)
         if tree["k"] != "dict":
             raise self.fail("the state tree must be a dict")
-        if sorted(i for i, _ in referenced) != list(range(len(entries))):
+        if sorted(i for i, _, _ in referenced) != list(range(len(entries))):
             raise self.fail("the state tree does not reference every entry exactly once")
-        for index, kind in referenced:
+        for index, kind, where in referenced:
             if entries[index].kind != kind:
                 raise self.fail(f"entry {entries[index].key!r} is a {entries[index].kind}, the tree says {kind}")
+            # errors and allow_pickle name entries by key: the key must be where the tree puts the entry
+            if entries[index].key != where:
+                raise self.fail(f"entry {entries[index].key[:200]!r} sits at {where[:200]!r} in the state tree")
         save_id = body["save_id"]
-        if not isinstance(save_id, str) or not _SAVE_ID.match(save_id):
+        if not isinstance(save_id, str) or not _SAVE_ID.fullmatch(save_id):
             raise self.fail(f"save_id {str(save_id)[:80]!r} is malformed")
         created = body["created"]
         if not isinstance(created, (int, float)) or isinstance(created, bool) or not math.isfinite(created):
@@ -290,11 +296,12 @@ class _Parser:
         record = self.obj(value, where)
         self.fields(record, _ENTRY_FIELDS, where)
         key, kind, dtype, name = record["key"], record["kind"], record["dtype"], record["name"]
-        if not isinstance(key, str) or not isinstance(name, str) or "\x00" in name or len(name) > 4096:
+        # any string: names are key paths, which hold whatever str keys the state had (safetensors accepts them)
+        if not isinstance(key, str) or not isinstance(name, str):
             raise self.fail(f"{where}: key and name must be strings")
         if kind not in ("tensor", "ndarray", "pickle"):
             raise self.fail(f"{where} ({key}): unknown kind {str(kind)[:40]!r}")
-        if dtype not in DTYPE_NAMES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_NAMES:
             raise self.fail(f"{where} ({key}): unknown dtype {str(dtype)[:40]!r}")
         shape = self.array(record["shape"], f"{where}.shape")
         if len(shape) > _MAX_NDIM:
@@ -305,6 +312,8 @@ class _Parser:
             raise self.fail(f"{where} ({key}): names file {file_index}, but there are {len(files)}")
         if not isinstance(record["scalar"], bool):
             raise self.fail(f"{where}: scalar must be a boolean")
+        if record["scalar"] and (kind != "ndarray" or math.prod(dims) != 1):
+            raise self.fail(f"{where} ({key}): only a one-element ndarray entry can be a numpy scalar")
         entry = EntryRecord(key, kind, dtype, dims, file_index, name, record["scalar"])
         if entry.nbytes > files[file_index].size:  # absurd shapes are refused before anything is allocated
             raise self.fail(
@@ -331,7 +340,14 @@ class _Parser:
                 raise self.fail(f"metric {name!r} is not a number")
         return result
 
-    def node(self, value: Any, depth: int, n_entries: int, referenced: list[tuple[int, str]]) -> dict[str, Any]:
+    def node(
+        self,
+        value: Any,
+        depth: int,
+        path: tuple[str | int, ...],
+        n_entries: int,
+        referenced: list[tuple[int, str, str]],
+    ) -> dict[str, Any]:
         if depth > MAX_TREE_DEPTH:
             raise self.fail(f"state tree nested deeper than {MAX_TREE_DEPTH}")
         node = self.obj(value, "tree node")
@@ -348,21 +364,21 @@ class _Parser:
                 key = item[0]
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise self.fail(f"dict key {str(key)[:40]!r} is not a str or int")
-                self.node(item[1], depth + 1, n_entries, referenced)
+                self.node(item[1], depth + 1, (*path, key), n_entries, referenced)
             if len({(type(k), k) for k, _ in payload}) != len(payload):
                 raise self.fail("dict node has a duplicate key")
         elif kind in ("list", "tuple"):
-            for item in self.array(payload, f"{kind} node"):
-                self.node(item, depth + 1, n_entries, referenced)
+            for i, item in enumerate(self.array(payload, f"{kind} node")):
+                self.node(item, depth + 1, (*path, i), n_entries, referenced)
         elif kind == "object":
             if not isinstance(node["type"], str):
                 raise self.fail("object node type is not a string")
-            self.node(payload, depth + 1, n_entries, referenced)
+            self.node(payload, depth + 1, path, n_entries, referenced)
         elif kind in ("tensor", "ndarray", "pickle"):
             index = node["e"]
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n_entries:
                 raise self.fail(f"tree references entry {str(index)[:40]!r}, which does not exist")
-            referenced.append((index, kind))
+            referenced.append((index, kind, key_path(path)))
         else:
             self.scalar(kind, payload)
         return node

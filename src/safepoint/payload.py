@@ -90,7 +90,10 @@ def host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
         tensor = tensor.contiguous()
     if tensor.numel() == 0:
         return tensor, memoryview(b"")
-    return tensor, tensor.reshape(-1).view(torch.uint8).numpy().data
+    # not reshape(-1): a contiguous tensor may keep any stride on a size-1 dim ([::2] of two elements has
+    # stride 2), which view(uint8) refuses; the elements are dense from the storage offset, so flatten by hand
+    flat = tensor.as_strided((tensor.numel(),), (1,))
+    return tensor, flat.view(torch.uint8).numpy().data
 
 
 def write_file(sink: FileSink, planned: PlannedFile, leaves: Sequence[torch.Tensor], buffer: bytearray) -> str:
@@ -215,5 +218,6 @@ class _Header:
         tensor = raw.view(dtype).reshape(entry.shape)
         if entry.kind == "ndarray":
             array = tensor.numpy()
-            return array[()] if entry.scalar else array
+            # the parser admits scalar only for one element; reshape: shape [1] is how older writers stored them
+            return array.reshape(())[()] if entry.scalar else array
         return tensor

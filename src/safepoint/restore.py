@@ -163,7 +163,9 @@ def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, key: str) -> None
 
 
 def _match_array(plan: _Plan, live: np.ndarray[Any, Any], saved: Any, key: str) -> None:
-    if not isinstance(saved, np.ndarray) or saved.shape != live.shape or saved.dtype != live.dtype:
+    # byte order is not part of the value: np.copyto swaps it
+    same_dtype = isinstance(saved, np.ndarray) and saved.dtype.newbyteorder("=") == live.dtype.newbyteorder("=")
+    if not isinstance(saved, np.ndarray) or saved.shape != live.shape or not same_dtype:
         what = f"{saved.dtype} {list(saved.shape)}" if isinstance(saved, np.ndarray) else type(saved).__name__
         plan.mismatched.append(f"{key}: live array is {live.dtype} {list(live.shape)}, checkpoint has {what}")
         return

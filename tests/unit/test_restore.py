@@ -227,3 +227,12 @@ def test_restore_from_a_missing_path_and_from_a_manager_directory(tmp_path: Path
         manager.save(3, {"x": torch.ones(1)})
     with pytest.raises(safepoint.CheckpointNotFoundError, match="manager directory"):
         safepoint.restore(tmp_path / "runs", {"x": torch.ones(1)})
+
+
+def test_arrays_of_another_byte_order_restore(tmp_path: Path) -> None:
+    """Regression: a big-endian live array was refused as a dtype mismatch."""
+    safepoint.save(tmp_path / "c", {"b": np.arange(3, dtype=">i4")})
+    live = {"b": np.zeros(3, dtype=">i4")}
+    safepoint.restore(tmp_path / "c", live)
+    assert live["b"].tolist() == [0, 1, 2]
+    assert live["b"].dtype == np.dtype(">i4")

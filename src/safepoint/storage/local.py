@@ -182,7 +182,9 @@ class LocalStorage:
                 for part in parts[:-1]:
                     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
                     fds.append(_open_at(part, flags, fds[-1], where))
-                fd = _open_at(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, fds[-1], where)
+                # O_NONBLOCK: a FIFO or device in place of a file must be refused below, not block the open
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                fd = _open_at(parts[-1], flags, fds[-1], where)
                 fds.append(fd)
                 if not stat.S_ISREG(os.fstat(fd).st_mode):
                     raise UnsafeCheckpointError(f"{where} is not a regular file", path=where)
