@@ -17,14 +17,18 @@ can be in doubt, and a retry of the step finds and verifies it.
 from __future__ import annotations
 
 import logging
+import os
+import queue
 import time
 from collections.abc import Mapping
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import faults
+from .budget import ByteBudget
 from .codec import Encoded
 from .errors import AmbiguousCommitError, CheckpointExistsError, ConfigError, SafepointError, StorageError
 from .layout import MANIFEST_NAME, join, lock_name, new_save_id
@@ -36,8 +40,12 @@ __all__ = ["SHARD_BYTES", "SavePlan", "execute_save", "plan_save"]
 
 logger = logging.getLogger("safepoint")
 
-#: Payload files are cut at about this size, so large states are spread over several files.
-SHARD_BYTES = 1 << 30
+#: Payload files are cut at about this size, so large states are spread over files written in parallel.
+SHARD_BYTES = 256 << 20
+#: Files written at once. Two already overlap one file's fsync with the next file's writing.
+WRITER_THREADS = max(2, min(4, os.cpu_count() or 1))
+#: Tensors copied before writing (GPU, not dense) are held within this many bytes across the writer threads.
+COPY_BUDGET_BYTES = 256 << 20
 _SPLIT_BYTES = 64 << 20
 
 
@@ -96,39 +104,26 @@ def plan_save(
         filled += nbytes
         top = entry
     files: list[PlannedFile] = []
-    entry_file: dict[int, int] = {}
+    entries: list[EntryRecord | None] = [None] * len(encoded.leaves)
     for file_index, group in enumerate(g for g in groups if g):
         items = [(i, names[i], encoded.leaves[i].tensor) for i in group]
-        files.append(plan_file(f"{save_id}/{file_index:05d}.safetensors", items))
-        entry_file.update(dict.fromkeys(group, file_index))
-    entries = tuple(
-        EntryRecord(
-            key=leaf.key,
-            kind=leaf.kind,
-            dtype=_dtype_name(leaf.tensor),
-            shape=tuple(leaf.tensor.shape),
-            file=entry_file[i],
-            name=names[i],
-            scalar=leaf.scalar,
-        )
-        for i, leaf in enumerate(encoded.leaves)
-    )
+        planned = plan_file(f"{save_id}/{file_index:05d}.safetensors", items)
+        files.append(planned)
+        for item in planned.tensors:
+            leaf = encoded.leaves[item.leaf]
+            entries[item.leaf] = EntryRecord(
+                leaf.key, leaf.kind, item.dtype, item.shape, file_index, item.name, leaf.scalar
+            )
     return SavePlan(
         checkpoint=checkpoint,
         step=step,
         save_id=save_id,
         files=tuple(files),
-        entries=entries,
+        entries=tuple(e for e in entries if e is not None),
         tree=encoded.tree,
         metrics=_check_metrics(metrics or {}),
         state_version=state_version,
     )
-
-
-def _dtype_name(tensor: torch.Tensor) -> str:
-    from .codec import DTYPES
-
-    return DTYPES[tensor.dtype]
 
 
 def _unique_names(keys: list[str]) -> list[str]:
@@ -209,21 +204,7 @@ def _begin_attempt(storage: Storage, plan: SavePlan, committed: str) -> AttemptL
 def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
     storage.ensure_dir(plan.staging)
     faults.point("staging.mkdir.after")
-    records: list[FileRecord] = []
-    buffer = bytearray(WRITE_BUFFER_BYTES) if plan.files else bytearray()
-    for planned in plan.files:
-        faults.point("data.write.before")
-        sink = storage.create(join(plan.checkpoint, planned.path))
-        try:
-            checksum = write_file(sink, planned, leaves, buffer)
-            faults.point("data.write.after")
-            faults.point("data.fsync.before")
-            sink.finish()
-            faults.point("data.fsync.after")
-        except BaseException:
-            sink.abort()
-            raise
-        records.append(FileRecord(planned.path, planned.size, checksum))
+    records = _write_files(storage, plan, leaves)
     storage.sync_dir(plan.staging)
     faults.point("staging.fsync.after")
     manifest = Manifest(
@@ -249,12 +230,67 @@ def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor])
     return manifest
 
 
+def _write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> list[FileRecord]:
+    """Write every payload file, several at once: while one thread waits in write() or fsync(), which release the
+    interpreter, another hashes and copies, and the disk flushes one file while the next is being written."""
+    workers = min(len(plan.files), WRITER_THREADS)
+    budget = ByteBudget(COPY_BUDGET_BYTES)
+    buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(max(workers, 1)):
+        buffers.put(bytearray(WRITE_BUFFER_BYTES))
+
+    def write_one(planned: PlannedFile) -> FileRecord:
+        buffer = buffers.get()
+        try:
+            return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget)
+        finally:
+            buffers.put(buffer)
+
+    if workers <= 1:
+        return [write_one(planned) for planned in plan.files]
+    with ThreadPoolExecutor(workers, thread_name_prefix="safepoint-write") as pool:
+        futures = [pool.submit(write_one, planned) for planned in plan.files]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        for future in futures:
+            future.cancel()  # files not started yet: the save has failed
+    # leaving the pool waited for the files in flight, so nothing writes into the attempt during its cleanup
+    for future in futures:
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]
+
+
+def _write_one(
+    storage: Storage,
+    plan: SavePlan,
+    planned: PlannedFile,
+    *,
+    leaves: list[torch.Tensor],
+    buffer: bytearray,
+    budget: ByteBudget,
+) -> FileRecord:
+    faults.point("data.write.before")
+    sink = storage.create(join(plan.checkpoint, planned.path))
+    try:
+        checksum = write_file(sink, planned, leaves, buffer, budget)
+        faults.point("data.write.after")
+        faults.point("data.fsync.before")
+        sink.finish()
+        faults.point("data.fsync.after")
+    except BaseException:
+        sink.abort()
+        raise
+    return FileRecord(planned.path, planned.size, checksum)
+
+
 def _abort_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock, error: BaseException) -> None:
     """Remove what this attempt wrote. Never raises: a cleanup failure is attached to ``error`` as a note."""
     try:
         storage.remove_tree(plan.staging)
         lock.release(remove=True)
-        storage.remove_empty_dir(plan.checkpoint)
+        if plan.checkpoint:  # a step directory; never the root the caller named
+            storage.remove_empty_dir(plan.checkpoint)
     except BaseException as cleanup:
         lock.release(remove=False)
         note = f"safepoint: cleaning up the failed save of step {plan.step} also failed: {cleanup!r}"

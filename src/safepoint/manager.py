@@ -15,10 +15,12 @@ removes the newest committed step or the one just saved, and never touches names
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import types
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,13 +83,27 @@ def save_to(
     state_version: int,
 ) -> CheckpointInfo:
     """Encode, write and commit ``state`` as ``checkpoint``. On a step already committed, verify it and say so."""
-    encoded = encode_state(state)
-    plan = plan_save(encoded, checkpoint=checkpoint, step=step, metrics=metrics, state_version=state_version)
-    try:
-        manifest = execute_save(storage, plan, [leaf.tensor for leaf in encoded.leaves])
-    except CheckpointExistsError as err:
-        raise _existing(storage, checkpoint, step, err) from err
+    with _gc_paused():
+        encoded = encode_state(state)
+        plan = plan_save(encoded, checkpoint=checkpoint, step=step, metrics=metrics, state_version=state_version)
+        try:
+            manifest = execute_save(storage, plan, [leaf.tensor for leaf in encoded.leaves])
+        except CheckpointExistsError as err:
+            raise _existing(storage, checkpoint, step, err) from err
     return CheckpointInfo.of(manifest, storage.describe(checkpoint))
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """A save allocates a few objects per tensor; in a training process with millions of live objects, the
+    collections those allocations trigger would scan all of them, so the collector waits until the save ends."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExistsError) -> CheckpointExistsError:

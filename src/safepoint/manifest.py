@@ -95,11 +95,10 @@ class Manifest:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> bytes:
-        body = self._body()
-        body["checksum"] = _body_checksum(body)
-        return (
-            json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False) + "\n"
-        ).encode()
+        """Canonical JSON (sorted keys, compact) with the checksum of the rest as its first field."""
+        canonical = _canonical(self._body())
+        # "checksum" sorts before every other field, so prepending it keeps the text canonical: one serialisation
+        return b'{"checksum":"' + _checksum_of(canonical).encode() + b'",' + canonical[1:] + b"\n"
 
     def _body(self) -> dict[str, Any]:
         return {
@@ -136,10 +135,18 @@ class Manifest:
             raise CorruptCheckpointError(f"{source}: nested too deeply to be a manifest", path=source) from err
 
 
-def _body_checksum(body: Mapping[str, Any]) -> str:
+def _canonical(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def _checksum_of(canonical: bytes) -> str:
     hasher = new_hasher()
-    hasher.update(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode())
+    hasher.update(canonical)
     return format_checksum(hasher)
+
+
+def _body_checksum(body: Mapping[str, Any]) -> str:
+    return _checksum_of(_canonical(body))
 
 
 def _metric_to_json(value: float) -> float | str:
@@ -167,6 +174,7 @@ _FIELDS = {
     "format_version", "step", "save_id", "created", "metrics", "state_version", "world_size", "writer",
     "files", "entries", "tree", "checksum",
 }  # fmt: skip
+assert min(_FIELDS - {"checksum"}) > "checksum", "to_json puts the checksum first: it must sort first"
 _FILE_FIELDS = {"path", "size", "checksum"}
 _ENTRY_FIELDS = {"key", "kind", "dtype", "shape", "file", "name", "scalar"}
 _NODE_FIELDS = {

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .budget import ByteBudget
 from .checksum import Hasher, format_checksum, new_hasher
 from .codec import DTYPE_NAMES, DTYPES, PickledPayload
 from .errors import CorruptCheckpointError, SafepointError, StorageError
@@ -61,52 +62,59 @@ class PlannedFile:
 
 def plan_file(path: str, items: Sequence[tuple[int, str, torch.Tensor]]) -> PlannedFile:
     """Lay out ``(leaf index, name, tensor)`` items in one file: order, offsets and the exact header bytes."""
-    ordered = sorted(items, key=lambda item: -item[2].element_size())  # stable: keeps state order within a size
+    described = [(leaf, name, DTYPES[tensor.dtype], tensor.shape, tensor.numel()) for leaf, name, tensor in items]
+    described.sort(key=lambda item: -element_size(item[2]))  # stable: keeps state order within a size
     planned: list[PlannedTensor] = []
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "writer": "safepoint"}}
     offset = 0
-    for leaf, name, tensor in ordered:
-        nbytes = tensor.numel() * tensor.element_size()
-        dtype = DTYPES[tensor.dtype]
-        planned.append(PlannedTensor(leaf, name, dtype, tuple(tensor.shape), offset, offset + nbytes))
-        header[name] = {
-            "dtype": dtype,
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
+    for leaf, name, dtype, shape, numel in described:
+        end = offset + numel * element_size(dtype)
+        planned.append(PlannedTensor(leaf, name, dtype, tuple(shape), offset, end))
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
     text += b" " * (-(8 + len(text)) % 8)
     return PlannedFile(path, struct.pack("<Q", len(text)) + text, tuple(planned))
 
 
+def _is_dense_on_cpu(tensor: torch.Tensor) -> bool:
+    return tensor.device.type == "cpu" and tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg())
+
+
 def host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
     """The tensor's bytes in host memory; copies only a tensor that is not already dense on the CPU.
     The returned tensor must be kept alive while the view is used."""
-    if tensor.device.type != "cpu":
-        tensor = tensor.to("cpu")
-    tensor = tensor.resolve_conj().resolve_neg()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    if tensor.numel() == 0:
+    if not _is_dense_on_cpu(tensor):
+        tensor = tensor.to("cpu").resolve_conj().resolve_neg().contiguous()
+    numel = tensor.numel()
+    if numel == 0:
         return tensor, memoryview(b"")
     # not reshape(-1): a contiguous tensor may keep any stride on a size-1 dim ([::2] of two elements has
     # stride 2), which view(uint8) refuses; the elements are dense from the storage offset, so flatten by hand
-    flat = tensor.as_strided((tensor.numel(),), (1,))
+    flat = tensor if tensor.dim() == 1 else tensor.as_strided((numel,), (1,))
     return tensor, flat.view(torch.uint8).numpy().data
 
 
-def write_file(sink: FileSink, planned: PlannedFile, leaves: Sequence[torch.Tensor], buffer: bytearray) -> str:
-    """Stream one planned file into ``sink``, hashing in the same pass; return the persisted checksum."""
+def write_file(
+    sink: FileSink, planned: PlannedFile, leaves: Sequence[torch.Tensor], buffer: bytearray, budget: ByteBudget
+) -> str:
+    """Stream one planned file into ``sink``, hashing in the same pass; return the persisted checksum.
+
+    Tensors that must be copied first (on a GPU, or not dense) are copied one at a time within ``budget``."""
     hasher = new_hasher()
     out = _BufferedWriter(sink, hasher, memoryview(buffer))
     out.put(memoryview(planned.header))
     for item in planned.tensors:
-        keep, data = host_bytes(leaves[item.leaf])
-        if data.nbytes != item.end - item.begin:
-            raise SafepointError(f"tensor {item.name!r} changed size while it was being saved")
-        out.put(data)
-        del keep
+        tensor = leaves[item.leaf]
+        held = 0 if _is_dense_on_cpu(tensor) else item.end - item.begin
+        with budget.hold(held):
+            keep, data = host_bytes(tensor)
+            if data.nbytes != item.end - item.begin:
+                raise SafepointError(f"tensor {item.name!r} changed size while it was being saved")
+            out.put(data)
+            if held:
+                out.flush()  # the copy is released with the budget: nothing may still point into it
+            del keep
     out.flush()
     return format_checksum(hasher)
 
