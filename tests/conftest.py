@@ -56,23 +56,30 @@ def fresh_state(hidden: int = 8) -> dict[str, Any]:
     }
 
 
+def flatten_tensors(value: Any, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor in a nested value, by key path."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(path: str, node: Any) -> None:
+        if isinstance(node, torch.Tensor):
+            found[path] = node
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{path}/{k}", v)
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(f"{path}/{i}", v)
+
+    walk(prefix, value)
+    return found
+
+
 def tensors_of(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Every tensor of a state's model and optimizer, cloned, by key: for before/after comparisons."""
     found: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, torch.Tensor):
-            found[prefix] = value.detach().clone()
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}/{i}", v)
-
     for name in ("model", "optimizer"):
-        walk(name, state[name].state_dict())
-    return found
+        found.update(flatten_tensors(state[name].state_dict(), name))
+    return {key: tensor.detach().clone() for key, tensor in found.items()}
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -43,6 +43,7 @@ __all__ = [
     "Stateful",
     "decode_tree",
     "encode_state",
+    "float_to_json",
     "is_stateful",
     "key_path",
     "pickle_allowed",
@@ -153,7 +154,7 @@ class _Encoder:
                 raise _invalid(f"ints beyond {MAX_INT_BITS} bits cannot be checkpointed; store it as a str", path)
             return {"k": "int", "v": int(value)}
         if isinstance(value, float):
-            return {"k": "float", "v": _float_to_json(float(value))}
+            return {"k": "float", "v": float_to_json(float(value))}
         if isinstance(value, str):
             return {"k": "str", "v": str(value)}
         if isinstance(value, (bytes, bytearray)):
@@ -234,7 +235,8 @@ def _invalid(message: str, path: list[str | int]) -> InvalidStateError:
     return InvalidStateError(f"state entry {where[:300]!r}: {message}" if path else message, key=where)
 
 
-def _float_to_json(value: float) -> float | str:
+def float_to_json(value: float) -> float | str:
+    """JSON has no NaN or infinities: they are persisted as the strings 'nan', 'inf' and '-inf'."""
     if math.isnan(value):
         return "nan"
     if math.isinf(value):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checksum import ChecksumFormatError, format_checksum, new_hasher, parse_checksum
-from .codec import DTYPE_NAMES, MAX_TREE_DEPTH, key_path
+from .codec import DTYPE_NAMES, MAX_TREE_DEPTH, float_to_json, key_path
 from .errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 
 __all__ = [
@@ -106,7 +106,7 @@ class Manifest:
             "step": self.step,
             "save_id": self.save_id,
             "created": self.created,
-            "metrics": {k: _metric_to_json(v) for k, v in self.metrics.items()},
+            "metrics": {k: float_to_json(v) for k, v in self.metrics.items()},
             "state_version": self.state_version,
             "world_size": self.world_size,
             "writer": self.writer,
@@ -147,14 +147,6 @@ def _checksum_of(canonical: bytes) -> str:
 
 def _body_checksum(body: Mapping[str, Any]) -> str:
     return _checksum_of(_canonical(body))
-
-
-def _metric_to_json(value: float) -> float | str:
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "inf" if value > 0 else "-inf"
-    return value
 
 
 def check_relative_path(path: object, source: str) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 import safepoint
+from tests.conftest import flatten_tensors
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 40
@@ -54,21 +55,7 @@ def kill_mid_run(directory: Path, out: Path, after_commit: int, delay: float) ->
 
 
 def flat(path: Path) -> dict[str, torch.Tensor]:
-    values = safepoint.load(path)
-    found: dict[str, torch.Tensor] = {}
-
-    def walk(prefix: str, value: object) -> None:
-        if isinstance(value, torch.Tensor):
-            found[prefix] = value
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}/{k}", v)
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(f"{prefix}/{i}", v)
-
-    walk("", values)
-    return found
+    return flatten_tensors(safepoint.load(path))
 
 
 def test_killed_run_resumes_bitwise_identical(tmp_path: Path) -> None:
