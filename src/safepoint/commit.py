@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import time
 from collections.abc import Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -33,7 +32,7 @@ from .codec import Encoded
 from .errors import AmbiguousCommitError, CheckpointExistsError, ConfigError, SafepointError, StorageError
 from .layout import MANIFEST_NAME, join, lock_name, new_save_id
 from .manifest import EntryRecord, FileRecord, Manifest
-from .payload import WRITE_BUFFER_BYTES, PlannedFile, plan_file, write_file
+from .payload import PlannedFile, plan_file, write_file
 from .storage import AttemptLock, Storage
 
 __all__ = ["SHARD_BYTES", "SavePlan", "execute_save", "plan_save"]
@@ -235,16 +234,11 @@ def _write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -
     interpreter, another hashes and copies, and the disk flushes one file while the next is being written."""
     workers = min(len(plan.files), WRITER_THREADS)
     budget = ByteBudget(COPY_BUDGET_BYTES)
-    buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-    for _ in range(max(workers, 1)):
-        buffers.put(bytearray(WRITE_BUFFER_BYTES))
 
     def write_one(planned: PlannedFile) -> FileRecord:
-        buffer = buffers.get()
-        try:
-            return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget)
-        finally:
-            buffers.put(buffer)
+        # sized to what this file coalesces: a file of large tensors needs only its header buffered
+        buffer = bytearray(planned.buffer_bytes)
+        return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget)
 
     if workers <= 1:
         return [write_one(planned) for planned in plan.files]

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .checksum import ChecksumFormatError, format_checksum, new_hasher, parse_checksum
 from .codec import DTYPE_NAMES, MAX_TREE_DEPTH, float_to_json, key_path
@@ -61,8 +61,7 @@ class FileRecord:
     checksum: str
 
 
-@dataclass(frozen=True)
-class EntryRecord:
+class EntryRecord(NamedTuple):  # a NamedTuple: one per tensor, and a frozen dataclass costs 5x to build
     key: str  # the key path, e.g. "optimizer/state/0/exp_avg"
     kind: str  # "tensor" | "ndarray" | "pickle"
     dtype: str  # safetensors dtype string

@@ -14,11 +14,12 @@ by SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..checksum import Hasher
 from ..errors import StorageError, UnsafeCheckpointError
@@ -45,10 +46,29 @@ def _mapped(operation: str, where: str, *passthrough: type[OSError]) -> Iterator
         raise StorageError(f"cannot {operation} {where}: {reason}", errno=err.errno, path=where) from err
 
 
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):  # not Linux, or no such symbol
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+#: Writeback of a file's dirty pages is started after every this many bytes, so that the final fsync
+#: finds most of the file already on its way to the disk instead of flushing all of it at once.
+_WRITEBACK_BYTES = 32 << 20
+
+
 class _LocalSink:
     def __init__(self, path: str) -> None:
         self.path = path
         self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.written = 0
+        self.flushed = 0  # bytes whose writeback has been started
 
     def write(self, data: memoryview) -> None:
         assert self.fd is not None, "write after finish/abort"
@@ -57,6 +77,11 @@ class _LocalSink:
             while view.nbytes:
                 written = os.write(self.fd, view)
                 view = view[written:]
+                self.written += written
+        if _sync_file_range is not None and self.written - self.flushed >= _WRITEBACK_BYTES:
+            # only a hint to start writing back: its errors surface, authoritatively, at fsync
+            _sync_file_range(self.fd, self.flushed, self.written - self.flushed, _SYNC_FILE_RANGE_WRITE)
+            self.flushed = self.written
 
     def finish(self) -> None:
         assert self.fd is not None, "finish after finish/abort"
