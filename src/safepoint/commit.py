@@ -29,7 +29,14 @@ import torch
 from . import faults
 from .budget import ByteBudget
 from .codec import Encoded
-from .errors import AmbiguousCommitError, CheckpointExistsError, ConfigError, SafepointError, StorageError
+from .errors import (
+    AmbiguousCommitError,
+    CheckpointExistsError,
+    ConfigError,
+    SafepointError,
+    StorageError,
+    attach_note,
+)
 from .layout import MANIFEST_NAME, join, lock_name, new_save_id
 from .manifest import EntryRecord, FileRecord, Manifest
 from .payload import PlannedFile, plan_file, write_file
@@ -288,7 +295,7 @@ def _abort_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock, error: B
     except BaseException as cleanup:
         lock.release(remove=False)
         note = f"safepoint: cleaning up the failed save of step {plan.step} also failed: {cleanup!r}"
-        error.add_note(note) if hasattr(error, "add_note") else logger.warning(note)
+        attach_note(error, note)
 
 
 def _finish_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock) -> None:

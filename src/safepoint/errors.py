@@ -22,6 +22,7 @@ This module must never import anything from the rest of the package.
 from __future__ import annotations
 
 import errno as _errno
+import logging as _logging
 
 __all__ = [
     "AmbiguousCommitError",
@@ -36,6 +37,7 @@ __all__ = [
     "SafepointError",
     "StorageError",
     "UnsafeCheckpointError",
+    "attach_note",
 ]
 
 
@@ -137,3 +139,12 @@ class RestoreError(SafepointError):
 
 class ManagerClosedError(SafepointError):
     """The manager was used after ``close()``."""
+
+
+def attach_note(error: BaseException, note: str) -> None:
+    """Attach a secondary failure (a cleanup, a rollback) to the error that is propagating, never replacing it.
+    Python 3.10 has no exception notes: there the note is logged instead."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        _logging.getLogger("safepoint").error(note)

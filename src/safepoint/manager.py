@@ -36,6 +36,7 @@ from .errors import (
     ManagerClosedError,
     SafepointError,
     StorageError,
+    attach_note,
 )
 from .gc import GcReport, collect, collect_checkpoint, step_dirs
 from .layout import MANIFEST_NAME, join, step_dir
@@ -193,7 +194,7 @@ class CheckpointManager:
             self.close()
         except BaseException as cleanup:
             note = f"safepoint: closing the manager also failed: {cleanup!r}"
-            exc.add_note(note) if hasattr(exc, "add_note") else logger.error(note)
+            attach_note(exc, note)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

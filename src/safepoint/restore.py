@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .codec import Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
-from .errors import RestoreError, UnsafeCheckpointError
+from .errors import RestoreError, UnsafeCheckpointError, attach_note
 from .reader import LoadedCheckpoint
 
 __all__ = ["RestoreReport", "SkippedCheckpoint", "apply_checkpoint", "plain_values"]
@@ -382,7 +382,7 @@ def _roll_back(undo: list[Callable[[], None]], err: BaseException) -> None:
             rollback()
         except Exception as rollback_error:
             note = f"safepoint: rolling back after the failed restore also failed: {rollback_error!r}"
-            err.add_note(note) if hasattr(err, "add_note") else logger.error(note)
+            attach_note(err, note)
 
 
 def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
