@@ -26,7 +26,7 @@ from rich.text import Text
 
 from .codec import DTYPE_NAMES
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreError, SafepointError
-from .gc import collect, step_dirs
+from .gc import attempt_ids, collect, step_dirs
 from .layout import MANIFEST_NAME, join, parse_attempt, step_dir
 from .manifest import Manifest
 from .reader import read_manifest
@@ -212,18 +212,10 @@ def _format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items()))
 
 
-def _attempts(storage: Storage, checkpoint: str) -> set[str]:
-    try:
-        names = storage.listdir(checkpoint)
-    except FileNotFoundError:
-        return set()
-    return {parsed[0] for name in names if (parsed := parse_attempt(name)) is not None}
-
-
 def _is_safepoint_dir(storage: Storage) -> bool:
     if storage.exists(MANIFEST_NAME) or step_dirs(storage):
         return True
-    return any(parsed is not None and parsed[1] for parsed in map(parse_attempt, storage.listdir("")))
+    return bool(attempt_ids(storage, "", locked_only=True))
 
 
 # -- ls --------------------------------------------------------------------------------------------------------
@@ -264,7 +256,7 @@ def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
     single = storage.exists(MANIFEST_NAME)
     targets: list[tuple[int | None, str]] = [(None, "")] if single else list(step_dirs(storage))
     for step, path in targets:
-        attempts = _attempts(storage, path)
+        attempts = attempt_ids(storage, path)
         name = path or "."
         if not storage.exists(join(path, MANIFEST_NAME)):
             notes.append(f"{name}: uncommitted ({len(attempts)} save attempt(s) in progress or crashed; "

@@ -36,8 +36,8 @@ from rich.text import Text
 
 from .api import load, save
 from .errors import CheckpointNotFoundError
-from .gc import step_dirs
-from .layout import MANIFEST_NAME, join, parse_attempt
+from .gc import attempt_ids, step_dirs
+from .layout import MANIFEST_NAME, join
 from .manager import CheckpointManager
 from .reader import read_manifest
 from .rng import RNGState
@@ -379,8 +379,7 @@ def _leftovers(run_dir: str) -> list[tuple[int, str]]:
     storage = open_storage(run_dir)
     found = []
     for step, path in step_dirs(storage):
-        names = storage.listdir(path)
-        attempts = {parsed[0] for name in names if (parsed := parse_attempt(name)) is not None}
+        attempts = attempt_ids(storage, path)
         with contextlib.suppress(CheckpointNotFoundError):
             attempts.discard(read_manifest(storage, path).save_id)
         found += [(step, join(path, attempt)) for attempt in sorted(attempts)]

@@ -17,7 +17,7 @@ from .layout import MANIFEST_NAME, join, lock_name, parse_attempt, parse_step_di
 from .reader import read_manifest
 from .storage import AttemptLock, Storage
 
-__all__ = ["GcReport", "collect", "collect_checkpoint", "step_dirs"]
+__all__ = ["GcReport", "attempt_ids", "collect", "collect_checkpoint", "step_dirs"]
 
 logger = logging.getLogger("safepoint")
 
@@ -65,16 +65,21 @@ def _committed_save_id(storage: Storage, checkpoint: str) -> str | None:
         return None
 
 
-def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True) -> GcReport:
-    """Collect dead attempts in one checkpoint directory. Unless the directory is ``owned`` (a step directory, or
-    one holding a manifest), only attempts that have a lock file are considered ours."""
+def attempt_ids(storage: Storage, checkpoint: str, *, locked_only: bool = False) -> set[str]:
+    """Save ids of the attempts (data directories or lock files) in a checkpoint directory; empty if it is gone.
+    With ``locked_only``, only attempts that have a lock file."""
     try:
         names = storage.listdir(checkpoint)
     except FileNotFoundError:
-        return GcReport((), ())
-    parsed_names = [parsed for name in names if (parsed := parse_attempt(name)) is not None]
-    locked = {save_id for save_id, is_lock in parsed_names if is_lock}
-    attempts = sorted({save_id for save_id, _ in parsed_names if owned or save_id in locked})
+        return set()
+    parsed = [p for name in names if (p := parse_attempt(name)) is not None]
+    return {save_id for save_id, is_lock in parsed if is_lock or not locked_only}
+
+
+def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True) -> GcReport:
+    """Collect dead attempts in one checkpoint directory. Unless the directory is ``owned`` (a step directory, or
+    one holding a manifest), only attempts that have a lock file are considered ours."""
+    attempts = sorted(attempt_ids(storage, checkpoint, locked_only=not owned))
     removed: list[str] = []
     live: list[str] = []
     for save_id in attempts:

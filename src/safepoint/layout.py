@@ -23,7 +23,6 @@ from .manifest import MANIFEST_NAME
 
 __all__ = [
     "MANIFEST_NAME",
-    "attempt_name",
     "join",
     "lock_name",
     "new_save_id",
@@ -51,10 +50,6 @@ def parse_step_dir(name: str) -> int | None:
 
 def new_save_id() -> str:
     return uuid.uuid4().hex
-
-
-def attempt_name(save_id: str) -> str:
-    return save_id
 
 
 def lock_name(save_id: str) -> str:

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import SafepointError
-from .gc import step_dirs
-from .layout import MANIFEST_NAME, join, parse_attempt
+from .gc import attempt_ids, step_dirs
+from .layout import MANIFEST_NAME, join
 from .manifest import Manifest
 from .reader import read_manifest, verify_checkpoint
 from .storage import Storage
@@ -51,7 +51,7 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
     statuses: list[CheckpointStatus] = []
     notes: list[str] = []
     for step, path in targets:
-        attempts = _attempts(storage, path)
+        attempts = attempt_ids(storage, path)
         if not storage.exists(join(path, MANIFEST_NAME)):
             notes.append(f"{storage.describe(path)}: an uncommitted save left {len(attempts)} attempt(s); "
                          "`safepoint gc` removes them once their writer is gone")  # fmt: skip
@@ -63,14 +63,6 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
         if on_checkpoint is not None:
             on_checkpoint(status)
     return VerifyReport(storage.describe(""), tuple(statuses), tuple(notes))
-
-
-def _attempts(storage: Storage, path: str) -> set[str]:
-    try:
-        names = storage.listdir(path)
-    except FileNotFoundError:
-        return set()
-    return {parsed[0] for name in names if (parsed := parse_attempt(name)) is not None}
 
 
 def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStatus:
