@@ -189,6 +189,12 @@ class _Parser:
         except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise self.fail(f"not a valid manifest ({type(err).__name__}: {str(err)[:200]})") from err
         body = self.obj(raw, "manifest")
+        # The checksum comes first: every format version keeps this envelope (a "checksum" of the canonical rest),
+        # so that a bit flip in a field name or in format_version reads as corruption, which restore falls back
+        # over, and never as "written by a newer safepoint", which stops it.
+        checksum = body.pop("checksum", None)
+        if not isinstance(checksum, str) or _body_checksum(body) != checksum:
+            raise self.fail("manifest checksum does not match its content")
         version = body.get("format_version")
         if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise FormatVersionError(
@@ -196,10 +202,7 @@ class _Parser:
                 f"up to {FORMAT_VERSION}; upgrade safepoint to read it",
                 path=self.source,
             )
-        self.fields(body, _FIELDS, "manifest")
-        checksum = body.pop("checksum")
-        if not isinstance(checksum, str) or _body_checksum(body) != checksum:
-            raise self.fail("manifest checksum does not match its content")
+        self.fields(body, _FIELDS - {"checksum"}, "manifest")
         if self.integer(version, "format_version") < 1:
             raise self.fail(f"format_version {version} is not valid")
         files = tuple(self.file(f, i) for i, f in enumerate(self.array(body["files"], "files")))
