@@ -9,6 +9,7 @@ checkpoint whose manifest cannot be read are left alone: that data may be all th
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from . import faults
@@ -85,9 +86,26 @@ def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True)
     for save_id in attempts:
         outcome = _collect_attempt(storage, checkpoint, save_id)
         (removed if outcome == "removed" else live if outcome == "live" else []).append(join(checkpoint, save_id))
-    if checkpoint and not storage.exists(join(checkpoint, MANIFEST_NAME)) and storage.remove_empty_dir(checkpoint):
+    uncommitted = checkpoint and not storage.exists(join(checkpoint, MANIFEST_NAME))
+    if uncommitted and _abandoned(storage, checkpoint, removed) and storage.remove_empty_dir(checkpoint):
         removed.append(checkpoint)
     return GcReport(tuple(removed), tuple(live))
+
+
+#: An empty step directory younger than this may be a save that is just starting (it makes the directory, then
+#: its lock file in it); removing it then would make that save start over, and a collector running in a loop
+#: could starve it. Found by the reliability suite (two managers on one directory).
+EMPTY_DIR_GRACE_S = 600.0
+
+
+def _abandoned(storage: Storage, checkpoint: str, removed: list[str]) -> bool:
+    """Whether an (empty) uncommitted step directory is ours to remove: this pass emptied it, or it is old."""
+    if removed:
+        return True
+    try:
+        return time.time() - storage.mtime(checkpoint) > EMPTY_DIR_GRACE_S
+    except FileNotFoundError:
+        return False
 
 
 def _collect_attempt(storage: Storage, checkpoint: str, save_id: str) -> str:

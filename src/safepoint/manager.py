@@ -16,6 +16,7 @@ removes the newest committed step or the one just saved, and never touches names
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -142,7 +143,7 @@ class CheckpointManager:
 
     def __init__(
         self,
-        directory: str | os.PathLike[str],
+        directory: str | os.PathLike[str] | Storage,
         *,
         keep_last: int | None = None,
         keep_best: int | None = None,
@@ -153,8 +154,8 @@ class CheckpointManager:
     ) -> None:
         self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self._state_version = check_state_version(state_version)
-        if not isinstance(directory, (str, os.PathLike)):
-            raise ConfigError(f"directory must be a path, not {type(directory).__name__}")
+        if not isinstance(directory, (str, os.PathLike, Storage)):
+            raise ConfigError(f"directory must be a path or a Storage, not {type(directory).__name__}")
         self._storage = open_storage(directory)
         self.directory = self._storage.describe("")
         if self._storage.exists("") and not self._storage.is_dir(""):
@@ -243,7 +244,12 @@ class CheckpointManager:
         """Unpublish first (the checkpoint disappears atomically and durably), then collect its data."""
         path = step_dir(step)
         self._storage.remove_file(join(path, MANIFEST_NAME))
-        self._storage.sync_dir(path)
+        try:
+            self._storage.sync_dir(path)
+        except StorageError as err:
+            if err.errno != errno.ENOENT:
+                raise
+            return  # another manager on this directory deleted the step first, durably unpublishing it
         faults.point("retention.unpublish.after")
         collect_checkpoint(self._storage, path)
         faults.point("retention.delete.after")
@@ -291,11 +297,12 @@ class CheckpointManager:
         for candidate in reversed(committed):
             path = step_dir(candidate)
             try:
-                loaded = read_checkpoint(self._storage, path)
-                _check_step(loaded.manifest, candidate, self._storage.describe(path))
+                loaded = read_checkpoint(self._storage, path, step=candidate)
             except FormatVersionError:
                 raise  # a newer safepoint wrote it: falling back would silently lose progress
             except (CorruptCheckpointError, StorageError) as err:
+                if not self._storage.exists(join(path, MANIFEST_NAME)):
+                    continue  # unpublished while it was read: retention in another process deleted it
                 logger.warning("skipping step %s: %s", candidate, err)
                 skipped.append(SkippedCheckpoint(candidate, self._storage.describe(path), str(err)))
                 continue
@@ -316,13 +323,12 @@ class CheckpointManager:
         path = step_dir(step)
         where = self._storage.describe(path)
         try:
-            loaded = read_checkpoint(self._storage, path)
+            loaded = read_checkpoint(self._storage, path, step=step)
         except CheckpointNotFoundError:
             available = self.steps()
             raise CheckpointNotFoundError(
                 f"step {step} is not committed in {self.directory} (committed: {_summary(available)})"
             ) from None
-        _check_step(loaded.manifest, step, where)
         return apply_checkpoint(loaded, state, strict=strict, path=where)
 
     # -- maintenance -----------------------------------------------------------------------------------------
@@ -344,14 +350,6 @@ class CheckpointManager:
             return
         if report.removed:
             logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), self.directory)
-
-
-def _check_step(manifest: Manifest, step: int, where: str) -> None:
-    if manifest.step != step:
-        raise CorruptCheckpointError(
-            f"{where}: its manifest is for step {manifest.step}, not {step} (a file was moved or swapped)",
-            path=where,
-        )
 
 
 def _summary(steps: list[int]) -> str:

@@ -25,15 +25,24 @@ class LoadedCheckpoint:
     leaves: list[Any]  # entry index -> verified value (tensor, ndarray, PickledPayload)
 
 
-def read_manifest(storage: Storage, checkpoint: str) -> Manifest:
-    """The parsed manifest of a committed checkpoint; CheckpointNotFoundError if it is not committed."""
+def read_manifest(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:
+    """The parsed manifest of a committed checkpoint; CheckpointNotFoundError if it is not committed.
+
+    With ``step``, a manifest for another step (moved or copied from another checkpoint) is corrupt, and is
+    reported as the bad file before any payload is read."""
     path = join(checkpoint, MANIFEST_NAME)
     where = storage.describe(path)
     try:
         data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError as err:
         raise CheckpointNotFoundError(f"no committed checkpoint at {storage.describe(checkpoint)}") from err
-    return Manifest.from_json(data, where)
+    manifest = Manifest.from_json(data, where)
+    if step is not None and manifest.step != step:
+        raise CorruptCheckpointError(
+            f"{where} is the manifest of step {manifest.step}, not of step {step} (a file was moved or copied)",
+            path=where,
+        )
+    return manifest
 
 
 def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
@@ -43,9 +52,9 @@ def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
     return grouped
 
 
-def read_checkpoint(storage: Storage, checkpoint: str) -> LoadedCheckpoint:
+def read_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> LoadedCheckpoint:
     """Read and verify every byte of a checkpoint; raise CorruptCheckpointError naming the first bad file."""
-    manifest = read_manifest(storage, checkpoint)
+    manifest = read_manifest(storage, checkpoint, step=step)
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
     for file_index, record in enumerate(manifest.files):
@@ -56,9 +65,9 @@ def read_checkpoint(storage: Storage, checkpoint: str) -> LoadedCheckpoint:
     return LoadedCheckpoint(checkpoint, manifest, leaves)
 
 
-def verify_checkpoint(storage: Storage, checkpoint: str) -> Manifest:
+def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:
     """Check every byte of a checkpoint, one file at a time (memory bounded by the largest file)."""
-    manifest = read_manifest(storage, checkpoint)
+    manifest = read_manifest(storage, checkpoint, step=step)
     grouped = _by_file(manifest)
     for file_index, record in enumerate(manifest.files):
         read_file(storage, checkpoint, record, grouped.get(file_index, []))

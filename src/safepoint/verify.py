@@ -53,10 +53,13 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
     for step, path in targets:
         attempts = attempt_ids(storage, path)
         if not storage.exists(join(path, MANIFEST_NAME)):
-            notes.append(f"{storage.describe(path)}: an uncommitted save left {len(attempts)} attempt(s); "
-                         "`safepoint gc` removes them once their writer is gone")  # fmt: skip
+            if attempts:
+                notes.append(f"{storage.describe(path)}: an uncommitted save left {len(attempts)} attempt(s); "
+                             "`safepoint gc` removes them once their writer is gone")  # fmt: skip
             continue
         status = _verify_one(storage, path, step)
+        if status is None:
+            continue  # deleted (by retention elsewhere) while it was being verified: not a bad checkpoint
         if attempts - {status.save_id}:
             notes.append(f"{storage.describe(path)}: leftovers of another save attempt; `safepoint gc` removes them")
         statuses.append(status)
@@ -65,11 +68,13 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
     return VerifyReport(storage.describe(""), tuple(statuses), tuple(notes))
 
 
-def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStatus:
+def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStatus | None:
     where = storage.describe(path)
     try:
-        manifest = verify_checkpoint(storage, path)
+        manifest = verify_checkpoint(storage, path, step=step)
     except SafepointError as err:
+        if step is not None and not storage.exists(join(path, MANIFEST_NAME)):
+            return None  # unpublished since the listing: retention in another process deleted it
         bad_file = getattr(err, "path", "") or None
         try:  # the manifest may be fine and a payload bad: then it still names the step and the save
             readable: Manifest | None = read_manifest(storage, path)
@@ -78,10 +83,6 @@ def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStat
         number = step if step is not None else readable.step if readable else -1
         save_id = readable.save_id if readable else None
         return CheckpointStatus(number, where, False, str(err), bad_file, save_id=save_id)
-    if step is not None and manifest.step != step:
-        message = f"{where}: the manifest says step {manifest.step}, the directory says {step}"
-        bad = storage.describe(join(path, MANIFEST_NAME))
-        return CheckpointStatus(step, where, False, message, bad, save_id=manifest.save_id)
     return CheckpointStatus(
         manifest.step,
         where,

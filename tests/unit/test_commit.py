@@ -85,8 +85,9 @@ def test_kill_at_each_fault_point_leaves_only_verified_checkpoints(tmp_path: Pat
                 names = attempts(directory, step)
                 assert "manifest.json" in names, (point, names)
                 assert not any(n.endswith(".lock") for n in names), (point, names)
+            # an empty step directory may stay for gc.EMPTY_DIR_GRACE_S (a save may be starting in it); no bytes
             stray = [p for p in directory.iterdir() if p.name not in {step_dir(s) for s in steps}]
-            assert stray == [], point
+            assert [p for p in stray if not p.is_dir() or any(p.iterdir())] == [], point
 
 
 def _race(

@@ -10,8 +10,11 @@ from .local import LocalStorage
 __all__ = ["AttemptLock", "FileSink", "LocalStorage", "Storage", "open_storage"]
 
 
-def open_storage(location: str | os.PathLike[str]) -> Storage:
-    """The storage for a path or ``file://`` URL. Object-store URLs come with the fsspec backend."""
+def open_storage(location: str | os.PathLike[str] | Storage) -> Storage:
+    """The storage for a path or ``file://`` URL; a :class:`Storage` object is used as it is (custom backends,
+    and the fault-injection wrappers of the reliability suite). Object-store URLs come with the fsspec backend."""
+    if isinstance(location, Storage):
+        return location
     text = os.fspath(location)
     if text.startswith("file://"):
         text = text[len("file://") :]

@@ -15,7 +15,7 @@ Atomicity is the backend's to provide, each explained in its own docstring:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from ..checksum import Hasher
 
@@ -40,6 +40,7 @@ class AttemptLock(Protocol):
     def release(self, *, remove: bool) -> None: ...
 
 
+@runtime_checkable
 class Storage(Protocol):
     root: str
 
