@@ -248,6 +248,31 @@ def test_a_torch_save_file_in_place_of_the_payload_is_refused(tmp_path: Path, ca
     assert not canary.exists()
 
 
+@pytest.mark.parametrize("kind", [*KINDS, "protocol 0 by hand"])
+@pytest.mark.parametrize("target", ["manifest", "payload", "lock"])
+def test_a_pickle_in_place_of_any_file_runs_nothing(tmp_path: Path, canary: Path, kind: str, target: str) -> None:
+    """Every file a checkpoint directory can hold, replaced by a live pickle: every reader refuses or ignores it."""
+    path = tmp_path / "checkpoint"
+    safepoint.save(path, {"w": torch.ones(3)})
+    (payload,) = payload_paths(path)
+    files = {"manifest": path / "manifest.json", "payload": payload, "lock": payload.parent.with_suffix(".lock")}
+    files[target].write_bytes(_payload(kind, canary))
+    if target == "payload":
+        reseal_files(path)  # the checksum matches: the payload parser itself must refuse it
+    with audit_events() as events:
+        for read in (safepoint.load, lambda p: safepoint.restore(p, {"w": torch.zeros(3)})):
+            if target == "lock":
+                read(path)  # never opened by a reader: the checkpoint loads
+            else:
+                with pytest.raises(CorruptCheckpointError):
+                    read(path)
+        report = safepoint.verify(path)
+        assert report.ok is (target == "lock")
+        safepoint.CheckpointManager(tmp_path / "elsewhere").close()
+    _ran_nothing(events)
+    assert not canary.exists()
+
+
 # -- paths out of the root ------------------------------------------------------------------------------------------
 @pytest.fixture
 def victim(tmp_path: Path) -> tuple[Path, Path]:
