@@ -273,7 +273,7 @@ def test_a_manifest_moved_to_another_step_is_detected(tmp_path: Path) -> None:
         assert report is not None
         assert report.step == 2
         assert report.skipped[0].step == 3
-        assert "step 1, not 3" in report.skipped[0].reason
+        assert "manifest of step 1, not of step 3" in report.skipped[0].reason
 
 
 def test_a_newer_format_is_refused_not_skipped(tmp_path: Path) -> None:
