@@ -267,12 +267,12 @@ def _parent(state: Any, path: KeyPath) -> tuple[MutableMapping[Any, Any], str | 
         if not found:
             where = key_path(parts[: depth + 1])
             container = isinstance(node, (Mapping, list, tuple))
-            what = "is missing" if container else f"cannot be looked up in a {_kind(node)}"
+            what = "is missing" if container else f"cannot be looked up in a value of type {_kind(node)}"
             raise KeyPathError(f"key path {full!r}: {where!r} {what}", key=full)
         node = node[key]
     if not isinstance(node, MutableMapping):
         raise KeyPathError(
-            f"key path {full!r}: {key_path(parts[:-1]) or 'the state'!r} is a {_kind(node)}, not a dict", key=full
+            f"key path {full!r}: {key_path(parts[:-1]) or 'the state'!r} is of type {_kind(node)}, not a dict", key=full
         )
     return node, parts[-1], full
 
