@@ -186,7 +186,8 @@ def _load_torch(path: str) -> Any:
         with _reading(path), torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
             # a plain pickle of another protocol: the restricted unpickler refuses what it cannot read anyway
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with open(path, "rb") as file:  # a file object: torch.load hands a path named *.safetensors elsewhere
+                return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(
             f"{path} needs arbitrary pickle to load, which could run code; it was refused and nothing in it ran "
@@ -375,11 +376,12 @@ def export_checkpoint(
     if not storage.is_dir(""):
         raise ConversionError(f"{storage.describe('')} is a file, not a checkpoint directory",
                               path=storage.describe(""))  # fmt: skip
+    target = os.path.abspath(os.fspath(dest))
+    _check_destination(target)  # before reading the whole checkpoint
     location = locate_checkpoint(storage, step)
     value: Any = plain_values(read_checkpoint(storage, location), allow_pickle)
     if key is not None:
         value = _subtree(value, key, storage.describe(location))
-    target = os.path.abspath(os.fspath(dest))
     if format == "torch":
         plain = _for_torch(value)
         _publish_file(target, lambda path: _torch_save(plain, path))
@@ -450,14 +452,19 @@ def _flat_tensors(value: Any, dest: str) -> dict[str, torch.Tensor]:
     return found
 
 
-def _publish_file(target: str, write: Callable[[str], None]) -> None:
-    """Write under a temporary name in the target's directory, fsync, then link to the name: never a partial
-    file under ``target``, never a replaced one."""
-    parent, name = os.path.split(target)
+def _check_destination(target: str) -> None:
+    parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         raise ConversionError(f"cannot write {target}: the directory {parent} does not exist", path=target)
     if os.path.lexists(target):
         raise ConversionError(f"{target} exists; refusing to overwrite it: choose a new destination", path=target)
+
+
+def _publish_file(target: str, write: Callable[[str], None]) -> None:
+    """Write under a temporary name in the target's directory, fsync, then link to the name: never a partial
+    file under ``target``, never a replaced one."""
+    _check_destination(target)
+    parent, name = os.path.split(target)
     storage = open_storage(parent)
     temp = f".{name}.{uuid.uuid4().hex}.partial"
     try:
