@@ -13,6 +13,7 @@ Exit codes: 0 success; 1 a checkpoint is invalid or damaged (verification failur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -535,7 +536,8 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     storage = _open_existing(args.checkpoint)
     location = locate_checkpoint(storage, args.step)
     where = storage.describe(location)
-    loaded = read_checkpoint(storage, location)
+    with _busy(f"reading and verifying {where}"):
+        loaded = read_checkpoint(storage, location)
     manifest = loaded.manifest
     console.print(Text.assemble(("checkpoint      ", "bold"), f"{where} (step {manifest.step})"), soft_wrap=True)
     console.print(Text.assemble(("state_version   ", "bold"), f"{manifest.state_version} -> {args.to_version}"))
@@ -553,11 +555,18 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     if args.dry_run:
         console.print("dry run: nothing written")
         return EXIT_OK
-    info = write_new_checkpoint(args.output, after, step=manifest.step, state_version=args.to_version,
-                                source=where, metrics=manifest.metrics)  # fmt: skip
+    with _busy(f"writing {args.output}"):
+        info = write_new_checkpoint(args.output, after, step=manifest.step, state_version=args.to_version,
+                                    source=where, metrics=manifest.metrics)  # fmt: skip
     console.print(Text.assemble(("wrote ", "green"), f"{info.path} (step {info.step}, state_version "
                                 f"{args.to_version}, {_human_size(info.nbytes)}); {where} is unchanged"))  # fmt: skip
     return EXIT_OK
+
+
+def _busy(what: str) -> contextlib.AbstractContextManager[object]:
+    """A spinner on stderr while one long step runs (reading, converting, writing GBs), only on a terminal."""
+    errors = _console(sys.stderr)
+    return errors.status(what) if errors.is_terminal else contextlib.nullcontext()
 
 
 def _change_line(change: Change) -> Text:
@@ -594,7 +603,8 @@ def _load_migrations(spec: str) -> Migrations:
 
 
 def _cmd_import(args: argparse.Namespace, console: Console) -> int:
-    report = import_checkpoint(args.source, args.dest, step=args.step, state_version=args.state_version)
+    with _busy(f"importing {args.source}"):
+        report = import_checkpoint(args.source, args.dest, step=args.step, state_version=args.state_version)
     info = report.checkpoint
     console.print(Text.assemble(("imported ", "green"), f"{report.kind} {report.source} -> {info.path}"),
                   soft_wrap=True)  # fmt: skip
@@ -605,7 +615,8 @@ def _cmd_import(args: argparse.Namespace, console: Console) -> int:
 
 
 def _cmd_export(args: argparse.Namespace, console: Console) -> int:
-    path = export_checkpoint(args.checkpoint, args.dest, format=args.file_format, step=args.step, key=args.key)
+    with _busy(f"exporting {args.checkpoint}"):
+        path = export_checkpoint(args.checkpoint, args.dest, format=args.file_format, step=args.step, key=args.key)
     console.print(Text.assemble(("exported ", "green"), f"{path} ({args.file_format}, "
                                 f"{_human_size(os.path.getsize(path))})"), soft_wrap=True)  # fmt: skip
     return EXIT_OK

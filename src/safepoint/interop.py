@@ -47,7 +47,8 @@ from .errors import (
 )
 from .gc import step_dirs
 from .layout import MANIFEST_NAME, join, step_dir
-from .manager import CheckpointInfo, save_to
+from .manager import CheckpointInfo, check_state_version, save_to
+from .migrations import resolve_key
 from .payload import plan_file, write_file
 from .reader import read_checkpoint, read_manifest
 from .restore import plain_values
@@ -73,7 +74,7 @@ _JSON_FILES = {
 }
 _MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # the Trainer prefers the first when both exist
 _MODEL_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_RNG_FILE = re.compile(r"rng_state(?:_(\d+))?\.pth")
+_RNG_FILE = re.compile(r"rng_state(?:_\d+)?\.pth")
 _NEVER_LOADED = {"training_args.bin": "a pickled TrainingArguments object: loading it could run code"}
 
 
@@ -238,18 +239,12 @@ def _read_transformers(folder: str, skipped: list[str]) -> tuple[dict[str, Any],
     if model is not None:
         state["model"] = model
     used.update(model_files)
-    for name, key in _TORCH_FILES.items():
+    parts: list[tuple[str, str, Callable[[str], Any]]] = [(n, k, _load_torch) for n, k in _TORCH_FILES.items()]
+    parts += [(n, n.removesuffix(".pth"), _load_torch) for n in names if _RNG_FILE.fullmatch(n)]  # one per rank
+    parts += [(n, k, _load_json) for n, k in _JSON_FILES.items()]
+    for name, key, load in parts:
         if name in names:
-            state[key] = _load_torch(os.path.join(folder, name))
-            used.add(name)
-    for name in names:
-        match = _RNG_FILE.fullmatch(name)
-        if match:
-            state[name.removesuffix(".pth")] = _load_torch(os.path.join(folder, name))
-            used.add(name)
-    for name, key in _JSON_FILES.items():
-        if name in names:
-            state[key] = _load_json(os.path.join(folder, name))
+            state[key] = load(os.path.join(folder, name))
             used.add(name)
     for name in names:
         if name in used:
@@ -311,6 +306,7 @@ def write_new_checkpoint(
     metrics: Mapping[str, float] | None = None,
 ) -> CheckpointInfo:
     """Commit ``state`` as a new checkpoint directory ``dest`` (which must not exist), or leave nothing behind."""
+    state_version = check_state_version(state_version)
     storage = open_storage(dest)
     where = storage.describe("")
     if os.path.lexists(where) or not storage.ensure_dir(""):
@@ -394,17 +390,10 @@ def export_checkpoint(
 def _subtree(value: Any, key: str, where: str) -> Any:
     node = value
     for part in [p for p in key.split("/") if p]:
-        if isinstance(node, Mapping):
-            if part in node:
-                node = node[part]
-                continue
-            if part.isdigit() and int(part) in node:
-                node = node[int(part)]
-                continue
-        elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-            continue
-        raise ConversionError(f"{where} has no entry {key!r} (no {part!r} there)", path=where)
+        found, actual = resolve_key(node, part)
+        if not found:
+            raise ConversionError(f"{where} has no entry {key!r} (no {part!r} there)", path=where)
+        node = node[actual]
     return node
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "move_key",
     "remove_key",
     "rename_key",
+    "resolve_key",
     "set_default",
     "upgrade_state",
 ]
@@ -240,7 +241,7 @@ def _parts(path: KeyPath) -> list[str | int]:
     return parts
 
 
-def _resolve(container: Any, part: str | int) -> tuple[bool, Any]:
+def resolve_key(container: Any, part: str | int) -> tuple[bool, Any]:
     """(found, the actual key): "0" finds the int key 0 of an optimizer's state, as key paths print it."""
     if isinstance(container, Mapping):
         if part in container:
@@ -263,7 +264,7 @@ def _parent(state: Any, path: KeyPath) -> tuple[MutableMapping[Any, Any], str | 
     full = key_path(parts)
     node = state
     for depth, part in enumerate(parts[:-1]):
-        found, key = _resolve(node, part)
+        found, key = resolve_key(node, part)
         if not found:
             where = key_path(parts[: depth + 1])
             container = isinstance(node, (Mapping, list, tuple))
@@ -284,7 +285,7 @@ def _kind(value: Any) -> str:
 def set_default(state: dict[str, Any], path: KeyPath, default: Any) -> dict[str, Any]:
     """Set ``path`` to ``default`` unless it is there already. Returns ``state``."""
     parent, last, _ = _parent(state, path)
-    found, _key = _resolve(parent, last)
+    found, _key = resolve_key(parent, last)
     if not found:
         parent[last] = default
     return state
@@ -293,7 +294,7 @@ def set_default(state: dict[str, Any], path: KeyPath, default: Any) -> dict[str,
 def remove_key(state: dict[str, Any], path: KeyPath, default: Any = None) -> Any:
     """Remove ``path`` and return its value, or return ``default`` if it is not there (never a KeyError)."""
     parent, last, _ = _parent(state, path)
-    found, key = _resolve(parent, last)
+    found, key = resolve_key(parent, last)
     return parent.pop(key) if found else default
 
 
@@ -304,9 +305,9 @@ def move_key(state: dict[str, Any], source: KeyPath, target: KeyPath, *, default
     """
     target_parent, target_last, target_full = _parent(state, target)
     source_parent, source_last, _ = _parent(state, source)
-    if _resolve(target_parent, target_last)[0]:
+    if resolve_key(target_parent, target_last)[0]:
         raise KeyPathError(f"key path {target_full!r} exists already; a move never overwrites it", key=target_full)
-    found, key = _resolve(source_parent, source_last)
+    found, key = resolve_key(source_parent, source_last)
     target_parent[target_last] = source_parent.pop(key) if found else default
     return state
 
