@@ -544,6 +544,9 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     if manifest.state_version == args.to_version:
         console.print(f"already at state_version {args.to_version}: nothing to migrate, nothing written")
         return EXIT_OK
+    if args.migrations is None and manifest.state_version < args.to_version:
+        raise UsageError(f"--migrations MODULE:ATTR is needed to upgrade from state_version "
+                         f"{manifest.state_version} to {args.to_version}")  # fmt: skip
     migrations.check()
     before = plain_values(loaded)
     after, applied = migrations.run(copy_containers(before), manifest.state_version, args.to_version, where)

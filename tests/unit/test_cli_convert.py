@@ -106,7 +106,12 @@ def test_migrate_writes_a_new_checkpoint_and_leaves_the_source_alone(
         (["--to", "3", "--dry-run", "--migrations", "my_migrations"], 2, "takes MODULE:ATTR"),
         (["--to", "3", "--dry-run", "--migrations", "nowhere:migrations"], 2, "importing 'nowhere' failed"),
         (["--to", "3", "--dry-run", "--migrations", "my_migrations:not_migrations"], 2, "is int, not a safepoint"),
-        (["--to", "3", "--dry-run"], 1, "no migration is registered from version 1, 2"),
+        (["--to", "3", "--dry-run"], 2, "--migrations MODULE:ATTR is needed to upgrade from state_version 1 to 3"),
+        (
+            ["--to", "5", "--dry-run", "--migrations", "my_migrations:migrations"],
+            1,
+            "no migration is registered from version 3, 4",
+        ),
         (["--to", "0", "--dry-run", "--migrations", "my_migrations:migrations"], 1, "newer than this code's 0"),
         (["--to", "3", "--dry-run", "--step", "7"], 2, "step 7 is not committed"),
     ],
