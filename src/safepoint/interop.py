@@ -476,7 +476,11 @@ def _torch_save(value: Any, path: str) -> None:
             os.fsync(file.fileno())
     except OSError as err:
         raise StorageError(f"cannot write {path}: {err.strerror or err}", errno=err.errno, path=path) from err
-    except RuntimeError as err:  # torch's zip writer reports write failures (ENOSPC) this way
+    except RuntimeError as err:  # torch's zip writer turns the file's OSError (ENOSPC) into this, as its context
+        cause = err.__context__
+        if isinstance(cause, OSError):
+            raise StorageError(f"cannot write {path}: {cause.strerror or cause}", errno=cause.errno,
+                               path=path) from err  # fmt: skip
         raise StorageError(f"cannot write {path}: {err}", path=path) from err
 
 

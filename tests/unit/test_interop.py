@@ -8,10 +8,13 @@ laid out the way the Trainer writes checkpoint-N; transformers itself is not nee
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -371,3 +374,38 @@ def test_per_rank_rng_files_and_a_folder_without_weights(tmp_path: Path) -> None
     loaded = safepoint.load(tmp_path / "imported")
     assert sorted(loaded) == ["rng_state_0", "rng_state_1", "trainer_state"]
     assert_same(loaded["rng_state_1"], {"cpu": torch.full((4,), 1, dtype=torch.uint8)})
+
+
+# -- a write that fails half-way (a real EFBIG from the kernel, in a child process) ---------------------------------
+_FILE_TOO_BIG = """
+import json, os, resource, signal, sys, torch, safepoint
+root = sys.argv[1]
+results = {}
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                   # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # the 400 KB state cannot be written whole
+for what, call in [
+    ("export torch", lambda: safepoint.export_checkpoint(root + "/ckpt", root + "/out.pt", format="torch")),
+    ("export safetensors", lambda: safepoint.export_checkpoint(
+        root + "/ckpt", root + "/out.safetensors", format="safetensors")),
+    ("import", lambda: safepoint.import_checkpoint(root + "/big.pt", root + "/imported")),
+]:
+    try:
+        call()
+        results[what] = "succeeded"
+    except safepoint.StorageError as err:
+        results[what] = f"StorageError {err.errno}"
+print(json.dumps(results))
+"""
+
+
+def test_a_write_that_fails_half_way_leaves_no_destination_and_no_temporary_file(tmp_path: Path) -> None:
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+    safepoint.save(tmp_path / "ckpt", state)
+    torch.save(state, tmp_path / "big.pt")
+    before = listing(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _FILE_TOO_BIG, str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    efbig = f"StorageError {errno.EFBIG}"
+    assert json.loads(result.stdout) == {"export torch": efbig, "export safetensors": efbig, "import": efbig}
+    assert listing(tmp_path) == before
