@@ -241,18 +241,22 @@ def _parts(path: KeyPath) -> list[str | int]:
     return parts
 
 
+def _is_index(part: str | int) -> bool:
+    return isinstance(part, str) and part.isascii() and part.isdigit()  # "²".isdigit(), but int("²") fails
+
+
 def resolve_key(container: Any, part: str | int) -> tuple[bool, Any]:
     """(found, the actual key): "0" finds the int key 0 of an optimizer's state, as key paths print it."""
     if isinstance(container, Mapping):
         if part in container:
             return True, part
-        if isinstance(part, str) and part.isdigit() and int(part) in container:
+        if _is_index(part) and int(part) in container:
             return True, int(part)
         if isinstance(part, int) and str(part) in container:
             return True, str(part)
         return False, part
     if isinstance(container, (list, tuple)):
-        index = int(part) if isinstance(part, str) and part.isdigit() else part
+        index = int(part) if _is_index(part) else part
         if isinstance(index, int) and 0 <= index < len(container):
             return True, index
     return False, part

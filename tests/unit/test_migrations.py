@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import safepoint
 from safepoint import ConfigError, KeyPathError, MigrationError, Migrations, StateVersionError
@@ -359,3 +361,32 @@ def test_describe_changes_lists_added_removed_and_changed_values() -> None:
     grown = describe_changes(before, {**before, "w": torch.tensor([1.0, 2.0])})
     assert [(c.kind, c.key) for c in grown] == [("changed", "w")]
     assert grown[0].after == "tensor float32 [2] [1.0, 2.0]"
+
+
+# -- whatever the state and the path, a helper succeeds or raises a typed error ----------------------------------------
+_keys = st.one_of(st.sampled_from(["a", "b", "0", "1", "²"]), st.integers(0, 2))
+_trees = st.recursive(
+    st.one_of(st.none(), st.integers(), st.text(max_size=3), st.just(torch.zeros(1))),
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(_keys, children, max_size=3)),
+    max_leaves=12,
+)
+_paths = st.lists(st.sampled_from(["a", "b", "0", "1", "²"]), min_size=1, max_size=4).map("/".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tree=st.dictionaries(_keys, _trees, max_size=3), first=_paths, second=_paths)
+def test_helpers_never_raise_anything_but_typed_errors(tree: dict[Any, Any], first: str, second: str) -> None:
+    calls = [
+        lambda: safepoint.set_default(tree, first, 1),
+        lambda: safepoint.remove_key(tree, first, default=None),
+        lambda: safepoint.rename_key(tree, first, "renamed", default=None),
+        lambda: safepoint.move_key(tree, first, second, default=None),
+    ]
+    named = []
+    for call in calls:
+        try:
+            call()
+        except KeyPathError as err:  # anything else (KeyError, IndexError, TypeError, ValueError) fails the test
+            named.append(err.key)
+    renamed = f"{first.rpartition('/')[0]}/renamed".lstrip("/")
+    assert set(named) <= {first, second, renamed}  # the error names the path it was given
