@@ -419,11 +419,17 @@ def _flat_tensors(value: Any, dest: str) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
 
     def walk(node: Any, path: list[str | int]) -> None:
-        name = key_path(path)
+        name = key_path(path) or "value"
+        if isinstance(node, (torch.Tensor, np.ndarray, np.generic)) and name in found:
+            raise ConversionError(
+                f"cannot export to {dest}: two entries would both be named {name!r} in a flat safetensors file "
+                "(a key containing '/', or the keys 0 and '0')",
+                path=dest,
+            )
         if isinstance(node, torch.Tensor):
-            found[name or "value"] = node
+            found[name] = node
         elif isinstance(node, (np.ndarray, np.generic)):
-            found[name or "value"] = torch.from_numpy(np.array(node))  # a copy: loaded arrays are read-only
+            found[name] = torch.from_numpy(np.array(node))  # a copy: loaded arrays are read-only
         elif isinstance(node, Mapping):
             for k, v in node.items():
                 walk(v, [*path, k])
@@ -432,7 +438,7 @@ def _flat_tensors(value: Any, dest: str) -> dict[str, torch.Tensor]:
                 walk(v, [*path, i])
         else:
             raise ConversionError(
-                f"cannot export to {dest}: safetensors holds only tensors, and {name or 'the value'!r} is of type "
+                f"cannot export to {dest}: safetensors holds only tensors, and {name!r} is of type "
                 f"{type(node).__name__}; export a subtree of tensors (key='model'), or use format='torch'",
                 path=dest,
             )

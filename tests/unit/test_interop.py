@@ -327,6 +327,13 @@ def test_safetensors_export_of_a_non_tensor_is_refused_naming_the_key(tmp_path: 
     assert listing(tmp_path) == ["ckpt"]
 
 
+def test_safetensors_export_refuses_two_entries_with_one_name(tmp_path: Path) -> None:
+    safepoint.save(tmp_path / "ckpt", {"a/b": torch.ones(1), "a": {"b": torch.zeros(1)}})
+    with pytest.raises(ConversionError, match="both be named 'a/b'"):
+        safepoint.export_checkpoint(tmp_path / "ckpt", tmp_path / "x.safetensors", format="safetensors")
+    assert listing(tmp_path) == ["ckpt"]
+
+
 def test_export_refuses_bad_input_naming_the_path(tmp_path: Path) -> None:
     safepoint.save(tmp_path / "ckpt", {"w": torch.ones(2)})
     (tmp_path / "taken.pt").write_bytes(b"someone else's file")
