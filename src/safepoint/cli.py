@@ -210,7 +210,8 @@ def _conversion_commands(command: Callable[[str, str, str, str], argparse.Argume
         "rng_state, trainer_state, config and generation_config entries; its step is trainer_state's global_step.\n"
         "training_args.bin (pickled code) and tokenizer files are listed as skipped, never opened. DEST becomes a\n"
         "new checkpoint directory with the same nested structure; it must not exist, and is removed again if the\n"
-        "import fails. Restore it with safepoint.restore() or read it with safepoint.load().",
+        "import fails. Restore it with safepoint.restore() or read it with safepoint.load(); or make DEST a step\n"
+        "of a manager directory (runs/exp1/step-000000000500, named after the imported step) to resume there.",
         "safepoint import output/checkpoint-500 runs/imported-500",
     )
     importer.add_argument("source", metavar="SRC", help="a torch.save, .safetensors file or checkpoint-N folder")

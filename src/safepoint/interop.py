@@ -46,7 +46,7 @@ from .errors import (
     attach_note,
 )
 from .gc import step_dirs
-from .layout import MANIFEST_NAME, join, step_dir
+from .layout import MANIFEST_NAME, join, parse_step_dir, step_dir
 from .manager import CheckpointInfo, check_state_version, save_to
 from .migrations import resolve_key
 from .payload import plan_file, write_file
@@ -305,10 +305,21 @@ def write_new_checkpoint(
     source: str,
     metrics: Mapping[str, float] | None = None,
 ) -> CheckpointInfo:
-    """Commit ``state`` as a new checkpoint directory ``dest`` (which must not exist), or leave nothing behind."""
+    """Commit ``state`` as a new checkpoint directory ``dest`` (which must not exist), or leave nothing behind.
+
+    ``dest`` may be a step directory of a manager directory (``runs/exp1/step-000000000500``) when its name
+    is the step written: the layout is the same, so the manager then lists and restores it like its own.
+    """
     state_version = check_state_version(state_version)
     storage = open_storage(dest)
     where = storage.describe("")
+    named = parse_step_dir(os.path.basename(where))
+    if named is not None and named != step:
+        raise ConversionError(
+            f"{where} is named as step {named} of a manager directory, but the checkpoint is step {step}: "
+            f"name it {step_dir(step)}, or write it outside the manager directory",
+            path=where,
+        )
     if os.path.lexists(where) or not storage.ensure_dir(""):
         raise ConversionError(f"{where} exists; refusing to write into it: choose a new destination", path=where)
     try:

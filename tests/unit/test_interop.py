@@ -212,6 +212,22 @@ def test_an_imported_trainer_checkpoint_restores_into_live_objects(tmp_path: Pat
     assert scheduler.last_epoch == 2
 
 
+def test_an_import_named_as_its_step_joins_a_manager_directory(tmp_path: Path) -> None:
+    trainer_folder(tmp_path)
+    run = tmp_path / "run"
+    with pytest.raises(ConversionError, match=r"named as step 400.*checkpoint is step 500"):
+        safepoint.import_checkpoint(tmp_path / "checkpoint-500", run / "step-000000000400")
+    assert not (run / "step-000000000400").exists()
+    safepoint.import_checkpoint(tmp_path / "checkpoint-500", run / "step-000000000500")
+    model, optimizer, scheduler = tiny_training(seed=1)
+    with safepoint.CheckpointManager(run) as manager:
+        assert manager.steps() == [500]
+        report = manager.restore({"model": model, "optimizer": optimizer, "scheduler": scheduler}, strict=False)
+    assert report is not None
+    assert report.step == 500
+    assert_same(dict(model.state_dict()), dict(tiny_training(seed=0)[0].state_dict()))
+
+
 def test_a_shard_index_cannot_name_a_file_outside_the_folder(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint-1"
     folder.mkdir()
