@@ -534,6 +534,7 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     if not args.dry_run and not args.output:
         raise UsageError("--output DIR is required without --dry-run: migrate writes a new checkpoint, never in place")
     migrations = _load_migrations(args.migrations) if args.migrations else Migrations()
+    migrations.check()  # a gap is the code's fault: said before any checkpoint is read
     storage = _open_existing(args.checkpoint)
     location = locate_checkpoint(storage, args.step)
     where = storage.describe(location)
@@ -548,7 +549,6 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     if args.migrations is None and manifest.state_version < args.to_version:
         raise UsageError(f"--migrations MODULE:ATTR is needed to upgrade from state_version "
                          f"{manifest.state_version} to {args.to_version}")  # fmt: skip
-    migrations.check()
     before = plain_values(loaded)
     after, applied = migrations.run(copy_containers(before), manifest.state_version, args.to_version, where)
     console.print(Text.assemble(("migrations      ", "bold"), ", ".join(applied)), soft_wrap=True)
