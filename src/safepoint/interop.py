@@ -103,6 +103,7 @@ def import_checkpoint(
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ConfigError(f"step must be a non-negative integer, not {step!r}")
     kind = detect_source(where)
+    _refuse_existing(os.path.abspath(os.fspath(dest)))  # before reading what may be many GB
     skipped: list[str] = []
     if kind == "transformers":
         state, found_step = _read_transformers(where, skipped)
@@ -121,7 +122,7 @@ def import_checkpoint(
 
 
 def detect_source(path: str) -> str:
-    """ "torch", "safetensors" or "transformers", from the content (not the name); ConversionError otherwise."""
+    """The kind of ``path`` ("torch", "safetensors" or "transformers"), from its content, not its name."""
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist")
     if os.path.isdir(path):
@@ -296,6 +297,11 @@ def _step_of(folder: str, trainer_state: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def _refuse_existing(where: str) -> None:
+    if os.path.lexists(where):
+        raise ConversionError(f"{where} exists; refusing to write into it: choose a new destination", path=where)
+
+
 def write_new_checkpoint(
     dest: PathLike,
     state: dict[str, Any],
@@ -320,8 +326,9 @@ def write_new_checkpoint(
             f"name it {step_dir(step)}, or write it outside the manager directory",
             path=where,
         )
-    if os.path.lexists(where) or not storage.ensure_dir(""):
-        raise ConversionError(f"{where} exists; refusing to write into it: choose a new destination", path=where)
+    _refuse_existing(where)
+    if not storage.ensure_dir(""):  # created by someone else since
+        _refuse_existing(where)
     try:
         return save_to(storage, "", step, state, metrics=metrics, state_version=state_version)
     except BaseException as err:
