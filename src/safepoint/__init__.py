@@ -13,18 +13,24 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
+    ConversionError,
     CorruptCheckpointError,
     FormatVersionError,
     InvalidStateError,
+    KeyPathError,
     ManagerClosedError,
+    MigrationError,
     RestoreError,
     SafepointError,
+    StateVersionError,
     StorageError,
     UnsafeCheckpointError,
 )
 from .gc import GcReport
+from .interop import ImportReport, export_checkpoint, import_checkpoint
 from .manager import CheckpointInfo, CheckpointManager
 from .manifest import FORMAT_VERSION
+from .migrations import Migrations, move_key, remove_key, rename_key, set_default
 from .restore import RestoreReport, SkippedCheckpoint
 from .rng import RNGState
 from .verify import CheckpointStatus, VerifyReport
@@ -38,22 +44,34 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStatus",
     "ConfigError",
+    "ConversionError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "GcReport",
+    "ImportReport",
     "InvalidStateError",
+    "KeyPathError",
     "ManagerClosedError",
+    "MigrationError",
+    "Migrations",
     "Pickled",
     "RNGState",
     "RestoreError",
     "RestoreReport",
     "SafepointError",
     "SkippedCheckpoint",
+    "StateVersionError",
     "StorageError",
     "UnsafeCheckpointError",
     "VerifyReport",
+    "export_checkpoint",
+    "import_checkpoint",
     "load",
+    "move_key",
+    "remove_key",
+    "rename_key",
     "restore",
     "save",
+    "set_default",
     "verify",
 ]

@@ -12,7 +12,8 @@ from typing import Any
 from .errors import CheckpointNotFoundError, ConfigError, StorageError
 from .gc import step_dirs
 from .layout import MANIFEST_NAME
-from .manager import CheckpointInfo, check_state_version, save_to
+from .manager import CheckpointInfo, check_migrations, check_state_version, save_to
+from .migrations import Migrations
 from .reader import read_checkpoint
 from .restore import RestoreReport, apply_checkpoint, plain_values
 from .storage import Storage, open_storage
@@ -42,11 +43,28 @@ def save(
     return save_to(storage, "", step, state, metrics=metrics, state_version=check_state_version(state_version))
 
 
-def restore(path: PathLike, state: MutableMapping[str, Any], *, strict: bool = True) -> RestoreReport:
-    """Apply the checkpoint at ``path`` to ``state`` in place: verified, totally or not at all."""
+def restore(
+    path: PathLike,
+    state: MutableMapping[str, Any],
+    *,
+    strict: bool = True,
+    state_version: int | None = None,
+    migrations: Migrations | None = None,
+) -> RestoreReport:
+    """Apply the checkpoint at ``path`` to ``state`` in place: verified, totally or not at all.
+
+    Given the code's ``state_version``, a checkpoint of an older one is upgraded by ``migrations`` first and a
+    newer one is refused (StateVersionError); without it, the saved version is not checked.
+    """
+    if migrations is not None and state_version is None:
+        raise ConfigError("migrations need the code's state_version to know where the chain ends")
+    version = check_state_version(state_version) if state_version is not None else None
+    chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path)
     loaded = read_checkpoint(storage, "")
-    return apply_checkpoint(loaded, state, strict=strict, path=storage.describe(""))
+    return apply_checkpoint(
+        loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain
+    )
 
 
 def load(path: PathLike, *, allow_pickle: Iterable[str] | bool = False) -> dict[str, Any]:

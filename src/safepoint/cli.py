@@ -1,16 +1,21 @@
-"""The ``safepoint`` command-line tool: list, inspect, verify and clean checkpoint directories, and run the demo.
+"""The ``safepoint`` command-line tool: list, inspect, verify and clean checkpoint directories, migrate, import and
+export them, and run the demo.
 
 This module owns argument parsing, presentation (rich tables on a terminal, plain lines in logs) and the mapping
 of :class:`~safepoint.SafepointError` to one ``error: ...`` line and an exit code. It reads through the same
-functions as the library and never writes to a checkpoint, except ``gc``, which only calls the collector.
+functions as the library and never modifies a checkpoint: ``gc`` only calls the collector; ``migrate`` and
+``import`` write new checkpoint directories, ``export`` a new file, each refusing a destination that exists.
 
-Exit codes: 0 success; 1 a checkpoint is invalid or damaged (verification failure); 2 a usage error or a path
-that does not exist.
+Exit codes: 0 success; 1 a checkpoint is invalid or damaged (verification failure), or cannot be migrated;
+2 a usage error or a path that does not exist.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -25,11 +30,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .codec import DTYPE_NAMES
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, RestoreError, SafepointError
+from .errors import CorruptCheckpointError, MigrationError, RestoreError, SafepointError
 from .gc import attempt_ids, collect, step_dirs
-from .layout import MANIFEST_NAME, join, parse_attempt, step_dir
+from .interop import FORMATS, export_checkpoint, import_checkpoint, locate_checkpoint, write_new_checkpoint
+from .layout import MANIFEST_NAME, join, parse_attempt
 from .manifest import Manifest
-from .reader import read_manifest
+from .migrations import Change, Migrations, copy_containers, describe_changes
+from .reader import read_checkpoint, read_manifest
+from .restore import plain_values
 from .storage import Storage, open_storage
 from .verify import CheckpointStatus, VerifyReport, verify_storage
 
@@ -61,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return command(args, _console(sys.stdout))
     except UsageError as err:
         return _fail(str(err), EXIT_USAGE)
-    except (CorruptCheckpointError, RestoreError) as err:
+    except (CorruptCheckpointError, RestoreError, MigrationError) as err:
         return _fail(str(err), EXIT_INVALID)
     except SafepointError as err:
         return _fail(str(err), EXIT_USAGE)
@@ -165,7 +173,70 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--dir", dest="directory", help="where the runs write (default: a new temporary directory)")
     demo.add_argument("--steps", type=_step, default=400, help="training steps per run (at least 20; default 400)")
     demo.set_defaults(run=_cmd_demo)
+    _conversion_commands(command)
     return parser
+
+
+def _conversion_commands(command: Callable[[str, str, str, str], argparse.ArgumentParser]) -> None:
+    migrate = command(
+        "migrate",
+        "Upgrade a checkpoint's user state to a newer state_version: show the changes, or write a new checkpoint.",
+        "Runs the migration chain of --migrations MODULE:ATTR (a safepoint.Migrations; MODULE is importable from\n"
+        "the current directory, or is a path to a .py file) on the checkpoint's data, from its saved state_version\n"
+        "to N. --dry-run prints what would change (keys added, removed and changed, with their values) and writes\n"
+        "nothing. Otherwise the migrated state is written as a NEW checkpoint directory at --output DIR, which\n"
+        "must not exist (same step and metrics, state_version N): the source checkpoint is never modified. To\n"
+        "resume training from it, restore it with safepoint.restore(), or let CheckpointManager(...,\n"
+        "state_version=N, migrations=...) migrate old steps itself on restore. CKPT is a checkpoint directory or a\n"
+        "manager directory (--step, default: the newest committed step). Importing MODULE runs its code.\n"
+        "Exits 1 if a migration fails or the checkpoint is newer than N.",
+        "safepoint migrate runs/exp1 --to 3 --migrations mytrain.migrations:migrations --dry-run",
+    )
+    migrate.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a manager directory")
+    migrate.add_argument("--to", dest="to_version", type=_step, required=True, metavar="N",
+                         help="the state_version to upgrade to")  # fmt: skip
+    migrate.add_argument("--migrations", metavar="MODULE:ATTR", help="where the safepoint.Migrations object is")
+    migrate.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
+    migrate.add_argument("--output", metavar="DIR", help="the new checkpoint directory to write (must not exist)")
+    migrate.add_argument("--step", type=_step, help="the step to migrate, in a manager directory (default: newest)")
+    migrate.set_defaults(run=_cmd_migrate)
+
+    importer = command(
+        "import",
+        "Turn a torch.save file, a .safetensors file or a Transformers checkpoint-N folder into a checkpoint.",
+        "SRC's kind is recognised from its content. torch.save files are loaded with weights_only=True only: a\n"
+        "file that needs arbitrary pickle is refused (exit 1) and nothing in it runs. A Transformers folder\n"
+        "becomes model (model.safetensors, pytorch_model.bin or their shards), optimizer, scheduler, scaler,\n"
+        "rng_state, trainer_state, config and generation_config entries; its step is trainer_state's global_step.\n"
+        "training_args.bin (pickled code) and tokenizer files are listed as skipped, never opened. DEST becomes a\n"
+        "new checkpoint directory with the same nested structure; it must not exist, and is removed again if the\n"
+        "import fails. Restore it with safepoint.restore() or read it with safepoint.load(); or make DEST a step\n"
+        "of a manager directory (runs/exp1/step-000000000500, named after the imported step) to resume there.",
+        "safepoint import output/checkpoint-500 runs/imported-500",
+    )
+    importer.add_argument("source", metavar="SRC", help="a torch.save, .safetensors file or checkpoint-N folder")
+    importer.add_argument("dest", metavar="DEST", help="the new checkpoint directory (must not exist)")
+    importer.add_argument("--step", type=_step, help="the step to record (default: the source's, else 0)")
+    importer.add_argument("--state-version", type=_step, default=1, help="the state_version to record (default 1)")
+    importer.set_defaults(run=_cmd_import)
+
+    exporter = command(
+        "export",
+        "Write a checkpoint as one plain file other tools read: torch.save or safetensors.",
+        "Every byte is verified first. --format torch writes a file torch.load(weights_only=True) reads, with the\n"
+        "nested structure kept (numpy values become tensors). --format safetensors writes tensors only, named by\n"
+        "key path (optimizer/state/0/exp_avg); any other value is an error naming its key: pick a subtree of\n"
+        "tensors with --key (e.g. --key model for a plain state_dict). DEST must not exist; it is written under a\n"
+        "temporary name and appears complete or not at all. CKPT is a checkpoint directory or a manager\n"
+        "directory (--step, default: the newest committed step).",
+        "safepoint export runs/exp1 model.safetensors --format safetensors --key model",
+    )
+    exporter.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a manager directory")
+    exporter.add_argument("dest", metavar="DEST", help="the file to write (must not exist)")
+    exporter.add_argument("--format", dest="file_format", choices=FORMATS, required=True, help="the file format")
+    exporter.add_argument("--key", help="export only this subtree, e.g. model")
+    exporter.add_argument("--step", type=_step, help="the step to export, in a manager directory (default: newest)")
+    exporter.set_defaults(run=_cmd_export)
 
 
 def _step(text: str) -> int:
@@ -302,30 +373,9 @@ def _ls_table(rows: list[_Row]) -> Table:
 
 
 # -- inspect ---------------------------------------------------------------------------------------------------
-def _choose_checkpoint(storage: Storage, step: int | None) -> str:
-    if storage.exists(MANIFEST_NAME):
-        manifest = read_manifest(storage, "")
-        if step is not None and step != manifest.step:
-            raise UsageError(
-                f"{storage.describe('')} is a single checkpoint of step {manifest.step}; "
-                "--step chooses among the steps of a manager directory"
-            )
-        return ""
-    committed = [s for s, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
-    if not committed:
-        raise CheckpointNotFoundError(f"no committed checkpoint in {storage.describe('')}")
-    if step is None:
-        return step_dir(committed[-1])
-    if step not in committed:
-        shown = ", ".join(map(str, committed[-10:]))
-        raise CheckpointNotFoundError(f"step {step} is not committed in {storage.describe('')} "
-                                      f"(committed: {shown})")  # fmt: skip
-    return step_dir(step)
-
-
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     storage = _open_existing(args.checkpoint)
-    checkpoint = _choose_checkpoint(storage, args.step)
+    checkpoint = locate_checkpoint(storage, args.step)
     manifest = read_manifest(storage, checkpoint)
     status = _cheap_status(storage, checkpoint, None).status
     header = (
@@ -477,6 +527,103 @@ def _cmd_demo(args: argparse.Namespace, console: Console) -> int:
         return run_demo(args.directory, args.steps, console)
     except DemoRefused as err:
         raise UsageError(str(err)) from err
+
+
+# -- migrate, import, export -----------------------------------------------------------------------------------
+def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
+    if not args.dry_run and not args.output:
+        raise UsageError("--output DIR is required without --dry-run: migrate writes a new checkpoint, never in place")
+    migrations = _load_migrations(args.migrations) if args.migrations else Migrations()
+    migrations.check()  # a gap is the code's fault: said before any checkpoint is read
+    storage = _open_existing(args.checkpoint)
+    location = locate_checkpoint(storage, args.step)
+    where = storage.describe(location)
+    with _busy(f"reading and verifying {where}"):
+        loaded = read_checkpoint(storage, location)
+    manifest = loaded.manifest
+    console.print(Text.assemble(("checkpoint      ", "bold"), f"{where} (step {manifest.step})"), soft_wrap=True)
+    console.print(Text.assemble(("state_version   ", "bold"), f"{manifest.state_version} -> {args.to_version}"))
+    if manifest.state_version == args.to_version:
+        console.print(f"already at state_version {args.to_version}: nothing to migrate, nothing written")
+        return EXIT_OK
+    if args.migrations is None and manifest.state_version < args.to_version:
+        raise UsageError(f"--migrations MODULE:ATTR is needed to upgrade from state_version "
+                         f"{manifest.state_version} to {args.to_version}")  # fmt: skip
+    before = plain_values(loaded)
+    after, applied = migrations.run(copy_containers(before), manifest.state_version, args.to_version, where)
+    console.print(Text.assemble(("migrations      ", "bold"), ", ".join(applied)), soft_wrap=True)
+    changes = describe_changes(before, after)
+    console.print(Text(f"changes ({len(changes)})", style="bold"))
+    for change in changes:
+        console.print(_change_line(change), soft_wrap=True)
+    if args.dry_run:
+        console.print("dry run: nothing written")
+        return EXIT_OK
+    with _busy(f"writing {args.output}"):
+        info = write_new_checkpoint(args.output, after, step=manifest.step, state_version=args.to_version,
+                                    source=where, metrics=manifest.metrics)  # fmt: skip
+    console.print(Text.assemble(("wrote ", "green"), f"{info.path} (step {info.step}, state_version "
+                                f"{args.to_version}, {_human_size(info.nbytes)}); {where} is unchanged"))  # fmt: skip
+    return EXIT_OK
+
+
+def _busy(what: str) -> contextlib.AbstractContextManager[object]:
+    """A spinner on stderr while one long step runs (reading, converting, writing GBs), only on a terminal."""
+    errors = _console(sys.stderr)
+    return errors.status(what) if errors.is_terminal else contextlib.nullcontext()
+
+
+def _change_line(change: Change) -> Text:
+    if change.kind == "added":
+        return Text.assemble(("  + ", "green"), (change.key, "green"), f": {change.after}")
+    if change.kind == "removed":
+        return Text.assemble(("  - ", "red"), (change.key, "red"), f": {change.before}")
+    return Text.assemble(("  ~ ", "yellow"), (change.key, "yellow"), f": {change.before} -> {change.after}")
+
+
+def _load_migrations(spec: str) -> Migrations:
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--migrations takes MODULE:ATTR (e.g. mytrain.migrations:migrations), not {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            found = importlib.util.spec_from_file_location("safepoint_user_migrations", module_name)
+            if found is None or found.loader is None:
+                raise UsageError(f"--migrations: cannot load {module_name}")
+            module = importlib.util.module_from_spec(found)
+            found.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # as `python -m` does: modules next to the user are found
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except UsageError:
+        raise
+    except Exception as err:  # the user's module failed to import: say which, and why
+        raise UsageError(f"--migrations: importing {module_name!r} failed: {err!r}") from err
+    value = getattr(module, attr, None)
+    if not isinstance(value, Migrations):
+        raise UsageError(f"--migrations: {spec} is {type(value).__name__}, not a safepoint.Migrations")
+    return value
+
+
+def _cmd_import(args: argparse.Namespace, console: Console) -> int:
+    with _busy(f"importing {args.source}"):
+        report = import_checkpoint(args.source, args.dest, step=args.step, state_version=args.state_version)
+    info = report.checkpoint
+    console.print(Text.assemble(("imported ", "green"), f"{report.kind} {report.source} -> {info.path}"),
+                  soft_wrap=True)  # fmt: skip
+    console.print(f"step {info.step}, {_human_size(info.nbytes)}, entries: {', '.join(report.entries) or '-'}")
+    for skipped in report.skipped:
+        console.print(Text(f"note: skipped {skipped}", style="yellow"))
+    return EXIT_OK
+
+
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    with _busy(f"exporting {args.checkpoint}"):
+        path = export_checkpoint(args.checkpoint, args.dest, format=args.file_format, step=args.step, key=args.key)
+    console.print(Text.assemble(("exported ", "green"), f"{path} ({args.file_format}, "
+                                f"{_human_size(os.path.getsize(path))})"), soft_wrap=True)  # fmt: skip
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ dependency are mapped at the boundary where they happen, with ``raise ... from e
     │   ├── FormatVersionError               written by a newer format, or an unknown field
     │   └── UnsafeCheckpointError            a path escaping the root, a symlink, pickle without opt-in
     ├── RestoreError                         the checkpoint does not fit the live state; nothing was changed
+    ├── MigrationError                       a user-state migration failed; names the function and its version
+    │   ├── StateVersionError                newer than the code's state_version, or no migration path to it
+    │   └── KeyPathError                     a key-path helper met a path that is not there
+    ├── ConversionError                      import/export: unknown source format, a value the target format
+    │                                        cannot hold, or a destination that already exists
     └── ManagerClosedError                   the manager was used after ``close()``
 
 This module must never import anything from the rest of the package.
@@ -29,12 +34,16 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "ConversionError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "InvalidStateError",
+    "KeyPathError",
     "ManagerClosedError",
+    "MigrationError",
     "RestoreError",
     "SafepointError",
+    "StateVersionError",
     "StorageError",
     "UnsafeCheckpointError",
     "attach_note",
@@ -135,6 +144,49 @@ class RestoreError(SafepointError):
         self.missing = missing
         self.unexpected = unexpected
         self.mismatched = mismatched
+
+
+class MigrationError(SafepointError):
+    """A user-state migration could not be applied. Nothing was applied to live objects.
+
+    ``function`` names the migration (empty when none ran), ``from_version`` the version it upgrades from; the
+    migration's own exception is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, function: str = "", from_version: int | None = None) -> None:
+        super().__init__(message)
+        self.function = function
+        self.from_version = from_version
+
+
+class StateVersionError(MigrationError):
+    """The saved state's version cannot be brought to the code's: it is newer, or no migration chain reaches it.
+
+    ``saved_version`` is the checkpoint's (or the dict's) ``state_version``, ``expected_version`` the code's.
+    """
+
+    def __init__(self, message: str, *, saved_version: int, expected_version: int, path: str = "") -> None:
+        super().__init__(message, from_version=saved_version)
+        self.saved_version = saved_version
+        self.expected_version = expected_version
+        self.path = path
+
+
+class KeyPathError(MigrationError):
+    """A key-path helper (``rename_key``, ``move_key``, ...) met a path that is not there. ``key`` is the full path."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ConversionError(SafepointError):
+    """Import or export failed before anything was published: an unknown source format, a value the target
+    format cannot hold, or a destination that already exists. ``path`` names the file or directory."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class ManagerClosedError(SafepointError):

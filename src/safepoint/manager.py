@@ -42,13 +42,14 @@ from .errors import (
 from .gc import GcReport, collect, collect_checkpoint, step_dirs
 from .layout import MANIFEST_NAME, join, step_dir
 from .manifest import Manifest
-from .reader import read_checkpoint, read_manifest, verify_checkpoint
+from .migrations import Migrations
+from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
 from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint
 from .retention import RetentionPolicy, steps_to_keep
 from .storage import Storage, open_storage
 from .verify import VerifyReport, verify_storage
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "check_state_version", "save_to"]
+__all__ = ["CheckpointInfo", "CheckpointManager", "check_migrations", "check_state_version", "save_to"]
 
 logger = logging.getLogger("safepoint")
 
@@ -73,6 +74,16 @@ def check_state_version(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"state_version must be a non-negative integer, not {value!r}")
     return value
+
+
+def check_migrations(migrations: object, state_version: int) -> Migrations | None:
+    """The chain must be whole and end at ``state_version`` before any checkpoint is read."""
+    if migrations is None:
+        return None
+    if not isinstance(migrations, Migrations):
+        raise ConfigError(f"migrations must be a safepoint.Migrations, not {type(migrations).__name__}")
+    migrations.check(state_version)
+    return migrations
 
 
 def save_to(
@@ -151,9 +162,11 @@ class CheckpointManager:
         best_mode: str = "min",
         keep_every: int | None = None,
         state_version: int = 1,
+        migrations: Migrations | None = None,
     ) -> None:
         self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self._state_version = check_state_version(state_version)
+        self._migrations = check_migrations(migrations, self._state_version)
         if not isinstance(directory, (str, os.PathLike, Storage)):
             raise ConfigError(f"directory must be a path or a Storage, not {type(directory).__name__}")
         self._storage = open_storage(directory)
@@ -287,7 +300,9 @@ class CheckpointManager:
         With ``step=None``: the newest checkpoint that verifies; returns None if nothing is committed. With a
         step: exactly that one (CheckpointNotFoundError or CorruptCheckpointError, never a fallback).
         ``strict=False`` reports missing and unexpected entries instead of raising; shape, dtype and type
-        mismatches always raise RestoreError, with the live state unchanged.
+        mismatches always raise RestoreError, with the live state unchanged. A checkpoint of an older
+        ``state_version`` is upgraded by the manager's ``migrations`` before matching (the report lists them);
+        a newer one raises StateVersionError: falling back to an older step would silently lose progress.
         """
         self._check_open()
         if step is not None:
@@ -308,9 +323,8 @@ class CheckpointManager:
                 continue
             except CheckpointNotFoundError:
                 continue  # deleted by retention elsewhere since the listing
-            return apply_checkpoint(
-                loaded, state, strict=strict, path=self._storage.describe(path), skipped=tuple(skipped)
-            )
+            # a newer state_version or a failing migration raises from here: no fallback to an older step
+            return self._apply(loaded, state, strict, self._storage.describe(path), tuple(skipped))
         if skipped:
             reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
             raise CorruptCheckpointError(
@@ -329,7 +343,25 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"step {step} is not committed in {self.directory} (committed: {_summary(available)})"
             ) from None
-        return apply_checkpoint(loaded, state, strict=strict, path=where)
+        return self._apply(loaded, state, strict, where, ())
+
+    def _apply(
+        self,
+        loaded: LoadedCheckpoint,
+        state: MutableMapping[str, Any],
+        strict: bool,
+        where: str,
+        skipped: tuple[SkippedCheckpoint, ...],
+    ) -> RestoreReport:
+        return apply_checkpoint(
+            loaded,
+            state,
+            strict=strict,
+            path=where,
+            skipped=skipped,
+            state_version=self._state_version,
+            migrations=self._migrations,
+        )
 
     # -- maintenance -----------------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:

@@ -1,8 +1,9 @@
 """Applying a verified checkpoint to live objects, totally or not at all, and the RestoreReport.
 
-Order: the checkpoint is read and every byte verified (:mod:`safepoint.reader`); the loaded values are matched
-against the live state (keys, types, shapes, dtypes) into a plan; only if the whole match is valid is anything
-applied, in two phases:
+Order: the checkpoint is read and every byte verified (:mod:`safepoint.reader`); when the caller gives the code's
+``state_version``, the plain loaded values are upgraded by the migration chain (:mod:`safepoint.migrations`),
+so a failing migration has touched nothing live; the loaded values are then matched against the live state
+(keys, types, shapes, dtypes) into a plan; only if the whole match is valid is anything applied, in two phases:
 
 1. Objects' ``load_state_dict``, then a check that every tensor they were given is what their ``state_dict()``
    now returns, so an object that silently ignores data is caught instead of training on from its initial
@@ -25,6 +26,7 @@ import torch
 
 from .codec import Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from .errors import RestoreError, UnsafeCheckpointError, attach_note
+from .migrations import Migrations, upgrade_state
 from .reader import LoadedCheckpoint
 
 __all__ = ["RestoreReport", "SkippedCheckpoint", "apply_checkpoint", "plain_values"]
@@ -54,10 +56,11 @@ class RestoreReport:
     skipped: tuple[SkippedCheckpoint, ...] = ()  # newer checkpoints passed over as invalid
     metrics: Mapping[str, float] = field(default_factory=dict)
     checksums_verified: bool = True
-    state_version: int = 1
+    state_version: int = 1  # the checkpoint's, as saved
     format_version: int = 1
     nbytes: int = 0
     created: float = 0.0
+    migrations: tuple[str, ...] = ()  # applied before matching, in order: "name (1 -> 2)"
 
 
 def plain_values(loaded: LoadedCheckpoint, allow_pickle: Iterable[str] | bool = False) -> dict[str, Any]:
@@ -310,11 +313,23 @@ def apply_checkpoint(
     strict: bool,
     path: str,
     skipped: tuple[SkippedCheckpoint, ...] = (),
+    state_version: int | None = None,
+    migrations: Migrations | None = None,
 ) -> RestoreReport:
-    """Apply a verified checkpoint to ``live_state`` in place. Raises RestoreError with live objects unchanged."""
+    """Apply a verified checkpoint to ``live_state`` in place. Raises RestoreError with live objects unchanged.
+
+    With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
+    a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
+    """
     if not isinstance(live_state, MutableMapping):
         raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
     saved = decode_tree(loaded.manifest.tree, loaded.leaves)
+    applied: tuple[str, ...] = ()
+    if state_version is not None:
+        saved_version = loaded.manifest.state_version
+        saved, applied = upgrade_state(
+            saved, migrations, saved_version=saved_version, state_version=state_version, where=path
+        )
     plan = _Plan(strict)
     _match(plan, live_state, saved, [], None)
     step = loaded.manifest.step
@@ -334,6 +349,7 @@ def apply_checkpoint(
         format_version=loaded.manifest.format_version,
         nbytes=loaded.manifest.nbytes,
         created=loaded.manifest.created,
+        migrations=applied,
     )
 
 

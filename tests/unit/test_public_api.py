@@ -13,23 +13,35 @@ EXPECTED = [
     "CheckpointNotFoundError",
     "CheckpointStatus",
     "ConfigError",
+    "ConversionError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "GcReport",
+    "ImportReport",
     "InvalidStateError",
+    "KeyPathError",
     "ManagerClosedError",
+    "MigrationError",
+    "Migrations",
     "Pickled",
     "RNGState",
     "RestoreError",
     "RestoreReport",
     "SafepointError",
     "SkippedCheckpoint",
+    "StateVersionError",
     "StorageError",
     "UnsafeCheckpointError",
     "VerifyReport",
+    "export_checkpoint",
+    "import_checkpoint",
     "load",
+    "move_key",
+    "remove_key",
+    "rename_key",
     "restore",
     "save",
+    "set_default",
     "verify",
 ]
 
@@ -45,13 +57,15 @@ def test_every_public_name_exists() -> None:
 
 def test_every_error_is_under_one_root() -> None:
     errors = [getattr(safepoint, n) for n in EXPECTED if n.endswith("Error")]
-    assert len(errors) == 12  # the root and its eleven subclasses
+    assert len(errors) == 16  # the root and its fifteen subclasses
     for error in errors:
         assert issubclass(error, safepoint.SafepointError), error
     assert issubclass(safepoint.ConfigError, ValueError)
     assert issubclass(safepoint.StorageError, OSError)
     assert issubclass(safepoint.AmbiguousCommitError, safepoint.StorageError)
     assert issubclass(safepoint.UnsafeCheckpointError, safepoint.CorruptCheckpointError)
+    assert issubclass(safepoint.StateVersionError, safepoint.MigrationError)
+    assert issubclass(safepoint.KeyPathError, safepoint.MigrationError)
 
 
 def test_format_version_is_a_positive_int() -> None:
