@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from .api import load, restore, save, verify
 from .codec import Pickled
+from .distributed import PerRank
 from .errors import (
     AmbiguousCommitError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
+    CoordinationError,
     CorruptCheckpointError,
     FormatVersionError,
     InvalidStateError,
@@ -38,11 +40,13 @@ __all__ = [
     "CheckpointNotFoundError",
     "CheckpointStatus",
     "ConfigError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "GcReport",
     "InvalidStateError",
     "ManagerClosedError",
+    "PerRank",
     "Pickled",
     "RNGState",
     "RestoreError",

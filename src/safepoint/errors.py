@@ -14,6 +14,7 @@ dependency are mapped at the boundary where they happen, with ``raise ... from e
     │   ├── FormatVersionError               written by a newer format, or an unknown field
     │   └── UnsafeCheckpointError            a path escaping the root, a symlink, pickle without opt-in
     ├── RestoreError                         the checkpoint does not fit the live state; nothing was changed
+    ├── CoordinationError                    ranks of a distributed job did not arrive, or disagree; ``ranks``
     └── ManagerClosedError                   the manager was used after ``close()``
 
 This module must never import anything from the rest of the package.
@@ -29,6 +30,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ConfigError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "InvalidStateError",
@@ -135,6 +137,17 @@ class RestoreError(SafepointError):
         self.missing = missing
         self.unexpected = unexpected
         self.mismatched = mismatched
+
+
+class CoordinationError(SafepointError):
+    """The ranks of a distributed save or restore could not act together: a rank did not arrive within the
+    timeout (crashed, stopped, or skipped the call), ranks disagree (on the step, on the operation), or a rank
+    failed with an error that is not a SafepointError. ``ranks`` names the ranks at fault. Nothing was committed.
+    """
+
+    def __init__(self, message: str, *, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class ManagerClosedError(SafepointError):

@@ -27,7 +27,14 @@ from .codec import Pickled, PickledPayload, decode_tree, is_stateful, key_path, 
 from .errors import RestoreError, UnsafeCheckpointError, attach_note
 from .reader import LoadedCheckpoint
 
-__all__ = ["RestoreReport", "SkippedCheckpoint", "apply_checkpoint", "plain_values"]
+__all__ = [
+    "PreparedRestore",
+    "RestoreReport",
+    "SkippedCheckpoint",
+    "apply_checkpoint",
+    "plain_values",
+    "prepare_checkpoint",
+]
 
 logger = logging.getLogger("safepoint")
 
@@ -312,6 +319,31 @@ def apply_checkpoint(
     skipped: tuple[SkippedCheckpoint, ...] = (),
 ) -> RestoreReport:
     """Apply a verified checkpoint to ``live_state`` in place. Raises RestoreError with live objects unchanged."""
+    return prepare_checkpoint(loaded, live_state, strict=strict, path=path, skipped=skipped).apply()
+
+
+@dataclass(frozen=True)
+class PreparedRestore:
+    """A checkpoint matched against the live state, nothing applied yet: every rank of a distributed restore
+    prepares first, and applies only once all ranks have prepared."""
+
+    plan: _Plan
+    report: RestoreReport
+
+    def apply(self) -> RestoreReport:
+        _apply(self.plan, self.report.step)
+        return self.report
+
+
+def prepare_checkpoint(
+    loaded: LoadedCheckpoint,
+    live_state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    path: str,
+    skipped: tuple[SkippedCheckpoint, ...] = (),
+) -> PreparedRestore:
+    """Match a verified checkpoint against ``live_state``; RestoreError if it does not fit. Changes nothing."""
     if not isinstance(live_state, MutableMapping):
         raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
     saved = decode_tree(loaded.manifest.tree, loaded.leaves)
@@ -320,8 +352,7 @@ def apply_checkpoint(
     step = loaded.manifest.step
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
         raise _restore_error(plan, step, path, strict)
-    _apply(plan, step)
-    return RestoreReport(
+    report = RestoreReport(
         step=step,
         path=path,
         save_id=loaded.manifest.save_id,
@@ -335,6 +366,7 @@ def apply_checkpoint(
         nbytes=loaded.manifest.nbytes,
         created=loaded.manifest.created,
     )
+    return PreparedRestore(plan, report)
 
 
 def _restore_error(plan: _Plan, step: int, path: str, strict: bool) -> RestoreError:

@@ -13,11 +13,13 @@ EXPECTED = [
     "CheckpointNotFoundError",
     "CheckpointStatus",
     "ConfigError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "GcReport",
     "InvalidStateError",
     "ManagerClosedError",
+    "PerRank",
     "Pickled",
     "RNGState",
     "RestoreError",
@@ -45,7 +47,7 @@ def test_every_public_name_exists() -> None:
 
 def test_every_error_is_under_one_root() -> None:
     errors = [getattr(safepoint, n) for n in EXPECTED if n.endswith("Error")]
-    assert len(errors) == 12  # the root and its eleven subclasses
+    assert len(errors) == 13  # the root and its twelve subclasses
     for error in errors:
         assert issubclass(error, safepoint.SafepointError), error
     assert issubclass(safepoint.ConfigError, ValueError)
