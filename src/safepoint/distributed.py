@@ -103,7 +103,11 @@ def check_timeout(value: object) -> float:
 def default_coordinator(timeout: float) -> Coordinator:
     """The coordinator for this process: torch.distributed's default group if one is initialised."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return TorchCoordinator(timeout)
+        # _get_default_store is the store the group was built on (torchrun's TCPStore); there is no public getter
+        store = dist.distributed_c10d._get_default_store()
+        # every rank creates its managers in the same order, so the n-th manager of each rank shares a namespace
+        namespace = f"safepoint/{next(_instances)}/"
+        return TorchCoordinator(store, dist.get_rank(), dist.get_world_size(), namespace=namespace, timeout=timeout)
     return LocalCoordinator(timeout)
 
 
@@ -197,13 +201,19 @@ class TorchCoordinator:
     the same order, as with any collective: exchanges are numbered, and the numbers must meet.
     """
 
-    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        store: dist.distributed_c10d.Store,
+        rank: int,
+        world_size: int,
+        *,
+        namespace: str,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.timeout = timeout
-        self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
-        # _get_default_store is the store the group was built on (torchrun's TCPStore); there is no public getter
-        store = dist.distributed_c10d._get_default_store()
-        self._store = dist.distributed_c10d.PrefixStore(f"safepoint/{next(_instances)}/", store)
+        self.rank = rank
+        self.world_size = world_size
+        self._store = dist.distributed_c10d.PrefixStore(namespace, store)
         self._serial = 0
 
     def exchange(self, op: str, post: Post, decide: Decide) -> Json:
@@ -263,7 +273,8 @@ class TorchCoordinator:
                 missing = [r for r, key in enumerate(keys) if not self._store.check([key])]
                 raise CoordinationError(
                     f"rank 0 did not announce the outcome of {op} within {2 * self.timeout:g} s"
-                    + (f"; {_ranks(missing)} never joined" if missing else ""),
+                    + (f"; {_ranks(missing)} never joined" if missing else "")
+                    + "; this rank cannot know how the operation ended: a new run's restore() finds what was committed",
                     ranks=tuple(missing) or (0,),
                 )
             outcome = json.loads(self._store.get(f"{serial}/outcome"))
@@ -292,7 +303,7 @@ class TorchCoordinator:
         except (RuntimeError, OSError, ValueError) as err:  # DistError, DistNetworkError, a torn record
             raise CoordinationError(
                 f"lost contact with the other ranks during {op} ({type(err).__name__}: {err}); the store of the "
-                "process group (hosted by rank 0, or by torchrun's agent) is gone or unreadable; nothing was "
-                "committed",
+                "process group (hosted by rank 0, or by torchrun's agent) is gone or unreadable, so this rank "
+                "cannot know how the operation ended: a new run's restore() finds what was committed",
                 ranks=(0,),
             ) from err
