@@ -60,8 +60,8 @@ from .errors import (
 )
 from .layout import join, new_save_id
 from .manifest import EntryRecord, FileRecord, Manifest
-from .reader import LoadedCheckpoint, read_leaves, read_manifest
-from .restore import PreparedRestore, RestoreReport, SkippedCheckpoint, prepare_checkpoint
+from .reader import LoadedCheckpoint, check_step, read_leaves, read_manifest
+from .restore import PreparedRestore, RestoreReport, SkippedCheckpoint, none_verifies, prepare_checkpoint
 from .storage import AttemptLock, Storage
 
 __all__ = ["PER_RANK_TYPE", "SPLIT_REPLICATED", "has_per_rank", "restore_ranks", "save_ranks"]
@@ -380,11 +380,7 @@ def restore_ranks(
         assert prepared is not None
         return _apply_everywhere(coordinator, *prepared, state)
     if skipped:
-        reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
-        raise CorruptCheckpointError(
-            f"{storage.describe('')} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
-            f"start from scratch over them:\n{reasons}"
-        )
+        raise none_verifies(storage.describe(""), skipped)
     return None
 
 
@@ -447,11 +443,7 @@ def _prepare(
     rank, world = coordinator.rank, coordinator.world_size
     manifest = read_manifest(storage, path)
     where = storage.describe(path)
-    if manifest.step != candidate:
-        raise CorruptCheckpointError(
-            f"{where}: its manifest is for step {manifest.step}, not {candidate} (a file was moved or swapped)",
-            path=where,
-        )
+    check_step(manifest, candidate, where)
     view = _rank_view(manifest, state, rank, world, where)
     leaves = read_leaves(storage, path, view, only=set(_entries_in(view.tree)))
     live = {key: value.value if isinstance(value, PerRank) else value for key, value in state.items()}

@@ -48,8 +48,8 @@ from .errors import (
 from .gc import GcReport, collect, collect_checkpoint, step_dirs
 from .layout import MANIFEST_NAME, join, step_dir
 from .manifest import Manifest
-from .reader import read_checkpoint, read_manifest, verify_checkpoint
-from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint
+from .reader import check_step, read_checkpoint, read_manifest, verify_checkpoint
+from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, none_verifies
 from .retention import RetentionPolicy, steps_to_keep
 from .storage import Storage, open_storage
 from .verify import VerifyReport, verify_storage
@@ -340,7 +340,7 @@ class CheckpointManager:
             path = step_dir(candidate)
             try:
                 loaded = read_checkpoint(self._storage, path)
-                _check_step(loaded.manifest, candidate, self._storage.describe(path))
+                check_step(loaded.manifest, candidate, self._storage.describe(path))
             except FormatVersionError:
                 raise  # a newer safepoint wrote it: falling back would silently lose progress
             except (CorruptCheckpointError, StorageError) as err:
@@ -353,11 +353,7 @@ class CheckpointManager:
                 loaded, state, strict=strict, path=self._storage.describe(path), skipped=tuple(skipped)
             )
         if skipped:
-            reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
-            raise CorruptCheckpointError(
-                f"{self.directory} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
-                f"start from scratch over them:\n{reasons}"
-            )
+            raise none_verifies(self.directory, skipped)
         return None
 
     def _restore_step(self, state: MutableMapping[str, Any], step: int, strict: bool) -> RestoreReport:
@@ -370,7 +366,7 @@ class CheckpointManager:
             raise CheckpointNotFoundError(
                 f"step {step} is not committed in {self.directory} (committed: {_summary(available)})"
             ) from None
-        _check_step(loaded.manifest, step, where)
+        check_step(loaded.manifest, step, where)
         return apply_checkpoint(loaded, state, strict=strict, path=where)
 
     # -- maintenance -----------------------------------------------------------------------------------------
@@ -395,14 +391,6 @@ class CheckpointManager:
             return
         if report.removed:
             logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), self.directory)
-
-
-def _check_step(manifest: Manifest, step: int, where: str) -> None:
-    if manifest.step != step:
-        raise CorruptCheckpointError(
-            f"{where}: its manifest is for step {manifest.step}, not {step} (a file was moved or swapped)",
-            path=where,
-        )
 
 
 def _summary(steps: list[int]) -> str:

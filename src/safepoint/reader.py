@@ -16,7 +16,7 @@ from .manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest
 from .payload import read_file
 from .storage import Storage
 
-__all__ = ["LoadedCheckpoint", "read_checkpoint", "read_leaves", "read_manifest", "verify_checkpoint"]
+__all__ = ["LoadedCheckpoint", "check_step", "read_checkpoint", "read_leaves", "read_manifest", "verify_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,15 @@ def read_leaves(
     if any(leaves[index] is None for index in wanted):  # pragma: no cover
         raise CorruptCheckpointError(f"{storage.describe(checkpoint)}: an entry has no data")
     return leaves
+
+
+def check_step(manifest: Manifest, step: int, where: str) -> None:
+    """A manifest found under a step's directory must be that step's."""
+    if manifest.step != step:
+        raise CorruptCheckpointError(
+            f"{where}: its manifest is for step {manifest.step}, not {step} (a file was moved or swapped)",
+            path=where,
+        )
 
 
 def verify_checkpoint(storage: Storage, checkpoint: str) -> Manifest:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .codec import Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
-from .errors import RestoreError, UnsafeCheckpointError, attach_note
+from .errors import CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
 from .reader import LoadedCheckpoint
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "RestoreReport",
     "SkippedCheckpoint",
     "apply_checkpoint",
+    "none_verifies",
     "plain_values",
     "prepare_checkpoint",
 ]
@@ -307,6 +308,15 @@ def _tensors_in(value: Any, path: list[Any]) -> Iterable[tuple[list[Any], torch.
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             yield from _tensors_in(v, [*path, i])
+
+
+def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckpointError:
+    """The error of a resume that found committed checkpoints and none that verifies."""
+    reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
+    return CorruptCheckpointError(
+        f"{where} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
+        f"start from scratch over them:\n{reasons}"
+    )
 
 
 # -- applying ---------------------------------------------------------------------------------------------------
