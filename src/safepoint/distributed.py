@@ -219,7 +219,9 @@ class TorchCoordinator:
     def exchange(self, op: str, post: Post, decide: Decide) -> Json:
         self._serial += 1
         serial = self._serial
-        record = {"op": op, "value": post.value, "error": None if post.error is None else describe(post.error)}
+        record: dict[str, Json] = {"op": op}
+        if self.rank != 0:  # rank 0 decides on its own post in memory; its record only says it has arrived
+            record.update(value=post.value, error=None if post.error is None else describe(post.error))
         with self._store_errors(op):
             self._store.set(f"{serial}/{self.rank}", json.dumps(record))
         if self.rank == 0:

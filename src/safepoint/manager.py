@@ -138,6 +138,10 @@ def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExist
 class CheckpointManager:
     """Numbered, verified checkpoints in ``directory``; see the module docstring for the guarantees.
 
+    ``timeout`` matters only with a torch.distributed process group: the seconds each rank waits for the others
+    at each step of a save or restore before raising CoordinationError (default 600). Give it more than the
+    slowest rank takes to write its share of a save.
+
     >>> with CheckpointManager("runs/exp1", keep_last=3) as manager:   # doctest: +SKIP
     ...     report = manager.restore(state)        # None when there is nothing to resume from
     ...     start = report.step + 1 if report else 0
