@@ -29,7 +29,6 @@ import inspect
 import itertools
 import json
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -116,8 +115,8 @@ def require_all(op: str, posts: Sequence[Post | None], timeout: float) -> list[P
     missing = [rank for rank, post in enumerate(posts) if post is None]
     if missing:
         raise CoordinationError(
-            f"{_ranks(missing)} did not join {op} within {timeout:g} s (crashed, stopped, or not calling it); "
-            "nothing was committed",
+            f"{_ranks(missing)} did not join {op} within {timeout:g} s (crashed, stopped, or not calling it)"
+            + _consequence(op),
             ranks=tuple(missing),
         )
     return [post for post in posts if post is not None]
@@ -170,6 +169,10 @@ def rebuild(described: dict[str, Json], *, rank: int) -> SafepointError:
         return cls(message, **kwargs)
     except TypeError:  # pragma: no cover - every error type in errors.py takes its own attributes
         return CoordinationError(message, ranks=(rank,))
+
+
+def _consequence(op: str) -> str:
+    return "; nothing was committed" if op.startswith("save.") else ""
 
 
 def _ranks(ranks: Sequence[int]) -> str:
@@ -266,7 +269,7 @@ class TorchCoordinator:
         with self._store_errors(op):
             if not self._wait_for([f"{serial}/0"], self.timeout)[0]:
                 raise CoordinationError(
-                    f"rank 0 (the coordinator) did not join {op} within {self.timeout:g} s; nothing was committed",
+                    f"rank 0 (the coordinator) did not join {op} within {self.timeout:g} s" + _consequence(op),
                     ranks=(0,),
                 )
             # rank 0 waits up to the timeout for the others, then decides (writing a manifest at most)
@@ -291,9 +294,8 @@ class TorchCoordinator:
         """Which of ``keys`` were set within ``timeout`` seconds."""
         if not keys:
             return []
-        deadline = time.monotonic() + timeout
         with contextlib.suppress(dist.DistStoreError):  # a timeout: the check below says which keys are missing
-            self._store.wait(keys, timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            self._store.wait(keys, timedelta(seconds=timeout))
         return [self._store.check([key]) for key in keys]
 
     @contextlib.contextmanager

@@ -100,6 +100,17 @@ def test_an_explicit_step_restores_on_every_rank(group: tuple[int, Path, list[An
     assert [f["explicit"]["value"] for f in found] == ["2"] * len(found)
 
 
+def test_corruption_only_one_rank_reads_makes_every_rank_fall_back(group: tuple[int, Path, list[Any]]) -> None:
+    world, _, found = group
+    for observed in found:
+        assert observed["fallback"]["step"] == 2
+        [(step, reason)] = observed["fallback"]["skipped"]
+        assert step == 3
+        assert reason.startswith(f"rank {world - 1}: ")
+        assert f"r{world - 1:05d}-own-00000.safetensors" in reason
+    assert len({json.dumps(f["fallback"]) for f in found}) == 1
+
+
 def test_a_rank_that_skips_a_save_is_named_within_the_timeout(group: tuple[int, Path, list[Any]]) -> None:
     world, ckpt, found = group
     for observed in found[:-1]:

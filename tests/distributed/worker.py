@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -98,6 +99,7 @@ def basics(directory: Path, rank: int, world: int) -> dict[str, Any]:
             found["eio"] = outcome(lambda: manager.save(4, state))
         found["explicit"] = outcome(lambda: manager.restore(build(rank, fresh=True), step=2).step)  # type: ignore[union-attr]
         found["steps_after_failures"] = manager.steps()
+        found["fallback"] = fallback(directory, rank, world)
         # last: a rank that skips a save leaves its exchanges out of step with the others for good
         if rank != world - 1:
             found["skipped"] = outcome(lambda: manager.save(20, state))
@@ -105,6 +107,23 @@ def basics(directory: Path, rank: int, world: int) -> dict[str, Any]:
             time.sleep(TIMEOUT + 2)  # stays alive (and silent) while the others wait for it
         found["steps_at_end"] = manager.steps()
     return found
+
+
+def fallback(directory: Path, rank: int, world: int) -> dict[str, Any]:
+    """On a copy whose newest step has one flipped byte in the last rank's own file, which only that rank reads:
+    every rank must still fall back to the same older step."""
+    copy = directory.parent / "corrupt-copy"
+    if rank == 0:
+        shutil.copytree(directory, copy)
+        own = next((copy / "step-000000000003").glob(f"*/r{world - 1:05d}-own-*.safetensors"))
+        data = bytearray(own.read_bytes())
+        data[-1] ^= 0xFF
+        own.write_bytes(bytes(data))
+    dist.barrier()
+    with safepoint.CheckpointManager(copy, timeout=TIMEOUT) as manager:
+        report = manager.restore(build(rank, fresh=True))
+    assert report is not None
+    return {"step": report.step, "skipped": [[s.step, s.reason] for s in report.skipped]}
 
 
 def killed(directory: Path, rank: int, world: int) -> dict[str, Any]:
