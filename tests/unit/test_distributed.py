@@ -207,3 +207,11 @@ def test_a_per_rank_save_of_a_committed_step_reports_it(tmp_path: Path) -> None:
             manager.save(1, per_rank_state(2))
     assert caught.value.verified is True
     assert safepoint.load(tmp_path / "step-000000000001")["seed"] == {0: 1}
+
+
+def test_a_nested_per_rank_is_refused_naming_its_key(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager, pytest.raises(safepoint.InvalidStateError) as caught:
+        manager.save(1, {"data": {"loader": safepoint.PerRank({"position": 3})}})
+    assert caught.value.key == "data/loader"
+    assert "PerRank marks top-level entries" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
