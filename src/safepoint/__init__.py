@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from .api import load, restore, save, verify
 from .codec import Pickled
+from .distributed import PerRank
 from .errors import (
     AmbiguousCommitError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
     ConversionError,
+    CoordinationError,
     CorruptCheckpointError,
     FormatVersionError,
     InvalidStateError,
@@ -45,6 +47,7 @@ __all__ = [
     "CheckpointStatus",
     "ConfigError",
     "ConversionError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "GcReport",
@@ -54,6 +57,7 @@ __all__ = [
     "ManagerClosedError",
     "MigrationError",
     "Migrations",
+    "PerRank",
     "Pickled",
     "RNGState",
     "RestoreError",

@@ -30,6 +30,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from .distributed import PerRank
 from .errors import InvalidStateError
 
 __all__ = [
@@ -196,6 +197,8 @@ class _Encoder:
                 }
         finally:
             active.discard(id(value))
+        if isinstance(value, PerRank):
+            raise _invalid("safepoint.PerRank marks top-level entries of the state only; move it to the top", path)
         raise _invalid(
             f"cannot checkpoint a value of type {type(value).__module__}.{type(value).__qualname__}; "
             "use tensors, arrays, numbers, strings, containers or objects with state_dict(), "

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -42,7 +42,18 @@ from .manifest import EntryRecord, FileRecord, Manifest
 from .payload import PlannedFile, plan_file, write_file
 from .storage import AttemptLock, Storage
 
-__all__ = ["SHARD_BYTES", "SavePlan", "execute_save", "plan_save"]
+__all__ = [
+    "SHARD_BYTES",
+    "SavePlan",
+    "abort_attempt",
+    "begin_attempt",
+    "execute_save",
+    "finish_save",
+    "plan_save",
+    "write_files",
+    "write_manifest",
+    "writer_version",
+]
 
 logger = logging.getLogger("safepoint")
 
@@ -71,7 +82,7 @@ class SavePlan:
         return join(self.checkpoint, self.save_id)
 
 
-def _version() -> str:
+def writer_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -89,8 +100,10 @@ def plan_save(
     state_version: int = 1,
     shard_bytes: int = SHARD_BYTES,
     save_id: str | None = None,
+    file_prefix: str = "",
 ) -> SavePlan:
-    """Decide names, files and offsets for a save. Touches no storage."""
+    """Decide names, files and offsets for a save. Touches no storage. ``file_prefix`` starts every payload file
+    name (a distributed save names the writing rank there)."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ConfigError(f"step must be a non-negative integer, not {step!r}")
     save_id = save_id or new_save_id()
@@ -113,7 +126,7 @@ def plan_save(
     entries: list[EntryRecord | None] = [None] * len(encoded.leaves)
     for file_index, group in enumerate(g for g in groups if g):
         items = [(i, names[i], encoded.leaves[i].tensor) for i in group]
-        planned = plan_file(f"{save_id}/{file_index:05d}.safetensors", items)
+        planned = plan_file(f"{save_id}/{file_prefix}{file_index:05d}.safetensors", items)
         files.append(planned)
         for item in planned.tensors:
             leaf = encoded.leaves[item.leaf]
@@ -157,10 +170,16 @@ def _check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
 def execute_save(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
     """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable."""
     faults.point("save.begin")
+    lock = begin_attempt(storage, plan)
+    return finish_save(storage, plan, lock, lambda: _write_attempt(storage, plan, leaves))
+
+
+def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Callable[[], Manifest]) -> Manifest:
+    """Run ``write`` (the attempt's data and staged manifest), publish, make it durable and clean up. Before
+    publication any failure removes the attempt's files (every rank's, in a distributed save) and re-raises."""
     committed = join(plan.checkpoint, MANIFEST_NAME)
-    lock = _begin_attempt(storage, plan, committed)
     try:
-        manifest = _write_attempt(storage, plan, leaves)
+        manifest = write()
         faults.point("commit.publish.before")
         try:
             storage.publish(join(plan.staging, MANIFEST_NAME), committed)
@@ -173,7 +192,7 @@ def execute_save(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -
             ) from err
         faults.point("commit.publish.after")
     except BaseException as err:
-        _abort_attempt(storage, plan, lock, err)
+        abort_attempt(storage, plan, lock, err)
         raise
     try:
         storage.sync_dir(plan.checkpoint)
@@ -191,7 +210,9 @@ def execute_save(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -
     return manifest
 
 
-def _begin_attempt(storage: Storage, plan: SavePlan, committed: str) -> AttemptLock:
+def begin_attempt(storage: Storage, plan: SavePlan) -> AttemptLock:
+    """Make the checkpoint directory and take this attempt's lock; CheckpointExistsError if the step is committed."""
+    committed = join(plan.checkpoint, MANIFEST_NAME)
     for _ in range(10):
         storage.ensure_dir(plan.checkpoint)
         if storage.exists(committed):
@@ -210,7 +231,7 @@ def _begin_attempt(storage: Storage, plan: SavePlan, committed: str) -> AttemptL
 def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
     storage.ensure_dir(plan.staging)
     faults.point("staging.mkdir.after")
-    records = _write_files(storage, plan, leaves)
+    records = write_files(storage, plan, leaves)
     storage.sync_dir(plan.staging)
     faults.point("staging.fsync.after")
     manifest = Manifest(
@@ -222,8 +243,14 @@ def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor])
         tree=dict(plan.tree),
         metrics=plan.metrics,
         state_version=plan.state_version,
-        writer=_version(),
+        writer=writer_version(),
     )
+    write_manifest(storage, plan, manifest)
+    return manifest
+
+
+def write_manifest(storage: Storage, plan: SavePlan, manifest: Manifest) -> None:
+    """Write the attempt's manifest under its staging name, durably; publication is finish_save's."""
     faults.point("manifest.write.before")
     sink = storage.create(join(plan.staging, MANIFEST_NAME))
     try:
@@ -233,10 +260,9 @@ def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor])
         sink.abort()
         raise
     faults.point("manifest.fsync.after")
-    return manifest
 
 
-def _write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> list[FileRecord]:
+def write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> list[FileRecord]:
     """Write every payload file, several at once: while one thread waits in write() or fsync(), which release the
     interpreter, another hashes and copies, and the disk flushes one file while the next is being written."""
     workers = min(len(plan.files), WRITER_THREADS)
@@ -285,7 +311,7 @@ def _write_one(
     return FileRecord(planned.path, planned.size, checksum)
 
 
-def _abort_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock, error: BaseException) -> None:
+def abort_attempt(storage: Storage, plan: SavePlan, lock: AttemptLock, error: BaseException) -> None:
     """Remove what this attempt wrote. Never raises: a cleanup failure is attached to ``error`` as a note."""
     try:
         storage.remove_tree(plan.staging)

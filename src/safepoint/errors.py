@@ -19,6 +19,7 @@ dependency are mapped at the boundary where they happen, with ``raise ... from e
     │   └── KeyPathError                     a key-path helper met a path that is not there
     ├── ConversionError                      import/export: unknown source format, a value the target format
     │                                        cannot hold, or a destination that already exists
+    ├── CoordinationError                    ranks of a distributed job did not arrive, or disagree; ``ranks``
     └── ManagerClosedError                   the manager was used after ``close()``
 
 This module must never import anything from the rest of the package.
@@ -35,6 +36,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "ConfigError",
     "ConversionError",
+    "CoordinationError",
     "CorruptCheckpointError",
     "FormatVersionError",
     "InvalidStateError",
@@ -187,6 +189,17 @@ class ConversionError(SafepointError):
     def __init__(self, message: str, *, path: str = "") -> None:
         super().__init__(message)
         self.path = path
+
+
+class CoordinationError(SafepointError):
+    """The ranks of a distributed save or restore could not act together: a rank did not arrive within the
+    timeout (crashed, stopped, or skipped the call), ranks disagree (on the step, on the operation), or a rank
+    failed with an error that is not a SafepointError. ``ranks`` names the ranks at fault. Nothing was committed.
+    """
+
+    def __init__(self, message: str, *, ranks: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ranks = ranks
 
 
 class ManagerClosedError(SafepointError):

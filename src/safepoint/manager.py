@@ -11,6 +11,11 @@ library exists to prevent.
 
 Retention runs only after a save is durable, works from what is on disk (so it survives restarts), never
 removes the newest committed step or the one just saved, and never touches names it does not own.
+
+Many processes: with a torch.distributed default process group, every rank constructs the manager and makes the
+same calls; :mod:`safepoint.collective` runs them as one save or restore across the ranks. Retention and garbage
+collection run on rank 0 only. Without a process group, and without :class:`~safepoint.PerRank` entries, the
+single-process path below is all there is.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from typing import Any
 
 from . import faults
 from .codec import encode_state
+from .collective import has_per_rank, restore_ranks, save_ranks
 from .commit import execute_save, plan_save
+from .distributed import DEFAULT_TIMEOUT, LocalCoordinator, check_timeout, default_coordinator
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -44,7 +51,7 @@ from .layout import MANIFEST_NAME, join, step_dir
 from .manifest import Manifest
 from .migrations import Migrations
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
-from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint
+from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, none_verifies
 from .retention import RetentionPolicy, steps_to_keep
 from .storage import Storage, open_storage
 from .verify import VerifyReport, verify_storage
@@ -143,6 +150,10 @@ def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExist
 class CheckpointManager:
     """Numbered, verified checkpoints in ``directory``; see the module docstring for the guarantees.
 
+    ``timeout`` matters only with a torch.distributed process group: the seconds each rank waits for the others
+    at each step of a save or restore before raising CoordinationError (default 600). Give it more than the
+    slowest rank takes to write its share of a save.
+
     >>> with CheckpointManager("runs/exp1", keep_last=3) as manager:   # doctest: +SKIP
     ...     report = manager.restore(state)        # None when there is nothing to resume from
     ...     start = report.step + 1 if report else 0
@@ -163,10 +174,13 @@ class CheckpointManager:
         keep_every: int | None = None,
         state_version: int = 1,
         migrations: Migrations | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self._state_version = check_state_version(state_version)
         self._migrations = check_migrations(migrations, self._state_version)
+        # with a process group: seconds each rank waits for the others at each step of a save or restore
+        self._coordinator = default_coordinator(check_timeout(timeout))
         if not isinstance(directory, (str, os.PathLike, Storage)):
             raise ConfigError(f"directory must be a path or a Storage, not {type(directory).__name__}")
         self._storage = open_storage(directory)
@@ -180,7 +194,8 @@ class CheckpointManager:
             )
         self._storage.ensure_dir("")
         self._closed = False
-        self._collect_dead_staging()
+        if self._coordinator.rank == 0:
+            self._collect_dead_staging()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -227,16 +242,43 @@ class CheckpointManager:
         Raises CheckpointExistsError if the step is committed (the committed one is untouched and verified),
         InvalidStateError before writing anything if a value cannot be checkpointed, StorageError (with the
         operating system's errno, e.g. ENOSPC) if writing fails, leaving nothing visible.
+
+        With a process group, every rank calls it with the same step; every rank gets the same outcome, and a
+        rank that does not arrive within ``timeout`` is a CoordinationError naming it, on every other rank.
         """
         self._check_open()
+        if self._is_distributed(state):
+            return self._save_ranks(step, state, metrics)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, not {step!r}")
         info = save_to(self._storage, step_dir(step), step, state, metrics=metrics, state_version=self._state_version)
+        self._retain(step)
+        return info
+
+    def _retain(self, step: int) -> None:
         try:
             self._apply_retention(step)
         except SafepointError as err:
             logger.warning("step %s is saved, but retention failed (it runs again after the next save): %s", step, err)
-        return info
+
+    def _is_distributed(self, state: object) -> bool:
+        return not isinstance(self._coordinator, LocalCoordinator) or has_per_rank(state)
+
+    def _save_ranks(self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None) -> CheckpointInfo:
+        with _gc_paused():
+            summary = save_ranks(
+                self._storage,
+                self._coordinator,
+                step_dir(step) if isinstance(step, int) else "",
+                step,
+                state,
+                metrics=metrics,
+                state_version=self._state_version,
+                existing=lambda err: _existing(self._storage, step_dir(step), step, err),
+                after_commit=self._retain,  # on rank 0, before the other ranks learn the outcome
+            )
+        path = self._storage.describe(step_dir(step))
+        return CheckpointInfo(step, path, summary["save_id"], summary["nbytes"], summary["created"], summary["metrics"])
 
     def _apply_retention(self, just_saved: int) -> None:
         if self._policy.keeps_everything:
@@ -305,6 +347,18 @@ class CheckpointManager:
         a newer one raises StateVersionError: falling back to an older step would silently lose progress.
         """
         self._check_open()
+        if self._is_distributed(state):
+            return restore_ranks(
+                self._storage,
+                self._coordinator,
+                state,
+                step=step,
+                strict=strict,
+                committed=self.steps,
+                step_path=step_dir,
+                state_version=self._state_version,
+                migrations=self._migrations,
+            )
         if step is not None:
             return self._restore_step(state, step, strict)
         skipped: list[SkippedCheckpoint] = []
@@ -326,11 +380,7 @@ class CheckpointManager:
             # a newer state_version or a failing migration raises from here: no fallback to an older step
             return self._apply(loaded, state, strict, self._storage.describe(path), tuple(skipped))
         if skipped:
-            reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
-            raise CorruptCheckpointError(
-                f"{self.directory} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
-                f"start from scratch over them:\n{reasons}"
-            )
+            raise none_verifies(self.directory, skipped)
         return None
 
     def _restore_step(self, state: MutableMapping[str, Any], step: int, strict: bool) -> RestoreReport:
@@ -370,8 +420,11 @@ class CheckpointManager:
         return verify_storage(self._storage)
 
     def gc(self) -> GcReport:
-        """Remove what failed or crashed saves left behind, where their writer is certainly gone."""
+        """Remove what failed or crashed saves left behind, where their writer is certainly gone. With a process
+        group, only rank 0 collects; the others return an empty report."""
         self._check_open()
+        if self._coordinator.rank != 0:
+            return GcReport((), ())
         return collect(self._storage)
 
     def _collect_dead_staging(self) -> None:

@@ -6,6 +6,7 @@ Nothing read here reaches a live object: callers get verified plain values and d
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ from .manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest
 from .payload import read_file
 from .storage import Storage
 
-__all__ = ["LoadedCheckpoint", "read_checkpoint", "read_manifest", "verify_checkpoint"]
+__all__ = ["LoadedCheckpoint", "read_checkpoint", "read_leaves", "read_manifest", "verify_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,27 @@ def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
 def read_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> LoadedCheckpoint:
     """Read and verify every byte of a checkpoint; raise CorruptCheckpointError naming the first bad file."""
     manifest = read_manifest(storage, checkpoint, step=step)
+    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest))
+
+
+def read_leaves(
+    storage: Storage, checkpoint: str, manifest: Manifest, only: Collection[int] | None = None
+) -> list[Any]:
+    """The verified value of every entry (of the entries in ``only``; the others stay None). A file holding none
+    of the wanted entries is not read at all."""
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
     for file_index, record in enumerate(manifest.files):
-        for index, value in read_file(storage, checkpoint, record, grouped.get(file_index, [])).items():
+        entries = grouped.get(file_index, [])
+        if only is not None and not any(index in only for index, _ in entries):
+            continue
+        for index, value in read_file(storage, checkpoint, record, entries).items():
             leaves[index] = value
-    if any(value is None for value in leaves):  # pragma: no cover - the parser guarantees every entry has a file
+    wanted = range(len(leaves)) if only is None else only
+    # the parser guarantees every entry has a file
+    if any(leaves[index] is None for index in wanted):  # pragma: no cover
         raise CorruptCheckpointError(f"{storage.describe(checkpoint)}: an entry has no data")
-    return LoadedCheckpoint(checkpoint, manifest, leaves)
+    return leaves
 
 
 def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:

@@ -25,11 +25,19 @@ import numpy as np
 import torch
 
 from .codec import Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
-from .errors import RestoreError, UnsafeCheckpointError, attach_note
+from .errors import CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
 from .migrations import Migrations, upgrade_state
 from .reader import LoadedCheckpoint
 
-__all__ = ["RestoreReport", "SkippedCheckpoint", "apply_checkpoint", "plain_values"]
+__all__ = [
+    "PreparedRestore",
+    "RestoreReport",
+    "SkippedCheckpoint",
+    "apply_checkpoint",
+    "none_verifies",
+    "plain_values",
+    "prepare_checkpoint",
+]
 
 logger = logging.getLogger("safepoint")
 
@@ -305,6 +313,15 @@ def _tensors_in(value: Any, path: list[Any]) -> Iterable[tuple[list[Any], torch.
             yield from _tensors_in(v, [*path, i])
 
 
+def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckpointError:
+    """The error of a resume that found committed checkpoints and none that verifies."""
+    reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
+    return CorruptCheckpointError(
+        f"{where} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
+        f"start from scratch over them:\n{reasons}"
+    )
+
+
 # -- applying ---------------------------------------------------------------------------------------------------
 def apply_checkpoint(
     loaded: LoadedCheckpoint,
@@ -321,6 +338,38 @@ def apply_checkpoint(
     With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
     a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
     """
+    prepared = prepare_checkpoint(
+        loaded, live_state, strict=strict, path=path, skipped=skipped, state_version=state_version,
+        migrations=migrations,
+    )  # fmt: skip
+    return prepared.apply()
+
+
+@dataclass(frozen=True)
+class PreparedRestore:
+    """A checkpoint matched against the live state, nothing applied yet: every rank of a distributed restore
+    prepares first, and applies only once all ranks have prepared."""
+
+    plan: _Plan
+    report: RestoreReport
+
+    def apply(self) -> RestoreReport:
+        _apply(self.plan, self.report.step)
+        return self.report
+
+
+def prepare_checkpoint(
+    loaded: LoadedCheckpoint,
+    live_state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    path: str,
+    skipped: tuple[SkippedCheckpoint, ...] = (),
+    state_version: int | None = None,
+    migrations: Migrations | None = None,
+) -> PreparedRestore:
+    """Match a verified (and, with ``state_version``, migrated) checkpoint against ``live_state``; RestoreError
+    if it does not fit. Changes nothing."""
     if not isinstance(live_state, MutableMapping):
         raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
     saved = decode_tree(loaded.manifest.tree, loaded.leaves)
@@ -335,8 +384,7 @@ def apply_checkpoint(
     step = loaded.manifest.step
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
         raise _restore_error(plan, step, path, strict)
-    _apply(plan, step)
-    return RestoreReport(
+    report = RestoreReport(
         step=step,
         path=path,
         save_id=loaded.manifest.save_id,
@@ -351,6 +399,7 @@ def apply_checkpoint(
         created=loaded.manifest.created,
         migrations=applied,
     )
+    return PreparedRestore(plan, report)
 
 
 def _restore_error(plan: _Plan, step: int, path: str, strict: bool) -> RestoreError:

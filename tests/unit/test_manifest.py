@@ -203,10 +203,13 @@ def test_no_single_bit_flip_reads_as_a_newer_version(body: Body) -> None:
             flipped = bytearray(data)
             flipped[offset] ^= 1 << bit
             try:
-                # a flip JSON reads as the same value ("1e-05" -> "1E-05") is no damage: the content is unchanged
-                assert parse(bytes(flipped)).to_json() == intact.to_json(), (offset, bit)
-            except CorruptCheckpointError as error:
-                assert not isinstance(error, FormatVersionError), (offset, bit, error)
+                again = parse(bytes(flipped))
+            except FormatVersionError as error:
+                pytest.fail(f"byte {offset} bit {bit}: {error}")
+            except CorruptCheckpointError:
+                continue
+            # a flip JSON reads as the same value ("1e-05" -> "1E-05") is no damage: the content is unchanged
+            assert again.to_json() == intact.to_json(), (offset, bit)
 
 
 @pytest.mark.parametrize("version", [0, -1, "1", 1.0, True, None, [1]])

@@ -1,0 +1,217 @@
+"""The coordinator's exchange and the PerRank format in one process: ranks as threads on one in-memory store,
+and a world of one. Real process groups are in tests/distributed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import safepoint
+from safepoint.distributed import Post, TorchCoordinator, first_failure, require_all
+
+TIMEOUT = 0.5
+
+
+def run_ranks(
+    world: int,
+    body: Callable[[TorchCoordinator], Any],
+    *,
+    absent: tuple[int, ...] = (),
+    store: dist.Store | None = None,
+) -> list[Any]:
+    """Run ``body`` as every rank not in ``absent``, each in a thread on one store (a process group's store, in
+    real life); the value or the exception of each."""
+    store = store or dist.HashStore()
+    store.set_timeout(timedelta(seconds=10))
+    results: list[Any] = [None] * world
+
+    def rank_main(rank: int) -> None:
+        coordinator = TorchCoordinator(store, rank, world, namespace="test/", timeout=TIMEOUT)
+        try:
+            results[rank] = body(coordinator)
+        except Exception as error:
+            results[rank] = error
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True) for r in range(world) if r not in absent]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "a rank hung"
+    return results
+
+
+def gather_sum(coordinator: TorchCoordinator) -> Any:
+    def decide(posts: list[Post | None]) -> Any:
+        return sum(post.value for post in require_all("sum", posts, coordinator.timeout))
+
+    return coordinator.exchange("sum", Post(10 + coordinator.rank), decide)
+
+
+def test_every_rank_gets_the_decision_rank_0_made_on_all_posts() -> None:
+    assert run_ranks(3, gather_sum) == [33, 33, 33]
+
+
+def test_exchanges_repeat_in_order_and_old_records_are_removed() -> None:
+    store = dist.HashStore()
+    seen: list[Any] = []
+
+    def body(coordinator: TorchCoordinator) -> Any:
+        values = [gather_sum(coordinator) for _ in range(3)]
+        if coordinator.rank == 0:
+            prefixed = dist.PrefixStore("test/", store)
+            seen.extend(prefixed.check([f"{n}/{r}"]) for n in (1, 2) for r in (0, 1))
+        return values
+
+    results = run_ranks(2, body, store=store)
+    assert results == [[21, 21, 21], [21, 21, 21]]
+    assert seen == [False, False, False, False]  # exchange 3 began: the records of 1 and 2 are gone
+
+
+def test_a_rank_that_never_posts_is_named_on_every_waiting_rank() -> None:
+    start = time.monotonic()
+    results = run_ranks(3, gather_sum, absent=(2,))
+    elapsed = time.monotonic() - start
+    for rank in (0, 1):
+        error = results[rank]
+        assert isinstance(error, safepoint.CoordinationError)
+        assert "rank 2 did not join sum within 0.5 s" in str(error)
+        assert error.ranks == (2,)
+    assert str(results[0]) == str(results[1])
+    assert elapsed < TIMEOUT * 4 + 5
+
+
+def test_a_missing_coordinator_is_named_by_the_other_ranks() -> None:
+    results = run_ranks(2, gather_sum, absent=(0,))
+    error = results[1]
+    assert isinstance(error, safepoint.CoordinationError)
+    assert "rank 0 (the coordinator) did not join sum" in str(error)
+    assert error.ranks == (0,)
+
+
+def test_a_safepoint_error_on_one_rank_is_the_same_type_and_message_everywhere() -> None:
+    def body(coordinator: TorchCoordinator) -> Any:
+        own = (
+            Post(error=safepoint.CheckpointExistsError("step 5 is taken", step=5, path="/x"))
+            if coordinator.rank == 1
+            else Post(1)
+        )
+
+        def decide(posts: list[Post | None]) -> Any:
+            first_failure(require_all("save", posts, coordinator.timeout))
+            return "saved"
+
+        return coordinator.exchange("save", own, decide)
+
+    results = run_ranks(3, body)
+    for error in results:
+        assert type(error) is safepoint.CheckpointExistsError
+        assert str(error) == "rank 1: step 5 is taken"
+        assert error.step == 5
+        assert error.path == "/x"
+
+
+def test_other_errors_become_a_coordination_error_naming_rank_and_type() -> None:
+    def body(coordinator: TorchCoordinator) -> Any:
+        own = Post(error=ValueError("bad shard")) if coordinator.rank == 2 else Post(1)
+        return coordinator.exchange("save", own, lambda posts: first_failure(require_all("save", posts, TIMEOUT)))
+
+    results = run_ranks(3, body)
+    for error in results:
+        assert type(error) is safepoint.CoordinationError
+        assert str(error) == "rank 2: ValueError: bad shard"
+        assert error.ranks == (2,)
+
+
+def test_ranks_in_different_operations_are_told_so() -> None:
+    def body(coordinator: TorchCoordinator) -> Any:
+        op = "restore.begin" if coordinator.rank == 1 else "save.begin"
+        return coordinator.exchange(op, Post(1), lambda posts: first_failure(require_all(op, posts, TIMEOUT)))
+
+    results = run_ranks(2, body)
+    for error in results:
+        assert isinstance(error, safepoint.CoordinationError)
+        assert "rank 1 is in restore.begin while rank 0 is in save.begin" in str(error)
+
+
+# -- the manager in one process ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), True, "10", None])
+def test_an_invalid_timeout_is_a_config_error(tmp_path: Path, timeout: Any) -> None:
+    with pytest.raises(safepoint.ConfigError, match="timeout must be a positive number of seconds"):
+        safepoint.CheckpointManager(tmp_path, timeout=timeout)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_without_a_process_group_files_keep_their_single_process_names(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path, timeout=1.5) as manager:
+        info = manager.save(1, {"x": torch.ones(3)})
+    body = json.loads((tmp_path / "step-000000000001" / "manifest.json").read_text())
+    assert [f["path"] for f in body["files"]] == [f"{info.save_id}/00000.safetensors"]
+    assert body["world_size"] == 1
+
+
+def per_rank_state(value: int) -> dict[str, Any]:
+    return {
+        "weights": torch.full((2,), float(value)),
+        "loader": safepoint.PerRank({"position": value}),
+        "seed": safepoint.PerRank(value),
+        "shard": safepoint.PerRank(torch.arange(3) + value),
+    }
+
+
+def test_per_rank_entries_round_trip_in_one_process(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(4, per_rank_state(7))
+        live = per_rank_state(0)
+        report = manager.restore(live)
+    assert report is not None
+    assert report.step == 4
+    assert torch.equal(live["weights"], torch.full((2,), 7.0))
+    assert live["loader"].value == {"position": 7}
+    assert live["seed"].value == 7
+    assert torch.equal(live["shard"].value, torch.arange(3) + 7)
+    body = json.loads((tmp_path / "step-000000000004" / "manifest.json").read_text())
+    assert [f["path"].split("/")[1] for f in body["files"]] == [
+        "r00000-rep-00000.safetensors",
+        "r00000-own-00000.safetensors",
+    ]
+    assert body["format_version"] == 1
+
+
+def test_per_rank_marking_must_match_the_checkpoint(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, per_rank_state(7))
+        unmarked = {**per_rank_state(0), "loader": {"position": 0}}
+        with pytest.raises(safepoint.RestoreError, match=r"\['loader'\] were saved per rank"):
+            manager.restore(unmarked)
+        assert unmarked["loader"] == {"position": 0}
+        wrongly = {**per_rank_state(0), "weights": safepoint.PerRank(torch.zeros(2))}
+        with pytest.raises(safepoint.RestoreError, match=r"\['weights'\] were saved replicated"):
+            manager.restore(wrongly)
+        assert torch.equal(wrongly["weights"].value, torch.zeros(2))
+
+
+def test_a_per_rank_save_of_a_committed_step_reports_it(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, per_rank_state(1))
+        with pytest.raises(safepoint.CheckpointExistsError, match="step 1 is already committed") as caught:
+            manager.save(1, per_rank_state(2))
+    assert caught.value.verified is True
+    assert safepoint.load(tmp_path / "step-000000000001")["seed"] == {0: 1}
+
+
+def test_a_nested_per_rank_is_refused_naming_its_key(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager, pytest.raises(safepoint.InvalidStateError) as caught:
+        manager.save(1, {"data": {"loader": safepoint.PerRank({"position": 3})}})
+    assert caught.value.key == "data/loader"
+    assert "PerRank marks top-level entries" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
