@@ -9,8 +9,12 @@ decides on.
 Atomicity is the backend's to provide, each explained in its own docstring:
 
 - local file systems publish with ``link()``, which fails if the name exists, and fsync files and directories;
-- object stores (a later backend) publish with a conditional create (``If-None-Match: *``) and have no
-  directories to sync.
+- object stores publish with a conditional create (``If-None-Match: *``) of the target, and have no
+  directories to sync: there, directories are implicit (a prefix exists while an object lies under it),
+  :meth:`Storage.ensure_dir` and :meth:`Storage.sync_dir` do nothing, and a dead writer's attempt lock is
+  recognised by its age (the live writer refreshes it) instead of by ``flock``.
+
+``tests/storage/test_conformance.py`` is the executable form of this contract: every backend passes it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class FileSink(Protocol):
 
 
 class AttemptLock(Protocol):
-    """Held by a live save attempt. Whoever can take it knows the attempt's writer is gone."""
+    """Held by a live save attempt. Whoever can take it knows the attempt's writer is gone (on object stores:
+    has not refreshed it within the grace period)."""
 
     def release(self, *, remove: bool) -> None: ...
 
