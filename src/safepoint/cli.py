@@ -11,6 +11,7 @@ that does not exist.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
         "safepoint ls runs/exp1",
     )
     ls.add_argument("directory", metavar="DIR", help="a CheckpointManager directory or one checkpoint directory")
+    _location_options(ls)
     ls.set_defaults(run=_cmd_ls)
 
     inspect = command(
@@ -128,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a manager directory")
     inspect.add_argument("--step", type=_step, help="the step to show, in a manager directory (default: newest)")
+    _location_options(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
     verify = command(
@@ -139,6 +142,7 @@ def _parser() -> argparse.ArgumentParser:
         "safepoint verify runs/exp1 && echo all good",
     )
     verify.add_argument("path", metavar="DIR|CKPT", help="a manager directory or one checkpoint directory")
+    _location_options(verify)
     verify.set_defaults(run=_cmd_verify)
 
     gc = command(
@@ -146,10 +150,19 @@ def _parser() -> argparse.ArgumentParser:
         "Remove what crashed or failed saves left behind, where their writer is certainly gone.",
         "An attempt is removed only when no live process holds its lock and no manifest names it; attempts of\n"
         "a running save are listed and left alone. Committed checkpoints are never touched. DIR must be a\n"
-        "safepoint directory: gc refuses one with no step directories, manifest or attempt lock files.",
-        "safepoint gc runs/exp1",
+        "safepoint directory: gc refuses one with no step directories, manifest or attempt lock files.\n"
+        "On object stores there are no process locks: an attempt counts as dead once its lock object has not\n"
+        "been refreshed for --grace-period seconds (a live writer refreshes it every quarter of that).",
+        "safepoint gc runs/exp1\n  safepoint gc s3://bucket/runs/exp1 --grace-period 600",
     )
     gc.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory")
+    _location_options(gc)
+    gc.add_argument(
+        "--grace-period",
+        type=_seconds,
+        metavar="SECONDS",
+        help="object stores: age after which an unfinished save's lock counts as dead (default: 3600)",
+    )
     gc.set_defaults(run=_cmd_gc)
 
     demo = command(
@@ -168,6 +181,42 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _location_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option",
+        "-o",
+        dest="storage_options",
+        action="append",
+        type=_storage_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="for a URL (s3://bucket/run, gs://..., any fsspec protocol): an option of its file system, repeatable; "
+        "VALUE is read as JSON when it parses (true, 3, {\"endpoint_url\": ...}), else as a string. "
+        "Example: -o endpoint_url=http://127.0.0.1:9000 -o anon=true",
+    )
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number of seconds")
+    return value
+
+
 def _step(text: str) -> int:
     try:
         value = int(text)
@@ -179,8 +228,9 @@ def _step(text: str) -> int:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def _open_existing(path: str) -> Storage:
-    storage = open_storage(path)
+def _open_existing(path: str, args: argparse.Namespace) -> Storage:
+    grace = getattr(args, "grace_period", None)
+    storage = open_storage(path, dict(args.storage_options) or None, grace_period=grace)
     if not storage.exists(""):
         raise UsageError(f"{storage.describe('')} does not exist")
     if not storage.is_dir(""):
@@ -250,7 +300,7 @@ def _cheap_status(storage: Storage, checkpoint: str, step: int | None) -> _Row:
 
 
 def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory)
+    storage = _open_existing(args.directory, args)
     rows: list[_Row] = []
     notes: list[str] = []
     single = storage.exists(MANIFEST_NAME)
@@ -324,7 +374,7 @@ def _choose_checkpoint(storage: Storage, step: int | None) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.checkpoint)
+    storage = _open_existing(args.checkpoint, args)
     checkpoint = _choose_checkpoint(storage, args.step)
     manifest = read_manifest(storage, checkpoint)
     status = _cheap_status(storage, checkpoint, None).status
@@ -386,7 +436,7 @@ def _entries_table(manifest: Manifest) -> Table:
 
 # -- verify ----------------------------------------------------------------------------------------------------
 def _cmd_verify(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.path)
+    storage = _open_existing(args.path, args)
     single = storage.exists(MANIFEST_NAME)
     total = 1 if single else sum(storage.exists(join(p, MANIFEST_NAME)) for _, p in step_dirs(storage))
     errors = _console(sys.stderr)
@@ -448,7 +498,7 @@ def _print_status(console: Console, storage: Storage, status: CheckpointStatus) 
 
 # -- gc --------------------------------------------------------------------------------------------------------
 def _cmd_gc(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory)
+    storage = _open_existing(args.directory, args)
     # The collector removes any attempt-shaped name it finds unlocked; in a directory that is not ours such a
     # name is someone else's data, so it is not offered the chance.
     if not _is_safepoint_dir(storage):

@@ -131,6 +131,11 @@ def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExist
 class CheckpointManager:
     """Numbered, verified checkpoints in ``directory``; see the module docstring for the guarantees.
 
+    ``directory`` is a local path or a URL: ``s3://bucket/prefix``, ``memory://...`` or any fsspec protocol,
+    opened with ``storage_options`` (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3). On object
+    stores ``grace_period`` (seconds, default one hour) is how long a save attempt may go without a sign of
+    life before the collector treats its writer as gone.
+
     >>> with CheckpointManager("runs/exp1", keep_last=3) as manager:   # doctest: +SKIP
     ...     report = manager.restore(state)        # None when there is nothing to resume from
     ...     start = report.step + 1 if report else 0
@@ -150,12 +155,14 @@ class CheckpointManager:
         best_mode: str = "min",
         keep_every: int | None = None,
         state_version: int = 1,
+        storage_options: Mapping[str, Any] | None = None,
+        grace_period: float | None = None,
     ) -> None:
         self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self._state_version = check_state_version(state_version)
         if not isinstance(directory, (str, os.PathLike)):
-            raise ConfigError(f"directory must be a path, not {type(directory).__name__}")
-        self._storage = open_storage(directory)
+            raise ConfigError(f"directory must be a path or URL, not {type(directory).__name__}")
+        self._storage = open_storage(directory, storage_options, grace_period=grace_period)
         self.directory = self._storage.describe("")
         if self._storage.exists("") and not self._storage.is_dir(""):
             raise StorageError(f"{self.directory} exists and is not a directory", path=self.directory)
