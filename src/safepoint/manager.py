@@ -26,7 +26,7 @@ from typing import Any
 
 from . import faults
 from .codec import encode_state
-from .commit import execute_save, plan_save
+from .commit import SHARD_BYTES, execute_save, plan_save
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -86,7 +86,14 @@ def save_to(
     """Encode, write and commit ``state`` as ``checkpoint``. On a step already committed, verify it and say so."""
     with _gc_paused():
         encoded = encode_state(state)
-        plan = plan_save(encoded, checkpoint=checkpoint, step=step, metrics=metrics, state_version=state_version)
+        plan = plan_save(
+            encoded,
+            checkpoint=checkpoint,
+            step=step,
+            metrics=metrics,
+            state_version=state_version,
+            shard_bytes=storage.shard_bytes or SHARD_BYTES,
+        )
         try:
             manifest = execute_save(storage, plan, [leaf.tensor for leaf in encoded.leaves])
         except CheckpointExistsError as err:

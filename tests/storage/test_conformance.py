@@ -43,8 +43,13 @@ def test_create_writes_the_bytes_and_refuses_an_existing_name(backend: Backend) 
     put(storage, "a/b/file.bin", data)
     assert storage.read_bytes("a/b/file.bin", len(data)) == data
     assert storage.size("a/b/file.bin") == len(data)
-    with pytest.raises(FileExistsError):
-        storage.create("a/b/file.bin")
+    with pytest.raises(FileExistsError):  # refused when created, or at the latest when the upload completes
+        sink = storage.create("a/b/file.bin")
+        sink.write(memoryview(b"other"))
+        try:
+            sink.finish()
+        finally:
+            sink.abort()
     assert storage.read_bytes("a/b/file.bin", len(data)) == data
 
 

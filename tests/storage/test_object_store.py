@@ -278,3 +278,15 @@ def test_concurrent_writers_of_the_same_step_on_s3_one_wins_whole(
     storage = open_storage(url, s3_server.options)
     for step in range(trials):
         assert len(storage.listdir(f"step-{step:012d}")) == 2
+
+
+def test_payload_objects_are_cut_smaller_on_object_stores_so_they_upload_in_parallel(tmp_path: Path) -> None:
+    state = {"tensors": {f"t{i}": torch.zeros(4 << 20) for i in range(3)}}  # 3 x 16 MiB
+    counts = {}
+    for location in (str(tmp_path / "local"), f"memory://{tmp_path.name}-sharding"):
+        safepoint.save(location, state)
+        manifest = json.loads(open_storage(location).read_bytes("manifest.json", 1 << 20))
+        counts[location.split("://")[0] if "://" in location else "local"] = len(manifest["files"])
+        assert safepoint.load(location)["tensors"]["t2"].shape == (4 << 20,)
+        open_storage(location).remove_tree("")
+    assert counts == {"local": 1, "memory": 2}

@@ -47,6 +47,9 @@ class AttemptLock(Protocol):
 
 class Storage(Protocol):
     root: str
+    #: The payload file size this backend prefers, or None for the planner's default. Object stores want
+    #: smaller files: each is one upload, and the writer threads upload several at once.
+    shard_bytes: int | None
 
     def describe(self, path: str) -> str:
         """A human-readable location for messages (an absolute path or URL)."""
@@ -55,7 +58,8 @@ class Storage(Protocol):
         """Create the directory (and parents) durably; return whether it was created."""
 
     def create(self, path: str) -> FileSink:
-        """Create a new file exclusively; ``FileExistsError`` if it exists."""
+        """Create a new file exclusively; ``FileExistsError`` if it exists, raised here or, on object stores that
+        check when the upload completes, by :meth:`FileSink.finish`."""
 
     def publish(self, source: str, target: str) -> None:
         """Give the durable file ``source`` the name ``target``, failing with ``FileExistsError`` if it exists."""

@@ -47,6 +47,11 @@ DEFAULT_GRACE_PERIOD = 3600.0
 #: Object stores without directories; buckets (the first path component) are never created by safepoint.
 _FLAT = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "memory"})
 _NO_BUCKETS = frozenset({"memory"})
+#: Backends whose open(mode="xb") refuses an existing name without a request of its own.
+_EXCLUSIVE_OPEN = frozenset({"s3", "s3a", "memory"})
+#: Payload objects are cut at about this size on object stores, so that the writer threads upload several at once
+#: (one 256 MiB object is one sequential upload); measured with benchmarks/bench_s3.py.
+OBJECT_SHARD_BYTES = 32 << 20
 _READ_CHUNK = 64 << 20
 _LOCK_REFRESH_MIN = 0.1
 # memory:// checks for an existing file and then writes, two steps: this makes them one for every writer in the
@@ -74,12 +79,12 @@ def _mapped(operation: str, where: str, *passthrough: type[BaseException]) -> It
 class _ObjectSink:
     """A payload object being uploaded; it is only completed by :meth:`finish`."""
 
-    def __init__(self, fs: Any, path: str, where: str) -> None:
+    def __init__(self, fs: Any, path: str, where: str, mode: str) -> None:
         self.where = where
         self.path = path
         self.fs = fs
-        # autocommit=False: closing uploads what is buffered, commit() completes the object, discard() drops it
-        self.file: Any = fs.open(path, "wb", autocommit=False)
+        # closing completes the object (one PUT when small, a multipart upload when large); discard() drops it
+        self.file: Any = fs.open(path, mode)
 
     def write(self, data: memoryview) -> None:
         assert self.file is not None, "write after finish/abort"
@@ -89,9 +94,8 @@ class _ObjectSink:
     def finish(self) -> None:
         assert self.file is not None, "finish after finish/abort"
         file, self.file = self.file, None
-        with _mapped("complete the upload of", self.where):
+        with _mapped("complete the upload of", self.where, FileExistsError):
             file.close()
-            file.commit()
 
     def abort(self) -> None:
         if self.file is None:
@@ -165,6 +169,7 @@ class FsspecStorage:
         self.root: str = root.rstrip("/")
         self.flat = self.protocol in _FLAT
         self.grace_period = float(grace_period)
+        self.shard_bytes: int | None = OBJECT_SHARD_BYTES if self.flat else None
 
     def abs(self, path: str) -> str:
         return "/".join(part for part in (self.root, path) if part)
@@ -201,9 +206,11 @@ class FsspecStorage:
     def create(self, path: str) -> _ObjectSink:
         where = self.describe(path)
         with _mapped("create", where, FileExistsError):
+            if self.protocol in _EXCLUSIVE_OPEN:  # S3 checks when the upload completes (If-None-Match)
+                return _ObjectSink(self.fs, self.abs(path), where, "xb")
             if self.fs.exists(self.abs(path)):  # names are unique per attempt: this only catches misuse
                 raise FileExistsError(errno.EEXIST, "exists", where)
-            return _ObjectSink(self.fs, self.abs(path), where)
+            return _ObjectSink(self.fs, self.abs(path), where, "wb")
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
         """Write a whole object that must not exist: FileExistsError if it does, atomically."""
