@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         "Exits 0 whenever the directory could be listed.",
         "safepoint ls runs/exp1",
     )
-    ls.add_argument("directory", metavar="DIR", help="a CheckpointManager directory or one checkpoint directory")
+    ls.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory (path or URL)")
     _location_options(ls)
     ls.set_defaults(run=_cmd_ls)
 
@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
         "step). Only the manifest and file sizes are read; exits 1 if the checkpoint is damaged.",
         "safepoint inspect runs/exp1 --step 1200",
     )
-    inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a manager directory")
+    inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or manager directory (path or URL)")
     inspect.add_argument("--step", type=_step, help="the step to show, in a manager directory (default: newest)")
     _location_options(inspect)
     inspect.set_defaults(run=_cmd_inspect)
@@ -141,7 +141,7 @@ def _parser() -> argparse.ArgumentParser:
         "are not failures. A progress bar is drawn on stderr when it is a terminal.",
         "safepoint verify runs/exp1 && echo all good",
     )
-    verify.add_argument("path", metavar="DIR|CKPT", help="a manager directory or one checkpoint directory")
+    verify.add_argument("path", metavar="DIR|CKPT", help="a manager or one checkpoint directory (path or URL)")
     _location_options(verify)
     verify.set_defaults(run=_cmd_verify)
 
@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
         "been refreshed for --grace-period seconds (a live writer refreshes it every quarter of that).",
         "safepoint gc runs/exp1\n  safepoint gc s3://bucket/runs/exp1 --grace-period 600",
     )
-    gc.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory")
+    gc.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory (path or URL)")
     _location_options(gc)
     gc.add_argument(
         "--grace-period",

@@ -114,6 +114,16 @@ def test_cli_lists_inspects_verifies_and_collects_on_s3(
     assert "nothing to collect" in capsys.readouterr().out
 
 
+def test_cli_reads_plain_string_options_as_strings(
+    s3_server: S3Server, s3_url: Callable[[], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = s3_url()
+    safepoint.save(url, {"weights": torch.ones(4)}, step=3, storage_options=s3_server.options)
+    plain = ["-o", "key=testing", "-o", "secret=testing", "-o", f"endpoint_url={s3_server.endpoint}"]
+    assert main(["verify", url, *plain]) == 0
+    assert "step 3" in capsys.readouterr().out
+
+
 def test_cli_without_the_options_fails_with_one_error_line(
     s3_server: S3Server, s3_url: Callable[[], str], capsys: pytest.CaptureFixture[str]
 ) -> None:

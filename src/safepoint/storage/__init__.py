@@ -33,7 +33,8 @@ def open_storage(
 ) -> Storage:
     """The storage for a location: local paths and ``file://`` URLs get the local fast path (fsync, ``link()``
     publication, ``flock`` liveness); any other URL (``s3://``, ``gs://``, ``memory://``, ...) the fsspec backend,
-    with ``storage_options`` passed to its file system and ``grace_period`` (seconds) for its attempt locks."""
+    with ``storage_options`` passed to its file system and ``grace_period`` (seconds) for its attempt locks.
+    Locally ``grace_period`` has nothing to do: a dead writer's ``flock`` is free at once."""
     text = os.fspath(location)
     if not isinstance(text, str):
         raise ConfigError(f"a storage location must be a path or URL string, not {text!r}")
