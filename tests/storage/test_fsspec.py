@@ -53,7 +53,7 @@ def test_a_bad_grace_period_is_a_config_error(grace: Any) -> None:
         open_storage("memory://x", grace_period=grace)
 
 
-def test_memory_exclusive_create_holds_when_the_existence_check_is_slow(
+def test_exclusive_create_holds_when_the_existence_check_is_slow(
     object_backend: Backend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A check-then-write with a wide gap between the two: every writer sees "absent" unless the backend makes the
