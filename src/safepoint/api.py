@@ -31,12 +31,14 @@ def save(
     step: int = 0,
     metrics: Mapping[str, float] | None = None,
     state_version: int = 1,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> CheckpointInfo:
-    """Write ``state`` as one checkpoint directory at ``path``, durably and atomically.
+    """Write ``state`` as one checkpoint directory at ``path`` (a local path or a URL such as ``s3://b/ckpt``,
+    opened with ``storage_options``), durably and atomically.
 
     Raises CheckpointExistsError if ``path`` already holds a committed checkpoint (it is left untouched).
     """
-    storage = open_storage(path)
+    storage = open_storage(path, storage_options)
     _refuse_file(storage)
     if step_dirs(storage):
         raise ConfigError(f"{storage.describe('')} is a CheckpointManager directory; save there with the manager")
@@ -50,6 +52,7 @@ def restore(
     strict: bool = True,
     state_version: int | None = None,
     migrations: Migrations | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> RestoreReport:
     """Apply the checkpoint at ``path`` to ``state`` in place: verified, totally or not at all.
 
@@ -60,26 +63,31 @@ def restore(
         raise ConfigError("migrations need the code's state_version to know where the chain ends")
     version = check_state_version(state_version) if state_version is not None else None
     chain = check_migrations(migrations, version) if version is not None else None
-    storage = _committed(path)
+    storage = _committed(path, storage_options)
     loaded = read_checkpoint(storage, "")
     return apply_checkpoint(
         loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain
     )
 
 
-def load(path: PathLike, *, allow_pickle: Iterable[str] | bool = False) -> dict[str, Any]:
+def load(
+    path: PathLike,
+    *,
+    allow_pickle: Iterable[str] | bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """The checkpoint at ``path`` as nested plain values (objects' state_dicts as dicts), every byte verified.
 
     Entries saved with :class:`safepoint.Pickled` are unpickled only if ``allow_pickle`` is True or names their
     key path; otherwise UnsafeCheckpointError names them.
     """
-    storage = _committed(path)
+    storage = _committed(path, storage_options)
     return plain_values(read_checkpoint(storage, ""), allow_pickle)
 
 
-def verify(path: PathLike) -> VerifyReport:
+def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
     """Check every byte of the checkpoint at ``path``, or of every checkpoint in the manager directory."""
-    storage = open_storage(path)
+    storage = open_storage(path, storage_options)
     if not storage.exists(""):
         raise CheckpointNotFoundError(f"{storage.describe('')} does not exist")
     _refuse_file(storage)
@@ -91,8 +99,8 @@ def _refuse_file(storage: Storage) -> None:
         raise StorageError(f"{storage.describe('')} is a file, not a checkpoint directory", path=storage.describe(""))
 
 
-def _committed(path: PathLike) -> Storage:
-    storage = open_storage(path)
+def _committed(path: PathLike, storage_options: Mapping[str, Any] | None) -> Storage:
+    storage = open_storage(path, storage_options)
     _refuse_file(storage)
     if not storage.exists(MANIFEST_NAME):
         steps = step_dirs(storage)

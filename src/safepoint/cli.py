@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -124,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
         "Exits 0 whenever the directory could be listed.",
         "safepoint ls runs/exp1",
     )
-    ls.add_argument("directory", metavar="DIR", help="a CheckpointManager directory or one checkpoint directory")
+    ls.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory (path or URL)")
+    _location_options(ls)
     ls.set_defaults(run=_cmd_ls)
 
     inspect = command(
@@ -134,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         "step). Only the manifest and file sizes are read; exits 1 if the checkpoint is damaged.",
         "safepoint inspect runs/exp1 --step 1200",
     )
-    inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint directory or a manager directory")
+    inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or manager directory (path or URL)")
     inspect.add_argument("--step", type=_step, help="the step to show, in a manager directory (default: newest)")
+    _location_options(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
     verify = command(
@@ -146,7 +149,8 @@ def _parser() -> argparse.ArgumentParser:
         "are not failures. A progress bar is drawn on stderr when it is a terminal.",
         "safepoint verify runs/exp1 && echo all good",
     )
-    verify.add_argument("path", metavar="DIR|CKPT", help="a manager directory or one checkpoint directory")
+    verify.add_argument("path", metavar="DIR|CKPT", help="a manager or one checkpoint directory (path or URL)")
+    _location_options(verify)
     verify.set_defaults(run=_cmd_verify)
 
     gc = command(
@@ -154,10 +158,19 @@ def _parser() -> argparse.ArgumentParser:
         "Remove what crashed or failed saves left behind, where their writer is certainly gone.",
         "An attempt is removed only when no live process holds its lock and no manifest names it; attempts of\n"
         "a running save are listed and left alone. Committed checkpoints are never touched. DIR must be a\n"
-        "safepoint directory: gc refuses one with no step directories, manifest or attempt lock files.",
-        "safepoint gc runs/exp1",
+        "safepoint directory: gc refuses one with no step directories, manifest or attempt lock files.\n"
+        "On object stores there are no process locks: an attempt counts as dead once its lock object has not\n"
+        "been refreshed for --grace-period seconds (a live writer refreshes it every quarter of that).",
+        "safepoint gc runs/exp1\n  safepoint gc s3://bucket/runs/exp1 --grace-period 600",
     )
-    gc.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory")
+    gc.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory (path or URL)")
+    _location_options(gc)
+    gc.add_argument(
+        "--grace-period",
+        type=_seconds,
+        metavar="SECONDS",
+        help="object stores: age after which an unfinished save's lock counts as dead (default: 3600)",
+    )
     gc.set_defaults(run=_cmd_gc)
 
     demo = command(
@@ -199,6 +212,7 @@ def _conversion_commands(command: Callable[[str, str, str, str], argparse.Argume
     migrate.add_argument("--dry-run", action="store_true", help="show what would change; write nothing")
     migrate.add_argument("--output", metavar="DIR", help="the new checkpoint directory to write (must not exist)")
     migrate.add_argument("--step", type=_step, help="the step to migrate, in a manager directory (default: newest)")
+    _location_options(migrate)
     migrate.set_defaults(run=_cmd_migrate)
 
     importer = command(
@@ -239,6 +253,42 @@ def _conversion_commands(command: Callable[[str, str, str, str], argparse.Argume
     exporter.set_defaults(run=_cmd_export)
 
 
+def _location_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option",
+        "-o",
+        dest="storage_options",
+        action="append",
+        type=_storage_option,
+        default=[],
+        metavar="KEY=VALUE",
+        help="for a URL (s3://bucket/run, gs://..., any fsspec protocol): an option of its file system, repeatable; "
+        'VALUE is read as JSON when it parses (true, 3, {"endpoint_url": ...}), else as a string. '
+        "Example: -o endpoint_url=http://127.0.0.1:9000 -o anon=true",
+    )
+
+
+def _storage_option(text: str) -> tuple[str, object]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key.strip(), value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a non-negative number of seconds")
+    return value
+
+
 def _step(text: str) -> int:
     try:
         value = int(text)
@@ -250,8 +300,9 @@ def _step(text: str) -> int:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def _open_existing(path: str) -> Storage:
-    storage = open_storage(path)
+def _open_existing(path: str, args: argparse.Namespace) -> Storage:
+    grace = getattr(args, "grace_period", None)
+    storage = open_storage(path, dict(args.storage_options) or None, grace_period=grace)
     if not storage.exists(""):
         raise UsageError(f"{storage.describe('')} does not exist")
     if not storage.is_dir(""):
@@ -321,7 +372,7 @@ def _cheap_status(storage: Storage, checkpoint: str, step: int | None) -> _Row:
 
 
 def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory)
+    storage = _open_existing(args.directory, args)
     rows: list[_Row] = []
     notes: list[str] = []
     single = storage.exists(MANIFEST_NAME)
@@ -374,7 +425,7 @@ def _ls_table(rows: list[_Row]) -> Table:
 
 # -- inspect ---------------------------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.checkpoint)
+    storage = _open_existing(args.checkpoint, args)
     checkpoint = locate_checkpoint(storage, args.step)
     manifest = read_manifest(storage, checkpoint)
     status = _cheap_status(storage, checkpoint, None).status
@@ -436,7 +487,7 @@ def _entries_table(manifest: Manifest) -> Table:
 
 # -- verify ----------------------------------------------------------------------------------------------------
 def _cmd_verify(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.path)
+    storage = _open_existing(args.path, args)
     single = storage.exists(MANIFEST_NAME)
     total = 1 if single else sum(storage.exists(join(p, MANIFEST_NAME)) for _, p in step_dirs(storage))
     errors = _console(sys.stderr)
@@ -498,7 +549,7 @@ def _print_status(console: Console, storage: Storage, status: CheckpointStatus) 
 
 # -- gc --------------------------------------------------------------------------------------------------------
 def _cmd_gc(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory)
+    storage = _open_existing(args.directory, args)
     # The collector removes any attempt-shaped name it finds unlocked; in a directory that is not ours such a
     # name is someone else's data, so it is not offered the chance.
     if not _is_safepoint_dir(storage):
@@ -535,7 +586,7 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--output DIR is required without --dry-run: migrate writes a new checkpoint, never in place")
     migrations = _load_migrations(args.migrations) if args.migrations else Migrations()
     migrations.check()  # a gap is the code's fault: said before any checkpoint is read
-    storage = _open_existing(args.checkpoint)
+    storage = _open_existing(args.checkpoint, args)
     location = locate_checkpoint(storage, args.step)
     where = storage.describe(location)
     with _busy(f"reading and verifying {where}"):

@@ -36,6 +36,7 @@ from typing import Any
 from . import faults
 from .codec import Encoded, encode_state
 from .commit import (
+    SHARD_BYTES,
     SavePlan,
     abort_attempt,
     begin_attempt,
@@ -203,8 +204,9 @@ def _write_own_part(  # noqa: PLR0917 - one call site, the save's own values
     if rank == 0 or SPLIT_REPLICATED:
         encoded = encode_state(replicated)
         plan = plan_save(
-            encoded, checkpoint=checkpoint, step=step, metrics=metrics, save_id=save_id, file_prefix="rep-"
-        )
+            encoded, checkpoint=checkpoint, step=step, metrics=metrics, save_id=save_id, file_prefix="rep-",
+            shard_bytes=storage.shard_bytes or SHARD_BYTES,
+        )  # fmt: skip
         writers = [index % world if SPLIT_REPLICATED else 0 for index in range(len(plan.files))]
         plan = _named_by_writer(plan, writers)
         mine = [index for index, writer in enumerate(writers) if writer == rank]
@@ -224,7 +226,10 @@ def _write_own_part(  # noqa: PLR0917 - one call site, the save's own values
             }
     if own:
         encoded = encode_state(own)
-        plan = plan_save(encoded, checkpoint=checkpoint, step=step, save_id=save_id, file_prefix="own-")
+        plan = plan_save(
+            encoded, checkpoint=checkpoint, step=step, save_id=save_id, file_prefix="own-",
+            shard_bytes=storage.shard_bytes or SHARD_BYTES,
+        )  # fmt: skip
         plan = _named_by_writer(plan, [rank] * len(plan.files))
         records = write_files(storage, plan, _leaves(encoded))
         result["own"] = {

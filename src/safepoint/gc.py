@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from . import faults
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError, StorageError
 from .layout import MANIFEST_NAME, join, lock_name, parse_attempt, parse_step_dir
 from .reader import read_manifest
 from .storage import AttemptLock, Storage
@@ -106,6 +106,8 @@ def _abandoned(storage: Storage, checkpoint: str, removed: list[str]) -> bool:
         return time.time() - storage.mtime(checkpoint) > EMPTY_DIR_GRACE_S
     except FileNotFoundError:
         return False
+    except StorageError:
+        return True  # no directory times (an object store's prefixes): nothing there for a starting save to lose
 
 
 def _collect_attempt(storage: Storage, checkpoint: str, save_id: str) -> str:

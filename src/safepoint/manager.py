@@ -33,7 +33,7 @@ from typing import Any
 from . import faults
 from .codec import encode_state
 from .collective import has_per_rank, restore_ranks, save_ranks
-from .commit import execute_save, plan_save
+from .commit import SHARD_BYTES, execute_save, plan_save
 from .distributed import DEFAULT_TIMEOUT, LocalCoordinator, check_timeout, default_coordinator
 from .errors import (
     CheckpointExistsError,
@@ -105,7 +105,14 @@ def save_to(
     """Encode, write and commit ``state`` as ``checkpoint``. On a step already committed, verify it and say so."""
     with _gc_paused():
         encoded = encode_state(state)
-        plan = plan_save(encoded, checkpoint=checkpoint, step=step, metrics=metrics, state_version=state_version)
+        plan = plan_save(
+            encoded,
+            checkpoint=checkpoint,
+            step=step,
+            metrics=metrics,
+            state_version=state_version,
+            shard_bytes=storage.shard_bytes or SHARD_BYTES,
+        )
         try:
             manifest = execute_save(storage, plan, [leaf.tensor for leaf in encoded.leaves])
         except CheckpointExistsError as err:
@@ -150,6 +157,11 @@ def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExist
 class CheckpointManager:
     """Numbered, verified checkpoints in ``directory``; see the module docstring for the guarantees.
 
+    ``directory`` is a local path or a URL: ``s3://bucket/prefix``, ``memory://...`` or any fsspec protocol,
+    opened with ``storage_options`` (e.g. ``{"client_kwargs": {"endpoint_url": ...}}`` for S3). On object
+    stores ``grace_period`` (seconds, default one hour) is how long a save attempt may go without a sign of
+    life before the collector treats its writer as gone.
+
     ``timeout`` matters only with a torch.distributed process group: the seconds each rank waits for the others
     at each step of a save or restore before raising CoordinationError (default 600). Give it more than the
     slowest rank takes to write its share of a save.
@@ -175,6 +187,8 @@ class CheckpointManager:
         state_version: int = 1,
         migrations: Migrations | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        storage_options: Mapping[str, Any] | None = None,
+        grace_period: float | None = None,
     ) -> None:
         self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         self._state_version = check_state_version(state_version)
@@ -182,8 +196,8 @@ class CheckpointManager:
         # with a process group: seconds each rank waits for the others at each step of a save or restore
         self._coordinator = default_coordinator(check_timeout(timeout))
         if not isinstance(directory, (str, os.PathLike, Storage)):
-            raise ConfigError(f"directory must be a path or a Storage, not {type(directory).__name__}")
-        self._storage = open_storage(directory)
+            raise ConfigError(f"directory must be a path, a URL or a Storage, not {type(directory).__name__}")
+        self._storage = open_storage(directory, storage_options, grace_period=grace_period)
         self.directory = self._storage.describe("")
         if self._storage.exists("") and not self._storage.is_dir(""):
             raise StorageError(f"{self.directory} exists and is not a directory", path=self.directory)

@@ -105,6 +105,9 @@ def basics(directory: Path, rank: int, world: int) -> dict[str, Any]:
             found["skipped"] = outcome(lambda: manager.save(20, state))
         else:
             time.sleep(TIMEOUT + 2)  # stays alive (and silent) while the others wait for it
+        # nobody leaves before every rank has seen its own timeout: rank 0 hosts the store, and a loaded machine
+        # can let it time out, finish and exit while the others still wait on that store ("connection reset")
+        dist.barrier()
         found["steps_at_end"] = manager.steps()
     return found
 

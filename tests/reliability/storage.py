@@ -72,6 +72,7 @@ class PowerLossStorage:
         assert mode in ("truncate", "garbage")
         self.inner = inner
         self.root = inner.root
+        self.shard_bytes = inner.shard_bytes
         self.mode = mode
         self.crash_at = crash_at
         self.calls = 0
@@ -307,7 +308,7 @@ class FaultyStorage:
 
     def __init__(self, inner: Storage, kind: str | None = None, nth: int = 0, code: int = errno.EIO) -> None:
         assert kind is None or kind in KINDS
-        self.inner, self.root = inner, inner.root
+        self.inner, self.root, self.shard_bytes = inner, inner.root, inner.shard_bytes
         self.kind, self.nth, self.code = kind, nth, code
         self.counts = dict.fromkeys(KINDS, 0)
         self.fired = False

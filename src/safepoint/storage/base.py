@@ -9,8 +9,12 @@ decides on.
 Atomicity is the backend's to provide, each explained in its own docstring:
 
 - local file systems publish with ``link()``, which fails if the name exists, and fsync files and directories;
-- object stores (a later backend) publish with a conditional create (``If-None-Match: *``) and have no
-  directories to sync.
+- object stores publish with a conditional create (``If-None-Match: *``) of the target, and have no
+  directories to sync: there, directories are implicit (a prefix exists while an object lies under it),
+  :meth:`Storage.ensure_dir` and :meth:`Storage.sync_dir` do nothing, and a dead writer's attempt lock is
+  recognised by its age (the live writer refreshes it) instead of by ``flock``.
+
+``tests/storage/test_conformance.py`` is the executable form of this contract: every backend passes it.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class FileSink(Protocol):
 
 
 class AttemptLock(Protocol):
-    """Held by a live save attempt. Whoever can take it knows the attempt's writer is gone."""
+    """Held by a live save attempt. Whoever can take it knows the attempt's writer is gone (on object stores:
+    has not refreshed it within the grace period)."""
 
     def release(self, *, remove: bool) -> None: ...
 
@@ -43,6 +48,9 @@ class AttemptLock(Protocol):
 @runtime_checkable
 class Storage(Protocol):
     root: str
+    #: The payload file size this backend prefers, or None for the planner's default. Object stores want
+    #: smaller files: each is one upload, and the writer threads upload several at once.
+    shard_bytes: int | None
 
     def describe(self, path: str) -> str:
         """A human-readable location for messages (an absolute path or URL)."""
@@ -51,7 +59,8 @@ class Storage(Protocol):
         """Create the directory (and parents) durably; return whether it was created."""
 
     def create(self, path: str) -> FileSink:
-        """Create a new file exclusively; ``FileExistsError`` if it exists."""
+        """Create a new file exclusively; ``FileExistsError`` if it exists, raised here or, on object stores that
+        check when the upload completes, by :meth:`FileSink.finish`."""
 
     def publish(self, source: str, target: str) -> None:
         """Give the durable file ``source`` the name ``target``, failing with ``FileExistsError`` if it exists."""

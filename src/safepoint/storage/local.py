@@ -128,6 +128,8 @@ def _same_file(fd: int, path: str) -> bool:
 class LocalStorage:
     """Checkpoints in a directory of a local (or locally mounted) file system."""
 
+    shard_bytes: int | None = None
+
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.path.abspath(os.fspath(root))
 
