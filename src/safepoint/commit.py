@@ -190,11 +190,13 @@ def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Call
                 step=plan.step,
                 path=storage.describe(plan.checkpoint),
             ) from err
-        faults.point("commit.publish.after")
     except BaseException as err:
         abort_attempt(storage, plan, lock, err)
         raise
+    # Published: from here on the attempt's files are the committed checkpoint's data, and an error must never
+    # remove them (the abort path above would leave a visible manifest naming deleted files).
     try:
+        faults.point("commit.publish.after")
         storage.sync_dir(plan.checkpoint)
         faults.point("commit.dirsync.after")
     except (OSError, SafepointError) as err:

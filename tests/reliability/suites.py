@@ -444,17 +444,20 @@ def _counts(work: Path, elements: int) -> dict[str, int]:
     return counter.counts
 
 
-def _error_trial(work: Path, kind: str, nth: int, code: int, elements: int) -> list[str]:
-    """Step 0 committed; step 1 saved with ``code`` injected at the nth call of ``kind``; then retried."""
+def _error_trial(work: Path, kind: str, nth: int, code: int, elements: int, *, point: str | None = None) -> list[str]:
+    """Step 0 committed; step 1 saved with ``code`` injected at the nth call of ``kind`` (or, with ``point``, raised
+    at that fault point); then retried."""
     root = work / "root"
     shutil.rmtree(root, ignore_errors=True)
     with CheckpointManager(root) as manager:
         manager.save(0, state_for(0, elements))
-    storage = FaultyStorage(LocalStorage(root), kind, nth, code)
+    storage = FaultyStorage(LocalStorage(root), None if point else kind, nth, code)
+    action = {errno.EIO: "eio", errno.ENOSPC: "enospc"}[code]
+    armed = faults.armed({point: FaultSpec(action, nth)} if point else {})
     problems: list[str] = []
     outcome = "saved"
     try:
-        with CheckpointManager(storage, keep_last=1) as manager:
+        with armed as specs, CheckpointManager(storage, keep_last=1) as manager:
             manager.save(1, state_for(1, elements))
     except AmbiguousCommitError:
         outcome = "ambiguous"
@@ -466,9 +469,18 @@ def _error_trial(work: Path, kind: str, nth: int, code: int, elements: int) -> l
             problems.append("a failed save left step 1 visible")
         if code == errno.ENOSPC and leftovers(root):
             problems.append(f"staging space not given back: {leftovers(root)}")
+    except OSError as err:
+        if point is None:
+            return [f"an OSError escaped unmapped: {err!r}"]
+        # a fault point raises the bare OSError the system call would have: the save failed as it would
+        outcome = "failed"
+        if (root / step_dir(1) / MANIFEST_NAME).exists() and check_directory(root, [0, 1], elements) != []:
+            problems.append(f"an error at {point} left step 1 visible but damaged")
+        elif (root / step_dir(1) / MANIFEST_NAME).exists():
+            outcome = "ambiguous"  # raised after the publish: step 1 is committed, and must be complete
     except Exception as err:  # any other type is exactly what the suite reports
         return [f"untyped error {type(err).__name__}: {err}"]
-    if not storage.fired:
+    if not (storage.fired or (point is not None and specs[point].hits >= nth)):
         return []
     problems += [p for p in check_directory(root, [0], elements) if "acknowledged" not in p]
     try:
@@ -508,6 +520,19 @@ def io_errors(scale: Scale, work: Path) -> Result:
 def disk_full_injected(scale: Scale, work: Path) -> Result:
     kinds = ("write", "create", "fsync")
     return _error_sweep("ENOSPC at every write", work / "enospc", kinds, errno.ENOSPC, scale.max_elements)
+
+
+def fault_point_errors(scale: Scale, work: Path) -> Result:
+    """EIO raised at every fault point of a save with retention: whatever the point, what is visible is complete."""
+    result = Result("EIO raised at every fault point")
+    points = [p for p in faults.POINTS if not p.startswith("gc.")]
+    for point in points:
+        problems = _error_trial(work / "points", "", 1, errno.EIO, scale.max_elements, point=point)
+        result.trials += 1
+        if problems:
+            result.fail(point, problems)
+    result.figure = f"{len(points)} points of save and retention; nothing partial visible, retry correct"
+    return result
 
 
 def disk_full_tmpfs(scale: Scale, work: Path) -> Result:
@@ -823,6 +848,7 @@ SUITES: list[Callable[[Scale, Path], Result]] = [
     disk_full_injected,
     disk_full_tmpfs,
     io_errors,
+    fault_point_errors,
     concurrent_same_step,
     two_managers,
     corruption,

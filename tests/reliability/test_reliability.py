@@ -32,6 +32,7 @@ def _passes(result: Result, minimum_trials: int) -> None:
         (suites.power_loss, 60),
         (suites.disk_full_injected, 3),
         (suites.io_errors, 12),
+        (suites.fault_point_errors, 13),
         (suites.concurrent_same_step, QUICK.concurrent),
         (suites.two_managers, QUICK.two_managers),
         (suites.corruption, 26),
