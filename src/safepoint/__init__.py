@@ -10,6 +10,7 @@ from .api import load, restore, save, verify
 from .codec import Pickled
 from .errors import (
     AmbiguousCommitError,
+    BackgroundSaveError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
@@ -34,10 +35,12 @@ from .migrations import Migrations, move_key, remove_key, rename_key, set_defaul
 from .restore import RestoreReport, SkippedCheckpoint
 from .rng import RNGState
 from .verify import CheckpointStatus, VerifyReport
+from .writer import SaveHandle
 
 __all__ = [
     "FORMAT_VERSION",
     "AmbiguousCommitError",
+    "BackgroundSaveError",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -59,6 +62,7 @@ __all__ = [
     "RestoreError",
     "RestoreReport",
     "SafepointError",
+    "SaveHandle",
     "SkippedCheckpoint",
     "StateVersionError",
     "StorageError",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -154,13 +154,22 @@ def _check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     return checked
 
 
-def execute_save(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
-    """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable."""
+def execute_save(
+    storage: Storage,
+    plan: SavePlan,
+    leaves: Sequence[torch.Tensor],
+    *,
+    written: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable.
+
+    ``leaves[i]`` may block until leaf ``i`` is ready (a background save still staging); ``written(i)`` is called
+    once leaf ``i``'s memory is no longer needed (see :func:`~safepoint.payload.write_file`)."""
     faults.point("save.begin")
     committed = join(plan.checkpoint, MANIFEST_NAME)
     lock = _begin_attempt(storage, plan, committed)
     try:
-        manifest = _write_attempt(storage, plan, leaves)
+        manifest = _write_attempt(storage, plan, leaves, written)
         faults.point("commit.publish.before")
         try:
             storage.publish(join(plan.staging, MANIFEST_NAME), committed)
@@ -207,10 +216,12 @@ def _begin_attempt(storage: Storage, plan: SavePlan, committed: str) -> AttemptL
     raise StorageError(f"cannot start a save in {storage.describe(plan.checkpoint)}: it keeps disappearing")
 
 
-def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
+def _write_attempt(
+    storage: Storage, plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None] | None
+) -> Manifest:
     storage.ensure_dir(plan.staging)
     faults.point("staging.mkdir.after")
-    records = _write_files(storage, plan, leaves)
+    records = _write_files(storage, plan, leaves, written)
     storage.sync_dir(plan.staging)
     faults.point("staging.fsync.after")
     manifest = Manifest(
@@ -236,7 +247,9 @@ def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor])
     return manifest
 
 
-def _write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> list[FileRecord]:
+def _write_files(
+    storage: Storage, plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None] | None
+) -> list[FileRecord]:
     """Write every payload file, several at once: while one thread waits in write() or fsync(), which release the
     interpreter, another hashes and copies, and the disk flushes one file while the next is being written."""
     workers = min(len(plan.files), WRITER_THREADS)
@@ -245,7 +258,7 @@ def _write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -
     def write_one(planned: PlannedFile) -> FileRecord:
         # sized to what this file coalesces: a file of large tensors needs only its header buffered
         buffer = bytearray(planned.buffer_bytes)
-        return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget)
+        return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget, written=written)
 
     if workers <= 1:
         return [write_one(planned) for planned in plan.files]
@@ -267,14 +280,15 @@ def _write_one(
     plan: SavePlan,
     planned: PlannedFile,
     *,
-    leaves: list[torch.Tensor],
+    leaves: Sequence[torch.Tensor],
     buffer: bytearray,
     budget: ByteBudget,
+    written: Callable[[int], None] | None,
 ) -> FileRecord:
     faults.point("data.write.before")
     sink = storage.create(join(plan.checkpoint, planned.path))
     try:
-        checksum = write_file(sink, planned, leaves, buffer, budget)
+        checksum = write_file(sink, planned, leaves, buffer, budget, written=written)
         faults.point("data.write.after")
         faults.point("data.fsync.before")
         sink.finish()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -102,11 +102,19 @@ def host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
 
 
 def write_file(
-    sink: FileSink, planned: PlannedFile, leaves: Sequence[torch.Tensor], buffer: bytearray, budget: ByteBudget
+    sink: FileSink,
+    planned: PlannedFile,
+    leaves: Sequence[torch.Tensor],
+    buffer: bytearray,
+    budget: ByteBudget,
+    *,
+    written: Callable[[int], None] | None = None,
 ) -> str:
     """Stream one planned file into ``sink``, hashing in the same pass; return the persisted checksum.
 
-    Tensors that must be copied first (on a GPU, or not dense) are copied one at a time within ``budget``."""
+    Tensors that must be copied first (on a GPU, or not dense) are copied one at a time within ``budget``.
+    ``written(leaf)`` is called as soon as nothing points into a leaf's memory any more (its bytes are in the
+    sink or in the write buffer): a background save hands its staging buffer back there."""
     hasher = new_hasher()
     out = _BufferedWriter(sink, hasher, buffer)
     out.put(memoryview(planned.header))
@@ -125,6 +133,8 @@ def write_file(
             out.copy_small(tensor.data_ptr(), nbytes)  # the hot path of many small tensors: one memmove
         else:
             out.put(_checked(host_bytes(tensor)[1], item))
+        if written is not None:
+            written(item.leaf)
     out.flush()
     return format_checksum(hasher)
 
