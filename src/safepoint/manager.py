@@ -283,6 +283,8 @@ class CheckpointManager:
         self._check_open()
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+        if any(handle.step == step for handle in self._writer.in_flight()):
+            raise CheckpointExistsError(f"step {step} is already being saved in the background", step=step)
         if blocking:
             self._writer.wait_all()  # earlier steps commit (and retain) first
         else:
@@ -302,8 +304,6 @@ class CheckpointManager:
     def _save_in_background(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
     ) -> SaveHandle:
-        if any(handle.step == step for handle in self._writer.in_flight()):
-            raise CheckpointExistsError(f"step {step} is already being saved in the background", step=step)
         path = step_dir(step)
 
         def commit(plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None]) -> CheckpointInfo:
