@@ -206,7 +206,8 @@ def test_no_single_bit_flip_reads_as_a_newer_version(body: Body) -> None:
                 # a flip JSON reads as the same value ("1e-05" -> "1E-05") is no damage: the content is unchanged
                 assert parse(bytes(flipped)).to_json() == intact.to_json(), (offset, bit)
             except CorruptCheckpointError as error:
-                assert not isinstance(error, FormatVersionError), (offset, bit, error)
+                # thousands of flips in one loop: pytest.raises cannot express "this error, or none"
+                assert not isinstance(error, FormatVersionError), (offset, bit, error)  # noqa: PT017
 
 
 @pytest.mark.parametrize("version", [0, -1, "1", 1.0, True, None, [1]])
