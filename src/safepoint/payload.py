@@ -25,9 +25,9 @@ import torch
 from .budget import ByteBudget
 from .checksum import Hasher, format_checksum, new_hasher
 from .codec import DTYPE_NAMES, DTYPES, PickledPayload
-from .errors import CorruptCheckpointError, SafepointError, StorageError
+from .errors import ConfigError, CorruptCheckpointError, SafepointError, StorageError
 from .manifest import EntryRecord, FileRecord, element_size
-from .storage import FileSink, Storage
+from .storage import FileSink, LocalStorage, Storage
 
 __all__ = ["PlannedFile", "PlannedTensor", "plan_file", "read_file", "write_file"]
 
@@ -181,12 +181,20 @@ class _BufferedWriter:
 
 
 def read_file(
-    storage: Storage, base: str, record: FileRecord, entries: Sequence[tuple[int, EntryRecord]]
+    storage: Storage,
+    base: str,
+    record: FileRecord,
+    entries: Sequence[tuple[int, EntryRecord]],
+    *,
+    mmap: bool = False,
 ) -> dict[int, Any]:
     """Read one payload file, verify its size and checksum, then check its header against the manifest entries.
 
-    Returns ``{entry index: value}``: tensors are views of one read buffer; ndarray entries become numpy
-    arrays sharing that memory; pickle entries become :class:`PickledPayload` (never unpickled here).
+    Returns ``{entry index: value}``: tensors are views of one read buffer (the file is read straight into the
+    memory the tensors keep: no second copy); ndarray entries become numpy arrays sharing that memory; pickle
+    entries become :class:`PickledPayload` (never unpickled here). With ``mmap``, the buffer is a private
+    memory map of the file instead (local storage only); its checksum is still verified before anything is
+    returned, which reads every page once, into the page cache rather than into the process's own memory.
     """
     path = f"{base}/{record.path}" if base else record.path
     where = storage.describe(path)
@@ -199,18 +207,39 @@ def read_file(
             f"{where} is {size} bytes, but the manifest says {record.size} (truncated or overwritten)",
             path=where,
         )
-    try:
-        buffer = torch.empty(size, dtype=torch.uint8)
-    except RuntimeError as err:
-        raise StorageError(f"cannot allocate {size} bytes to read {where}", path=where) from err
     hasher = new_hasher()
     try:
-        storage.read_into(path, buffer.numpy().data, hasher)
+        buffer = _mapped(storage, path, hasher) if mmap else _read(storage, path, size, hasher)
     except FileNotFoundError as err:
         raise CorruptCheckpointError(f"{where} disappeared while it was read", path=where) from err
+    if buffer.numel() != record.size:
+        raise CorruptCheckpointError(f"{where} changed size while it was read", path=where)
     if format_checksum(hasher) != record.checksum:
         raise CorruptCheckpointError(f"{where} does not match its checksum (corrupted)", path=where)
     return _Header(where, buffer).tensors(entries)
+
+
+def _read(storage: Storage, path: str, size: int, hasher: Hasher) -> torch.Tensor:
+    try:
+        buffer = torch.empty(size, dtype=torch.uint8)
+    except RuntimeError as err:
+        where = storage.describe(path)
+        raise StorageError(f"cannot allocate {size} bytes to read {where}", path=where) from err
+    storage.read_into(path, buffer.numpy().data, hasher)
+    return buffer
+
+
+def _mapped(storage: Storage, path: str, hasher: Hasher) -> torch.Tensor:
+    if not isinstance(storage, LocalStorage):
+        raise ConfigError(f"mmap=True needs a checkpoint on a local file system, not {storage.describe(path)}")
+    if storage.size(path) == 0:  # nothing to map (mmap refuses empty files); the header check reports it
+        return torch.empty(0, dtype=torch.uint8)
+    mapping = storage.map_file(path)  # the tensor keeps the mapping alive
+    view = memoryview(mapping)
+    for start in range(0, len(view), _CHUNK_BYTES):
+        hasher.update(view[start : start + _CHUNK_BYTES])
+    view.release()
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 class _Header:
