@@ -42,7 +42,7 @@ from .manifest import EntryRecord, FileRecord, Manifest
 from .payload import PlannedFile, plan_file, write_file
 from .storage import AttemptLock, Storage
 
-__all__ = ["SHARD_BYTES", "SavePlan", "execute_save", "plan_save"]
+__all__ = ["SHARD_BYTES", "SavePlan", "check_metrics", "execute_save", "plan_save"]
 
 logger = logging.getLogger("safepoint")
 
@@ -127,7 +127,7 @@ def plan_save(
         files=tuple(files),
         entries=tuple(e for e in entries if e is not None),
         tree=encoded.tree,
-        metrics=_check_metrics(metrics or {}),
+        metrics=check_metrics(metrics or {}),
         state_version=state_version,
     )
 
@@ -142,7 +142,7 @@ def _unique_names(keys: list[str]) -> list[str]:
     return names
 
 
-def _check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
+def check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     checked: dict[str, float] = {}
     for name, value in metrics.items():
         if not isinstance(name, str):
@@ -180,11 +180,13 @@ def execute_save(
                 step=plan.step,
                 path=storage.describe(plan.checkpoint),
             ) from err
-        faults.point("commit.publish.after")
     except BaseException as err:
         _abort_attempt(storage, plan, lock, err)
         raise
+    # Published: from here on the attempt's files are the committed checkpoint's data, and an error must never
+    # remove them (the abort path above would leave a visible manifest naming deleted files).
     try:
+        faults.point("commit.publish.after")
         storage.sync_dir(plan.checkpoint)
         faults.point("commit.dirsync.after")
     except (OSError, SafepointError) as err:

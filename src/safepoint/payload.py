@@ -29,7 +29,7 @@ from .errors import ConfigError, CorruptCheckpointError, SafepointError, Storage
 from .manifest import EntryRecord, FileRecord, element_size
 from .storage import FileSink, LocalStorage, Storage
 
-__all__ = ["PlannedFile", "PlannedTensor", "plan_file", "read_file", "write_file"]
+__all__ = ["PlannedFile", "PlannedTensor", "is_dense_on_cpu", "plan_file", "read_file", "write_file"]
 
 #: Headers larger than this are refused before they are parsed.
 MAX_HEADER_BYTES = 256 << 20
@@ -83,14 +83,14 @@ def plan_file(path: str, items: Sequence[tuple[int, str, torch.Tensor]]) -> Plan
     return PlannedFile(path, struct.pack("<Q", len(text)) + text, tuple(planned))
 
 
-def _is_dense_on_cpu(tensor: torch.Tensor) -> bool:
+def is_dense_on_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg())
 
 
 def host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
     """The tensor's bytes in host memory; copies only a tensor that is not already dense on the CPU.
     The returned tensor must be kept alive while the view is used."""
-    if not _is_dense_on_cpu(tensor):
+    if not is_dense_on_cpu(tensor):
         tensor = tensor.to("cpu").resolve_conj().resolve_neg().contiguous()
     numel = tensor.numel()
     if numel == 0:
@@ -121,7 +121,7 @@ def write_file(
     for item in planned.tensors:
         tensor = leaves[item.leaf]
         nbytes = item.end - item.begin
-        if not _is_dense_on_cpu(tensor):
+        if not is_dense_on_cpu(tensor):
             with budget.hold(nbytes):
                 keep, data = host_bytes(tensor)
                 out.put(_checked(data, item))
