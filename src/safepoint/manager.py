@@ -256,8 +256,18 @@ class CheckpointManager:
 
     @overload
     def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        blocking: Literal[False],
+    ) -> SaveHandle[CheckpointInfo]: ...
+
+    @overload
+    def save(
         self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None, blocking: bool
-    ) -> CheckpointInfo | SaveHandle: ...
+    ) -> CheckpointInfo | SaveHandle[CheckpointInfo]: ...
 
     def save(
         self,
@@ -266,7 +276,7 @@ class CheckpointManager:
         *,
         metrics: Mapping[str, float] | None = None,
         blocking: bool = True,
-    ) -> CheckpointInfo | SaveHandle:
+    ) -> CheckpointInfo | SaveHandle[CheckpointInfo]:
         """Commit ``state`` as ``step``; returns once it is durable. Retention runs after that.
 
         Raises CheckpointExistsError if the step is committed (the committed one is untouched and verified),
@@ -303,7 +313,7 @@ class CheckpointManager:
 
     def _save_in_background(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
-    ) -> SaveHandle:
+    ) -> SaveHandle[CheckpointInfo]:
         path = step_dir(step)
 
         def commit(plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None]) -> CheckpointInfo:

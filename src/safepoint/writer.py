@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import Any, Generic, TypeVar, overload
 
 import torch
 
@@ -42,8 +42,10 @@ __all__ = ["BackgroundWriter", "Commit", "SaveHandle", "check_in_flight"]
 
 logger = logging.getLogger("safepoint")
 
+T = TypeVar("T")
+
 #: Writes ``plan`` from the staged leaves, calling ``written(leaf)`` as each leaf's memory is free again.
-Commit = Callable[[SavePlan, Sequence[torch.Tensor], Callable[[int], None]], Any]
+Commit = Callable[[SavePlan, Sequence[torch.Tensor], Callable[[int], None]], T]
 
 
 def check_in_flight(value: object) -> int:
@@ -52,12 +54,12 @@ def check_in_flight(value: object) -> int:
     return value
 
 
-class SaveHandle:
+class SaveHandle(Generic[T]):
     """A background save. ``result()`` returns its :class:`~safepoint.CheckpointInfo` once durable."""
 
     def __init__(self, step: int) -> None:
         self.step = step
-        self._future: Future[Any] = Future()
+        self._future: Future[T] = Future()
         self._reported = False
         self._lock = threading.Lock()
 
@@ -65,7 +67,7 @@ class SaveHandle:
         """True once the save is durable or has failed."""
         return self._future.done()
 
-    def result(self, timeout: float | None = None) -> Any:
+    def result(self, timeout: float | None = None) -> T:
         """Wait (at most ``timeout`` seconds, then ``TimeoutError``) for the save to be durable.
 
         A failure is raised here as the original error; it then counts as reported, and the manager does not
@@ -231,10 +233,10 @@ class BackgroundWriter:
     def __init__(self, max_staging_bytes: int | None, max_in_flight: int) -> None:
         self.pool = StagingPool(max_staging_bytes)
         self.max_in_flight = max_in_flight
-        self._pending: list[SaveHandle] = []
-        self._threads: dict[SaveHandle, threading.Thread] = {}
+        self._pending: list[SaveHandle[Any]] = []
+        self._threads: dict[SaveHandle[Any], threading.Thread] = {}
 
-    def in_flight(self) -> list[SaveHandle]:
+    def in_flight(self) -> list[SaveHandle[Any]]:
         return [handle for handle in self._pending if not handle.done()]
 
     def wait_for_room(self) -> None:
@@ -273,8 +275,8 @@ class BackgroundWriter:
         step: int,
         metrics: Mapping[str, float] | None,
         state_version: int,
-        commit: Commit,
-    ) -> SaveHandle:
+        commit: Commit[T],
+    ) -> SaveHandle[T]:
         """Snapshot ``state`` into staging buffers and start writing it; returns once the snapshot is complete.
 
         Invalid state or metrics raise here, before anything is copied or written."""
@@ -294,9 +296,9 @@ class BackgroundWriter:
                 gc.enable()
 
     def _start(
-        self, step: int, leaves: list[Leaf], planner: Callable[[list[Leaf]], SavePlan], commit: Commit
-    ) -> SaveHandle:
-        handle = SaveHandle(step)
+        self, step: int, leaves: list[Leaf], planner: Callable[[list[Leaf]], SavePlan], commit: Commit[T]
+    ) -> SaveHandle[T]:
+        handle: SaveHandle[T] = SaveHandle(step)
         staged = _Staged(leaves, self.pool)
         streaming = self.pool.limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > self.pool.limit
         plan: SavePlan | None = None
@@ -336,16 +338,16 @@ class BackgroundWriter:
 
 
 @dataclass
-class _Job:
-    handle: SaveHandle
+class _Job(Generic[T]):
+    handle: SaveHandle[T]
     plan: SavePlan | None  # None: planned in the background, from the staged copies
     planner: Callable[[list[Leaf]], SavePlan]
     keys: list[tuple[str, LeafKind, bool]]
     staged: _Staged
-    commit: Commit
+    commit: Commit[T]
 
 
-def _run(job: _Job) -> None:
+def _run(job: _Job[Any]) -> None:
     staged = job.staged
     try:
         plan = job.plan
