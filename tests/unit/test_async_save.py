@@ -396,3 +396,25 @@ def test_every_kind_of_leaf_round_trips_through_staging(tmp_path: Path) -> None:
     assert loaded["npscalar"] == np.float32(2.5)
     assert loaded["pickled"] == {"a": 1}
     assert loaded["meta"] == {"step": 9, "name": "run"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+def test_background_writers_yield_the_cpu_and_the_caller_keeps_its_priority(tmp_path: Path) -> None:
+    import os
+
+    from safepoint.writer import BACKGROUND_NICENESS
+
+    seen: list[int] = []
+
+    def record(name: str) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with (
+        safepoint.CheckpointManager(tmp_path) as manager,
+        faults.armed({"data.write.before": faults.FaultSpec(record, 0)}),
+    ):
+        manager.save(1, {"a": torch.ones(4), "b": [torch.ones(3)] * 2}, blocking=False).result(timeout=60)
+    assert seen
+    assert set(seen) == {max(before, BACKGROUND_NICENESS)}  # the file writers inherit it from the save thread
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
