@@ -458,6 +458,10 @@ def _drain_at_exit() -> None:
                 handle.step,
             )
             handle._wait()
+        for thread in list(writer._threads.values()):
+            # a save thread still alive during finalization (even one that has set its result) can abort the
+            # interpreter ("terminate called without an active exception") as torch's thread pools are destroyed
+            thread.join()
         for handle in list(writer._pending):
             error = handle._take_error()
             if error is not None:
