@@ -256,7 +256,9 @@ class BackgroundWriter:
         finished = [handle for handle in self._pending if handle.done()]
         self._pending = [handle for handle in self._pending if not handle.done()]
         for handle in finished:
-            self._threads.pop(handle, None)
+            thread = self._threads.pop(handle, None)
+            if thread is not None:
+                thread.join()  # it has set its result and only has to return: none outlives close() (see the exit hook)
         failures = [(handle.step, error) for handle in finished if (error := handle._take_error()) is not None]
         if not failures:
             return
