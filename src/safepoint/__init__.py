@@ -11,6 +11,7 @@ from .codec import Pickled
 from .distributed import PerRank
 from .errors import (
     AmbiguousCommitError,
+    BackgroundSaveError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
@@ -36,10 +37,12 @@ from .migrations import Migrations, move_key, remove_key, rename_key, set_defaul
 from .restore import RestoreReport, SkippedCheckpoint
 from .rng import RNGState
 from .verify import CheckpointStatus, VerifyReport
+from .writer import SaveHandle
 
 __all__ = [
     "FORMAT_VERSION",
     "AmbiguousCommitError",
+    "BackgroundSaveError",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -63,6 +66,7 @@ __all__ = [
     "RestoreError",
     "RestoreReport",
     "SafepointError",
+    "SaveHandle",
     "SkippedCheckpoint",
     "StateVersionError",
     "StorageError",

@@ -75,14 +75,21 @@ def load(
     *,
     allow_pickle: Iterable[str] | bool = False,
     storage_options: Mapping[str, Any] | None = None,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """The checkpoint at ``path`` as nested plain values (objects' state_dicts as dicts), every byte verified.
 
     Entries saved with :class:`safepoint.Pickled` are unpickled only if ``allow_pickle`` is True or names their
     key path; otherwise UnsafeCheckpointError names them.
+
+    ``mmap=True`` maps the payload files instead of reading them into the process's memory: tensors are backed
+    by the page cache (shared, reclaimable) and copy-on-write (changing them never changes the file). Every byte
+    is still verified against its checksum before this returns, so the files are read once; what is lazy is the
+    memory, not the check. A file changed on disk after that is not detected, and truncating it while mapped
+    makes the process crash on access (SIGBUS): committed checkpoints are never rewritten in place by safepoint.
     """
     storage = _committed(path, storage_options)
-    return plain_values(read_checkpoint(storage, ""), allow_pickle)
+    return plain_values(read_checkpoint(storage, "", mmap=mmap), allow_pickle)
 
 
 def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:

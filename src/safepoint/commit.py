@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -47,6 +47,7 @@ __all__ = [
     "SavePlan",
     "abort_attempt",
     "begin_attempt",
+    "check_metrics",
     "execute_save",
     "finish_save",
     "plan_save",
@@ -140,7 +141,7 @@ def plan_save(
         files=tuple(files),
         entries=tuple(e for e in entries if e is not None),
         tree=encoded.tree,
-        metrics=_check_metrics(metrics or {}),
+        metrics=check_metrics(metrics or {}),
         state_version=state_version,
     )
 
@@ -155,7 +156,7 @@ def _unique_names(keys: list[str]) -> list[str]:
     return names
 
 
-def _check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
+def check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     checked: dict[str, float] = {}
     for name, value in metrics.items():
         if not isinstance(name, str):
@@ -167,11 +168,20 @@ def _check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     return checked
 
 
-def execute_save(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
-    """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable."""
+def execute_save(
+    storage: Storage,
+    plan: SavePlan,
+    leaves: Sequence[torch.Tensor],
+    *,
+    written: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable.
+
+    ``leaves[i]`` may block until leaf ``i`` is ready (a background save still staging); ``written(i)`` is called
+    once leaf ``i``'s memory is no longer needed (see :func:`~safepoint.payload.write_file`)."""
     faults.point("save.begin")
     lock = begin_attempt(storage, plan)
-    return finish_save(storage, plan, lock, lambda: _write_attempt(storage, plan, leaves))
+    return finish_save(storage, plan, lock, lambda: _write_attempt(storage, plan, leaves, written))
 
 
 def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Callable[[], Manifest]) -> Manifest:
@@ -230,10 +240,12 @@ def begin_attempt(storage: Storage, plan: SavePlan) -> AttemptLock:
     raise StorageError(f"cannot start a save in {storage.describe(plan.checkpoint)}: it keeps disappearing")
 
 
-def _write_attempt(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> Manifest:
+def _write_attempt(
+    storage: Storage, plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None] | None
+) -> Manifest:
     storage.ensure_dir(plan.staging)
     faults.point("staging.mkdir.after")
-    records = write_files(storage, plan, leaves)
+    records = write_files(storage, plan, leaves, written)
     storage.sync_dir(plan.staging)
     faults.point("staging.fsync.after")
     manifest = Manifest(
@@ -264,7 +276,12 @@ def write_manifest(storage: Storage, plan: SavePlan, manifest: Manifest) -> None
     faults.point("manifest.fsync.after")
 
 
-def write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) -> list[FileRecord]:
+def write_files(
+    storage: Storage,
+    plan: SavePlan,
+    leaves: Sequence[torch.Tensor],
+    written: Callable[[int], None] | None = None,
+) -> list[FileRecord]:
     """Write every payload file, several at once: while one thread waits in write() or fsync(), which release the
     interpreter, another hashes and copies, and the disk flushes one file while the next is being written."""
     workers = min(len(plan.files), WRITER_THREADS)
@@ -273,7 +290,7 @@ def write_files(storage: Storage, plan: SavePlan, leaves: list[torch.Tensor]) ->
     def write_one(planned: PlannedFile) -> FileRecord:
         # sized to what this file coalesces: a file of large tensors needs only its header buffered
         buffer = bytearray(planned.buffer_bytes)
-        return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget)
+        return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget, written=written)
 
     if workers <= 1:
         return [write_one(planned) for planned in plan.files]
@@ -295,14 +312,15 @@ def _write_one(
     plan: SavePlan,
     planned: PlannedFile,
     *,
-    leaves: list[torch.Tensor],
+    leaves: Sequence[torch.Tensor],
     buffer: bytearray,
     budget: ByteBudget,
+    written: Callable[[int], None] | None,
 ) -> FileRecord:
     faults.point("data.write.before")
     sink = storage.create(join(plan.checkpoint, planned.path))
     try:
-        checksum = write_file(sink, planned, leaves, buffer, budget)
+        checksum = write_file(sink, planned, leaves, buffer, budget, written=written)
         faults.point("data.write.after")
         faults.point("data.fsync.before")
         sink.finish()

@@ -20,6 +20,8 @@ dependency are mapped at the boundary where they happen, with ``raise ... from e
     ├── ConversionError                      import/export: unknown source format, a value the target format
     │                                        cannot hold, or a destination that already exists
     ├── CoordinationError                    ranks of a distributed job did not arrive, or disagree; ``ranks``
+    ├── BackgroundSaveError                  a ``blocking=False`` save failed after ``save`` returned; the
+    │                                        failure is its ``__cause__``, raised once
     └── ManagerClosedError                   the manager was used after ``close()``
 
 This module must never import anything from the rest of the package.
@@ -32,6 +34,7 @@ import logging as _logging
 
 __all__ = [
     "AmbiguousCommitError",
+    "BackgroundSaveError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "ConfigError",
@@ -200,6 +203,20 @@ class CoordinationError(SafepointError):
     def __init__(self, message: str, *, ranks: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ranks = ranks
+
+
+class BackgroundSaveError(SafepointError):
+    """A save made with ``blocking=False`` failed in the background. Nothing of it is visible.
+
+    Raised once, by the next ``save``, ``wait()`` or ``close()`` of the manager (or by the handle's ``result()``,
+    which raises the failure itself). ``step`` is the step that failed; ``errno`` the operating system's code when
+    the cause was an I/O error; the original error is the ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, step: int, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.errno = errno
 
 
 class ManagerClosedError(SafepointError):

@@ -26,14 +26,16 @@ import gc
 import logging
 import os
 import types
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
+
+import torch
 
 from . import faults
 from .codec import encode_state
 from .collective import has_per_rank, restore_ranks, save_ranks
-from .commit import SHARD_BYTES, execute_save, plan_save
+from .commit import SHARD_BYTES, SavePlan, execute_save, plan_save
 from .distributed import DEFAULT_TIMEOUT, LocalCoordinator, check_timeout, default_coordinator
 from .errors import (
     CheckpointExistsError,
@@ -53,10 +55,12 @@ from .migrations import Migrations
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
 from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, none_verifies
 from .retention import RetentionPolicy, steps_to_keep
+from .staging import check_staging_bytes
 from .storage import Storage, open_storage
 from .verify import VerifyReport, verify_storage
+from .writer import BackgroundWriter, SaveHandle, check_in_flight
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "check_migrations", "check_state_version", "save_to"]
+__all__ = ["CheckpointInfo", "CheckpointManager", "check_migrations", "check_state_version", "commit_plan", "save_to"]
 
 logger = logging.getLogger("safepoint")
 
@@ -113,11 +117,21 @@ def save_to(
             state_version=state_version,
             shard_bytes=storage.shard_bytes or SHARD_BYTES,
         )
-        try:
-            manifest = execute_save(storage, plan, [leaf.tensor for leaf in encoded.leaves])
-        except CheckpointExistsError as err:
-            raise _existing(storage, checkpoint, step, err) from err
-    return CheckpointInfo.of(manifest, storage.describe(checkpoint))
+        return commit_plan(storage, plan, [leaf.tensor for leaf in encoded.leaves])
+
+
+def commit_plan(
+    storage: Storage,
+    plan: SavePlan,
+    leaves: Sequence[torch.Tensor],
+    written: Callable[[int], None] | None = None,
+) -> CheckpointInfo:
+    """Write and commit a planned save; on a step already committed, verify it and say so."""
+    try:
+        manifest = execute_save(storage, plan, leaves, written=written)
+    except CheckpointExistsError as err:
+        raise _existing(storage, plan.checkpoint, plan.step, err) from err
+    return CheckpointInfo.of(manifest, storage.describe(plan.checkpoint))
 
 
 @contextlib.contextmanager
@@ -189,8 +203,11 @@ class CheckpointManager:
         timeout: float = DEFAULT_TIMEOUT,
         storage_options: Mapping[str, Any] | None = None,
         grace_period: float | None = None,
+        max_staging_bytes: int | None = None,
+        max_in_flight: int = 1,
     ) -> None:
         self._policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
+        self._writer = BackgroundWriter(check_staging_bytes(max_staging_bytes), check_in_flight(max_in_flight))
         self._state_version = check_state_version(state_version)
         self._migrations = check_migrations(migrations, self._state_version)
         # with a process group: seconds each rank waits for the others at each step of a save or restore
@@ -213,8 +230,16 @@ class CheckpointManager:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the manager. Idempotent; safe whatever failed before."""
+        """Finish the background saves in flight and release the manager. Idempotent; safe whatever failed before.
+
+        A background failure nobody has seen yet is raised here (once), after every save has finished: nothing
+        is left half-written, and the staging buffers are given back."""
+        if self._closed:
+            return
         self._closed = True
+        self._writer.wait_all()
+        self._writer.pool.clear()
+        self._writer.raise_failures()
 
     @property
     def closed(self) -> bool:
@@ -248,26 +273,102 @@ class CheckpointManager:
             raise ManagerClosedError(f"{self!r} is closed")
 
     # -- saving ----------------------------------------------------------------------------------------------
+    @overload
     def save(
-        self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None
-    ) -> CheckpointInfo:
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        blocking: Literal[True] = True,
+    ) -> CheckpointInfo: ...
+
+    @overload
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        blocking: Literal[False],
+    ) -> SaveHandle[CheckpointInfo]: ...
+
+    @overload
+    def save(
+        self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None, blocking: bool
+    ) -> CheckpointInfo | SaveHandle[CheckpointInfo]: ...
+
+    def save(
+        self,
+        step: int,
+        state: Mapping[str, Any],
+        *,
+        metrics: Mapping[str, float] | None = None,
+        blocking: bool = True,
+    ) -> CheckpointInfo | SaveHandle[CheckpointInfo]:
         """Commit ``state`` as ``step``; returns once it is durable. Retention runs after that.
 
         Raises CheckpointExistsError if the step is committed (the committed one is untouched and verified),
         InvalidStateError before writing anything if a value cannot be checkpointed, StorageError (with the
         operating system's errno, e.g. ENOSPC) if writing fails, leaving nothing visible.
 
+        ``blocking=False`` returns a :class:`SaveHandle` as soon as the state is copied into host staging
+        buffers (at most ``max_staging_bytes``; the call waits only while the writer frees room): the caller may
+        change its tensors at once. Writing, checksums, commit and then retention run in the background;
+        ``latest_step()`` shows the step once it is durable. With ``max_in_flight`` saves already in flight,
+        the call first waits for the oldest. A background failure is raised once, as BackgroundSaveError, by the
+        next ``save``, ``wait()`` or ``close()`` (or by the handle's ``result()``).
+
         With a process group, every rank calls it with the same step; every rank gets the same outcome, and a
         rank that does not arrive within ``timeout`` is a CoordinationError naming it, on every other rank.
         """
         self._check_open()
         if self._is_distributed(state):
+            if not blocking:
+                raise ConfigError(
+                    "blocking=False is not supported with a torch.distributed process group or PerRank entries yet: "
+                    "every rank saves with blocking=True"
+                )
             return self._save_ranks(step, state, metrics)
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+        if any(handle.step == step for handle in self._writer.in_flight()):
+            raise CheckpointExistsError(f"step {step} is already being saved in the background", step=step)
+        if blocking:
+            self._writer.wait_all()  # earlier steps commit (and retain) first
+        else:
+            self._writer.wait_for_room()
+        self._writer.raise_failures()
+        if not blocking:
+            return self._save_in_background(step, state, metrics)
         info = save_to(self._storage, step_dir(step), step, state, metrics=metrics, state_version=self._state_version)
         self._retain(step)
         return info
+
+    def wait(self) -> None:
+        """Wait until every background save is durable (or failed); raise a failure not reported yet, once."""
+        self._writer.wait_all()
+        self._writer.raise_failures()
+
+    def _save_in_background(
+        self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
+    ) -> SaveHandle[CheckpointInfo]:
+        path = step_dir(step)
+
+        def commit(plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None]) -> CheckpointInfo:
+            info = commit_plan(self._storage, plan, leaves, written)
+            self._retain(step)
+            return info
+
+        return self._writer.submit(
+            state,
+            checkpoint=path,
+            step=step,
+            metrics=metrics,
+            state_version=self._state_version,
+            commit=commit,
+            shard_bytes=self._storage.shard_bytes or SHARD_BYTES,
+        )
 
     def _retain(self, step: int) -> None:
         try:

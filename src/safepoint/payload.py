@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,11 +25,11 @@ import torch
 from .budget import ByteBudget
 from .checksum import Hasher, format_checksum, new_hasher
 from .codec import DTYPE_NAMES, DTYPES, PickledPayload
-from .errors import CorruptCheckpointError, SafepointError, StorageError
+from .errors import ConfigError, CorruptCheckpointError, SafepointError, StorageError
 from .manifest import EntryRecord, FileRecord, element_size
-from .storage import FileSink, Storage
+from .storage import FileSink, LocalStorage, Storage
 
-__all__ = ["PlannedFile", "PlannedTensor", "plan_file", "read_file", "write_file"]
+__all__ = ["PlannedFile", "PlannedTensor", "is_dense_on_cpu", "plan_file", "read_file", "write_file"]
 
 #: Headers larger than this are refused before they are parsed.
 MAX_HEADER_BYTES = 256 << 20
@@ -83,14 +83,14 @@ def plan_file(path: str, items: Sequence[tuple[int, str, torch.Tensor]]) -> Plan
     return PlannedFile(path, struct.pack("<Q", len(text)) + text, tuple(planned))
 
 
-def _is_dense_on_cpu(tensor: torch.Tensor) -> bool:
+def is_dense_on_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg())
 
 
 def host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
     """The tensor's bytes in host memory; copies only a tensor that is not already dense on the CPU.
     The returned tensor must be kept alive while the view is used."""
-    if not _is_dense_on_cpu(tensor):
+    if not is_dense_on_cpu(tensor):
         tensor = tensor.to("cpu").resolve_conj().resolve_neg().contiguous()
     numel = tensor.numel()
     if numel == 0:
@@ -102,18 +102,26 @@ def host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, memoryview]:
 
 
 def write_file(
-    sink: FileSink, planned: PlannedFile, leaves: Sequence[torch.Tensor], buffer: bytearray, budget: ByteBudget
+    sink: FileSink,
+    planned: PlannedFile,
+    leaves: Sequence[torch.Tensor],
+    buffer: bytearray,
+    budget: ByteBudget,
+    *,
+    written: Callable[[int], None] | None = None,
 ) -> str:
     """Stream one planned file into ``sink``, hashing in the same pass; return the persisted checksum.
 
-    Tensors that must be copied first (on a GPU, or not dense) are copied one at a time within ``budget``."""
+    Tensors that must be copied first (on a GPU, or not dense) are copied one at a time within ``budget``.
+    ``written(leaf)`` is called as soon as nothing points into a leaf's memory any more (its bytes are in the
+    sink or in the write buffer): a background save hands its staging buffer back there."""
     hasher = new_hasher()
     out = _BufferedWriter(sink, hasher, buffer)
     out.put(memoryview(planned.header))
     for item in planned.tensors:
         tensor = leaves[item.leaf]
         nbytes = item.end - item.begin
-        if not _is_dense_on_cpu(tensor):
+        if not is_dense_on_cpu(tensor):
             with budget.hold(nbytes):
                 keep, data = host_bytes(tensor)
                 out.put(_checked(data, item))
@@ -125,6 +133,8 @@ def write_file(
             out.copy_small(tensor.data_ptr(), nbytes)  # the hot path of many small tensors: one memmove
         else:
             out.put(_checked(host_bytes(tensor)[1], item))
+        if written is not None:
+            written(item.leaf)
     out.flush()
     return format_checksum(hasher)
 
@@ -171,12 +181,20 @@ class _BufferedWriter:
 
 
 def read_file(
-    storage: Storage, base: str, record: FileRecord, entries: Sequence[tuple[int, EntryRecord]]
+    storage: Storage,
+    base: str,
+    record: FileRecord,
+    entries: Sequence[tuple[int, EntryRecord]],
+    *,
+    mmap: bool = False,
 ) -> dict[int, Any]:
     """Read one payload file, verify its size and checksum, then check its header against the manifest entries.
 
-    Returns ``{entry index: value}``: tensors are views of one read buffer; ndarray entries become numpy
-    arrays sharing that memory; pickle entries become :class:`PickledPayload` (never unpickled here).
+    Returns ``{entry index: value}``: tensors are views of one read buffer (the file is read straight into the
+    memory the tensors keep: no second copy); ndarray entries become numpy arrays sharing that memory; pickle
+    entries become :class:`PickledPayload` (never unpickled here). With ``mmap``, the buffer is a private
+    memory map of the file instead (local storage only); its checksum is still verified before anything is
+    returned, which reads every page once, into the page cache rather than into the process's own memory.
     """
     path = f"{base}/{record.path}" if base else record.path
     where = storage.describe(path)
@@ -189,18 +207,39 @@ def read_file(
             f"{where} is {size} bytes, but the manifest says {record.size} (truncated or overwritten)",
             path=where,
         )
-    try:
-        buffer = torch.empty(size, dtype=torch.uint8)
-    except RuntimeError as err:
-        raise StorageError(f"cannot allocate {size} bytes to read {where}", path=where) from err
     hasher = new_hasher()
     try:
-        storage.read_into(path, buffer.numpy().data, hasher)
+        buffer = _mapped(storage, path, hasher) if mmap else _read(storage, path, size, hasher)
     except FileNotFoundError as err:
         raise CorruptCheckpointError(f"{where} disappeared while it was read", path=where) from err
+    if buffer.numel() != record.size:
+        raise CorruptCheckpointError(f"{where} changed size while it was read", path=where)
     if format_checksum(hasher) != record.checksum:
         raise CorruptCheckpointError(f"{where} does not match its checksum (corrupted)", path=where)
     return _Header(where, buffer).tensors(entries)
+
+
+def _read(storage: Storage, path: str, size: int, hasher: Hasher) -> torch.Tensor:
+    try:
+        buffer = torch.empty(size, dtype=torch.uint8)
+    except RuntimeError as err:
+        where = storage.describe(path)
+        raise StorageError(f"cannot allocate {size} bytes to read {where}", path=where) from err
+    storage.read_into(path, buffer.numpy().data, hasher)
+    return buffer
+
+
+def _mapped(storage: Storage, path: str, hasher: Hasher) -> torch.Tensor:
+    if not isinstance(storage, LocalStorage):
+        raise ConfigError(f"mmap=True needs a checkpoint on a local file system, not {storage.describe(path)}")
+    if storage.size(path) == 0:  # nothing to map (mmap refuses empty files); the header check reports it
+        return torch.empty(0, dtype=torch.uint8)
+    mapping = storage.map_file(path)  # the tensor keeps the mapping alive
+    view = memoryview(mapping)
+    for start in range(0, len(view), _CHUNK_BYTES):
+        hasher.update(view[start : start + _CHUNK_BYTES])
+    view.release()
+    return torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 class _Header:

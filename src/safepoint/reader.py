@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,24 +54,48 @@ def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
     return grouped
 
 
-def read_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> LoadedCheckpoint:
-    """Read and verify every byte of a checkpoint; raise CorruptCheckpointError naming the first bad file."""
+#: Files read at once: reads, waits for the disk and checksums of large buffers release the interpreter.
+READER_THREADS = 4
+
+
+def read_checkpoint(
+    storage: Storage, checkpoint: str, *, step: int | None = None, mmap: bool = False
+) -> LoadedCheckpoint:
+    """Read and verify every byte of a checkpoint, several files at once; raise CorruptCheckpointError naming
+    the first bad file (in manifest order). ``mmap``: see :func:`~safepoint.payload.read_file`."""
     manifest = read_manifest(storage, checkpoint, step=step)
-    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest))
+    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap))
 
 
 def read_leaves(
-    storage: Storage, checkpoint: str, manifest: Manifest, only: Collection[int] | None = None
+    storage: Storage,
+    checkpoint: str,
+    manifest: Manifest,
+    only: Collection[int] | None = None,
+    *,
+    mmap: bool = False,
 ) -> list[Any]:
-    """The verified value of every entry (of the entries in ``only``; the others stay None). A file holding none
-    of the wanted entries is not read at all."""
+    """The verified value of every entry (of the entries in ``only``; the others stay None), several files at
+    once. A file holding none of the wanted entries is not read at all."""
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
-    for file_index, record in enumerate(manifest.files):
-        entries = grouped.get(file_index, [])
-        if only is not None and not any(index in only for index, _ in entries):
-            continue
-        for index, value in read_file(storage, checkpoint, record, entries).items():
+    wanted_files = [
+        index
+        for index in range(len(manifest.files))
+        if only is None or any(entry in only for entry, _ in grouped.get(index, []))
+    ]  # a file holding none of the wanted entries is not read at all
+
+    def read(file_index: int) -> dict[int, Any]:
+        record = manifest.files[file_index]
+        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap)
+
+    if len(wanted_files) <= 1:
+        results = [read(i) for i in wanted_files]
+    else:
+        with ThreadPoolExecutor(min(READER_THREADS, len(wanted_files)), thread_name_prefix="safepoint-read") as pool:
+            results = list(pool.map(read, wanted_files))  # raises the first failure in file order
+    for values in results:
+        for index, value in values.items():
             leaves[index] = value
     wanted = range(len(leaves)) if only is None else only
     # the parser guarantees every entry has a file

@@ -41,10 +41,13 @@ def test_an_error_before_publication_leaves_nothing(tmp_path: Path, point: str) 
     assert safepoint.verify(tmp_path).ok
 
 
-def test_an_error_after_publication_is_ambiguous_and_a_retry_verifies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("point", ["commit.publish.after", "commit.dirsync.after"])
+def test_an_error_after_publication_is_ambiguous_and_a_retry_verifies(tmp_path: Path, point: str) -> None:
+    """An error right after the link used to run the pre-publication cleanup, deleting the data of a checkpoint
+    whose manifest was already visible."""
     state = {"x": torch.arange(10.0)}
     with safepoint.CheckpointManager(tmp_path) as manager:
-        with faults.armed({"commit.dirsync.after": "eio"}), pytest.raises(safepoint.AmbiguousCommitError) as caught:
+        with faults.armed({point: "eio"}), pytest.raises(safepoint.AmbiguousCommitError) as caught:
             manager.save(3, state)
         assert "Saving step 3 again is safe" in str(caught.value)
         with pytest.raises(safepoint.CheckpointExistsError) as again:

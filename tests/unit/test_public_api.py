@@ -7,6 +7,7 @@ import safepoint
 EXPECTED = [
     "FORMAT_VERSION",
     "AmbiguousCommitError",
+    "BackgroundSaveError",
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointManager",
@@ -30,6 +31,7 @@ EXPECTED = [
     "RestoreError",
     "RestoreReport",
     "SafepointError",
+    "SaveHandle",
     "SkippedCheckpoint",
     "StateVersionError",
     "StorageError",
@@ -59,7 +61,7 @@ def test_every_public_name_exists() -> None:
 
 def test_every_error_is_under_one_root() -> None:
     errors = [getattr(safepoint, n) for n in EXPECTED if n.endswith("Error")]
-    assert len(errors) == 17  # the root and its sixteen subclasses
+    assert len(errors) == 18  # the root and its seventeen subclasses
     for error in errors:
         assert issubclass(error, safepoint.SafepointError), error
     assert issubclass(safepoint.ConfigError, ValueError)

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -237,6 +238,13 @@ class LocalStorage:
                 if hasher is not None:
                     hasher.update(chunk[:count])
                 offset += count
+
+    def map_file(self, path: str) -> mmap.mmap:
+        """A private (copy-on-write) memory map of a file below the root: writes to it never reach the file.
+        Pages are read from disk when first touched."""
+        where = self._abs(path)
+        with self._open_below_root(path) as fd, _mapped("map", where):
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
         where = self._abs(path)

@@ -1,0 +1,424 @@
+"""Background saves: a snapshot of the moment of the call, durable later; failures surface exactly once."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import safepoint
+from safepoint import faults
+from tests.conftest import make_state, tensors_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def gate() -> Iterator[threading.Event]:
+    """While the event is clear, every background writer stops before its first payload file."""
+    release = threading.Event()
+
+    def hold(name: str) -> None:
+        assert release.wait(60), "the test never released the writer"
+
+    with faults.armed({"data.write.before": faults.FaultSpec(hold, nth=0)}):
+        try:
+            yield release
+        finally:
+            release.set()
+
+
+def leftovers(root: Path) -> list[Path]:
+    """Anything saves left under the step directories besides the committed checkpoints' manifest and data."""
+    found = []
+    for step in root.glob("step-*"):
+        manifest = step / "manifest.json"
+        keep = {"manifest.json", json.loads(manifest.read_text())["save_id"]} if manifest.exists() else set()
+        found += [path for path in step.iterdir() if path.name not in keep] or ([] if keep else [step])
+    return found
+
+
+def test_the_checkpoint_holds_the_values_of_the_moment_of_the_call(tmp_path: Path) -> None:
+    state = make_state()
+    big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: a tensor written in several chunks
+    small = [torch.full((7,), float(i)) for i in range(300)]
+    state["extra"] = {"big": big, "small": small}
+    expected = tensors_of(state)
+    expected_big, expected_small = big.clone(), [t.clone() for t in small]
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        handle = manager.save(5, state, blocking=False)
+        # the training loop goes on at once: every tensor changes before the writer is done
+        for parameter in state["model"].parameters():
+            parameter.data.add_(1.0)
+        for value in state["optimizer"].state.values():
+            value["exp_avg"].mul_(-3)
+        big.zero_()
+        for t in small:
+            t.fill_(-1)
+        info = handle.result(timeout=60)
+    assert info.step == 5
+    fresh = make_state(seed=99)
+    fresh["extra"] = {"big": torch.empty_like(big), "small": [torch.empty(7) for _ in range(300)]}
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        report = manager.restore(fresh)
+    assert report is not None
+    assert report.step == 5
+    assert tensors_of(fresh).keys() == expected.keys()
+    for key, value in tensors_of(fresh).items():
+        assert torch.equal(value, expected[key]), key
+    assert torch.equal(fresh["extra"]["big"], expected_big)
+    assert all(torch.equal(a, b) for a, b in zip(fresh["extra"]["small"], expected_small, strict=True))
+
+
+def test_latest_step_and_retention_move_only_once_the_save_is_durable(tmp_path: Path, gate: threading.Event) -> None:
+    with safepoint.CheckpointManager(tmp_path, keep_last=1) as manager:
+        gate.set()
+        manager.save(1, {"x": torch.ones(4)})
+        gate.clear()
+        handle = manager.save(2, {"x": torch.full((4,), 2.0)}, blocking=False)
+        assert not handle.done()
+        assert manager.latest_step() == 1  # step 2 is not durable yet
+        assert manager.steps() == [1]  # and retention has not removed step 1 for it
+        gate.set()
+        assert handle.result(timeout=60).step == 2
+        assert manager.steps() == [2]
+        assert safepoint.verify(tmp_path).ok
+
+
+def _fsync_fails() -> Any:
+    return faults.armed({"data.fsync.before": "eio"})
+
+
+def test_a_background_failure_is_raised_at_the_next_save_once_with_its_cause(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        with _fsync_fails() as specs:
+            handle = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+            while not handle.done():
+                handle._wait()
+        assert specs["data.fsync.before"].hits == 1
+        with pytest.raises(safepoint.BackgroundSaveError, match="step 1") as caught:
+            manager.save(2, {"x": torch.ones(4)}, blocking=False)
+        assert caught.value.step == 1
+        assert caught.value.errno == errno.EIO
+        assert isinstance(caught.value.__cause__, OSError)
+        assert caught.value.__cause__.errno == errno.EIO
+        # reported once: the next calls go on, and nothing of step 1 is visible or left behind
+        manager.save(2, {"x": torch.ones(4)}, blocking=False)
+        manager.wait()
+        manager.wait()
+        assert manager.steps() == [2]
+    assert not (tmp_path / "step-000000000001").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_a_background_failure_is_raised_at_wait(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        with _fsync_fails():
+            manager.save(3, {"x": torch.ones(4)}, blocking=False)
+            with pytest.raises(safepoint.BackgroundSaveError) as caught:
+                manager.wait()
+        assert isinstance(caught.value.__cause__, OSError)
+        manager.wait()  # once only
+        assert manager.steps() == []
+
+
+def test_a_background_failure_is_raised_at_close_once(tmp_path: Path) -> None:
+    manager = safepoint.CheckpointManager(tmp_path)
+    with _fsync_fails():
+        manager.save(3, {"x": torch.ones(4)}, blocking=False)
+        with pytest.raises(safepoint.BackgroundSaveError):
+            manager.close()
+    manager.close()
+    assert manager.closed
+    assert leftovers(tmp_path) == []
+
+
+def test_the_body_error_wins_and_the_background_failure_becomes_a_note(tmp_path: Path) -> None:
+    class Boom(Exception):
+        pass
+
+    with _fsync_fails(), pytest.raises(Boom) as caught, safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(3, {"x": torch.ones(4)}, blocking=False)
+        raise Boom("the real error")
+    assert manager.closed
+    if sys.version_info >= (3, 11):
+        assert any("background save of step 3" in note for note in caught.value.__notes__)
+
+
+def test_result_raises_the_failure_itself_and_the_manager_does_not_repeat_it(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        with _fsync_fails():
+            handle = manager.save(3, {"x": torch.ones(4)}, blocking=False)
+            with pytest.raises(OSError, match="injected") as caught:
+                handle.result(timeout=60)
+        assert caught.value.errno == errno.EIO
+        manager.wait()
+        manager.save(4, {"x": torch.ones(4)})
+        assert manager.steps() == [4]
+
+
+def test_a_new_save_waits_for_the_one_in_flight_by_default(tmp_path: Path, gate: threading.Event) -> None:
+    timer = threading.Timer(0.3, gate.set)
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        first = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+        timer.start()
+        second = manager.save(2, {"x": torch.ones(4)}, blocking=False)
+        assert first.done()  # save returned only after the first one finished
+        second.result(timeout=60)
+        assert manager.steps() == [1, 2]
+    timer.join()
+
+
+def test_max_in_flight_lets_saves_overlap(tmp_path: Path, gate: threading.Event) -> None:
+    with safepoint.CheckpointManager(tmp_path, max_in_flight=2) as manager:
+        first = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+        second = manager.save(2, {"x": torch.ones(4)}, blocking=False)
+        assert not first.done()
+        assert not second.done()
+        with pytest.raises(safepoint.CheckpointExistsError, match="step 2 is already being saved"):
+            manager.save(2, {"x": torch.ones(4)}, blocking=False)
+        gate.set()
+        manager.wait()
+        assert manager.steps() == [1, 2]
+
+
+def test_a_blocking_save_waits_for_background_saves_first(tmp_path: Path, gate: threading.Event) -> None:
+    timer = threading.Timer(0.3, gate.set)
+    with safepoint.CheckpointManager(tmp_path, keep_last=1) as manager:
+        first = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+        timer.start()
+        manager.save(2, {"x": torch.ones(4)})
+        assert first.done()
+        assert manager.steps() == [2]  # step 1 committed first, then retention removed it after step 2
+    timer.join()
+
+
+def test_close_finishes_the_saves_in_flight(tmp_path: Path, gate: threading.Event) -> None:
+    timer = threading.Timer(0.3, gate.set)
+    manager = safepoint.CheckpointManager(tmp_path)
+    handle = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+    timer.start()
+    manager.close()
+    assert handle.done()
+    assert handle.result().step == 1
+    assert safepoint.verify(tmp_path).ok
+    timer.join()
+
+
+def test_a_committed_step_is_reported_once_verified(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.ones(4)})
+        manager.save(1, {"x": torch.zeros(4)}, blocking=False)
+        with pytest.raises(safepoint.BackgroundSaveError) as caught:
+            manager.wait()
+    cause = caught.value.__cause__
+    assert isinstance(cause, safepoint.CheckpointExistsError)
+    assert cause.verified is True
+    assert torch.equal(safepoint.load(tmp_path / "step-000000000001")["x"], torch.ones(4))
+
+
+def test_invalid_state_is_refused_at_the_call_and_nothing_is_pending(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        with pytest.raises(safepoint.InvalidStateError, match="bad"):
+            manager.save(1, {"bad": object()}, blocking=False)
+        with pytest.raises(safepoint.ConfigError, match="metric"):
+            manager.save(1, {"x": torch.ones(1)}, metrics={"loss": "low"}, blocking=False)  # type: ignore[dict-item]
+        manager.wait()
+        assert manager.steps() == []
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_staging_bytes", 0), ("max_staging_bytes", 1.5),
+                                               ("max_in_flight", 0), ("max_in_flight", True)])  # fmt: skip
+def test_bad_options_are_config_errors(tmp_path: Path, option: str, value: object) -> None:
+    with pytest.raises(safepoint.ConfigError, match=option):
+        safepoint.CheckpointManager(tmp_path, **{option: value})
+
+
+def test_staging_buffers_are_reused_between_saves(tmp_path: Path) -> None:
+    state = {"w": [torch.randn(256, 256) for _ in range(4)], "b": torch.randn(1000)}
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, state, blocking=False).result(timeout=60)
+        pool = manager._writer.pool
+        first = pool.allocations
+        for step in (2, 3):
+            manager.save(step, state, blocking=False).result(timeout=60)
+        assert first == 1  # five tensors, one staging segment
+        assert pool.allocations == first
+        assert pool.lent == 0
+
+
+def test_a_budget_smaller_than_the_state_streams_and_keeps_the_snapshot(tmp_path: Path) -> None:
+    budget = 1 << 20
+    tensors = [torch.full((100, 1000), float(i)) for i in range(30)]  # 400 kB each, 12 MB in all
+    tensors.append(torch.arange(600_000, dtype=torch.float64))  # one piece larger than the budget
+    expected = [t.clone() for t in tensors]
+    with safepoint.CheckpointManager(tmp_path, max_staging_bytes=budget) as manager:
+        handle = manager.save(1, {"t": tensors}, blocking=False)
+        for t in tensors:
+            t.fill_(-7)
+        handle.result(timeout=60)
+        pool = manager._writer.pool
+        assert pool.peak <= 600_000 * 8  # never more than the budget, or the one oversized piece alone
+        assert pool.lent == 0
+    loaded = safepoint.load(tmp_path / "step-000000000001")["t"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
+
+
+def test_a_writer_failure_while_the_snapshot_streams_is_raised_by_that_save(tmp_path: Path) -> None:
+    tensors = [torch.full((100, 1000), float(i)) for i in range(30)]
+    with safepoint.CheckpointManager(tmp_path, max_staging_bytes=1 << 20) as manager:
+        with faults.armed({"data.write.before": "eio"}), pytest.raises(OSError, match="injected") as caught:
+            manager.save(1, {"t": tensors}, blocking=False)
+        assert caught.value.errno == errno.EIO
+        manager.wait()  # already reported by save
+        assert manager._writer.pool.lent == 0
+        assert manager.steps() == []
+    assert leftovers(tmp_path) == []
+
+
+EXITS_WITH_A_SAVE_IN_FLIGHT = """
+import sys, torch, safepoint
+manager = safepoint.CheckpointManager(sys.argv[1])
+state = {"w": [torch.full((1024, 1024), float(i)) for i in range(32)]}   # 128 MiB
+manager.save(7, state, blocking=False)
+print("returned", flush=True)
+# no wait(), no close(): the interpreter exits with the save in flight
+"""
+
+
+@pytest.mark.parametrize("ending", ["", "manager.close()"])
+def test_the_interpreter_exits_with_a_save_in_flight_and_finishes_it(tmp_path: Path, ending: str) -> None:
+    """Without close(), the exit hook finishes the save and warns; with it, nothing is left to do. Either way the
+    process exits cleanly: a save thread alive during finalization used to abort it (SIGABRT) now and then."""
+    result = subprocess.run(
+        [sys.executable, "-c", EXITS_WITH_A_SAVE_IN_FLIGHT + ending, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "returned"
+    warned = "finishing the background save of step 7 at interpreter exit" in result.stderr
+    assert warned is (not ending)
+    assert safepoint.verify(tmp_path).ok
+    loaded = safepoint.load(tmp_path / "step-000000000007")["w"]
+    assert [float(t[0, 0]) for t in loaded] == [float(i) for i in range(32)]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tensors_are_staged_in_pinned_buffers_and_snapshotted(tmp_path: Path) -> None:  # pragma: no cover
+    tensors = [torch.full((1024, 1024), float(i), device="cuda") for i in range(8)]
+    expected = [t.cpu() for t in tensors]
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        handle = manager.save(1, {"t": tensors}, blocking=False)
+        for t in tensors:
+            t.fill_(-1)
+        handle.result(timeout=60)
+        pool = manager._writer.pool
+        assert all(key[1] for key in pool._free if pool._free[key])  # pinned
+    loaded = safepoint.load(tmp_path / "step-000000000001")["t"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
+
+
+BEFORE_PUBLISH = faults.POINTS[: faults.POINTS.index("commit.publish.before") + 1]
+
+
+@pytest.mark.parametrize("point", BEFORE_PUBLISH)
+def test_an_io_error_at_any_point_before_publication_surfaces_once_and_leaves_nothing(
+    tmp_path: Path, point: str
+) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.ones(4)})
+        with faults.armed({point: "eio"}) as specs:
+            manager.save(2, {"x": torch.ones(4), "y": [torch.ones(3)] * 3}, blocking=False)
+            with pytest.raises(safepoint.BackgroundSaveError) as caught:
+                manager.wait()
+        assert specs[point].hits == 1
+        assert caught.value.errno == errno.EIO
+        manager.wait()
+        assert manager.steps() == [1]
+        manager.save(2, {"x": torch.ones(4)}, blocking=False).result(timeout=60)  # a retry works
+        assert manager.steps() == [1, 2]
+    assert leftovers(tmp_path) == []
+    assert safepoint.verify(tmp_path).ok
+
+
+def test_an_error_after_publication_is_ambiguous_and_the_step_stays_complete(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        with faults.armed({"commit.publish.after": "eio"}):
+            manager.save(2, {"x": torch.ones(4)}, blocking=False)
+            with pytest.raises(safepoint.BackgroundSaveError) as caught:
+                manager.wait()
+        assert isinstance(caught.value.__cause__, safepoint.AmbiguousCommitError)
+        assert manager.steps() == [2]
+    assert safepoint.verify(tmp_path).ok
+
+
+def test_every_kind_of_leaf_round_trips_through_staging(tmp_path: Path) -> None:
+    import numpy as np
+
+    state: dict[str, Any] = {
+        "bool": torch.tensor([True, False, True]),
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "f64": torch.randn(7, dtype=torch.float64),
+        "c64": torch.randn(3, dtype=torch.complex64),
+        "i8": torch.arange(-5, 6, dtype=torch.int8),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.empty(0, 4),
+        "strided": torch.arange(24.0).reshape(4, 6).t(),
+        "conj": torch.randn(4, dtype=torch.complex64).conj(),
+        "array": np.arange(6, dtype=np.int16).reshape(2, 3),
+        "npscalar": np.float32(2.5),
+        "pickled": safepoint.Pickled({"a": 1}),
+        "meta": {"step": 9, "name": "run"},
+    }
+    expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    expected["conj"] = state["conj"].resolve_conj()
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        handle = manager.save(1, state, blocking=False)
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.numel() and not value.is_conj():
+                value.zero_()
+        state["array"][...] = 0
+        handle.result(timeout=60)
+    loaded = safepoint.load(tmp_path / "step-000000000001", allow_pickle=["pickled"])
+    for key in ("bool", "bf16", "f64", "c64", "i8", "scalar", "empty", "strided", "conj"):
+        assert loaded[key].dtype == expected[key].dtype, key
+        assert torch.equal(loaded[key], expected[key]), key
+    assert (loaded["array"] == np.arange(6, dtype=np.int16).reshape(2, 3)).all()
+    assert loaded["npscalar"] == np.float32(2.5)
+    assert loaded["pickled"] == {"a": 1}
+    assert loaded["meta"] == {"step": 9, "name": "run"}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are a Linux feature")
+def test_background_writers_yield_the_cpu_and_the_caller_keeps_its_priority(tmp_path: Path) -> None:
+    import os
+
+    from safepoint.writer import BACKGROUND_NICENESS
+
+    seen: list[int] = []
+
+    def record(name: str) -> None:
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    with (
+        safepoint.CheckpointManager(tmp_path) as manager,
+        faults.armed({"data.write.before": faults.FaultSpec(record, 0)}),
+    ):
+        manager.save(1, {"a": torch.ones(4), "b": [torch.ones(3)] * 2}, blocking=False).result(timeout=60)
+    assert seen
+    assert set(seen) == {max(before, BACKGROUND_NICENESS)}  # the file writers inherit it from the save thread
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
