@@ -422,3 +422,14 @@ def test_background_writers_yield_the_cpu_and_the_caller_keeps_its_priority(tmp_
     assert seen
     assert set(seen) == {max(before, BACKGROUND_NICENESS)}  # the file writers inherit it from the save thread
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+
+
+def test_a_background_save_with_per_rank_entries_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    # multi-rank saves have no background path yet: the refusal names the option, and nothing reaches the disk
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        state = {"w": torch.ones(4), "rng": safepoint.PerRank({"seed": 3})}
+        with pytest.raises(safepoint.ConfigError, match="blocking=False"):
+            manager.save(0, state, blocking=False)
+        assert manager.steps() == []
+        assert list(tmp_path.iterdir()) == []
+        assert manager.save(0, state).step == 0  # the blocking save of the same state works
