@@ -65,7 +65,8 @@ def test_migrate_dry_run_shows_the_changes_and_writes_nothing(
     before = snapshot(project / "run")
     code, out, err = run(capsys, "migrate", "run", "--to", "3", "--migrations", "my_migrations:migrations",
                          "--dry-run")  # fmt: skip
-    assert (code, err) == (0, "")
+    assert code == 0
+    assert err == ""
     assert out.splitlines() == [
         f"checkpoint      {project / 'run' / 'step-000000000100'} (step 100)",
         "state_version   1 -> 3",
@@ -96,7 +97,9 @@ def test_migrate_writes_a_new_checkpoint_and_leaves_the_source_alone(
     )
     report = safepoint.restore(project / "migrated", {"w": torch.zeros(3), "config": {}}, strict=False,
                                state_version=3)  # fmt: skip
-    assert (report.step, report.state_version, dict(report.metrics)) == (100, 3, {"loss": 0.25})
+    assert report.step == 100
+    assert report.state_version == 3
+    assert dict(report.metrics) == {"loss": 0.25}
 
 
 @pytest.mark.parametrize(
@@ -163,7 +166,8 @@ def test_import_of_a_malicious_pickle_exits_1_and_runs_nothing(
     canary = tmp_path / "canary"
     (tmp_path / "evil.pt").write_bytes(payload(canary))
     code, out, err = run(capsys, "import", str(tmp_path / "evil.pt"), str(tmp_path / "ckpt"))
-    assert (code, out) == (1, "")
+    assert code == 1
+    assert out == ""
     assert "needs arbitrary pickle" in err
     assert not canary.exists()
     assert not (tmp_path / "ckpt").exists()
