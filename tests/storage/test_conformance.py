@@ -195,10 +195,14 @@ def test_listdir_of_a_file_is_a_storage_error(backend: Backend) -> None:
 def test_exists_and_is_dir_tell_files_directories_and_nothing_apart(backend: Backend) -> None:
     storage = backend.open()
     put(storage, "d/file", b"f")
-    assert (storage.exists("d/file"), storage.is_dir("d/file")) == (True, False)
-    assert (storage.exists("d"), storage.is_dir("d")) == (True, True)
-    assert (storage.exists("d/none"), storage.is_dir("d/none")) == (False, False)
-    assert (storage.exists("d/fil"), storage.is_dir("d/fil")) == (False, False)  # a prefix is not a name
+    assert storage.exists("d/file")
+    assert not storage.is_dir("d/file")
+    assert storage.exists("d")
+    assert storage.is_dir("d")
+    assert not storage.exists("d/none")
+    assert not storage.is_dir("d/none")
+    assert not storage.exists("d/fil")  # a prefix is not a name
+    assert not storage.is_dir("d/fil")
     with pytest.raises(UnsafeCheckpointError, match="not a regular file"):
         storage.size("d")
 

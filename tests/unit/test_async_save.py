@@ -396,7 +396,8 @@ def test_every_kind_of_leaf_round_trips_through_staging(tmp_path: Path) -> None:
     for key in ("bool", "bf16", "f64", "c64", "i8", "scalar", "empty", "strided", "conj"):
         assert loaded[key].dtype == expected[key].dtype, key
         assert torch.equal(loaded[key], expected[key]), key
-    assert (loaded["array"] == np.arange(6, dtype=np.int16).reshape(2, 3)).all()
+    assert loaded["array"].dtype == np.int16
+    assert np.array_equal(loaded["array"], np.arange(6, dtype=np.int16).reshape(2, 3))
     assert loaded["npscalar"] == np.float32(2.5)
     assert loaded["pickled"] == {"a": 1}
     assert loaded["meta"] == {"step": 9, "name": "run"}
