@@ -28,6 +28,7 @@ EXPECTED = [
     "PerRank",
     "Pickled",
     "RNGState",
+    "Replace",
     "RestoreError",
     "RestoreReport",
     "SafepointError",
