@@ -391,7 +391,7 @@ def test_an_fp32_checkpoint_into_a_bf16_model_needs_cast_dtypes(tmp_path: Path) 
 
 def test_cast_dtypes_never_casts_between_integers_or_to_floats_from_integers(tmp_path: Path) -> None:
     safepoint.save(tmp_path / "c", {"n": torch.arange(3, dtype=torch.int64)})
-    with pytest.raises(safepoint.RestoreError, match="live tensor is torch.float32"):
+    with pytest.raises(safepoint.RestoreError, match=r"live tensor is torch\.float32"):
         safepoint.restore(tmp_path / "c", {"n": torch.zeros(3)}, cast_dtypes=True)
     with pytest.raises(safepoint.RestoreError) as caught:
         safepoint.restore(tmp_path / "c", {"n": torch.zeros(3, dtype=torch.int32)}, cast_dtypes=True)
