@@ -493,6 +493,7 @@ class CheckpointManager:
         a newer one raises StateVersionError: falling back to an older step would silently lose progress.
         """
         self._check_open()
+        _check_step(step)
         if self._is_distributed(state):
             return restore_ranks(
                 self._storage,
@@ -534,6 +535,7 @@ class CheckpointManager:
         With a process group, each rank that calls it reads the checkpoint on its own: no collective runs.
         """
         self._check_open()
+        _check_step(step)
         if not isinstance(mmap, bool):
             raise ConfigError(f"mmap must be True or False, not {mmap!r}")
 
@@ -612,6 +614,11 @@ class CheckpointManager:
             return
         if report.removed:
             logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), self.directory)
+
+
+def _check_step(step: object) -> None:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ConfigError(f"step must be None or a non-negative integer, not {step!r}")
 
 
 def _summary(steps: list[int]) -> str:

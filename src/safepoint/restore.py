@@ -338,9 +338,7 @@ def _match_module_state(
     state = {}
     for name, value in saved.items():
         if name not in current:
-            if plan.strict:
-                state[name] = value  # strict load_state_dict raises on it; matching has already refused it
-            continue
+            continue  # unexpected: strict matching has refused it already, and without strict it is not given
         live_value = current[name]
         if isinstance(live_value, torch.Tensor) and isinstance(value, torch.Tensor):
             if _dtype_mismatch(plan, live_value, value, key_path([*path, name])):

@@ -453,3 +453,14 @@ def test_a_replaced_history_resumes_through_the_manager(tmp_path: Path) -> None:
     assert report is not None
     assert report.restored == ("history",)
     assert resumed == {"loss": [1.0, 0.5], "val_loss": [0.7]}
+
+
+@pytest.mark.parametrize("step", ["3", -1, True, 1.5])
+def test_restore_and_load_refuse_a_step_that_is_not_one(tmp_path: Path, step: Any) -> None:
+    """Regression: a str or float step raised a bare ValueError from a format string."""
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.ones(1)})
+        with pytest.raises(safepoint.ConfigError, match="step must be None or a non-negative integer"):
+            manager.load(step=step)
+        with pytest.raises(safepoint.ConfigError, match="step must be None or a non-negative integer"):
+            manager.restore({"x": torch.zeros(1)}, step=step)
