@@ -331,7 +331,7 @@ def _match_module_state(
     """Match a module's state_dict key by key; the state to give its load_state_dict (without strict, only the
     keys it has; with cast_dtypes, tensors cast to the live dtypes)."""
     _compare_keys(plan, current, saved, path)
-    hint = _prefix_hint(current, saved)
+    hint = _prefix_hint(current, saved, f"state[{path[0]!r}]" if len(path) == 1 else "the entry's dict")
     if hint:
         plan.hints[tuple(path)] = hint
     plan.applied.append(tuple(path))  # the module itself matched, whatever its keys
@@ -359,13 +359,14 @@ _WRAPPER_PREFIXES = {
 }
 
 
-def _prefix_hint(current: Mapping[Any, Any], saved: Mapping[Any, Any]) -> str:
-    """Say how to fix a module whose keys differ only by a wrapper's prefix, on either side."""
+def _prefix_hint(current: Mapping[Any, Any], saved: Mapping[Any, Any], entry: str) -> str:
+    """Say how to fix a module whose keys differ only by a wrapper's prefix, on either side. ``entry`` names
+    the module's saved dict in a migration."""
     live_only = [k for k in current if k not in saved and isinstance(k, str)]
     saved_only = [k for k in saved if k not in current and isinstance(k, str)]
     for prefix, wrapper in _WRAPPER_PREFIXES.items():
         if _differ_by(saved_only, live_only, prefix):
-            return _checkpoint_has_prefix(prefix, wrapper)
+            return _checkpoint_has_prefix(prefix, wrapper, entry)
         if _differ_by(live_only, saved_only, prefix):
             return _live_has_prefix(prefix, wrapper)
     return ""
@@ -394,7 +395,7 @@ def _strip_prefix(name: str, prefix: str) -> str:
             return name
 
 
-def _checkpoint_has_prefix(prefix: str, wrapper: str) -> str:
+def _checkpoint_has_prefix(prefix: str, wrapper: str, entry: str) -> str:
     if prefix == "_orig_mod.":
         fix = (
             "restore into the compiled module (call torch.compile before restoring), or from now on save "
@@ -405,7 +406,7 @@ def _checkpoint_has_prefix(prefix: str, wrapper: str) -> str:
     return (
         f"the checkpoint's keys start with {prefix!r} ({wrapper} added it when it was saved) and the live "
         f"module's do not: {fix}; to convert existing checkpoints, a safepoint.Migrations step can rename the "
-        f"keys (e.g. {{k.removeprefix({prefix!r}): v for k, v in state[entry].items()}})"
+        f"keys (e.g. {{k.removeprefix({prefix!r}): v for k, v in {entry}.items()}})"
     )
 
 

@@ -317,7 +317,7 @@ def test_a_compiled_checkpoint_into_a_plain_model_says_how_to_fix_it(tmp_path: P
     assert "hint for 'model'" in message
     assert "'_orig_mod.'" in message
     assert "restore into the compiled module" in message
-    assert "removeprefix('_orig_mod.')" in message
+    assert "{k.removeprefix('_orig_mod.'): v for k, v in state['model'].items()}" in message
     # the fix it names works
     report = safepoint.restore(tmp_path / "c", {"model": torch.compile(live)})
     assert report.restored == ("model",)
@@ -463,3 +463,27 @@ def test_replace_of_the_wrong_kind_is_a_mismatch_and_changes_nothing(tmp_path: P
 def test_replace_wraps_only_dicts_and_lists() -> None:
     with pytest.raises(safepoint.ConfigError, match="tuple"):
         safepoint.Replace((1, 2))  # type: ignore[arg-type]
+
+
+def test_the_migration_the_prefix_hint_suggests_converts_the_checkpoint(tmp_path: Path) -> None:
+    source = linear_model()
+    safepoint.save(tmp_path / "c", {"model": torch.compile(source)}, state_version=1)
+    migrations = safepoint.Migrations()
+
+    @migrations.register(from_version=1)
+    def strip_compile_prefix(state: dict[str, Any]) -> dict[str, Any]:
+        state["model"] = {k.removeprefix("_orig_mod."): v for k, v in state["model"].items()}
+        return state
+
+    live = linear_model()
+    torch.nn.init.zeros_(live[0].weight)
+    report = safepoint.restore(tmp_path / "c", {"model": live}, state_version=2, migrations=migrations)
+    assert report.restored == ("model",)
+    assert torch.equal(live[0].weight, source[0].weight)
+
+
+def test_a_prefix_inside_another_wrappers_prefix_is_recognised(tmp_path: Path) -> None:
+    """DataParallel around a compiled model saves `module._orig_mod.` keys."""
+    safepoint.save(tmp_path / "c", {"model": torch.nn.DataParallel(torch.compile(linear_model()))})
+    with pytest.raises(safepoint.RestoreError, match=r"start with '_orig_mod\.' \(torch\.compile"):
+        safepoint.restore(tmp_path / "c", {"model": torch.nn.DataParallel(linear_model())})
