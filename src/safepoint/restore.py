@@ -792,7 +792,14 @@ def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
 def _check_applied(plan: _Plan, step: int) -> None:
     wrong: list[str] = []
     for key, live, saved in plan.checks:
-        current = live.state_dict()  # once per object: the checks walk it
+        try:
+            current = live.state_dict()  # once per object: the checks walk it
+        except Exception as err:
+            raise RestoreError(
+                f"restoring {key!r} from step {step}: its state_dict() failed after its load_state_dict, so what "
+                f"it took cannot be checked: {err!r}; the restored objects were rolled back and nothing else "
+                "was changed"
+            ) from err
         for sub_path, tensor in _tensors_in(saved, []):
             where = f"{key}/{key_path(sub_path)}"
             node = current

@@ -487,3 +487,29 @@ def test_a_prefix_inside_another_wrappers_prefix_is_recognised(tmp_path: Path) -
     safepoint.save(tmp_path / "c", {"model": torch.nn.DataParallel(torch.compile(linear_model()))})
     with pytest.raises(safepoint.RestoreError, match=r"start with '_orig_mod\.' \(torch\.compile"):
         safepoint.restore(tmp_path / "c", {"model": torch.nn.DataParallel(linear_model())})
+
+
+class BrokenAfterLoad:
+    """A state_dict() that fails once load_state_dict has run (a generator given an invalid state, say)."""
+
+    def __init__(self) -> None:
+        self.value = torch.zeros(2)
+        self.loaded = False
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.loaded:
+            raise RuntimeError("Invalid mt19937 state")
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loaded = True
+
+
+def test_a_state_dict_failing_in_the_check_after_applying_is_a_restore_error(tmp_path: Path) -> None:
+    """Regression: the raw RuntimeError of the post-restore check escaped instead of a RestoreError."""
+    safepoint.save(tmp_path / "c", {"a": Holder(1.0), "b": BrokenAfterLoad()})
+    live = {"a": Holder(0.0), "b": BrokenAfterLoad()}
+    with pytest.raises(safepoint.RestoreError, match=r"'b'.*state_dict\(\) failed.*Invalid mt19937") as caught:
+        safepoint.restore(tmp_path / "c", live)
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    assert torch.equal(live["a"].value, torch.zeros(2))  # rolled back
