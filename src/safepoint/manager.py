@@ -131,7 +131,7 @@ def commit_plan(
     try:
         manifest = execute_save(storage, plan, leaves, written=written)
     except CheckpointExistsError as err:
-        raise _existing(storage, plan.checkpoint, plan.step, err) from err
+        raise _existing(storage, plan.checkpoint, plan.step) from err
     return CheckpointInfo.of(manifest, storage.describe(plan.checkpoint))
 
 
@@ -148,7 +148,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExistsError) -> CheckpointExistsError:
+def _existing(storage: Storage, checkpoint: str, step: int) -> CheckpointExistsError:
     """The error of a save that found ``checkpoint`` committed: which step is there, and whether it verifies.
 
     In a manager directory the step directory names the step; a single checkpoint directory may hold any step,
@@ -413,7 +413,7 @@ class CheckpointManager:
                 state,
                 metrics=metrics,
                 state_version=self._state_version,
-                existing=lambda err: _existing(self._storage, step_dir(step), step, err),
+                existing=lambda err: _existing(self._storage, step_dir(step), step),
                 after_commit=self._retain,  # on rank 0, before the other ranks learn the outcome
             )
         path = self._storage.describe(step_dir(step))
