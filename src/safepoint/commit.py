@@ -195,10 +195,10 @@ def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Call
             storage.publish(join(plan.staging, MANIFEST_NAME), committed)
         except FileExistsError as err:
             # which step was committed is not known here (a single checkpoint directory may hold any): the
-            # caller reads it from the committed manifest (manager._existing)
+            # caller reads it from the committed manifest, and tells a lost race by this FileExistsError cause
             raise CheckpointExistsError(
                 f"another writer committed a checkpoint at {storage.describe(plan.checkpoint)} while this save "
-                f"of step {plan.step} was writing; the committed checkpoint is untouched",
+                f"was writing (of step {plan.step}); the committed checkpoint is untouched",
                 path=storage.describe(plan.checkpoint),
             ) from err
     except BaseException as err:

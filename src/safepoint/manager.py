@@ -131,7 +131,7 @@ def commit_plan(
     try:
         manifest = execute_save(storage, plan, leaves, written=written)
     except CheckpointExistsError as err:
-        raise _existing(storage, plan.checkpoint, plan.step) from err
+        raise _existing(storage, plan.checkpoint, plan.step, err) from err
     return CheckpointInfo.of(manifest, storage.describe(plan.checkpoint))
 
 
@@ -148,8 +148,9 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _existing(storage: Storage, checkpoint: str, step: int) -> CheckpointExistsError:
-    """The error of a save that found ``checkpoint`` committed: which step is there, and whether it verifies.
+def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExistsError) -> CheckpointExistsError:
+    """The error of a save that found ``checkpoint`` committed (``err``): which step is there, whether another
+    writer committed it while this save was writing, and whether it verifies.
 
     In a manager directory the step directory names the step; a single checkpoint directory may hold any step,
     so the step is the one its manifest names (None when the manifest does not read)."""
@@ -158,8 +159,13 @@ def _existing(storage: Storage, checkpoint: str, step: int) -> CheckpointExistsE
         there: int | None = read_manifest(storage, checkpoint).step
     except SafepointError:
         there = step if checkpoint else None
+    raced = isinstance(err.__cause__, FileExistsError)  # the publication lost: see commit.finish_save
     if there == step:
-        headline = f"step {step} is already committed at {where}"
+        headline = (
+            f"step {step} was committed by another writer at {where} while this save was writing"
+            if raced
+            else f"step {step} is already committed at {where}"
+        )
     elif there is None:
         headline = f"{where} already holds a committed checkpoint (this save was of step {step})"
     else:
@@ -413,7 +419,7 @@ class CheckpointManager:
                 state,
                 metrics=metrics,
                 state_version=self._state_version,
-                existing=lambda err: _existing(self._storage, step_dir(step), step),
+                existing=lambda err: _existing(self._storage, step_dir(step), step, err),
                 after_commit=self._retain,  # on rank 0, before the other ranks learn the outcome
             )
         path = self._storage.describe(step_dir(step))
