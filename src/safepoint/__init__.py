@@ -34,7 +34,7 @@ from .interop import ImportReport, export_checkpoint, import_checkpoint
 from .manager import CheckpointInfo, CheckpointManager
 from .manifest import FORMAT_VERSION
 from .migrations import Migrations, move_key, remove_key, rename_key, set_default
-from .restore import RestoreReport, SkippedCheckpoint
+from .restore import Replace, RestoreReport, SkippedCheckpoint
 from .rng import RNGState
 from .verify import CheckpointStatus, VerifyReport
 from .writer import SaveHandle
@@ -63,6 +63,7 @@ __all__ = [
     "PerRank",
     "Pickled",
     "RNGState",
+    "Replace",
     "RestoreError",
     "RestoreReport",
     "SafepointError",

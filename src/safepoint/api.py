@@ -53,11 +53,14 @@ def restore(
     state_version: int | None = None,
     migrations: Migrations | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    cast_dtypes: bool = False,
 ) -> RestoreReport:
     """Apply the checkpoint at ``path`` to ``state`` in place: verified, totally or not at all.
 
     Given the code's ``state_version``, a checkpoint of an older one is upgraded by ``migrations`` first and a
     newer one is refused (StateVersionError); without it, the saved version is not checked.
+    ``cast_dtypes=True`` casts floating-point tensors saved in another floating-point dtype to the live one,
+    listing each in ``report.cast``; without it such a tensor is a mismatch (RestoreError).
     """
     if migrations is not None and state_version is None:
         raise ConfigError("migrations need the code's state_version to know where the chain ends")
@@ -66,8 +69,9 @@ def restore(
     storage = _committed(path, storage_options)
     loaded = read_checkpoint(storage, "")
     return apply_checkpoint(
-        loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain
-    )
+        loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain,
+        cast_dtypes=cast_dtypes,
+    )  # fmt: skip
 
 
 def load(

@@ -343,6 +343,7 @@ def restore_ranks(
     step_path: Callable[[int], str],
     state_version: int | None = None,
     migrations: Migrations | None = None,
+    cast_dtypes: bool = False,
 ) -> RestoreReport | None:
     """Restore on every rank from the one step rank 0 picks; see the module docstring."""
 
@@ -370,7 +371,7 @@ def restore_ranks(
         try:
             prepared = _prepare(
                 storage, path, candidate, state, coordinator, strict=strict, skipped=tuple(skipped),
-                state_version=state_version, migrations=migrations,
+                state_version=state_version, migrations=migrations, cast_dtypes=cast_dtypes,
             )  # fmt: skip
             local = Post({"status": "ok"})
         except FormatVersionError as err:
@@ -420,8 +421,10 @@ def _judge(coordinator: Coordinator, candidate: int, *, explicit: bool) -> Calla
 def _apply_everywhere(
     coordinator: Coordinator, prepared: PreparedRestore, live: dict[str, Any], state: MutableMapping[str, Any]
 ) -> RestoreReport:
+    reports: list[RestoreReport] = []
+
     def apply() -> Json:
-        prepared.apply()
+        reports.append(prepared.apply())
         for key, value in state.items():  # values restored by assignment (numbers, tuples) go back into the PerRank
             if isinstance(value, PerRank):
                 value.value = live[key]
@@ -439,7 +442,7 @@ def _apply_everywhere(
         if applied.error is None:
             attach_note(err, f"safepoint: this rank's state WAS restored from step {prepared.report.step}")
         raise
-    return prepared.report
+    return reports[0]
 
 
 def _prepare(
@@ -453,6 +456,7 @@ def _prepare(
     skipped: tuple[SkippedCheckpoint, ...],
     state_version: int | None = None,
     migrations: Migrations | None = None,
+    cast_dtypes: bool = False,
 ) -> tuple[PreparedRestore, dict[str, Any]]:
     """Read and verify what this rank needs of the checkpoint, and match it against the live state."""
     rank, world = coordinator.rank, coordinator.world_size
@@ -463,7 +467,7 @@ def _prepare(
     live = {key: value.value if isinstance(value, PerRank) else value for key, value in state.items()}
     prepared = prepare_checkpoint(
         LoadedCheckpoint(path, view, leaves), live, strict=strict, path=where, skipped=skipped,
-        state_version=state_version, migrations=migrations,
+        state_version=state_version, migrations=migrations, cast_dtypes=cast_dtypes,
     )  # fmt: skip
     return prepared, live
 

@@ -194,10 +194,11 @@ def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Call
         try:
             storage.publish(join(plan.staging, MANIFEST_NAME), committed)
         except FileExistsError as err:
+            # which step was committed is not known here (a single checkpoint directory may hold any): the
+            # caller reads it from the committed manifest, and tells a lost race by this FileExistsError cause
             raise CheckpointExistsError(
-                f"step {plan.step} was committed by another writer at {storage.describe(plan.checkpoint)} "
-                "while this save was writing; the committed checkpoint is untouched",
-                step=plan.step,
+                f"another writer committed a checkpoint at {storage.describe(plan.checkpoint)} while this save "
+                f"was writing (of step {plan.step}); the committed checkpoint is untouched",
                 path=storage.describe(plan.checkpoint),
             ) from err
     except BaseException as err:
@@ -223,14 +224,15 @@ def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Call
 
 
 def begin_attempt(storage: Storage, plan: SavePlan) -> AttemptLock:
-    """Make the checkpoint directory and take this attempt's lock; CheckpointExistsError if the step is committed."""
+    """Make the checkpoint directory and take this attempt's lock; CheckpointExistsError if a checkpoint is
+    committed there (its ``step`` is left None: the directory of a single checkpoint may hold any step)."""
     committed = join(plan.checkpoint, MANIFEST_NAME)
     for _ in range(10):
         storage.ensure_dir(plan.checkpoint)
         if storage.exists(committed):
             raise CheckpointExistsError(
-                f"step {plan.step} is already committed at {storage.describe(plan.checkpoint)}",
-                step=plan.step,
+                f"a checkpoint is already committed at {storage.describe(plan.checkpoint)}; this save of step "
+                f"{plan.step} wrote nothing",
                 path=storage.describe(plan.checkpoint),
             )
         try:

@@ -7,7 +7,7 @@ is attached to it as a note). There is no ``__del__``: nothing can raise at garb
 Resume: ``restore(state)`` walks from the newest committed step down to the first one that verifies and fits,
 and reports every step it passed over with the reason. Nothing to restore returns ``None``. Committed
 checkpoints that all fail verification raise: starting from scratch over them would be the silent failure this
-library exists to prevent.
+library exists to prevent. ``load()`` finds its checkpoint the same way and returns the values as plain data.
 
 Retention runs only after a save is durable, works from what is on disk (so it survives restarts), never
 removes the newest committed step or the one just saved, and never touches names it does not own.
@@ -26,9 +26,9 @@ import gc
 import logging
 import os
 import types
-from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
@@ -53,7 +53,7 @@ from .layout import MANIFEST_NAME, join, step_dir
 from .manifest import Manifest
 from .migrations import Migrations
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
-from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, none_verifies
+from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, load_values, none_verifies
 from .retention import RetentionPolicy, steps_to_keep
 from .staging import check_staging_bytes
 from .storage import Storage, open_storage
@@ -63,6 +63,7 @@ from .writer import BackgroundWriter, SaveHandle, check_in_flight
 __all__ = ["CheckpointInfo", "CheckpointManager", "check_migrations", "check_state_version", "commit_plan", "save_to"]
 
 logger = logging.getLogger("safepoint")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -148,19 +149,48 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _existing(storage: Storage, checkpoint: str, step: int, err: CheckpointExistsError) -> CheckpointExistsError:
+    """The error of a save that found ``checkpoint`` committed (``err``): which step is there, whether another
+    writer committed it while this save was writing, and whether it verifies.
+
+    In a manager directory the step directory names the step; a single checkpoint directory may hold any step,
+    so the step is the one its manifest names (None when the manifest does not read)."""
     where = storage.describe(checkpoint)
     try:
-        manifest = verify_checkpoint(storage, checkpoint)
+        there: int | None = read_manifest(storage, checkpoint).step
+    except SafepointError:
+        there = step if checkpoint else None
+    raced = isinstance(err.__cause__, FileExistsError)  # the publication lost: see commit.finish_save
+    if there == step:
+        headline = (
+            f"step {step} was committed by another writer at {where} while this save was writing"
+            if raced
+            else f"step {step} is already committed at {where}"
+        )
+    elif there is None:
+        headline = f"{where} already holds a committed checkpoint (this save was of step {step})"
+    else:
+        headline = f"{where} already holds the committed checkpoint of step {there}, not of step {step}"
+    try:
+        # a step directory holding another step's manifest is corrupt: read_manifest says so
+        manifest = verify_checkpoint(storage, checkpoint, step=step if checkpoint else None)
     except SafepointError as problem:
         return CheckpointExistsError(
-            f"{err}; it does NOT verify ({problem}). It was left untouched: inspect it, remove it by hand, "
+            f"{headline}; it does NOT verify ({problem}). It was left untouched: inspect it, remove it by hand, "
             "or save under another step",
-            step=step,
+            step=there,
             path=where,
             verified=False,
         )
+    if there != step:
+        return CheckpointExistsError(
+            f"{headline}; it verifies (save id {manifest.save_id}) and was left untouched. A directory holds one "
+            f"checkpoint: save step {step} to another directory, or use a CheckpointManager for numbered steps",
+            step=there,
+            path=where,
+            verified=True,
+        )
     return CheckpointExistsError(
-        f"{err}; it verifies (save id {manifest.save_id}, {manifest.nbytes} bytes), so a retry after an "
+        f"{headline}; it verifies (save id {manifest.save_id}, {manifest.nbytes} bytes), so a retry after an "
         "ambiguous commit can treat the step as saved",
         step=step,
         path=where,
@@ -450,18 +480,26 @@ class CheckpointManager:
 
     # -- restoring -------------------------------------------------------------------------------------------
     def restore(
-        self, state: MutableMapping[str, Any], *, step: int | None = None, strict: bool = True
+        self,
+        state: MutableMapping[str, Any],
+        *,
+        step: int | None = None,
+        strict: bool = True,
+        cast_dtypes: bool = False,
     ) -> RestoreReport | None:
         """Apply a checkpoint to ``state`` in place, verified, totally or not at all.
 
         With ``step=None``: the newest checkpoint that verifies; returns None if nothing is committed. With a
         step: exactly that one (CheckpointNotFoundError or CorruptCheckpointError, never a fallback).
         ``strict=False`` reports missing and unexpected entries instead of raising; shape, dtype and type
-        mismatches always raise RestoreError, with the live state unchanged. A checkpoint of an older
+        mismatches always raise RestoreError, with the live state unchanged. ``cast_dtypes=True`` casts
+        floating-point tensors saved in another floating-point dtype to the live one (e.g. an fp32 checkpoint
+        into a bf16 model) and lists each cast in ``report.cast``. A checkpoint of an older
         ``state_version`` is upgraded by the manager's ``migrations`` before matching (the report lists them);
         a newer one raises StateVersionError: falling back to an older step would silently lose progress.
         """
         self._check_open()
+        _check_step(step)
         if self._is_distributed(state):
             return restore_ranks(
                 self._storage,
@@ -473,15 +511,68 @@ class CheckpointManager:
                 step_path=step_dir,
                 state_version=self._state_version,
                 migrations=self._migrations,
+                cast_dtypes=cast_dtypes,
             )
+
+        def apply(loaded: LoadedCheckpoint, where: str, skipped: tuple[SkippedCheckpoint, ...]) -> RestoreReport:
+            return apply_checkpoint(
+                loaded, state, strict=strict, path=where, skipped=skipped, state_version=self._state_version,
+                migrations=self._migrations, cast_dtypes=cast_dtypes,
+            )  # fmt: skip
+
+        return self._newest_valid(step, apply)
+
+    def load(
+        self, step: int | None = None, *, mmap: bool = False, allow_pickle: Iterable[str] | bool = False
+    ) -> tuple[dict[str, Any], RestoreReport]:
+        """The newest checkpoint that verifies (or exactly ``step``) as plain values, and its report.
+
+        ``values, report = manager.load()``: objects' state_dicts come back as dicts, tensors as tensors that
+        own their memory (with ``mmap=True``, see :func:`safepoint.load`). It finds the checkpoint as
+        :meth:`restore` does: newer checkpoints that do not verify are skipped and listed in
+        ``report.skipped``; committed checkpoints none of which verifies raise CorruptCheckpointError; a
+        ``step`` is that step or an error, never a fallback. The manager's ``migrations`` upgrade an older
+        ``state_version`` (listed in ``report.migrations``); ``report.restored`` is every top-level entry.
+        Entries saved with :class:`safepoint.Pickled` are unpickled only where ``allow_pickle`` says.
+
+        Nothing committed raises CheckpointNotFoundError (where :meth:`restore` returns None): there are no
+        values to return, and a None would only fail later, at the unpacking.
+
+        With a process group, each rank that calls it reads the checkpoint on its own: no collective runs.
+        """
+        self._check_open()
+        _check_step(step)
+        if not isinstance(mmap, bool):
+            raise ConfigError(f"mmap must be True or False, not {mmap!r}")
+
+        def values(
+            loaded: LoadedCheckpoint, where: str, skipped: tuple[SkippedCheckpoint, ...]
+        ) -> tuple[dict[str, Any], RestoreReport]:
+            return load_values(
+                loaded, path=where, skipped=skipped, state_version=self._state_version,
+                migrations=self._migrations, allow_pickle=allow_pickle,
+            )  # fmt: skip
+
+        found = self._newest_valid(step, values, mmap=mmap)
+        if found is None:
+            raise CheckpointNotFoundError(f"nothing is committed in {self.directory}: there is no checkpoint to load")
+        return found
+
+    def _newest_valid(
+        self,
+        step: int | None,
+        use: Callable[[LoadedCheckpoint, str, tuple[SkippedCheckpoint, ...]], _T],
+        *,
+        mmap: bool = False,
+    ) -> _T | None:
+        """``use`` the checkpoint of ``step``, or the newest one that verifies; None when nothing is committed."""
         if step is not None:
-            return self._restore_step(state, step, strict)
+            return use(self._read_step(step, mmap), self._storage.describe(step_dir(step)), ())
         skipped: list[SkippedCheckpoint] = []
-        committed = self.steps()
-        for candidate in reversed(committed):
+        for candidate in reversed(self.steps()):
             path = step_dir(candidate)
             try:
-                loaded = read_checkpoint(self._storage, path, step=candidate)
+                loaded = read_checkpoint(self._storage, path, step=candidate, mmap=mmap)
             except FormatVersionError:
                 raise  # a newer safepoint wrote it: falling back would silently lose progress
             except (CorruptCheckpointError, StorageError) as err:
@@ -493,40 +584,19 @@ class CheckpointManager:
             except CheckpointNotFoundError:
                 continue  # deleted by retention elsewhere since the listing
             # a newer state_version or a failing migration raises from here: no fallback to an older step
-            return self._apply(loaded, state, strict, self._storage.describe(path), tuple(skipped))
+            return use(loaded, self._storage.describe(path), tuple(skipped))
         if skipped:
             raise none_verifies(self.directory, skipped)
         return None
 
-    def _restore_step(self, state: MutableMapping[str, Any], step: int, strict: bool) -> RestoreReport:
-        path = step_dir(step)
-        where = self._storage.describe(path)
+    def _read_step(self, step: int, mmap: bool) -> LoadedCheckpoint:
         try:
-            loaded = read_checkpoint(self._storage, path, step=step)
+            return read_checkpoint(self._storage, step_dir(step), step=step, mmap=mmap)
         except CheckpointNotFoundError:
             available = self.steps()
             raise CheckpointNotFoundError(
                 f"step {step} is not committed in {self.directory} (committed: {_summary(available)})"
             ) from None
-        return self._apply(loaded, state, strict, where, ())
-
-    def _apply(
-        self,
-        loaded: LoadedCheckpoint,
-        state: MutableMapping[str, Any],
-        strict: bool,
-        where: str,
-        skipped: tuple[SkippedCheckpoint, ...],
-    ) -> RestoreReport:
-        return apply_checkpoint(
-            loaded,
-            state,
-            strict=strict,
-            path=where,
-            skipped=skipped,
-            state_version=self._state_version,
-            migrations=self._migrations,
-        )
 
     # -- maintenance -----------------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
@@ -550,6 +620,11 @@ class CheckpointManager:
             return
         if report.removed:
             logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), self.directory)
+
+
+def _check_step(step: object) -> None:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ConfigError(f"step must be None or a non-negative integer, not {step!r}")
 
 
 def _summary(steps: list[int]) -> str:

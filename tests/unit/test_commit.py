@@ -213,3 +213,53 @@ def test_gc_collects_a_crashed_standalone_save(tmp_path: Path) -> None:
     report = collect(LocalStorage(tmp_path / "c"))
     assert len(report.removed) == 1
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_saving_another_step_over_a_single_checkpoint_names_the_step_that_is_there(tmp_path: Path) -> None:
+    """Regression: the error said 'step 4 is already committed ... it verifies' and set step=4."""
+    path = tmp_path / "ckpt"
+    safepoint.save(path, {"x": torch.ones(3)}, step=2)
+    with pytest.raises(safepoint.CheckpointExistsError) as caught:
+        safepoint.save(path, {"x": torch.zeros(3)}, step=4)
+    assert caught.value.step == 2
+    assert caught.value.verified is True
+    message = str(caught.value)
+    assert "the committed checkpoint of step 2, not of step 4" in message
+    assert "step 4 is already committed" not in message
+    assert safepoint.load(path)["x"].tolist() == [1.0, 1.0, 1.0]  # untouched
+
+
+def test_saving_over_a_damaged_single_checkpoint_names_its_step_and_says_it_does_not_verify(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    safepoint.save(path, {"x": torch.arange(100.0)}, step=2)
+    payload = next(path.glob("*/*.safetensors"))
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0x40
+    payload.write_bytes(bytes(data))
+    with pytest.raises(safepoint.CheckpointExistsError, match="does NOT verify") as caught:
+        safepoint.save(path, {"x": torch.zeros(3)}, step=4)
+    assert caught.value.step == 2
+    assert caught.value.verified is False
+    assert "of step 2, not of step 4" in str(caught.value)
+
+
+def test_saving_the_same_step_over_a_single_checkpoint_says_it_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    safepoint.save(path, {"x": torch.ones(3)}, step=2)
+    with pytest.raises(safepoint.CheckpointExistsError, match="step 2 is already committed") as caught:
+        safepoint.save(path, {"x": torch.ones(3)}, step=2)
+    assert caught.value.step == 2
+    assert caught.value.verified is True
+
+
+def test_a_step_directory_holding_another_steps_manifest_is_reported_as_not_verifying(tmp_path: Path) -> None:
+    """A manifest copied into another step's directory names its own step, and that step directory is corrupt."""
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(2, {"x": torch.ones(3)})
+        (tmp_path / step_dir(4)).mkdir()
+        (tmp_path / step_dir(4) / "manifest.json").write_bytes((tmp_path / step_dir(2) / "manifest.json").read_bytes())
+        with pytest.raises(safepoint.CheckpointExistsError, match="does NOT verify") as caught:
+            manager.save(4, {"x": torch.ones(3)})
+    assert caught.value.step == 2
+    assert caught.value.verified is False
+    assert "step 2, not of step 4" in str(caught.value)

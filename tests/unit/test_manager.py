@@ -342,3 +342,125 @@ def test_verify_of_a_single_corrupt_checkpoint_names_its_step(tmp_path: Path) ->
     report = safepoint.verify(tmp_path / "c")
     assert not report.ok
     assert report.checkpoints[0].step == 9
+
+
+# -- manager.load: the newest valid checkpoint as plain data -------------------------------------------------------
+def test_load_returns_the_newest_valid_checkpoint_as_plain_values(tmp_path: Path) -> None:
+    state = make_state()
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.zeros(4)})
+        manager.save(2, state, metrics={"loss": 0.5})
+        values, report = manager.load()
+    assert report.step == 2
+    assert report.metrics == {"loss": 0.5}
+    assert report.restored == ("model", "optimizer", "scheduler", "rng", "progress")
+    assert report.skipped == ()
+    assert values["progress"] == {"epoch": 3, "batch": 120, "losses": [0.5, 0.25]}
+    assert_same_tensors(values["model"], dict(state["model"].state_dict()))
+    assert values["optimizer"]["param_groups"][0]["lr"] == state["optimizer"].param_groups[0]["lr"]
+
+
+def test_load_falls_back_over_corrupt_checkpoints_and_lists_them(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, {"x": torch.full((256,), float(step)), "step": step})
+    flip_byte(payload_files(tmp_path, 3)[0])
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        values, report = manager.load()
+        assert report.step == 2
+        assert values["step"] == 2
+        assert torch.equal(values["x"], torch.full((256,), 2.0))
+        assert [s.step for s in report.skipped] == [3]
+        assert "checksum" in report.skipped[0].reason
+        with pytest.raises(safepoint.CorruptCheckpointError):
+            manager.load(step=3)  # an explicit step never falls back
+        assert manager.load(step=1)[0]["step"] == 1
+        with pytest.raises(safepoint.CheckpointNotFoundError, match="step 9 is not committed"):
+            manager.load(step=9)
+
+
+def test_load_raises_when_committed_checkpoints_exist_and_none_verifies(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        for step in (1, 2):
+            manager.save(step, {"x": torch.ones(64)})
+    for step in (1, 2):
+        flip_byte(payload_files(tmp_path, step)[0])
+    with safepoint.CheckpointManager(tmp_path) as manager, pytest.raises(safepoint.CorruptCheckpointError) as caught:
+        manager.load()
+    assert "none verifies" in str(caught.value)
+
+
+def test_load_with_nothing_committed_raises_not_found(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        with pytest.raises(safepoint.CheckpointNotFoundError, match="nothing is committed"):
+            manager.load()
+        assert manager.restore({"x": torch.zeros(1)}) is None  # restore's own signal is unchanged
+
+
+def test_load_applies_the_managers_migrations(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path, state_version=1) as manager:
+        manager.save(1, {"progress": {"epoch": 3}})
+    migrations = safepoint.Migrations()
+
+    @migrations.register(from_version=1)
+    def add_batch(state: dict[str, Any]) -> dict[str, Any]:
+        return safepoint.set_default(state, "progress/batch", 0)
+
+    with safepoint.CheckpointManager(tmp_path, state_version=2, migrations=migrations) as manager:
+        values, report = manager.load()
+    assert values == {"progress": {"epoch": 3, "batch": 0}}
+    assert report.state_version == 1
+    assert report.migrations[0].endswith("add_batch (1 -> 2)")
+    assert len(report.migrations) == 1
+
+
+def test_load_unpickles_only_with_the_opt_in_and_can_map(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"extra": safepoint.Pickled({"a": {1, 2}}), "x": torch.arange(8.0)})
+        with pytest.raises(safepoint.UnsafeCheckpointError, match="'extra'"):
+            manager.load()
+        values, _ = manager.load(allow_pickle=["extra"], mmap=True)
+        assert values["extra"] == {"a": {1, 2}}
+        assert torch.equal(values["x"], torch.arange(8.0))
+        with pytest.raises(safepoint.ConfigError, match="mmap"):
+            manager.load(mmap="yes")  # type: ignore[arg-type]
+    with pytest.raises(safepoint.ManagerClosedError):
+        manager.load()
+
+
+def test_manager_restore_casts_dtypes_only_when_asked(tmp_path: Path) -> None:
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"w": torch.full((3,), 1 / 3)})
+        live = {"w": torch.zeros(3, dtype=torch.bfloat16)}
+        with pytest.raises(safepoint.RestoreError, match="cast_dtypes=True"):
+            manager.restore(live)
+        report = manager.restore(live, cast_dtypes=True)
+    assert report is not None
+    assert report.cast == ("w: torch.float32 -> torch.bfloat16",)
+    assert torch.equal(live["w"], torch.full((3,), 1 / 3).to(torch.bfloat16))
+
+
+def test_a_replaced_history_resumes_through_the_manager(tmp_path: Path) -> None:
+    history: dict[str, list[float]] = {"loss": [1.0, 0.5]}
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"history": safepoint.Replace(history)})
+        history["val_loss"] = [0.7]
+        manager.save(2, {"history": safepoint.Replace(history)})
+    resumed: dict[str, list[float]] = {}
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        report = manager.restore({"history": safepoint.Replace(resumed)})
+        assert manager.load()[0] == {"history": {"loss": [1.0, 0.5], "val_loss": [0.7]}}
+    assert report is not None
+    assert report.restored == ("history",)
+    assert resumed == {"loss": [1.0, 0.5], "val_loss": [0.7]}
+
+
+@pytest.mark.parametrize("step", ["3", -1, True, 1.5])
+def test_restore_and_load_refuse_a_step_that_is_not_one(tmp_path: Path, step: Any) -> None:
+    """Regression: a str or float step raised a bare ValueError from a format string."""
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, {"x": torch.ones(1)})
+        with pytest.raises(safepoint.ConfigError, match="step must be None or a non-negative integer"):
+            manager.load(step=step)
+        with pytest.raises(safepoint.ConfigError, match="step must be None or a non-negative integer"):
+            manager.restore({"x": torch.zeros(1)}, step=step)

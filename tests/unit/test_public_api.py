@@ -28,6 +28,7 @@ EXPECTED = [
     "PerRank",
     "Pickled",
     "RNGState",
+    "Replace",
     "RestoreError",
     "RestoreReport",
     "SafepointError",
@@ -81,3 +82,17 @@ def test_package_ships_py_typed() -> None:
     from importlib.resources import files
 
     assert files("safepoint").joinpath("py.typed").is_file()
+
+
+def test_restore_options_and_manager_load_are_keyword_only() -> None:
+    import inspect
+
+    load = inspect.signature(safepoint.CheckpointManager.load).parameters
+    assert list(load) == ["self", "step", "mmap", "allow_pickle"]
+    assert load["step"].default is None
+    assert [load[name].kind for name in ("mmap", "allow_pickle")] == [inspect.Parameter.KEYWORD_ONLY] * 2
+    for restore in (safepoint.restore, safepoint.CheckpointManager.restore):
+        cast = inspect.signature(restore).parameters["cast_dtypes"]
+        assert cast.kind is inspect.Parameter.KEYWORD_ONLY
+        assert cast.default is False
+    assert safepoint.Replace.__module__ == "safepoint"  # the name a manifest records for it
