@@ -909,8 +909,10 @@ def _difference_line(difference: Difference) -> Text:
         return Text.assemble(("  + ", "green"), (difference.key, "green"), f": {difference.after}")
     if difference.kind == "removed":
         return Text.assemble(("  - ", "red"), (difference.key, "red"), f": {difference.before}")
-    change = f"{difference.before} -> {difference.after}" if difference.before != difference.after else ""
-    text = ": ".join(part for part in (change or difference.before, difference.detail) if part)
+    if difference.before != difference.after:  # the two descriptions show the change (dtype, shape, type, value)
+        text = f"{difference.before} -> {difference.after}"
+    else:  # same kind, dtype and shape: the detail says how the contents differ
+        text = f"{difference.before}: {difference.detail}"
     return Text.assemble(("  ~ ", "yellow"), (difference.key, "yellow"), f": {text}")
 
 

@@ -76,6 +76,8 @@ def diff_checkpoints(a: LoadedCheckpoint, b: LoadedCheckpoint) -> CheckpointDiff
         if path in reported or _under(path, replaced):
             continue
         key = key_path(path)
+        if _filled(path, values_a, values_b, shape_a, shape_b):
+            continue  # {} on one side, the same container with items on the other: the items are the news
         if path not in values_b:
             differences.append((path, Difference(key, "removed", describe_value(values_a[path]), "")))
         elif path not in values_a:
@@ -92,6 +94,14 @@ def diff_checkpoints(a: LoadedCheckpoint, b: LoadedCheckpoint) -> CheckpointDiff
         version = Difference("state_version", "changed", str(a.manifest.state_version), str(b.manifest.state_version))
     entries = tuple(difference for _, difference in differences)
     return CheckpointDiff(entries, _metric_differences(a.manifest, b.manifest), version, compared)
+
+
+def _filled(path: Path, values_a: dict[Path, Any], values_b: dict[Path, Any], shape_a: dict[Path, str],
+            shape_b: dict[Path, str]) -> bool:  # fmt: skip
+    """Whether ``path`` is an empty container on one side only, with the same kind of container on the other."""
+    if (path in values_a) == (path in values_b):
+        return False
+    return shape_a.get(path) == shape_b.get(path) != "value"
 
 
 def _under(path: Path, prefixes: list[Path]) -> bool:
@@ -166,7 +176,8 @@ def tree_children(path: Path, node: Mapping[str, Any]) -> list[tuple[Path, Mappi
 
 # -- comparing -------------------------------------------------------------------------------------------------
 def compare_values(a: Any, b: Any) -> str | None:
-    """None when ``a`` and ``b`` are the same (bitwise for tensors and arrays), else how they differ."""
+    """None when ``a`` and ``b`` are the same (bitwise for tensors and arrays), else how they differ: a detail for
+    tensors, "" where the two values' descriptions say it all."""
     if isinstance(a, PickledPayload) or isinstance(b, PickledPayload):
         if isinstance(a, PickledPayload) and isinstance(b, PickledPayload):
             return None if a.data == b.data else "pickled bytes differ"
