@@ -708,17 +708,13 @@ def _rm_hint(storage: Storage, single: bool, status: CheckpointStatus) -> str:
 
 
 def _verify_with_bar(storage: Storage, total: int, errors: Console) -> VerifyReport:
-    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"))
-    # The bar lives on stderr and results are printed after it, so stdout is the same with or without a terminal.
-    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True,
-                  redirect_stdout=False, redirect_stderr=False) as progress:  # fmt: skip
-        task = progress.add_task("", total=total)
-        bad = 0
+    bad = 0
+    with _progress("verifying", errors, total) as step_done:
 
         def advance(status: CheckpointStatus) -> None:
             nonlocal bad
             bad += not status.ok
-            progress.update(task, advance=1, description=f"step {status.step}" + (f", {bad} bad" if bad else ""))
+            step_done(f"step {status.step}" + (f", {bad} bad" if bad else ""))
 
         return verify_storage(storage, advance)
 

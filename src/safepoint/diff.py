@@ -24,7 +24,7 @@ from .reader import LoadedCheckpoint
 
 __all__ = ["CheckpointDiff", "Difference", "describe_value", "diff_checkpoints", "tree_objects"]
 
-Path = tuple[str | int, ...]
+KeyPath = tuple[str | int, ...]
 
 #: Elements compared at once: bounds the temporary memory of a comparison whatever the tensor's size.
 _CHUNK_ELEMENTS = 1 << 22
@@ -58,9 +58,9 @@ def diff_checkpoints(a: LoadedCheckpoint, b: LoadedCheckpoint) -> CheckpointDiff
     values_a, shape_a = _flatten_checkpoint(a)
     values_b, shape_b = _flatten_checkpoint(b)
     types_a, types_b = tree_objects(a.manifest), tree_objects(b.manifest)
-    differences: list[tuple[Path, Difference]] = []
-    reported: set[Path] = set()
-    replaced: list[Path] = []  # a container on one side, a value on the other: its insides are not listed
+    differences: list[tuple[KeyPath, Difference]] = []
+    reported: set[KeyPath] = set()
+    replaced: list[KeyPath] = []  # a container on one side, a value on the other: its insides are not listed
     for path in sorted(shape_a.keys() & shape_b.keys(), key=_sort_key):
         kind_a, kind_b = shape_a[path], shape_b[path]
         if _under(path, replaced) or (kind_a == kind_b and types_a.get(path) == types_b.get(path)):
@@ -96,19 +96,19 @@ def diff_checkpoints(a: LoadedCheckpoint, b: LoadedCheckpoint) -> CheckpointDiff
     return CheckpointDiff(entries, _metric_differences(a.manifest, b.manifest), version, compared)
 
 
-def _filled(path: Path, values_a: dict[Path, Any], values_b: dict[Path, Any], shape_a: dict[Path, str],
-            shape_b: dict[Path, str]) -> bool:  # fmt: skip
+def _filled(path: KeyPath, values_a: dict[KeyPath, Any], values_b: dict[KeyPath, Any], shape_a: dict[KeyPath, str],
+            shape_b: dict[KeyPath, str]) -> bool:  # fmt: skip
     """Whether ``path`` is an empty container on one side only, with the same kind of container on the other."""
     if (path in values_a) == (path in values_b):
         return False
     return shape_a.get(path) == shape_b.get(path) != "value"
 
 
-def _under(path: Path, prefixes: list[Path]) -> bool:
+def _under(path: KeyPath, prefixes: list[KeyPath]) -> bool:
     return any(path[: len(p)] == p for p in prefixes)
 
 
-def _sort_key(path: Path) -> tuple[tuple[int, str], ...]:
+def _sort_key(path: KeyPath) -> tuple[tuple[int, str], ...]:
     # int and str keys may sit side by side in one dict: compare them as (kind, text), ints by value
     return tuple((0, f"{p:020d}") if isinstance(p, int) and p >= 0 else (1, str(p)) for p in path)
 
@@ -120,12 +120,12 @@ def _node_label(kind: str, object_type: str | None, value: Any) -> str:
 
 
 # -- flattening ------------------------------------------------------------------------------------------------
-def _flatten_checkpoint(loaded: LoadedCheckpoint) -> tuple[dict[Path, Any], dict[Path, str]]:
+def _flatten_checkpoint(loaded: LoadedCheckpoint) -> tuple[dict[KeyPath, Any], dict[KeyPath, str]]:
     """(key path -> value) for every value, and (key path -> container type name, or "value") for every node."""
     # decode_tree keeps pickled entries as PickledPayload (bytes, never unpickled) and rebuilds every other kind
     plain = decode_tree(loaded.manifest.tree, loaded.leaves)
-    values: dict[Path, Any] = {}
-    shape: dict[Path, str] = {}
+    values: dict[KeyPath, Any] = {}
+    shape: dict[KeyPath, str] = {}
     for path, value in _walk(plain, ()):
         is_container = isinstance(value, (Mapping, list, tuple))
         if path:
@@ -135,7 +135,7 @@ def _flatten_checkpoint(loaded: LoadedCheckpoint) -> tuple[dict[Path, Any], dict
     return values, shape
 
 
-def _walk(value: Any, path: Path) -> Iterator[tuple[Path, Any]]:
+def _walk(value: Any, path: KeyPath) -> Iterator[tuple[KeyPath, Any]]:
     yield path, value
     if isinstance(value, Mapping):
         for key, item in value.items():
@@ -145,10 +145,10 @@ def _walk(value: Any, path: Path) -> Iterator[tuple[Path, Any]]:
             yield from _walk(item, (*path, index))
 
 
-def tree_objects(manifest: Manifest) -> dict[Path, str]:
+def tree_objects(manifest: Manifest) -> dict[KeyPath, str]:
     """The key paths of the entries that were saved through ``state_dict()``, with their recorded class."""
-    found: dict[Path, str] = {}
-    stack: list[tuple[Path, Mapping[str, Any]]] = [((), manifest.tree)]
+    found: dict[KeyPath, str] = {}
+    stack: list[tuple[KeyPath, Mapping[str, Any]]] = [((), manifest.tree)]
     while stack:
         path, node = stack.pop()
         if node.get("k") == "object" and isinstance(node.get("type"), str):
@@ -158,7 +158,7 @@ def tree_objects(manifest: Manifest) -> dict[Path, str]:
     return found
 
 
-def tree_children(path: Path, node: Mapping[str, Any]) -> list[tuple[Path, Mapping[str, Any]]]:
+def tree_children(path: KeyPath, node: Mapping[str, Any]) -> list[tuple[KeyPath, Mapping[str, Any]]]:
     """The child nodes of a manifest tree node with their key paths. Unknown container kinds (a newer format's)
     are walked by shape: ``[[key, node], ...]`` like a dict, ``[node, ...]`` like a list, ``node`` like an object."""
     payload = node.get("v")
