@@ -581,8 +581,8 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     console.print(files)
     console.print()
     rows = _entry_rows(manifest)
-    stored = sum(bool(row.nbytes) for row in rows)
-    console.print(Text(f"entries ({len(rows)}: {stored} stored in files, {len(rows) - stored} in the manifest)",
+    stored = sum(bool(row.dtype) for row in rows)
+    console.print(Text(f"entries ({len(rows)}: {stored} in payload files, {len(rows) - stored} in the manifest)",
                        style="bold"))  # fmt: skip
     console.print(_entries_table(rows))
     return EXIT_OK if ok else EXIT_INVALID
@@ -785,6 +785,10 @@ def _cmd_rm(args: argparse.Namespace, console: Console) -> int:
         console.print(Text.assemble(("left         ", "yellow"), f"{path}  (its writer is alive: a save in progress)"))
     if not checkpoint and storage.remove_empty_dir(""):
         console.print(Text.assemble(("removed      ", "green"), storage.describe("")))
+    elif checkpoint and not report.in_progress and storage.exists(checkpoint):
+        # rm only ever deletes safepoint's own names (layout.py): anything else in the directory is someone's
+        console.print(Text.assemble(("left         ", "yellow"), f"{checkpoint}  (it holds files safepoint did not "
+                                    "write)"))  # fmt: skip
     console.print(f"removed {what}")
     return EXIT_OK
 
@@ -901,15 +905,10 @@ def _cmd_diff(args: argparse.Namespace, console: Console) -> int:
 
 
 def _difference_line(difference: Difference) -> Text:
-    if difference.kind == "added":
-        return Text.assemble(("  + ", "green"), (difference.key, "green"), f": {difference.after}")
-    if difference.kind == "removed":
-        return Text.assemble(("  - ", "red"), (difference.key, "red"), f": {difference.before}")
-    if difference.before != difference.after:  # the two descriptions show the change (dtype, shape, type, value)
-        text = f"{difference.before} -> {difference.after}"
-    else:  # same kind, dtype and shape: the detail says how the contents differ
-        text = f"{difference.before}: {difference.detail}"
-    return Text.assemble(("  ~ ", "yellow"), (difference.key, "yellow"), f": {text}")
+    if difference.kind == "changed" and difference.before == difference.after:
+        # same kind, dtype and shape: the detail says how the contents differ
+        return _marked_line("changed", difference.key, f"{difference.before}: {difference.detail}")
+    return _change_line(Change(difference.kind, difference.key, difference.before, difference.after))
 
 
 # -- demo ------------------------------------------------------------------------------------------------------
@@ -967,11 +966,20 @@ def _busy(what: str) -> contextlib.AbstractContextManager[object]:
 
 
 def _change_line(change: Change) -> Text:
+    """``+ key: new``, ``- key: old`` or ``~ key: old -> new``, as migrate --dry-run and diff print them."""
     if change.kind == "added":
-        return Text.assemble(("  + ", "green"), (change.key, "green"), f": {change.after}")
+        return _marked_line(change.kind, change.key, change.after)
     if change.kind == "removed":
-        return Text.assemble(("  - ", "red"), (change.key, "red"), f": {change.before}")
-    return Text.assemble(("  ~ ", "yellow"), (change.key, "yellow"), f": {change.before} -> {change.after}")
+        return _marked_line(change.kind, change.key, change.before)
+    return _marked_line(change.kind, change.key, f"{change.before} -> {change.after}")
+
+
+_MARKS = {"added": ("  + ", "green"), "removed": ("  - ", "red"), "changed": ("  ~ ", "yellow")}
+
+
+def _marked_line(kind: str, key: str, text: str) -> Text:
+    mark, style = _MARKS[kind]
+    return Text.assemble((mark, style), (key, style), f": {text}")
 
 
 def _load_migrations(spec: str) -> Migrations:

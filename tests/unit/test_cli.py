@@ -459,6 +459,17 @@ def test_rm_names_the_step_and_refuses_what_is_not_committed(
     assert (tmp_path / "run" / "step-000000000400" / DEAD_ID).exists()
 
 
+def test_rm_never_deletes_files_safepoint_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run")
+    foreign = tmp_path / "run" / "step-000000000100" / "notes.txt"
+    foreign.write_text("mine")
+    code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "100", "--yes")
+    assert code == 0, err
+    assert "files safepoint did not write" in row(out, "left")
+    assert foreign.read_text() == "mine"
+    assert not (tmp_path / "run" / "step-000000000100" / "manifest.json").exists()
+
+
 def test_rm_leaves_the_attempt_of_a_save_in_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     infos = make_run(tmp_path / "run")
     attempt = dead_attempt(tmp_path / "run", 200)  # another writer's attempt at the same step, still running

@@ -204,6 +204,15 @@ def test_metrics_alone_make_checkpoints_different(tmp_path: Path, capsys: pytest
     assert out.splitlines()[-1] == "different: metrics: 1 differ"
 
 
+def test_state_version_alone_makes_checkpoints_different(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    safepoint.save(tmp_path / "a", {"w": torch.ones(2)}, step=1, state_version=1)
+    safepoint.save(tmp_path / "b", {"w": torch.ones(2)}, step=1, state_version=2)
+    code, out, _ = run(capsys, "diff", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert code == 1
+    assert changes(out) == {"state_version": "~ 1 -> 2"}  # the same values may mean other things
+    assert out.splitlines()[-1] == "different: state_version differs"
+
+
 def test_large_tensors_are_compared_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(diff_module, "_CHUNK_ELEMENTS", 7)  # many chunks, and a short last one
     a = torch.arange(50, dtype=torch.bfloat16)
