@@ -1,45 +1,59 @@
-"""The ``safepoint`` command-line tool: list, inspect, verify and clean checkpoint directories, migrate, import and
-export them, and run the demo.
+"""The ``safepoint`` command-line tool: list, inspect, verify, compare and clean checkpoint directories, migrate,
+import and export them, and run the demo.
 
 This module owns argument parsing, presentation (rich tables on a terminal, plain lines in logs) and the mapping
 of :class:`~safepoint.SafepointError` to one ``error: ...`` line and an exit code. It reads through the same
-functions as the library and never modifies a checkpoint: ``gc`` only calls the collector; ``migrate`` and
-``import`` write new checkpoint directories, ``export`` a new file, each refusing a destination that exists.
+functions as the library and modifies a checkpoint only where asked to remove one: ``gc`` only calls the
+collector; ``rm`` unpublishes then collects, as retention does, after a confirmation, and never the newest valid
+checkpoint without ``--force``; ``migrate`` and ``import`` write new checkpoint directories, ``export`` a new
+file, each refusing a destination that exists.
 
 Exit codes: 0 success; 1 a checkpoint is invalid or damaged (verification failure), or cannot be migrated;
-2 a usage error or a path that does not exist.
+2 a usage error or a path that does not exist. ``diff`` follows diff(1): 0 identical, 1 different, 2 trouble
+(a bad path, or a checkpoint that does not verify).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import importlib
 import importlib.util
 import json
 import os
+import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
-from typing import IO
+from typing import IO, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from .codec import DTYPE_NAMES
-from .errors import CorruptCheckpointError, MigrationError, RestoreError, SafepointError
-from .gc import attempt_ids, collect, step_dirs
+from .codec import DTYPE_NAMES, key_path
+from .diff import Difference, diff_checkpoints, tree_children, truncate
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    FormatVersionError,
+    MigrationError,
+    RestoreError,
+    SafepointError,
+)
+from .gc import attempt_ids, collect, remove_checkpoint, step_dirs
 from .interop import FORMATS, export_checkpoint, import_checkpoint, locate_checkpoint, write_new_checkpoint
-from .layout import MANIFEST_NAME, join, parse_attempt
-from .manifest import Manifest
+from .layout import MANIFEST_NAME, join, parse_attempt, step_dir
+from .manifest import EntryRecord, Manifest
 from .migrations import Change, Migrations, copy_containers, describe_changes
-from .reader import read_checkpoint, read_manifest
+from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
 from .restore import plain_values
-from .storage import Storage, open_storage
+from .storage import LocalStorage, Storage, open_storage
 from .verify import CheckpointStatus, VerifyReport, verify_storage
 
 __all__ = ["main"]
@@ -119,21 +133,27 @@ def _parser() -> argparse.ArgumentParser:
     ls = command(
         "ls",
         "List the checkpoints of a manager directory (or one checkpoint directory).",
-        "Shows step, creation time, size, metrics and a cheap status: 'committed' when the manifest parses and\n"
-        "every file it lists is there with the right size, otherwise 'damaged: <reason>'. Payloads are not read:\n"
-        "use `safepoint verify` to check every byte. Uncommitted saves are listed as notes below the table.\n"
-        "Exits 0 whenever the directory could be listed.",
-        "safepoint ls runs/exp1",
+        "Shows step, creation time, size, metrics and a status. By default the status is cheap and says so:\n"
+        "'committed (not verified)' when the manifest parses and every file it lists is there with the right\n"
+        "size, otherwise 'damaged: <reason>'; payloads are not read, so a flipped byte still shows as committed.\n"
+        "--verify reads and checks every byte, like `safepoint verify`, and the status becomes 'valid (verified)'\n"
+        "or 'INVALID: <reason>'. Uncommitted saves are listed as notes below the table.\n"
+        "Exits 0 whenever the directory could be listed, damaged or not (`safepoint verify` exits 1).",
+        "safepoint ls runs/exp1\n  safepoint ls runs/exp1 --verify",
     )
     ls.add_argument("directory", metavar="DIR", help="a manager directory or one checkpoint directory (path or URL)")
+    ls.add_argument("--verify", action="store_true", help="read and check every byte (default: sizes only)")
     _location_options(ls)
     ls.set_defaults(run=_cmd_ls)
 
     inspect = command(
         "inspect",
-        "Show what one checkpoint holds: header, files and every entry (key, kind, dtype, shape, bytes).",
+        "Show what one checkpoint holds: header, files and every entry (key, kind, dtype, shape, bytes, value).",
         "CKPT is a checkpoint directory, or a manager directory with --step (default: the newest committed\n"
-        "step). Only the manifest and file sizes are read; exits 1 if the checkpoint is damaged.",
+        "step). Every entry of the state is listed by key path: tensors and arrays with dtype, shape and bytes;\n"
+        "numbers, strings, bools, None and bytes with their value (long ones cut short); empty dicts and lists as\n"
+        "{} and []; lists of plain values (a Python RNG state) as one row. Only the manifest and file sizes are\n"
+        "read; exits 1 if the checkpoint is damaged.",
         "safepoint inspect runs/exp1 --step 1200",
     )
     inspect.add_argument("checkpoint", metavar="CKPT", help="a checkpoint or manager directory (path or URL)")
@@ -152,6 +172,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("path", metavar="DIR|CKPT", help="a manager or one checkpoint directory (path or URL)")
     _location_options(verify)
     verify.set_defaults(run=_cmd_verify)
+    _diff_command(command)
 
     gc = command(
         "gc",
@@ -172,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         help="object stores: age after which an unfinished save's lock counts as dead (default: 3600)",
     )
     gc.set_defaults(run=_cmd_gc)
+    _rm_command(command)
 
     demo = command(
         "demo",
@@ -188,6 +210,55 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_cmd_demo)
     _conversion_commands(command)
     return parser
+
+
+def _diff_command(command: Callable[[str, str, str, str], argparse.ArgumentParser]) -> None:
+    diff = command(
+        "diff",
+        "Compare two checkpoints: entries added, removed and changed, and metrics; exit 0 identical, 1 different.",
+        "A and B are each a checkpoint directory, or a manager directory with --step-a / --step-b (default: its\n"
+        "newest committed step); A and B may be the same manager directory. Both are read and verified first:\n"
+        "a checkpoint that does not verify is an error naming the bad file. Tensors and arrays are compared\n"
+        "bitwise (so -0.0 differs from 0.0 and equal NaNs are equal); a change says how many elements differ and,\n"
+        "for floating dtypes, the largest absolute difference; dtype and shape changes are named. Numbers,\n"
+        "strings and other values are compared exactly, with their type; pickled entries by their bytes (never\n"
+        "unpickled). Metrics and state_version are compared too; step, save id and time are shown, not compared.\n"
+        "Exit codes follow diff(1): 0 identical, 1 different, 2 trouble (a bad path, a damaged checkpoint).\n"
+        "Local checkpoints are memory-mapped, so comparing two large ones does not need their size in RAM.",
+        "safepoint diff runs/exp1 runs/exp1 --step-a 1000 --step-b 1200\n"
+        "  safepoint diff runs/exp1 runs/exp2   # the newest step of each\n"
+        "  safepoint diff runs/exp1/step-000000001200 imported-1200 && echo same",
+    )
+    diff.add_argument("a", metavar="A", help="a checkpoint or manager directory (path or URL)")
+    diff.add_argument("b", metavar="B", help="a checkpoint or manager directory (path or URL)")
+    for side in ("a", "b"):
+        diff.add_argument(f"--step-{side}", type=_step, metavar="N",
+                          help=f"the step of {side.upper()}, in a manager directory (default: newest)")  # fmt: skip
+    _location_options(diff)
+    diff.set_defaults(run=_cmd_diff)
+
+
+def _rm_command(command: Callable[[str, str, str, str], argparse.ArgumentParser]) -> None:
+    rm = command(
+        "rm",
+        "Remove one committed checkpoint, damaged or healthy: unpublish its manifest first, then delete its data.",
+        "DIR is a manager directory with --step N (required: rm never picks a step for you), or one checkpoint\n"
+        "directory. The removal follows retention's order: the manifest is removed and the directory synced, so\n"
+        "no reader sees the checkpoint any more, then its data is deleted; an interrupted rm leaves only what\n"
+        "`safepoint gc` collects. A checkpoint whose manifest is damaged is removed too (this is the way to clean\n"
+        "up what `safepoint verify` reports INVALID). The newest valid checkpoint is refused unless --force:\n"
+        "rm verifies the newer steps first (newest first, stopping at the first valid one), and the asked step\n"
+        "itself when no newer one is valid; a step written by a newer safepoint version counts as valid.\n"
+        "On a terminal rm asks for confirmation; elsewhere it needs --yes. A save of the same step still in\n"
+        "progress keeps its files (listed as left). Exits 0 when removed or declined, 2 when refused.",
+        "safepoint rm runs/exp1 --step 1200\n  safepoint rm runs/exp1 --step 1200 --yes   # in a script",
+    )
+    rm.add_argument("directory", metavar="DIR", help="a manager directory (with --step) or one checkpoint directory")
+    rm.add_argument("--step", type=_step, metavar="N", help="the step to remove, in a manager directory")
+    rm.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    rm.add_argument("--force", action="store_true", help="remove it even if it is the newest valid checkpoint")
+    _location_options(rm)
+    rm.set_defaults(run=_cmd_rm)
 
 
 def _conversion_commands(command: Callable[[str, str, str, str], argparse.ArgumentParser]) -> None:
@@ -341,11 +412,21 @@ def _is_safepoint_dir(storage: Storage) -> bool:
 
 
 # -- ls --------------------------------------------------------------------------------------------------------
+#: The status of a checkpoint whose manifest and file sizes are right, but whose bytes were not read.
+COMMITTED = "committed (not verified)"
+#: The status of a checkpoint whose every byte was read and checked.
+VERIFIED = "valid (verified)"
+
+
 @dataclass(frozen=True)
 class _Row:
     step: int
     manifest: Manifest | None
-    status: str  # "committed" or "damaged: <reason>"
+    status: str  # COMMITTED, VERIFIED, "damaged: <reason>" (sizes) or "INVALID: <reason>" (bytes)
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (COMMITTED, VERIFIED)
 
 
 def _cheap_status(storage: Storage, checkpoint: str, step: int | None) -> _Row:
@@ -368,15 +449,24 @@ def _cheap_status(storage: Storage, checkpoint: str, step: int | None) -> _Row:
         if size != record.size:
             return _Row(manifest.step, manifest, f"damaged: {record.path} is {size} bytes, the manifest says "
                                                  f"{record.size}")  # fmt: skip
-    return _Row(manifest.step, manifest, "committed")
+    return _Row(manifest.step, manifest, COMMITTED)
+
+
+def _verified_status(storage: Storage, row: _Row, checkpoint: str, step: int | None) -> _Row:
+    """A row whose sizes are right, after reading every byte."""
+    try:
+        verify_checkpoint(storage, checkpoint, step=step)
+    except SafepointError as err:
+        return _Row(row.step, row.manifest, f"INVALID: {_relative(storage, str(err))}")
+    return _Row(row.step, row.manifest, VERIFIED)
 
 
 def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
     storage = _open_existing(args.directory, args)
-    rows: list[_Row] = []
     notes: list[str] = []
     single = storage.exists(MANIFEST_NAME)
     targets: list[tuple[int | None, str]] = [(None, "")] if single else list(step_dirs(storage))
+    committed: list[tuple[int | None, str, _Row]] = []
     for step, path in targets:
         attempts = attempt_ids(storage, path)
         name = path or "."
@@ -385,22 +475,54 @@ def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
                          "invisible to restore; `safepoint gc` removes dead ones)")  # fmt: skip
             continue
         row = _cheap_status(storage, path, step)
-        rows.append(row)
+        committed.append((step, path, row))
         extra = attempts - {row.manifest.save_id} if row.manifest else set()
         if extra:
             notes.append(f"{name}: {len(extra)} leftover attempt(s) besides the committed one; `safepoint gc`")
+    rows = _verify_rows(storage, committed) if args.verify else [row for *_, row in committed]
     console.print(Text(storage.describe(""), style="bold"))
     if not rows:
         console.print("no committed checkpoints")
     else:
         console.print(_ls_table(rows))
-        damaged = sum(row.status != "committed" for row in rows)
+        bad = sum(not row.ok for row in rows)
         total = sum(row.manifest.nbytes for row in rows if row.manifest)
         summary = f"{len(rows)} checkpoint(s), {_human_size(total)}"
-        console.print(summary + (f", [red]{damaged} damaged[/red]" if damaged else ""))
+        console.print(summary + (f", [red]{bad} {'invalid' if args.verify else 'damaged'}[/red]" if bad else ""))
+        if not args.verify:
+            console.print("statuses check manifests and file sizes only; `safepoint ls --verify` reads every byte")
     for note in notes:
         console.print(Text(f"note: {note}", style="yellow"))
     return EXIT_OK
+
+
+def _verify_rows(storage: Storage, committed: list[tuple[int | None, str, _Row]]) -> list[_Row]:
+    """Every byte of the rows whose sizes are right, with a progress bar on a terminal (stderr)."""
+    errors = _console(sys.stderr)
+    todo = sum(row.ok for *_, row in committed)
+    with _progress("verifying", errors, todo) as advance:
+        rows = []
+        for step, path, cheap in committed:
+            if not cheap.ok:
+                rows.append(cheap)  # its sizes are already wrong: reading its bytes would say no more
+                continue
+            rows.append(_verified_status(storage, cheap, path, step))
+            advance(f"step {cheap.step}")
+    return rows
+
+
+@contextlib.contextmanager
+def _progress(what: str, errors: Console, total: int) -> Iterator[Callable[[str], None]]:
+    """A progress bar on stderr for ``total`` pieces of work when it is a terminal and the work is not tiny;
+    yields ``advance(description)``. Results are printed after it, so stdout is the same with or without."""
+    if not errors.is_terminal or total < _BAR_MIN_CHECKPOINTS:
+        yield lambda _description: None
+        return
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True,
+                  redirect_stdout=False, redirect_stderr=False) as progress:  # fmt: skip
+        task = progress.add_task("", total=total)
+        yield lambda description: progress.update(task, advance=1, description=description)
 
 
 def _ls_table(rows: list[_Row]) -> Table:
@@ -412,7 +534,7 @@ def _ls_table(rows: list[_Row]) -> Table:
     table.add_column("status", overflow="fold")
     for row in rows:
         manifest = row.manifest
-        ok = row.status == "committed"
+        ok = row.ok
         table.add_row(
             Text(str(row.step) if row.step >= 0 else "?"),
             Text(_local_time(manifest.created) if manifest else "-"),
@@ -428,7 +550,8 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
     storage = _open_existing(args.checkpoint, args)
     checkpoint = locate_checkpoint(storage, args.step)
     manifest = read_manifest(storage, checkpoint)
-    status = _cheap_status(storage, checkpoint, None).status
+    cheap = _cheap_status(storage, checkpoint, None)
+    status, ok = cheap.status, cheap.ok
     header = (
         ("checkpoint", storage.describe(checkpoint)),
         ("step", str(manifest.step)),
@@ -443,7 +566,7 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         ("size", f"{_human_size(manifest.nbytes)} in {len(manifest.files)} file(s)"),
         (
             "status",
-            "committed (sizes checked; `safepoint verify` checks every byte)" if status == "committed" else status,
+            "committed (sizes checked, not verified; `safepoint verify` checks every byte)" if ok else status,
         ),
     )
     for name, value in header:
@@ -457,9 +580,12 @@ def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
         files.add_row(Text(record.path), Text(_human_size(record.size)), Text(str(record.size)), Text(record.checksum))
     console.print(files)
     console.print()
-    console.print(Text(f"entries ({len(manifest.entries)})", style="bold"))
-    console.print(_entries_table(manifest))
-    return EXIT_OK if status == "committed" else EXIT_INVALID
+    rows = _entry_rows(manifest)
+    stored = sum(bool(row.dtype) for row in rows)
+    console.print(Text(f"entries ({len(rows)}: {stored} in payload files, {len(rows) - stored} in the manifest)",
+                       style="bold"))  # fmt: skip
+    console.print(_entries_table(rows))
+    return EXIT_OK if ok else EXIT_INVALID
 
 
 def _top_level(manifest: Manifest) -> str:
@@ -471,17 +597,79 @@ def _top_level(manifest: Manifest) -> str:
     return ", ".join(parts) or "-"
 
 
-def _entries_table(manifest: Manifest) -> Table:
+_SCALAR_KINDS = ("int", "bool", "str", "float", "bytes", "none")
+_EMPTY = {"dict": "{}", "list": "[]", "tuple": "()"}
+
+
+@dataclass(frozen=True)
+class _EntryRow:
+    key: str
+    kind: str
+    dtype: str = ""
+    shape: str = ""
+    nbytes: str = ""
+    value: str = ""
+
+
+def _entry_rows(manifest: Manifest) -> list[_EntryRow]:
+    """One row per value of the state in tree order: tensors, arrays and pickles from their manifest entry,
+    everything else (progress counters, scheduler values, strings, empty containers) with its value."""
+    rows: list[_EntryRow] = []
+    stack: list[tuple[tuple[str | int, ...], Mapping[str, Any]]] = [((), manifest.tree)]
+    while stack:
+        path, node = stack.pop()
+        key, kind = key_path(path), str(node.get("k"))
+        leaf = node.get("e")
+        if isinstance(leaf, int) and 0 <= leaf < len(manifest.entries):
+            rows.append(_leaf_row(key, kind, node, manifest.entries[leaf]))
+            continue
+        if kind in _SCALAR_KINDS:
+            rows.append(_EntryRow(key, kind, value=_scalar_text(node)))
+            continue
+        children = tree_children(path, node)
+        if path and not children:
+            rows.append(_EntryRow(key, kind, value=_EMPTY.get(kind, "(empty)")))
+        elif path and kind in ("list", "tuple") and all(child.get("k") in _SCALAR_KINDS for _, child in children):
+            # a list of plain numbers (a Python RNG state has 625) is one value, not hundreds of rows
+            items = ", ".join(_scalar_text(child) for _, child in children)
+            text = f"[{items}]" if kind == "list" else f"({items})"
+            rows.append(_EntryRow(key, f"{kind}[{len(children)}]", value=truncate(text)))
+        else:
+            stack.extend(reversed(children))
+    return rows
+
+
+def _leaf_row(key: str, kind: str, node: Mapping[str, Any], entry: EntryRecord) -> _EntryRow:
+    dtype = str(DTYPE_NAMES[entry.dtype]).removeprefix("torch.") if entry.kind != "pickle" else "-"
+    shape = node.get("shape", entry.shape)
+    text = "[" + ", ".join(map(str, shape)) + "]" if isinstance(shape, (list, tuple)) else "?"
+    if key != entry.key:  # a view of another entry's storage (tied weights): its bytes are counted there
+        return _EntryRow(key, kind, dtype, text, "-", f"shares storage with {entry.key}")
+    return _EntryRow(key, kind, dtype, text, str(entry.nbytes))
+
+
+def _scalar_text(node: Mapping[str, Any]) -> str:
+    kind, value = node.get("k"), node.get("v")
+    if kind == "none":
+        return "None"
+    if kind == "float":
+        return repr(float(value)) if isinstance(value, (int, float)) else str(value)
+    if kind == "bytes" and isinstance(value, str):
+        data = base64.b64decode(value)
+        return truncate(repr(data)) + (f" ({len(data)} bytes)" if len(data) > 16 else "")
+    return truncate(repr(value) if kind == "str" else str(value))
+
+
+def _entries_table(rows: list[_EntryRow]) -> Table:
     table = Table(box=None, header_style="bold", pad_edge=False)
     table.add_column("key", overflow="fold")
     table.add_column("kind")
     table.add_column("dtype")
     table.add_column("shape")
     table.add_column("bytes", justify="right")
-    for entry in manifest.entries:
-        dtype = str(DTYPE_NAMES[entry.dtype]).removeprefix("torch.") if entry.kind != "pickle" else "-"
-        shape = "[" + ", ".join(map(str, entry.shape)) + "]"
-        table.add_row(Text(entry.key), Text(entry.kind), Text(dtype), Text(shape), Text(str(entry.nbytes)))
+    table.add_column("value", overflow="fold")
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in (row.key, row.kind, row.dtype, row.shape, row.nbytes, row.value)))
     return table
 
 
@@ -507,21 +695,26 @@ def _cmd_verify(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     console.print(Text(f"{len(report.bad)} of {len(report.checkpoints)} committed checkpoint(s) are INVALID",
                        style="bold red"))  # fmt: skip
+    for status in report.bad:
+        console.print(Text(f"to remove step {_status_step(storage, status)}: {_rm_hint(storage, single, status)}"),
+                      soft_wrap=True)  # fmt: skip
     return EXIT_INVALID
 
 
+def _rm_hint(storage: Storage, single: bool, status: CheckpointStatus) -> str:
+    """The command that removes a checkpoint verify found bad (it asks before removing anything)."""
+    where = shlex.quote(storage.describe(""))
+    return f"safepoint rm {where}" if single else f"safepoint rm {where} --step {status.step}"
+
+
 def _verify_with_bar(storage: Storage, total: int, errors: Console) -> VerifyReport:
-    columns = (TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"))
-    # The bar lives on stderr and results are printed after it, so stdout is the same with or without a terminal.
-    with Progress(*columns, TimeElapsedColumn(), console=errors, transient=True,
-                  redirect_stdout=False, redirect_stderr=False) as progress:  # fmt: skip
-        task = progress.add_task("", total=total)
-        bad = 0
+    bad = 0
+    with _progress("verifying", errors, total) as step_done:
 
         def advance(status: CheckpointStatus) -> None:
             nonlocal bad
             bad += not status.ok
-            progress.update(task, advance=1, description=f"step {status.step}" + (f", {bad} bad" if bad else ""))
+            step_done(f"step {status.step}" + (f", {bad} bad" if bad else ""))
 
         return verify_storage(storage, advance)
 
@@ -534,8 +727,12 @@ def _manifest_step(storage: Storage) -> str:
         return "?"
 
 
+def _status_step(storage: Storage, status: CheckpointStatus) -> str:
+    return str(status.step) if status.step >= 0 else _manifest_step(storage)
+
+
 def _print_status(console: Console, storage: Storage, status: CheckpointStatus) -> None:
-    step = str(status.step) if status.step >= 0 else _manifest_step(storage)
+    step = _status_step(storage, status)
     if status.ok:
         line = Text.assemble(("valid  ", "green"), f"step {step}  {_human_size(status.nbytes)}")
         if status.metrics:
@@ -568,6 +765,150 @@ def _cmd_gc(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"{len(report.removed)} removed, {len(report.in_progress)} left because a writer is alive")
     return EXIT_OK
+
+
+# -- rm --------------------------------------------------------------------------------------------------------
+def _cmd_rm(args: argparse.Namespace, console: Console) -> int:
+    storage = _open_existing(args.directory, args)
+    checkpoint, step = _rm_target(storage, args.step)
+    where = storage.describe(checkpoint)
+    what = f"step {step} ({where})" if checkpoint else f"the checkpoint at {where}"
+    condition = _rm_condition(storage, checkpoint, step, force=args.force)
+    if not args.yes and not _confirm(f"remove {what}, {condition}?"):
+        console.print("nothing removed")
+        return EXIT_OK
+    report = remove_checkpoint(storage, checkpoint)
+    console.print(Text.assemble(("unpublished  ", "green"), join(checkpoint, MANIFEST_NAME) or MANIFEST_NAME))
+    for path in report.removed:
+        console.print(Text.assemble(("removed      ", "green"), path))
+    for path in report.in_progress:
+        console.print(Text.assemble(("left         ", "yellow"), f"{path}  (its writer is alive: a save in progress)"))
+    if not checkpoint and storage.remove_empty_dir(""):
+        console.print(Text.assemble(("removed      ", "green"), storage.describe("")))
+    elif checkpoint and not report.in_progress and storage.exists(checkpoint):
+        # rm only ever deletes safepoint's own names (layout.py): anything else in the directory is someone's
+        console.print(Text.assemble(("left         ", "yellow"), f"{checkpoint}  (it holds files safepoint did not "
+                                    "write)"))  # fmt: skip
+    console.print(f"removed {what}")
+    return EXIT_OK
+
+
+def _rm_target(storage: Storage, step: int | None) -> tuple[str, int | None]:
+    """(checkpoint directory, step) to remove. The manifest is only looked at, never trusted: it may be the
+    damaged part."""
+    root = storage.describe("")
+    if storage.exists(MANIFEST_NAME):
+        if step is not None:
+            try:
+                saved: int | None = read_manifest(storage, "").step
+            except SafepointError:
+                saved = None  # damaged: its step cannot be checked, and the path says which checkpoint is meant
+            if saved is not None and saved != step:
+                raise UsageError(f"{root} is a single checkpoint of step {saved}, not of step {step}")
+        return "", step
+    committed = [s for s, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+    shown = ", ".join(map(str, committed[-10:])) or "none"
+    if step is None:
+        raise UsageError(f"{root} is not a checkpoint directory: name the step to remove with --step N "
+                         f"(committed: {shown})")  # fmt: skip
+    path = step_dir(step)
+    if not storage.exists(join(path, MANIFEST_NAME)):
+        if storage.exists(path):
+            raise UsageError(f"step {step} in {root} is not committed: there is nothing to unpublish; "
+                             "`safepoint gc` removes what an unfinished save left")  # fmt: skip
+        raise UsageError(f"step {step} is not committed in {root} (committed: {shown})")
+    return path, step
+
+
+def _rm_condition(storage: Storage, checkpoint: str, step: int | None, *, force: bool) -> str:
+    """What the checkpoint is, for the confirmation; UsageError if it is the newest valid one and not forced."""
+    cheap = _cheap_status(storage, checkpoint, step).status
+    if force:
+        return cheap
+    newer = [s for s, path in step_dirs(storage) if checkpoint and step is not None and s > step
+             and storage.exists(join(path, MANIFEST_NAME))]  # fmt: skip
+    for candidate in reversed(newer):
+        with _busy(f"verifying step {candidate}, to be sure a valid checkpoint remains"):
+            if _damage(storage, step_dir(candidate), candidate) is None:
+                return f"{cheap}; step {candidate} is newer and valid"
+    with _busy(f"verifying {storage.describe(checkpoint)}"):
+        damage = _damage(storage, checkpoint, step)
+    if damage is None:
+        what = f"step {step}" if checkpoint else storage.describe(checkpoint)
+        raise UsageError(
+            f"{what} is the newest valid checkpoint in {storage.describe('')} (every byte verified): removing it "
+            "would make a resume start from an older step, or from scratch; pass --force to remove it anyway"
+        )
+    return f"damaged: {_relative(storage, damage)}"
+
+
+def _damage(storage: Storage, checkpoint: str, step: int | None) -> str | None:
+    """Why the checkpoint does not verify, or None when it does. A newer format counts as valid: a newer
+    safepoint reads it, so it is nobody's to remove as damaged."""
+    try:
+        verify_checkpoint(storage, checkpoint, step=step)
+    except FormatVersionError:
+        return None
+    except (CorruptCheckpointError, CheckpointNotFoundError) as err:
+        return str(err)
+    return None
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; without one, refuse: a removal nobody confirmed is a usage error."""
+    stdin = sys.stdin
+    if stdin is None or not stdin.isatty():
+        raise UsageError(f"not removing without confirmation: {question.rstrip('?')}; pass --yes to remove it "
+                         "(stdin is not a terminal to ask on)")  # fmt: skip
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    return stdin.readline().strip().lower() in ("y", "yes")
+
+
+# -- diff ------------------------------------------------------------------------------------------------------
+def _cmd_diff(args: argparse.Namespace, console: Console) -> int:
+    sides: list[tuple[str, LoadedCheckpoint]] = []
+    for label, location, step in (("A", args.a, args.step_a), ("B", args.b, args.step_b)):
+        storage = _open_existing(location, args)
+        try:
+            checkpoint = locate_checkpoint(storage, step)
+            where = storage.describe(checkpoint)
+            with _busy(f"reading and verifying {label}: {where}"):
+                # mapped, not copied: two large checkpoints compared side by side need page cache, not RAM
+                loaded = read_checkpoint(storage, checkpoint, mmap=isinstance(storage, LocalStorage))
+        except SafepointError as err:  # like diff(1) on a file it cannot read: trouble, exit 2
+            raise UsageError(f"{label}: {err}") from err
+        sides.append((where, loaded))
+    (where_a, a), (where_b, b) = sides
+    with _busy("comparing"):
+        result = diff_checkpoints(a, b)
+    for mark, where, loaded in (("---", where_a, a), ("+++", where_b, b)):
+        manifest = loaded.manifest
+        console.print(f"{mark} {where} (step {manifest.step}, {_local_time(manifest.created)})", soft_wrap=True)
+    for difference in result.entries:
+        console.print(_difference_line(difference), soft_wrap=True)
+    if result.state_version is not None:
+        console.print(_difference_line(result.state_version), soft_wrap=True)
+    if result.metrics:
+        console.print(Text("metrics", style="bold"))
+        for difference in result.metrics:
+            console.print(_difference_line(difference), soft_wrap=True)
+    if result.identical:
+        console.print(Text(f"identical: {result.compared} value(s) compared bitwise, and every metric",
+                           style="green"))  # fmt: skip
+        return EXIT_OK
+    counts = Counter(d.kind for d in result.entries)
+    summary = ", ".join(f"{counts[kind]} {kind}" for kind in ("changed", "added", "removed") if counts[kind])
+    parts = [f"entries: {summary}" if summary else "", f"metrics: {len(result.metrics)} differ" if result.metrics
+             else "", "state_version differs" if result.state_version else ""]  # fmt: skip
+    console.print(Text("different: " + "; ".join(part for part in parts if part), style="bold yellow"))
+    return EXIT_INVALID
+
+
+def _difference_line(difference: Difference) -> Text:
+    if difference.kind == "changed" and difference.before == difference.after:
+        # same kind, dtype and shape: the detail says how the contents differ
+        return _marked_line("changed", difference.key, f"{difference.before}: {difference.detail}")
+    return _change_line(Change(difference.kind, difference.key, difference.before, difference.after))
 
 
 # -- demo ------------------------------------------------------------------------------------------------------
@@ -625,11 +966,20 @@ def _busy(what: str) -> contextlib.AbstractContextManager[object]:
 
 
 def _change_line(change: Change) -> Text:
+    """``+ key: new``, ``- key: old`` or ``~ key: old -> new``, as migrate --dry-run and diff print them."""
     if change.kind == "added":
-        return Text.assemble(("  + ", "green"), (change.key, "green"), f": {change.after}")
+        return _marked_line(change.kind, change.key, change.after)
     if change.kind == "removed":
-        return Text.assemble(("  - ", "red"), (change.key, "red"), f": {change.before}")
-    return Text.assemble(("  ~ ", "yellow"), (change.key, "yellow"), f": {change.before} -> {change.after}")
+        return _marked_line(change.kind, change.key, change.before)
+    return _marked_line(change.kind, change.key, f"{change.before} -> {change.after}")
+
+
+_MARKS = {"added": ("  + ", "green"), "removed": ("  - ", "red"), "changed": ("  ~ ", "yellow")}
+
+
+def _marked_line(kind: str, key: str, text: str) -> Text:
+    mark, style = _MARKS[kind]
+    return Text.assemble((mark, style), (key, style), f": {text}")
 
 
 def _load_migrations(spec: str) -> Migrations:

@@ -4,10 +4,13 @@ An attempt (a ``<save_id>/`` directory and its ``<save_id>.lock``) is dead when 
 drops the lock of a killed writer) and the checkpoint's manifest does not name it. The manifest is read *after*
 the lock is taken, so a writer that publishes and then releases is never mistaken for a dead one. Attempts of a
 checkpoint whose manifest cannot be read are left alone: that data may be all there is of the step.
+
+:func:`remove_checkpoint` removes a committed checkpoint the way retention does: unpublish first, then collect.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from .layout import MANIFEST_NAME, join, lock_name, parse_attempt, parse_step_di
 from .reader import read_manifest
 from .storage import AttemptLock, Storage
 
-__all__ = ["GcReport", "attempt_ids", "collect", "collect_checkpoint", "step_dirs"]
+__all__ = ["GcReport", "attempt_ids", "collect", "collect_checkpoint", "remove_checkpoint", "step_dirs"]
 
 logger = logging.getLogger("safepoint")
 
@@ -90,6 +93,27 @@ def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True)
     if uncommitted and _abandoned(storage, checkpoint, removed) and storage.remove_empty_dir(checkpoint):
         removed.append(checkpoint)
     return GcReport(tuple(removed), tuple(live))
+
+
+def remove_checkpoint(storage: Storage, checkpoint: str) -> GcReport:
+    """Unpublish a committed checkpoint, whether its manifest reads or not, then collect its data.
+
+    The manifest goes first, durably: from then on no reader lists or restores the checkpoint, and a crash before
+    the data is gone leaves only an uncommitted attempt that :func:`collect` removes. An attempt whose writer is
+    alive (a save of the same step in progress) is left, in ``in_progress``. Deciding *whether* a checkpoint may
+    go (never the newest valid one) is the caller's: this removes what it is asked to."""
+    storage.remove_file(join(checkpoint, MANIFEST_NAME))
+    try:
+        storage.sync_dir(checkpoint)
+    except StorageError as err:
+        if err.errno != errno.ENOENT:
+            raise
+        return GcReport((), ())  # someone else removed the whole checkpoint first
+    report = collect_checkpoint(storage, checkpoint)
+    if checkpoint and checkpoint not in report.removed and storage.remove_empty_dir(checkpoint):
+        # collect_checkpoint removes an emptied directory only when it emptied it; here the caller asked for it
+        return GcReport((*report.removed, checkpoint), report.in_progress)
+    return report
 
 
 #: An empty step directory younger than this may be a save that is just starting (it makes the directory, then

@@ -60,7 +60,8 @@ def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus],
         status = _verify_one(storage, path, step)
         if status is None:
             continue  # deleted (by retention elsewhere) while it was being verified: not a bad checkpoint
-        if attempts - {status.save_id}:
+        # a checkpoint whose manifest cannot be read is reported as invalid; its data is not a "leftover"
+        if status.save_id is not None and attempts - {status.save_id}:
             notes.append(f"{storage.describe(path)}: leftovers of another save attempt; `safepoint gc` removes them")
         statuses.append(status)
         if on_checkpoint is not None:

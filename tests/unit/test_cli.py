@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import shlex
 import subprocess
 import sys
 from datetime import datetime
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 import safepoint
+from safepoint import faults
 from safepoint.cli import main
 from safepoint.storage import open_storage
 
@@ -47,10 +50,21 @@ def row(out: str, first: str) -> str:
     return line
 
 
-def flip_last_byte(path: Path) -> None:
+def flip_byte(path: Path, at: int = -1) -> None:
     data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
+    data[at] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def flip_last_byte(path: Path) -> None:
+    flip_byte(path, -1)
+
+
+def damage_manifest(root: Path, step: int) -> Path:
+    """A bit flipped in the middle of a step's manifest: it no longer parses or matches its checksum."""
+    manifest = root / f"step-{step:012d}" / "manifest.json"
+    flip_byte(manifest, len(manifest.read_bytes()) // 2)
+    return manifest
 
 
 def dead_attempt(root: Path, step: int) -> Path:
@@ -72,7 +86,7 @@ def test_ls_lists_every_step_with_time_size_metrics_and_status(
         line = row(out, str(step))
         assert f"loss={LOSS[step]}" in line
         assert datetime.fromtimestamp(info.created).astimezone().isoformat(timespec="seconds") in line
-        assert line.rstrip().endswith("committed")
+        assert line.rstrip().endswith("committed (not verified)")
         assert (f"{info.nbytes} B" if info.nbytes < 1024 else f"{info.nbytes / 1024:.1f} KiB") in line
     assert "note:" not in out
 
@@ -86,16 +100,33 @@ def test_ls_flags_a_truncated_file_as_damaged(tmp_path: Path, capsys: pytest.Cap
     assert code == 0
     assert "damaged:" in row(out, "200")
     assert victim.name in row(out, "200")
-    assert row(out, "100").rstrip().endswith("committed")
-    assert row(out, "300").rstrip().endswith("committed")
+    assert row(out, "100").rstrip().endswith("committed (not verified)")
+    assert row(out, "300").rstrip().endswith("committed (not verified)")
 
 
-def test_ls_checks_sizes_but_never_reads_payloads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_ls_checks_sizes_but_never_reads_payloads_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_run(tmp_path / "run")
     flip_last_byte(payload(tmp_path / "run", 200))  # same size: only reading the bytes could tell
     code, out, _ = run(capsys, "ls", str(tmp_path / "run"))
     assert code == 0
-    assert row(out, "200").rstrip().endswith("committed")
+    # a damaged step must not look checked: the status says what was not done
+    assert row(out, "200").rstrip().endswith("committed (not verified)")
+    assert "`safepoint ls --verify` reads every byte" in row(out, "statuses")
+
+
+def test_ls_verify_reads_every_byte(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run")
+    victim = payload(tmp_path / "run", 200)
+    flip_last_byte(victim)
+    code, out, _ = run(capsys, "ls", str(tmp_path / "run"), "--verify")
+    assert code == 0
+    assert "INVALID:" in row(out, "200")
+    assert victim.name in row(out, "200")
+    assert row(out, "100").rstrip().endswith("valid (verified)")
+    assert row(out, "300").rstrip().endswith("valid (verified)")
+    assert out.splitlines()[-1].endswith("1 invalid")
 
 
 def test_ls_notes_an_uncommitted_step_below_the_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,7 +145,7 @@ def test_ls_shows_a_single_checkpoint_directory(tmp_path: Path, capsys: pytest.C
     code, out, _ = run(capsys, "ls", str(tmp_path / "ckpt"))
     assert code == 0
     assert "acc=0.75" in row(out, "7")
-    assert row(out, "7").rstrip().endswith("committed")
+    assert row(out, "7").rstrip().endswith("committed (not verified)")
 
 
 # -- inspect ---------------------------------------------------------------------------------------------------
@@ -136,6 +167,46 @@ def test_inspect_shows_keys_kinds_dtypes_shapes_and_bytes(tmp_path: Path, capsys
     assert info.save_id in row(out, "save")
     assert "loss=0.5" in row(out, "metrics")
     assert "torch.nn.modules.linear.Linear" in row(out, "state")
+
+
+def test_inspect_shows_every_value_not_only_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.25)
+    state = {
+        "model": model,
+        "scheduler": scheduler,
+        "progress": {"step": 1200, "epoch": 3, "done": False, "best": None},
+        "rng": {"python": random.Random(5).getstate()},
+        "note": "x" * 500,
+        "raw": b"\x00\x01",
+        "history": {},
+        "queue": [],
+    }
+    safepoint.save(tmp_path / "ckpt", state, step=1200)
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "ckpt"))
+    assert code == 0
+    assert row(out, "model/weight").split() == ["model/weight", "tensor", "float32", "[2,", "2]", "16"]
+    assert row(out, "progress/step").split() == ["progress/step", "int", "1200"]
+    assert row(out, "progress/epoch").split() == ["progress/epoch", "int", "3"]
+    assert row(out, "progress/done").split() == ["progress/done", "bool", "False"]
+    assert row(out, "progress/best").split() == ["progress/best", "none", "None"]
+    assert row(out, "scheduler/step_size").split() == ["scheduler/step_size", "int", "3"]
+    assert row(out, "scheduler/gamma").split() == ["scheduler/gamma", "float", "0.25"]
+    assert row(out, "scheduler/base_lrs").split() == ["scheduler/base_lrs", "list[1]", "[0.5]"]
+    assert row(out, "raw").split() == ["raw", "bytes", "b'\\x00\\x01'"]
+    assert row(out, "history").split() == ["history", "dict", "{}"]
+    assert row(out, "queue").split() == ["queue", "list", "[]"]
+    # 625 numbers of a Python RNG state are one row, cut short, with the full length named
+    rng = row(out, "rng/python/1").rstrip().split(maxsplit=2)
+    assert rng[:2] == ["rng/python/1", "tuple[625]"]
+    assert rng[2].startswith("(")
+    assert rng[2].endswith(" chars)")
+    assert len(rng[2]) < 120
+    note = row(out, "note").rstrip().split(maxsplit=2)
+    assert note[:2] == ["note", "str"]
+    assert note[2].startswith("'xxx")
+    assert note[2].endswith("(502 chars)")
 
 
 def test_inspect_picks_the_newest_step_or_the_one_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -213,6 +284,207 @@ def test_verify_a_single_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "INVALID step 5" in out
 
 
+def test_verify_on_a_damaged_manifest_names_a_command_that_removes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(tmp_path / "run")
+    damage_manifest(tmp_path / "run", 200)
+    code, out, _ = run(capsys, "verify", str(tmp_path / "run"))
+    assert code == 1
+    assert "INVALID step 200" in out
+    assert "gc" not in out  # gc leaves a checkpoint whose manifest cannot be read alone: it must not be offered
+    hint = row(out, "to").split(": ", 1)[1]
+    assert hint == f"safepoint rm {shlex.quote(str(tmp_path / 'run'))} --step 200"
+    code, out, err = run(capsys, *shlex.split(hint)[1:], "--yes")  # what verify said to run, as it said it
+    assert code == 0, err
+    assert not (tmp_path / "run" / "step-000000000200").exists()
+    code, out, _ = run(capsys, "verify", str(tmp_path / "run"))
+    assert code == 0
+    assert "all 2 committed checkpoint(s) are valid" in out
+
+
+# -- rm --------------------------------------------------------------------------------------------------------
+def test_rm_removes_a_checkpoint_whose_manifest_is_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    infos = make_run(tmp_path / "run")
+    manifest = damage_manifest(tmp_path / "run", 200)
+    code, out, _ = run(capsys, "gc", str(tmp_path / "run"))
+    assert code == 0
+    assert out.startswith("nothing to collect")  # gc is right to leave it: that is rm's job
+    code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "200", "--yes")
+    assert code == 0, err
+    assert [line.split() for line in out.splitlines()[:4]] == [
+        ["unpublished", "step-000000000200/manifest.json"],
+        ["removed", f"step-000000000200/{infos[200].save_id}"],
+        ["removed", "step-000000000200"],
+        ["removed", "step", "200", f"({manifest.parent})"],
+    ]
+    assert not manifest.parent.exists()
+    with safepoint.CheckpointManager(tmp_path / "run") as manager:
+        assert manager.steps() == [100, 300]
+        assert manager.verify().ok
+
+
+def test_an_interrupted_rm_leaves_nothing_visible_and_gc_finishes_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    infos = make_run(tmp_path / "run")
+    data = tmp_path / "run" / "step-000000000200" / infos[200].save_id
+    # the disk fails once the manifest is gone, before the data (the fault point raises the raw OSError)
+    with faults.armed({"gc.delete.before": "eio"}), pytest.raises(OSError, match=r"injected at gc\.delete\.before"):
+        main(["rm", str(tmp_path / "run"), "--step", "200", "--yes"])
+    assert data.exists()  # the data is still there, but no reader sees it: unpublished first
+    code, out, _ = run(capsys, "ls", str(tmp_path / "run"))
+    assert code == 0
+    assert [line.split()[0] for line in out.splitlines()[2:4]] == ["100", "300"]
+    assert "uncommitted" in row(out, "note:")
+    code, out, _ = run(capsys, "gc", str(tmp_path / "run"))
+    assert code == 0
+    removed = [line.split()[1] for line in out.splitlines() if line.startswith("removed")]
+    assert removed == [f"step-000000000200/{infos[200].save_id}", "step-000000000200"]
+    assert not data.exists()
+
+
+def test_rm_removes_a_checkpoint_with_a_truncated_payload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run")
+    with open(payload(tmp_path / "run", 300), "r+b") as handle:
+        handle.truncate(10)
+    # the newest step, but damaged: removing it loses nothing a resume could use
+    code, _out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "300", "--yes")
+    assert code == 0, err
+    assert not (tmp_path / "run" / "step-000000000300").exists()
+    with safepoint.CheckpointManager(tmp_path / "run") as manager:
+        assert manager.steps() == [100, 200]
+
+
+def test_rm_removes_a_healthy_old_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run")
+    code, _out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "100", "--yes")
+    assert code == 0, err
+    with safepoint.CheckpointManager(tmp_path / "run") as manager:
+        assert manager.steps() == [200, 300]
+        assert manager.verify().ok
+
+
+def test_rm_refuses_the_newest_valid_checkpoint_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(tmp_path / "run")
+    code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "300", "--yes")
+    assert (code, out) == (2, "")
+    assert "step 300 is the newest valid checkpoint" in err
+    assert "--force" in err
+    assert (tmp_path / "run" / "step-000000000300" / "manifest.json").exists()
+    code, _, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "300", "--yes", "--force")
+    assert code == 0, err
+    with safepoint.CheckpointManager(tmp_path / "run") as manager:
+        assert manager.steps() == [100, 200]
+
+
+def test_rm_protects_an_older_step_when_every_newer_one_is_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(tmp_path / "run")
+    flip_last_byte(payload(tmp_path / "run", 300))  # only reading every byte finds this one
+    code, _, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "200", "--yes")
+    assert code == 2
+    assert "step 200 is the newest valid checkpoint" in err
+    assert (tmp_path / "run" / "step-000000000200" / "manifest.json").exists()
+
+
+def test_rm_without_a_terminal_needs_yes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run")
+    code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "100")
+    assert (code, out) == (2, "")
+    assert "pass --yes" in err
+    assert (tmp_path / "run" / "step-000000000100" / "manifest.json").exists()
+
+
+class _Terminal:
+    """A stdin that is a terminal on which the user types ``answer``."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self) -> str:
+        return self.answer
+
+
+def test_rm_asks_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_run(tmp_path / "run")
+    damage_manifest(tmp_path / "run", 100)
+    monkeypatch.setattr(sys, "stdin", _Terminal("n\n"))
+    code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "100")
+    assert code == 0
+    assert out == "nothing removed\n"
+    assert err.startswith(f"remove step 100 ({tmp_path / 'run' / 'step-000000000100'}), damaged: ")
+    assert err.endswith("? [y/N] ")
+    assert (tmp_path / "run" / "step-000000000100" / "manifest.json").exists()
+    monkeypatch.setattr(sys, "stdin", _Terminal("y\n"))
+    code, out, _ = run(capsys, "rm", str(tmp_path / "run"), "--step", "100")
+    assert code == 0
+    assert not (tmp_path / "run" / "step-000000000100").exists()
+
+
+def test_rm_a_single_checkpoint_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    safepoint.save(tmp_path / "ckpt", {"w": torch.ones(3)}, step=7)
+    code, _, err = run(capsys, "rm", str(tmp_path / "ckpt"), "--yes")
+    assert code == 2  # the only checkpoint there is, and it is valid
+    assert "newest valid checkpoint" in err
+    flip_byte(tmp_path / "ckpt" / "manifest.json", 40)
+    code, _out, err = run(capsys, "rm", str(tmp_path / "ckpt"), "--yes")
+    assert code == 0, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_rm_names_the_step_and_refuses_what_is_not_committed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_run(tmp_path / "run")
+    dead_attempt(tmp_path / "run", 400)
+    code, _, err = run(capsys, "rm", str(tmp_path / "run"), "--yes")
+    assert code == 2
+    assert "--step N" in err  # rm never picks a step by itself
+    code, _, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "150", "--yes")
+    assert code == 2
+    assert "step 150 is not committed" in err
+    assert "100, 200, 300" in err
+    code, _, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "400", "--yes")
+    assert code == 2
+    assert "`safepoint gc`" in err
+    assert (tmp_path / "run" / "step-000000000400" / DEAD_ID).exists()
+
+
+def test_rm_never_deletes_files_safepoint_did_not_write(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    make_run(tmp_path / "run")
+    foreign = tmp_path / "run" / "step-000000000100" / "notes.txt"
+    foreign.write_text("mine")
+    code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "100", "--yes")
+    assert code == 0, err
+    assert "files safepoint did not write" in row(out, "left")
+    assert foreign.read_text() == "mine"
+    assert not (tmp_path / "run" / "step-000000000100" / "manifest.json").exists()
+
+
+def test_rm_leaves_the_attempt_of_a_save_in_progress(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    infos = make_run(tmp_path / "run")
+    attempt = dead_attempt(tmp_path / "run", 200)  # another writer's attempt at the same step, still running
+    lock = open_storage(tmp_path / "run").lock_attempt(f"step-000000000200/{DEAD_ID}.lock")
+    try:
+        code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "200", "--yes")
+    finally:
+        lock.release(remove=False)
+    assert code == 0, err
+    assert "writer is alive" in row(out, "left")
+    assert attempt.exists()
+    assert not (tmp_path / "run" / "step-000000000200" / infos[200].save_id).exists()
+    assert not (tmp_path / "run" / "step-000000000200" / "manifest.json").exists()
+
+
 # -- gc --------------------------------------------------------------------------------------------------------
 def test_gc_removes_a_dead_attempt_and_keeps_committed_steps(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -266,7 +538,7 @@ def test_gc_with_nothing_to_do_says_so(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 # -- usage -----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["ls", "inspect", "verify", "gc"])
+@pytest.mark.parametrize("command", ["ls", "inspect", "verify", "gc", "rm"])
 def test_a_missing_path_exits_2_with_one_error_line(
     command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -278,7 +550,7 @@ def test_a_missing_path_exits_2_with_one_error_line(
     assert not missing.exists()
 
 
-@pytest.mark.parametrize("command", ["ls", "inspect", "verify", "gc", "demo"])
+@pytest.mark.parametrize("command", ["ls", "inspect", "verify", "gc", "demo", "diff", "rm"])
 def test_help_says_what_a_command_does_with_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, command, "--help")
     assert code == 0
