@@ -6,13 +6,18 @@ types included) and *visible means complete* (a state that cannot be encoded wri
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import enum
 import math
 import os
 import struct
 import warnings
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -360,7 +365,8 @@ def test_module_and_optimizer_come_back_as_their_state_dicts(tmp_path: Path) -> 
     optimizer.step()
     safepoint.save(tmp_path / "c", {"model": model, "optimizer": optimizer})
     loaded = safepoint.load(tmp_path / "c")
-    assert_same(loaded["model"], dict(model.state_dict()))
+    assert type(loaded["model"]) is OrderedDict  # what state_dict() returned, type included
+    assert_same(loaded["model"], model.state_dict())
     assert_same(loaded["optimizer"], optimizer.state_dict())
     assert sorted(loaded["optimizer"]["state"]) == [0, 1, 2, 3]  # int keys, as torch writes them
 
@@ -386,6 +392,66 @@ def _self_cycle() -> dict[str, Any]:
     return {"top": looped}
 
 
+class _Color(enum.Enum):
+    RED = 1
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+class _Mode(str, enum.Enum):
+    TRAIN = "train"
+
+
+@dataclasses.dataclass
+class _Config:
+    lr: float
+
+
+class _Pair(NamedTuple):
+    a: int
+    b: int
+
+
+class _MyDict(dict[str, Any]):
+    pass
+
+
+class _MyInt(int):
+    pass
+
+
+class _MyStr(str):
+    __slots__ = ()
+
+
+class _MyList(list[Any]):
+    pass
+
+
+class _MyTensor(torch.Tensor):
+    pass
+
+
+def _namespace_with_int_key() -> argparse.Namespace:
+    namespace = argparse.Namespace()
+    namespace.__dict__[3] = "x"
+    return namespace
+
+
+def _fake_tensor() -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.ones(3)
+
+
+def _two_dtypes_one_storage() -> dict[str, Any]:
+    base = torch.arange(4, dtype=torch.float32)
+    return {"a": base, "b": base.view(torch.int32)}
+
+
 def _cycle() -> dict[str, Any]:
     inner: list[Any] = [1]
     inner.append({"back": inner})
@@ -401,9 +467,38 @@ def _nested(depth: int) -> Any:
 
 REFUSED: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
     ("object", lambda: {"a": {"b": _Opaque()}}, "a/b"),
-    ("set", lambda: {"opt": {"state": {0: {1, 2}}}}, "opt/state/0"),
-    ("frozenset", lambda: {"f": [frozenset()]}, "f/0"),
-    ("complex", lambda: {"c": (1, 2j)}, "c/1"),
+    ("set of tuples", lambda: {"opt": {"state": {0: {(1, 2)}}}}, "opt/state/0"),
+    ("frozenset of tensors", lambda: {"f": [frozenset([torch.ones(1)])]}, "f/0"),
+    ("enum", lambda: {"e": {"color": _Color.RED}}, "e/color"),
+    ("int enum", lambda: {"e": [_Level.HIGH]}, "e/0"),
+    ("str enum", lambda: {"e": _Mode.TRAIN}, "e"),
+    ("dataclass", lambda: {"d": {"cfg": _Config(0.1)}}, "d/cfg"),
+    ("namedtuple", lambda: {"n": _Pair(1, 2)}, "n"),
+    ("dict subclass", lambda: {"d": {"x": _MyDict(a=1)}}, "d/x"),
+    ("int subclass", lambda: {"i": [_MyInt(3)]}, "i/0"),
+    ("str subclass", lambda: {"s": _MyStr("x")}, "s"),
+    ("list subclass", lambda: {"l": _MyList([1])}, "l"),
+    ("mapping", lambda: {"m": MappingProxyType({"a": 1})}, "m"),
+    ("ndarray subclass", lambda: {"n": np.ma.masked_array([1, 2], mask=[0, 1])}, "n"),
+    ("defaultdict lambda", lambda: {"d": defaultdict(lambda: 0)}, "d"),
+    ("namespace int key", lambda: {"n": {"ns": _namespace_with_int_key()}}, "n/ns"),
+    (
+        "empty stateful in a dict",
+        lambda: {"hyper_parameters": {"loss": torch.nn.CrossEntropyLoss()}},
+        "hyper_parameters/loss",
+    ),
+    ("empty stateful in a list", lambda: {"h": [torch.nn.ReLU()]}, "h/0"),
+    ("nested tensor", lambda: {"n": {"t": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}}, "n/t"),
+    (
+        "jagged tensor",
+        lambda: {"n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)},
+        "n",
+    ),
+    ("tensor subclass", lambda: {"s": [torch.ones(2).as_subclass(_MyTensor)]}, "s/0"),
+    ("fake tensor", lambda: {"f": {"w": _fake_tensor()}}, "f/w"),
+    ("lazy parameter", lambda: {"p": torch.nn.LazyLinear(3).weight}, "p"),
+    ("shared storage, two dtypes", _two_dtypes_one_storage, "b"),
+    ("a class", lambda: {"c": torch.nn.Linear}, "c"),
     ("sparse", lambda: {"m": [torch.eye(2).to_sparse()]}, "m/0"),
     ("sparse_csr", lambda: {"m": torch.eye(2).to_sparse_csr()}, "m"),
     ("meta", lambda: {"w": {"x": torch.empty(3, device="meta")}}, "w/x"),
@@ -427,7 +522,7 @@ REFUSED: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize).*:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize|nested|Lazy modules).*:UserWarning")
 @pytest.mark.parametrize(("make", "key"), [(m, k) for _, m, k in REFUSED], ids=[n for n, _, _ in REFUSED])
 def test_unsupported_values_are_refused_and_nothing_is_written(
     tmp_path: Path, make: Callable[[], dict[Any, Any]], key: str
