@@ -130,6 +130,18 @@ def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
         assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
         for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_same(a, e, f"{where}/{index}")
+    elif isinstance(expected, (set, frozenset)):
+        assert type(actual) is type(expected), f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
+
+        def split(items: Any) -> tuple[int, set[Any]]:  # a NaN never equals another: count them apart
+            nans = [v for v in items if isinstance(v, float) and math.isnan(v)]
+            return len(nans), {v for v in items if not (isinstance(v, float) and math.isnan(v))}
+
+        assert split(actual) == split(expected), f"{where}: {actual!r} != {expected!r}"
+    elif isinstance(expected, complex):
+        assert type(actual) is complex, f"{where}: {type(actual).__name__} is not a complex"
+        assert_same(actual.real, expected.real, f"{where}.real")
+        assert_same(actual.imag, expected.imag, f"{where}.imag")
     elif isinstance(expected, (argparse.Namespace, types.SimpleNamespace)):
         assert type(actual) is type(expected), f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
         assert_same(vars(actual), vars(expected), where)
