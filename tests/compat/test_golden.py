@@ -150,7 +150,7 @@ def test_a_golden_checkpoint_verifies_every_byte(fixture: Path) -> None:
     assert [(s.step, s.ok) for s in report.checkpoints] == [(_expected(fixture)["step"], True)]
 
 
-def live_state(fixture: Path) -> dict[str, Any]:
+def live_state(fixture: Path = FIXTURES[0]) -> dict[str, Any]:
     """The structure of make_fixtures.source_state, with other values: a fresh run about to resume."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
