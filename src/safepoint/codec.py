@@ -307,7 +307,11 @@ def _typed_name(value: Any) -> str | None:
     if cls in _TYPED_BY_CLASS:
         return _TYPED_BY_CLASS[cls][0]
     if cls is collections.defaultdict:
-        return f"collections.defaultdict:{_FACTORY_NAMES.get(value.default_factory, '?')}"
+        try:
+            factory = _FACTORY_NAMES.get(value.default_factory, "?")
+        except TypeError:  # an unhashable callable
+            factory = "?"
+        return f"collections.defaultdict:{factory}"
     module = cls.__module__
     if (
         cls.__qualname__ == "AttributeDict"

@@ -6,7 +6,14 @@ path, dtype and shape, and the state tree. Its own checksum covers everything el
 
 Parsing is strict: an unknown field, a missing field, a wrong type, a path that could leave the checkpoint,
 a dtype outside the table or a declared size that does not add up is an error naming the problem, before any
-payload byte is read or allocated. A format version newer than :data:`FORMAT_VERSION` is refused by name.
+payload byte is read or allocated. A format version newer than :data:`FORMAT_VERSION` is refused by name, and a
+node kind newer than the manifest's own format version is corruption.
+
+Format 2 adds two node kinds, checked here so that decoding them cannot go wrong: a ``view`` must lie inside its
+entry (a 1-D tensor entry; offset, sizes and strides non-negative 64-bit ints), because ``as_strided`` would read
+whatever memory follows; a ``typed`` node must name an entry of :data:`~safepoint.codec.TYPED` and hold the inner
+node that entry is built from (a set: distinct scalars). An entry is referenced by exactly one tensor, ndarray or
+pickle node, or by one or more views; its key is where the tree first references it.
 """
 
 from __future__ import annotations

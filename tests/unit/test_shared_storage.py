@@ -261,3 +261,19 @@ def test_a_forged_view_is_refused_or_reads_only_its_entry(
     assert list(view.shape) == shape
     indices = torch.as_strided(torch.arange(16), shape, stride, offset) if view.numel() else torch.empty(0)
     assert view.reshape(-1).tolist() == indices.reshape(-1).tolist()  # only elements 0..15 of the entry
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("blocking", [True, False])
+def test_ties_on_a_gpu_are_written_once(tmp_path: Path, blocking: bool) -> None:
+    base = torch.arange(4096, dtype=torch.float32, device="cuda")
+    cpu = torch.arange(4096, dtype=torch.float32)  # storages are grouped per device
+    state = {"a": base, "b": base[1024:].view(48, 64), "c": cpu, "d": cpu[:10]}
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, state, blocking=blocking)
+    entries = read_manifest(tmp_path / "step-000000000001")["entries"]
+    assert [(e["key"], e["shape"]) for e in entries] == [("a", [4096]), ("c", [4096])]
+    loaded = safepoint.load(tmp_path / "step-000000000001")
+    assert_same(loaded, {k: v.cpu() for k, v in state.items()})
+    assert _storage(loaded["a"]) == _storage(loaded["b"])
+    assert _storage(loaded["c"]) == _storage(loaded["d"])
