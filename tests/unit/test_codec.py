@@ -758,3 +758,30 @@ def test_a_dtensor_is_refused_before_anything_is_written(tmp_path: Path) -> None
     assert "full_tensor()" in result["message"]
     assert "to_local()" in result["message"]
     assert result["exists"] is False
+
+
+def test_typed_values_restore_into_a_live_state(tmp_path: Path) -> None:
+    saved = {
+        "config": {
+            "seen": {1, 2},
+            "frozen": frozenset({"a"}),
+            "raw": bytearray(b"xy"),
+            "z": 1 + 2j,
+            "out": pathlib.PurePosixPath("/runs/a"),
+            "dtype": torch.bfloat16,
+            "device": torch.device("cuda", 1),
+        },
+        "ordered": OrderedDict(a=torch.ones(2), b=3),
+        "counts": defaultdict(int, {"x": 2}),
+    }
+    safepoint.save(tmp_path / "c", saved)
+    live = {
+        "config": {"seen": set(), "frozen": frozenset(), "raw": bytearray(), "z": 0j,
+                   "out": pathlib.PurePosixPath("."), "dtype": torch.float32, "device": torch.device("cpu")},
+        "ordered": OrderedDict(a=torch.zeros(2), b=0),
+        "counts": defaultdict(int, {"x": 0}),
+    }  # fmt: skip
+    tensor = live["ordered"]["a"]
+    safepoint.restore(tmp_path / "c", live)
+    assert_same(live, saved)
+    assert live["ordered"]["a"] is tensor  # restored in place
