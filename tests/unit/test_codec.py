@@ -451,6 +451,13 @@ def _fake_tensor() -> torch.Tensor:
         return torch.ones(3)
 
 
+def _functional_tensor() -> torch.Tensor:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    with FunctionalTensorMode():
+        return torch.ones(3)
+
+
 def _two_dtypes_one_storage() -> dict[str, Any]:
     base = torch.arange(4, dtype=torch.float32)
     return {"a": base, "b": base.view(torch.int32)}
@@ -500,6 +507,7 @@ REFUSED: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
     ),
     ("tensor subclass", lambda: {"s": [torch.ones(2).as_subclass(_MyTensor)]}, "s/0"),
     ("fake tensor", lambda: {"f": {"w": _fake_tensor()}}, "f/w"),
+    ("functional tensor", lambda: {"f": _functional_tensor()}, "f"),
     ("lazy parameter", lambda: {"p": torch.nn.LazyLinear(3).weight}, "p"),
     ("shared storage, two dtypes", _two_dtypes_one_storage, "b"),
     ("a class", lambda: {"c": torch.nn.Linear}, "c"),
@@ -543,6 +551,40 @@ def test_unsupported_values_are_refused_and_nothing_is_written(
     assert written == []
     with pytest.raises(safepoint.CheckpointNotFoundError):
         safepoint.load(target)
+
+
+# what each refusal tells the user to do instead
+ADVICE = {
+    "enum": ".value or .name",
+    "int enum": ".value or .name",
+    "dataclass": "dataclasses.asdict",
+    "namedtuple": "_asdict()",
+    "dict subclass": "would load as a plain dict",
+    "defaultdict lambda": "as its factory",
+    "empty stateful in a dict": "would load as {}",
+    "nested tensor": "unbind()",
+    "fake tensor": "FakeTensor",
+    "functional tensor": "FunctionalTensor",
+    "tensor subclass": "tensor subclass",
+    "lazy parameter": "forward pass",
+    "shared storage, two dtypes": "'a'",
+    "object": "state_dict()",
+    "set of tuples": "sorted(value)",
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*(nested|Lazy modules).*:UserWarning")
+@pytest.mark.parametrize("name", sorted(ADVICE))
+def test_a_refusal_says_what_to_store_instead(tmp_path: Path, name: str) -> None:
+    make = next(m for n, m, _ in REFUSED if n == name)
+    with pytest.raises(safepoint.InvalidStateError) as info:
+        safepoint.save(tmp_path / "c", make())
+    assert ADVICE[name] in str(info.value)
+    assert ("Pickled" in str(info.value)) == (name in PICKLE_ADVISED)
+
+
+PICKLE_ADVISED = {"dataclass", "namedtuple", "dict subclass", "defaultdict lambda", "empty stateful in a dict",
+                  "tensor subclass", "object"}  # fmt: skip
 
 
 def test_the_deepest_allowed_state_round_trips(tmp_path: Path) -> None:
