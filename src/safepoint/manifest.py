@@ -436,7 +436,7 @@ class _Parser:
         if base.kind != "tensor" or len(base.shape) != 1:
             raise self.fail(f"entry {base.key[:200]!r} is viewed, but is not a 1-D tensor entry")
         numel = math.prod(sizes)
-        if numel >= _INT64 or offset >= _INT64 or any(s >= _INT64 for s in steps):
+        if numel >= _INT64 or offset >= _INT64 or any(n >= _INT64 for n in sizes) or any(s >= _INT64 for s in steps):
             raise self.fail(f"view of {base.key[:200]!r} has sizes beyond 64 bits")
         last = offset + sum((n - 1) * s for n, s in zip(sizes, steps, strict=True)) if numel else offset - 1
         if last >= base.shape[0] or offset > base.shape[0]:

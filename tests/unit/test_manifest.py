@@ -572,6 +572,7 @@ MALFORMED: list[tuple[str, Callable[[Body], None], str]] = [
     ("view of 2**63 elements", _view("b", shape=[2**62, 2], stride=[0, 0]), "64 bits"),
     ("view stride huge", _view("b", shape=[1, 1], stride=[10**30, 1]), "64 bits"),
     ("view offset huge", _view("b", offset=10**30), "64 bits"),
+    ("view empty with a huge size", _view("c", shape=[0, 10**30], stride=[1, 1]), "64 bits"),
     ("view of an ndarray entry", _view_of("arr"), "1-D tensor"),
     ("view of a 2-D entry", _view_of("model/weight"), "1-D tensor"),
     ("view missing a field", _edit_node(("tied", "b"), lambda n: n.pop("stride")), "fields"),
