@@ -549,6 +549,7 @@ def test_unsupported_values_are_refused_and_nothing_is_written(
     assert not (target / "manifest.json").exists()
     written = [os.path.join(d, f) for d, _, files in os.walk(target) for f in files]
     assert written == []
+    assert not target.exists()  # refused while encoding: not even the directory was created
     with pytest.raises(safepoint.CheckpointNotFoundError):
         safepoint.load(target)
 
@@ -827,3 +828,13 @@ def test_typed_values_restore_into_a_live_state(tmp_path: Path) -> None:
     safepoint.restore(tmp_path / "c", live)
     assert_same(live, saved)
     assert live["ordered"]["a"] is tensor  # restored in place
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_manager_refuses_a_tensor_subclass_before_writing(tmp_path: Path, blocking: bool) -> None:
+    with safepoint.CheckpointManager(tmp_path / "run") as manager:
+        with pytest.raises(safepoint.InvalidStateError, match=r"'model/w'.*FakeTensor"):
+            manager.save(1, {"model": {"w": _fake_tensor()}, "ok": torch.ones(2)}, blocking=blocking)
+        assert manager.steps() == []
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "run") for f in files]
+    assert [p for p in written if "step-" in p] == []
