@@ -7,11 +7,13 @@ is aimed at, and a bug in safepoint's checksum code cannot hide itself. The pack
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
 import struct
 import sys
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -116,7 +118,9 @@ def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
         else:
             assert struct.pack("<d", actual) == struct.pack("<d", expected), f"{where}: {actual!r} != {expected!r}"
     elif isinstance(expected, dict):
-        assert type(actual) is dict, f"{where}: {type(actual).__name__} is not a dict"
+        assert type(actual) is type(expected), f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
+        factory = getattr(expected, "default_factory", None)
+        assert getattr(actual, "default_factory", None) is factory, f"{where}: default_factory is not {factory}"
         keys = [(type(k), k) for k in actual]
         assert keys == [(type(k), k) for k in expected], f"{where}: keys {list(actual)!r} != {list(expected)!r}"
         for key, value in expected.items():
@@ -126,6 +130,21 @@ def assert_same(actual: Any, expected: Any, where: str = "state") -> None:
         assert len(actual) == len(expected), f"{where}: length {len(actual)} != {len(expected)}"
         for index, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_same(a, e, f"{where}/{index}")
+    elif isinstance(expected, (set, frozenset)):
+        assert type(actual) is type(expected), f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
+
+        def split(items: Any) -> tuple[int, set[Any]]:  # a NaN never equals another: count them apart
+            nans = [v for v in items if isinstance(v, float) and math.isnan(v)]
+            return len(nans), {v for v in items if not (isinstance(v, float) and math.isnan(v))}
+
+        assert split(actual) == split(expected), f"{where}: {actual!r} != {expected!r}"
+    elif isinstance(expected, complex):
+        assert type(actual) is complex, f"{where}: {type(actual).__name__} is not a complex"
+        assert_same(actual.real, expected.real, f"{where}.real")
+        assert_same(actual.imag, expected.imag, f"{where}.imag")
+    elif isinstance(expected, (argparse.Namespace, types.SimpleNamespace)):
+        assert type(actual) is type(expected), f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
+        assert_same(vars(actual), vars(expected), where)
     else:
         assert type(actual) is type(expected), f"{where}: {type(actual).__name__} is not {type(expected).__name__}"
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"

@@ -326,7 +326,7 @@ def _shift(node: Json, offset: int) -> Json:
         return {**node, "v": [[key, _shift(child, offset)] for key, child in node["v"]]}
     if kind in ("list", "tuple"):
         return {**node, "v": [_shift(child, offset) for child in node["v"]]}
-    if kind == "object":
+    if kind in ("object", "typed"):
         return {**node, "v": _shift(node["v"], offset)}
     return node
 
@@ -522,5 +522,5 @@ def _entries_in(node: Json) -> Iterator[int]:
     elif node["k"] in ("list", "tuple"):
         for child in node["v"]:
             yield from _entries_in(child)
-    elif node["k"] == "object":
+    elif node["k"] in ("object", "typed"):
         yield from _entries_in(node["v"])

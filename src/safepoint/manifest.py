@@ -6,7 +6,14 @@ path, dtype and shape, and the state tree. Its own checksum covers everything el
 
 Parsing is strict: an unknown field, a missing field, a wrong type, a path that could leave the checkpoint,
 a dtype outside the table or a declared size that does not add up is an error naming the problem, before any
-payload byte is read or allocated. A format version newer than :data:`FORMAT_VERSION` is refused by name.
+payload byte is read or allocated. A format version newer than :data:`FORMAT_VERSION` is refused by name, and a
+node kind newer than the manifest's own format version is corruption.
+
+Format 2 adds two node kinds, checked here so that decoding them cannot go wrong: a ``view`` must lie inside its
+entry (a 1-D tensor entry; offset, sizes and strides non-negative 64-bit ints), because ``as_strided`` would read
+whatever memory follows; a ``typed`` node must name an entry of :data:`~safepoint.codec.TYPED` and hold the inner
+node that entry is built from (a set: distinct scalars). An entry is referenced by exactly one tensor, ndarray or
+pickle node, or by one or more views; its key is where the tree first references it.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .checksum import ChecksumFormatError, format_checksum, new_hasher, parse_checksum
-from .codec import DTYPE_NAMES, MAX_TREE_DEPTH, float_to_json, key_path
+from .codec import DTYPE_NAMES, MAX_TREE_DEPTH, SCALAR_KINDS, TYPED, decode_tree, float_to_json, key_path
 from .errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
 
 __all__ = [
@@ -34,7 +41,9 @@ __all__ = [
 ]
 
 #: The on-disk format this code writes. Readers accept every version up to this one.
-FORMAT_VERSION = 1
+#: 1: the first release. 2: ``view`` nodes (shared storage written once) and ``typed`` nodes
+#: (:data:`~safepoint.codec.TYPED`).
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: Manifests larger than this are refused before they are read (about 2 million entries).
 MAX_MANIFEST_BYTES = 512 << 20
@@ -173,12 +182,18 @@ _NODE_FIELDS = {
     "tensor": {"k", "e"}, "ndarray": {"k", "e"}, "pickle": {"k", "e"},
     "int": {"k", "v"}, "bool": {"k", "v"}, "str": {"k", "v"}, "float": {"k", "v"}, "bytes": {"k", "v"},
     "none": {"k"},
+    "view": {"k", "e", "offset", "shape", "stride"}, "typed": {"k", "t", "v"},
 }  # fmt: skip
+#: The format version that introduced each node kind: a kind in an older manifest is corruption.
+_NODE_SINCE = {"view": 2, "typed": 2}
+_INT64 = 1 << 63
 
 
 class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
+        self.version = FORMAT_VERSION
+        self.entries: tuple[EntryRecord, ...] = ()
 
     def fail(self, message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.source}: {message}", path=self.source)
@@ -210,18 +225,13 @@ class _Parser:
             raise self.fail("a file is listed twice")
         entries = tuple(self.entry(e, i, files) for i, e in enumerate(self.array(body["entries"], "entries")))
         self.names_unique(entries)
+        self.version = self.integer(version, "format_version", minimum=1)
+        self.entries = entries
         referenced: list[tuple[int, str, str]] = []
-        tree = self.node(body["tree"], 0, (), len(entries), referenced)
+        tree = self.node(body["tree"], 0, (), referenced)
         if tree["k"] != "dict":
             raise self.fail("the state tree must be a dict")
-        if sorted(i for i, _, _ in referenced) != list(range(len(entries))):
-            raise self.fail("the state tree does not reference every entry exactly once")
-        for index, kind, where in referenced:
-            if entries[index].kind != kind:
-                raise self.fail(f"entry {entries[index].key!r} is a {entries[index].kind}, the tree says {kind}")
-            # errors and allow_pickle name entries by key: the key must be where the tree puts the entry
-            if entries[index].key != where:
-                raise self.fail(f"entry {entries[index].key[:200]!r} sits at {where[:200]!r} in the state tree")
+        self.references(referenced)
         save_id = body["save_id"]
         if not isinstance(save_id, str) or not _SAVE_ID.fullmatch(save_id):
             raise self.fail(f"save_id {str(save_id)[:80]!r} is malformed")
@@ -347,7 +357,6 @@ class _Parser:
         value: Any,
         depth: int,
         path: tuple[str | int, ...],
-        n_entries: int,
         referenced: list[tuple[int, str, str]],
     ) -> dict[str, Any]:
         if depth > MAX_TREE_DEPTH:
@@ -356,6 +365,8 @@ class _Parser:
         kind = node.get("k")
         if not isinstance(kind, str) or kind not in _NODE_FIELDS:
             raise self.fail(f"tree node of unknown kind {str(kind)[:40]!r}")
+        if _NODE_SINCE.get(kind, 1) > self.version:
+            raise self.fail(f"tree node of kind {kind!r} in a manifest of format version {self.version}")
         if set(node) != _NODE_FIELDS[kind]:
             raise self.fail(f"tree node {kind!r} has fields {sorted(node)}")
         payload: Any = node.get("v")
@@ -366,24 +377,91 @@ class _Parser:
                 key = item[0]
                 if isinstance(key, bool) or not isinstance(key, (str, int)):
                     raise self.fail(f"dict key {str(key)[:40]!r} is not a str or int")
-                self.node(item[1], depth + 1, (*path, key), n_entries, referenced)
+                self.node(item[1], depth + 1, (*path, key), referenced)
             if len({(type(k), k) for k, _ in payload}) != len(payload):
                 raise self.fail("dict node has a duplicate key")
         elif kind in ("list", "tuple"):
             for i, item in enumerate(self.array(payload, f"{kind} node")):
-                self.node(item, depth + 1, (*path, i), n_entries, referenced)
+                self.node(item, depth + 1, (*path, i), referenced)
         elif kind == "object":
             if not isinstance(node["type"], str):
                 raise self.fail("object node type is not a string")
-            self.node(payload, depth + 1, path, n_entries, referenced)
-        elif kind in ("tensor", "ndarray", "pickle"):
+            self.node(payload, depth + 1, path, referenced)
+        elif kind == "typed":
+            self.typed(node, depth, path, referenced)
+        elif kind in ("tensor", "ndarray", "pickle", "view"):
             index = node["e"]
-            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n_entries:
+            if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(self.entries):
                 raise self.fail(f"tree references entry {str(index)[:40]!r}, which does not exist")
+            if kind == "view":
+                self.view(node, self.entries[index])
             referenced.append((index, kind, key_path(path)))
         else:
             self.scalar(kind, payload)
         return node
+
+    def typed(
+        self, node: dict[str, Any], depth: int, path: tuple[str | int, ...], referenced: list[tuple[int, str, str]]
+    ) -> None:
+        """A value of :data:`~safepoint.codec.TYPED`: a known name, and the inner node that name is built from."""
+        name = node["t"]
+        if not isinstance(name, str) or name not in TYPED:
+            raise self.fail(f"typed node of unknown type {str(name)[:80]!r}")
+        kind = TYPED[name]
+        inner = self.node(node["v"], depth + 1, path, referenced)
+        if inner["k"] != kind.inner:
+            raise self.fail(f"typed node {name!r} holds a {inner['k']} node, not a {kind.inner} node")
+        items = inner["v"]
+        if kind.inner == "dict" and kind.str_keys and not all(isinstance(k, str) for k, _ in items):
+            raise self.fail(f"typed node {name!r} has a key that is not a str")
+        if kind.inner == "list":  # a set: distinct scalars (1, 1.0 and True would collapse into one)
+            if not all(item["k"] in SCALAR_KINDS for item in items):
+                raise self.fail(f"typed node {name!r} holds something other than scalars")
+            values = [decode_tree(item, []) for item in items]
+            if len(set(values)) != len(values):
+                raise self.fail(f"typed node {name!r} holds equal items")
+        if name == "builtins.complex" and [item["k"] for item in items] != ["float", "float"]:
+            raise self.fail("a complex node must hold two floats")
+        if name == "torch.Size" and not all(item["k"] == "int" and -_INT64 <= item["v"] < _INT64 for item in items):
+            raise self.fail("a torch.Size node must hold 64-bit ints")
+
+    def view(self, node: dict[str, Any], base: EntryRecord) -> None:
+        """A view must lie inside its entry: ``as_strided`` checks nothing that would stop a read out of bounds."""
+        shape, stride = self.array(node["shape"], "view shape"), self.array(node["stride"], "view stride")
+        if len(shape) > _MAX_NDIM or len(shape) != len(stride):
+            raise self.fail(f"view of {base.key[:200]!r} has {len(shape)} sizes and {len(stride)} strides")
+        sizes = [self.integer(n, "view shape") for n in shape]
+        steps = [self.integer(s, "view stride") for s in stride]
+        offset = self.integer(node["offset"], "view offset")
+        if base.kind != "tensor" or len(base.shape) != 1:
+            raise self.fail(f"entry {base.key[:200]!r} is viewed, but is not a 1-D tensor entry")
+        numel = math.prod(sizes)
+        if numel >= _INT64 or offset >= _INT64 or any(n >= _INT64 for n in sizes) or any(s >= _INT64 for s in steps):
+            raise self.fail(f"view of {base.key[:200]!r} has sizes beyond 64 bits")
+        last = offset + sum((n - 1) * s for n, s in zip(sizes, steps, strict=True)) if numel else offset - 1
+        if last >= base.shape[0] or offset > base.shape[0]:
+            raise self.fail(
+                f"view of {base.key[:200]!r} (offset {offset}, shape {sizes}, stride {steps}) reaches past its "
+                f"{base.shape[0]} elements"
+            )
+
+    def references(self, referenced: list[tuple[int, str, str]]) -> None:
+        """Each entry is referenced by exactly one tensor, ndarray or pickle node, or by one or more views;
+        its key is where the tree first references it (errors and allow_pickle name entries by key)."""
+        first: dict[int, tuple[str, str]] = {}
+        for index, kind, where in referenced:
+            if index not in first:
+                first[index] = (kind, where)
+            elif kind != "view" or first[index][0] != "view":
+                raise self.fail("the state tree does not reference every entry exactly once")
+        if len(first) != len(self.entries):
+            raise self.fail("the state tree does not reference every entry exactly once")
+        for index, (kind, where) in first.items():
+            entry = self.entries[index]
+            if entry.kind != ("tensor" if kind == "view" else kind):
+                raise self.fail(f"entry {entry.key!r} is a {entry.kind}, the tree says {kind}")
+            if entry.key != where:
+                raise self.fail(f"entry {entry.key[:200]!r} sits at {where[:200]!r} in the state tree")
 
     def scalar(self, kind: str, payload: Any) -> None:
         ok = {

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
+from .codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from .errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
 from .migrations import Migrations, upgrade_state
 from .reader import LoadedCheckpoint
@@ -178,7 +178,7 @@ def _is_tensor(value: object) -> bool:
 
 
 def _is_scalar(value: object) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, bytes, np.generic))
+    return value is None or isinstance(value, (bool, int, float, str, bytes, np.generic, *REPLACED_WHOLE))
 
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:

@@ -10,7 +10,9 @@ compares the two bit for bit, so a later version that can no longer read an old 
 The state covers every node kind of the format: tensors of every persisted dtype (0-d, empty, non-contiguous),
 numpy arrays and scalars, objects saved through state_dict (a module, an optimizer with int-keyed state), dicts
 with str and int keys, lists, tuples, every scalar kind (NaN, infinities, big ints, bytes, None, unicode) and a
-Pickled entry. It is small: a few KB.
+Pickled entry; from format 2 on, tensors sharing one storage (view nodes; ``expected.json`` lists which keys
+must share storage after a load) and every typed value of ``safepoint.codec.TYPED`` (typed nodes).
+It is small: a few KB.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pathlib
 import shutil
 import sys
+import types
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,8 @@ METRICS = {"loss": 0.25}
 
 def source_state() -> dict[str, Any]:
     """The values saved in the golden checkpoint: fixed formulas, no random numbers, same on every machine."""
+    from lightning.fabric.utilities.data import AttributeDict
+
     import safepoint  # here, not at the top: the encoder below must not depend on the package
 
     model = torch.nn.Linear(3, 2)
@@ -90,7 +97,34 @@ def source_state() -> dict[str, Any]:
             "nested": {"deeper": [{"a": [1, [2, ()]]}]},
         },
         "pickled": safepoint.Pickled({"kind": "plain data", "values": [1, 2, 3]}),
+        # format 2
+        "tied": {"whole": TIED, "grid": TIED.view(3, 4).t(), "tail": TIED[5:], "same": TIED},
+        "typed": {
+            "ordered": OrderedDict([("z", 1), ("a", torch.tensor([1.5]))]),
+            "counter": Counter({"x": 2, 7: -1}),
+            "defaultdict": defaultdict(list, {"k": [1]}),
+            "defaultdict_none": defaultdict(None, {1: "a"}),
+            "set": {3, "b", None, 2.5, b"x", False},
+            "frozenset": frozenset({1, 2}),
+            "bytearray": bytearray(b"\x00ab"),
+            "complex": complex(1.5, -0.0),
+            "namespace": argparse.Namespace(lr=0.5, name="n"),
+            "simple": types.SimpleNamespace(a=1),
+            "path": pathlib.PosixPath("/data/x"),
+            "pure_posix": pathlib.PurePosixPath("rel/x"),
+            "pure_windows": pathlib.PureWindowsPath("C:/data/x"),
+            "size": torch.Size([3, 4]),
+            "dtype": torch.bfloat16,
+            "device": torch.device("cuda", 1),
+            "attributedict": AttributeDict(lr=0.1),
+        },
     }
+
+
+#: Which keys of the state share one storage (format 2 writes it once; a load gives them one storage again).
+SHARED = [["tied/whole", "tied/grid", "tied/tail", "tied/same"]]
+TIED = torch.arange(12, dtype=torch.float32) / 4
+_FACTORIES = {None: "None", list: "list", dict: "dict", set: "set", int: "int", OrderedDict: "OrderedDict"}
 
 
 # -- an encoder that knows nothing about safepoint ------------------------------------------------------------------
@@ -118,15 +152,50 @@ def encode(value: Any) -> dict[str, Any]:
     if isinstance(value, np.ndarray):
         native = value.astype(value.dtype.newbyteorder("="))  # a checkpoint stores native byte order
         return {"t": "ndarray", "dtype": native.dtype.str, "shape": list(value.shape), "hex": native.tobytes().hex()}
+    typed = _encode_typed(value)
+    if typed is not None:
+        return typed
     if isinstance(value, dict):
         return {"t": "dict", "items": [[encode(k), encode(v)] for k, v in value.items()]}
     if isinstance(value, (list, tuple)):
         return {"t": type(value).__name__, "items": [encode(v) for v in value]}
     if hasattr(value, "state_dict"):
-        return encode(dict(value.state_dict()))
+        return encode(value.state_dict())  # format 1 recorded dict(state_dict()): a module's came back as a dict
     if type(value).__name__ == "Pickled":
         return {"t": "pickled", "value": encode(value.value)}
     raise TypeError(f"no record for {type(value).__name__}")
+
+
+def _encode_typed(value: Any) -> dict[str, Any] | None:
+    """Records of the values format 2 brings back as their own type; the class is named by the record."""
+    cls = type(value)
+
+    def items(mapping: Any) -> list[list[dict[str, Any]]]:
+        return [[encode(k), encode(v)] for k, v in mapping.items()]
+
+    if cls in (OrderedDict, Counter):
+        return {"t": cls.__name__, "items": items(value)}
+    if cls is defaultdict:
+        return {"t": "defaultdict", "factory": _FACTORIES[value.default_factory], "items": items(value)}
+    if cls in (set, frozenset):
+        return {"t": cls.__name__, "items": [encode(v) for v in value]}
+    if cls is bytearray:
+        return {"t": "bytearray", "hex": value.hex()}
+    if cls is complex:
+        return {"t": "complex", "real": value.real.hex(), "imag": value.imag.hex()}
+    if cls in (argparse.Namespace, types.SimpleNamespace):
+        return {"t": cls.__name__, "items": items(vars(value))}
+    if isinstance(value, pathlib.PurePath):
+        return {"t": "path", "class": cls.__name__, "v": str(value)}
+    if cls is torch.Size:
+        return {"t": "Size", "items": [encode(v) for v in value]}
+    if cls is torch.dtype:
+        return {"t": "dtype", "v": str(value).removeprefix("torch.")}
+    if cls is torch.device:
+        return {"t": "device", "v": str(value)}
+    if cls.__name__ == "AttributeDict":
+        return {"t": "AttributeDict", "module": cls.__module__, "items": items(value)}
+    return None
 
 
 def write(version: int, force: bool) -> Path:
@@ -142,7 +211,7 @@ def write(version: int, force: bool) -> Path:
     target.mkdir(parents=True)
     state = source_state()
     expected = {"format_version": version, "step": STEP, "metrics": METRICS, "state_version": 1,
-                "state": encode(state)}  # fmt: skip
+                "shared": SHARED, "state": encode(state)}  # fmt: skip
     with safepoint.CheckpointManager(target / "run") as manager:
         manager.save(STEP, state, metrics=METRICS)
     (target / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=True) + "\n")

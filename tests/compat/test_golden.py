@@ -9,8 +9,13 @@ objects, and verify every byte. The fixtures are read in place and never written
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
+import pathlib
 import shutil
+import types
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +61,38 @@ def decode(record: dict[str, Any]) -> Any:
         return tuple(decode(v) for v in record["items"])
     if kind == "pickled":
         return decode(record["value"])  # what safepoint.load returns once the entry is allowed to unpickle
+    return _decode_typed(kind, record)
+
+
+def _decode_typed(kind: str, record: dict[str, Any]) -> Any:
+    """Records of the values format 2 brings back as their own type."""
+
+    def pairs() -> dict[Any, Any]:
+        return {decode(k): decode(v) for k, v in record["items"]}
+
+    if kind in ("OrderedDict", "Counter"):
+        return {"OrderedDict": OrderedDict, "Counter": Counter}[kind](pairs())
+    if kind == "defaultdict":
+        factories = {"None": None, "list": list, "dict": dict, "set": set, "int": int, "OrderedDict": OrderedDict}
+        return defaultdict(factories[record["factory"]], pairs())
+    if kind in ("set", "frozenset"):
+        return {"set": set, "frozenset": frozenset}[kind](decode(v) for v in record["items"])
+    if kind == "bytearray":
+        return bytearray.fromhex(record["hex"])
+    if kind == "complex":
+        return complex(float.fromhex(record["real"]), float.fromhex(record["imag"]))
+    if kind in ("Namespace", "SimpleNamespace"):
+        return {"Namespace": argparse.Namespace, "SimpleNamespace": types.SimpleNamespace}[kind](**pairs())
+    if kind == "path":
+        return getattr(pathlib, record["class"])(record["v"])
+    if kind == "Size":
+        return torch.Size(decode(v) for v in record["items"])
+    if kind == "dtype":
+        return getattr(torch, record["v"])
+    if kind == "device":
+        return torch.device(record["v"])
+    if kind == "AttributeDict":
+        return importlib.import_module(record["module"]).AttributeDict(pairs())
     raise AssertionError(f"unknown record kind {kind!r}")
 
 
@@ -94,19 +131,33 @@ def test_a_golden_checkpoint_loads_to_the_expected_values(fixture: Path) -> None
     assert_same(loaded, decode(_expected(fixture)["state"]))
 
 
+def _at(values: Any, key: str) -> Any:
+    for part in key.split("/"):
+        values = values[part]
+    return values
+
+
+def test_tensors_that_shared_storage_share_it_after_a_load(fixture: Path) -> None:
+    loaded = safepoint.load(_checkpoint(fixture), allow_pickle=["pickled"])
+    groups = _expected(fixture).get("shared", [])
+    assert bool(groups) == (int(fixture.name.removeprefix("format_v")) >= 2)  # format 1 wrote ties twice
+    for keys in groups:
+        assert len({_at(loaded, key).untyped_storage().data_ptr() for key in keys}) == 1, keys
+
+
 def test_a_golden_checkpoint_verifies_every_byte(fixture: Path) -> None:
     report = safepoint.verify(fixture / "run")
     assert [(s.step, s.ok) for s in report.checkpoints] == [(_expected(fixture)["step"], True)]
 
 
-def live_state() -> dict[str, Any]:
+def live_state(fixture: Path = FIXTURES[0]) -> dict[str, Any]:
     """The structure of make_fixtures.source_state, with other values: a fresh run about to resume."""
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
-    saved = safepoint.load(_checkpoint(FIXTURES[0]), allow_pickle=["pickled"])
+    saved = safepoint.load(_checkpoint(fixture), allow_pickle=["pickled"])
     tensors = {k: torch.zeros_like(v) for k, v in saved["tensors"].items()}
     arrays = {k: np.zeros_like(v) if isinstance(v, np.ndarray) else v for k, v in saved["arrays"].items()}
-    return {
+    state = {
         "model": model,
         "optimizer": optimizer,
         "tensors": tensors,
@@ -114,11 +165,15 @@ def live_state() -> dict[str, Any]:
         "config": {k: None for k in saved["config"]},
         "pickled": safepoint.Pickled(None),
     }
+    if "tied" in saved:  # format 2
+        state["tied"] = {k: torch.zeros_like(v) for k, v in saved["tied"].items()}
+        state["typed"] = {k: None for k in saved["typed"]}
+    return state
 
 
 def test_a_golden_checkpoint_restores_into_live_objects(fixture: Path, tmp_path: Path) -> None:
     run = shutil.copytree(fixture / "run", tmp_path / "run")
-    state = live_state()
+    state = live_state(fixture)
     with safepoint.CheckpointManager(run) as manager:
         report = manager.restore(state)
     expected = decode(_expected(fixture)["state"])
@@ -126,8 +181,11 @@ def test_a_golden_checkpoint_restores_into_live_objects(fixture: Path, tmp_path:
     assert report.step == _expected(fixture)["step"]
     assert report.format_version == int(fixture.name.removeprefix("format_v"))
     assert report.migrations == ()
-    assert_same(dict(state["model"].state_dict()), expected["model"])
+    assert_same(dict(state["model"].state_dict()), dict(expected["model"]))
     assert_same(state["optimizer"].state_dict()["state"], expected["optimizer"]["state"])
     assert_same(state["tensors"], expected["tensors"])
     assert_same(state["config"], expected["config"])
     assert state["pickled"].value == expected["pickled"]
+    if "tied" in expected:
+        assert_same(state["tied"], expected["tied"])
+        assert_same(state["typed"], expected["typed"])

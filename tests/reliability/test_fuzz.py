@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,13 @@ JSON = st.recursive(
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("fuzz") / "checkpoint"
+    tied = torch.arange(12, dtype=torch.float32)
     state = {
         "model": {"w": torch.randn(3, 4), "b": torch.zeros(4, dtype=torch.bfloat16)},
         "progress": {"epoch": 2, "losses": [0.5, 0.25], "name": "run", 7: (1, None)},
+        # format 2 node kinds: views of one storage, and typed values
+        "tied": {"whole": tied, "grid": tied.view(3, 4).t(), "tail": tied[5:]},
+        "typed": {"od": OrderedDict(a=1), "seen": {1, "x"}, "size": torch.Size([2]), "dtype": torch.float16},
     }
     safepoint.save(path, state, metrics={"loss": 0.1})
     return path

@@ -6,13 +6,22 @@ types included) and *visible means complete* (a state that cannot be encoded wri
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import enum
+import json
 import math
 import os
+import pathlib
 import struct
+import subprocess
+import sys
 import warnings
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType, SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -22,7 +31,7 @@ from hypothesis import strategies as st
 
 import safepoint
 from safepoint.codec import MAX_INT_BITS, MAX_TREE_DEPTH
-from tests.helpers import assert_same, tensor_bits
+from tests.helpers import assert_same, edit_manifest, read_manifest, tensor_bits
 
 SETTINGS = settings(
     max_examples=150,
@@ -360,7 +369,8 @@ def test_module_and_optimizer_come_back_as_their_state_dicts(tmp_path: Path) -> 
     optimizer.step()
     safepoint.save(tmp_path / "c", {"model": model, "optimizer": optimizer})
     loaded = safepoint.load(tmp_path / "c")
-    assert_same(loaded["model"], dict(model.state_dict()))
+    assert type(loaded["model"]) is OrderedDict  # what state_dict() returned, type included
+    assert_same(loaded["model"], model.state_dict())
     assert_same(loaded["optimizer"], optimizer.state_dict())
     assert sorted(loaded["optimizer"]["state"]) == [0, 1, 2, 3]  # int keys, as torch writes them
 
@@ -386,6 +396,73 @@ def _self_cycle() -> dict[str, Any]:
     return {"top": looped}
 
 
+class _Color(enum.Enum):
+    RED = 1
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+class _Mode(str, enum.Enum):
+    TRAIN = "train"
+
+
+@dataclasses.dataclass
+class _Config:
+    lr: float
+
+
+class _Pair(NamedTuple):
+    a: int
+    b: int
+
+
+class _MyDict(dict[str, Any]):
+    pass
+
+
+class _MyInt(int):
+    pass
+
+
+class _MyStr(str):
+    __slots__ = ()
+
+
+class _MyList(list[Any]):
+    pass
+
+
+class _MyTensor(torch.Tensor):
+    pass
+
+
+def _namespace_with_int_key() -> argparse.Namespace:
+    namespace = argparse.Namespace()
+    namespace.__dict__[3] = "x"
+    return namespace
+
+
+def _fake_tensor() -> torch.Tensor:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return torch.ones(3)
+
+
+def _functional_tensor() -> torch.Tensor:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    with FunctionalTensorMode():
+        return torch.ones(3)
+
+
+def _two_dtypes_one_storage() -> dict[str, Any]:
+    base = torch.arange(4, dtype=torch.float32)
+    return {"a": base, "b": base.view(torch.int32)}
+
+
 def _cycle() -> dict[str, Any]:
     inner: list[Any] = [1]
     inner.append({"back": inner})
@@ -401,9 +478,39 @@ def _nested(depth: int) -> Any:
 
 REFUSED: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
     ("object", lambda: {"a": {"b": _Opaque()}}, "a/b"),
-    ("set", lambda: {"opt": {"state": {0: {1, 2}}}}, "opt/state/0"),
-    ("frozenset", lambda: {"f": [frozenset()]}, "f/0"),
-    ("complex", lambda: {"c": (1, 2j)}, "c/1"),
+    ("set of tuples", lambda: {"opt": {"state": {0: {(1, 2)}}}}, "opt/state/0"),
+    ("frozenset of tensors", lambda: {"f": [frozenset([torch.ones(1)])]}, "f/0"),
+    ("enum", lambda: {"e": {"color": _Color.RED}}, "e/color"),
+    ("int enum", lambda: {"e": [_Level.HIGH]}, "e/0"),
+    ("str enum", lambda: {"e": _Mode.TRAIN}, "e"),
+    ("dataclass", lambda: {"d": {"cfg": _Config(0.1)}}, "d/cfg"),
+    ("namedtuple", lambda: {"n": _Pair(1, 2)}, "n"),
+    ("dict subclass", lambda: {"d": {"x": _MyDict(a=1)}}, "d/x"),
+    ("int subclass", lambda: {"i": [_MyInt(3)]}, "i/0"),
+    ("str subclass", lambda: {"s": _MyStr("x")}, "s"),
+    ("list subclass", lambda: {"l": _MyList([1])}, "l"),
+    ("mapping", lambda: {"m": MappingProxyType({"a": 1})}, "m"),
+    ("ndarray subclass", lambda: {"n": np.ma.masked_array([1, 2], mask=[0, 1])}, "n"),
+    ("defaultdict lambda", lambda: {"d": defaultdict(lambda: 0)}, "d"),
+    ("namespace int key", lambda: {"n": {"ns": _namespace_with_int_key()}}, "n/ns"),
+    (
+        "empty stateful in a dict",
+        lambda: {"hyper_parameters": {"loss": torch.nn.CrossEntropyLoss()}},
+        "hyper_parameters/loss",
+    ),
+    ("empty stateful in a list", lambda: {"h": [torch.nn.ReLU()]}, "h/0"),
+    ("nested tensor", lambda: {"n": {"t": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}}, "n/t"),
+    (
+        "jagged tensor",
+        lambda: {"n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)},
+        "n",
+    ),
+    ("tensor subclass", lambda: {"s": [torch.ones(2).as_subclass(_MyTensor)]}, "s/0"),
+    ("fake tensor", lambda: {"f": {"w": _fake_tensor()}}, "f/w"),
+    ("functional tensor", lambda: {"f": _functional_tensor()}, "f"),
+    ("lazy parameter", lambda: {"p": torch.nn.LazyLinear(3).weight}, "p"),
+    ("shared storage, two dtypes", _two_dtypes_one_storage, "b"),
+    ("a class", lambda: {"c": torch.nn.Linear}, "c"),
     ("sparse", lambda: {"m": [torch.eye(2).to_sparse()]}, "m/0"),
     ("sparse_csr", lambda: {"m": torch.eye(2).to_sparse_csr()}, "m"),
     ("meta", lambda: {"w": {"x": torch.empty(3, device="meta")}}, "w/x"),
@@ -427,7 +534,7 @@ REFUSED: list[tuple[str, Callable[[], dict[Any, Any]], str]] = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize).*:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*(Sparse CSR|quantize|nested|Lazy modules).*:UserWarning")
 @pytest.mark.parametrize(("make", "key"), [(m, k) for _, m, k in REFUSED], ids=[n for n, _, _ in REFUSED])
 def test_unsupported_values_are_refused_and_nothing_is_written(
     tmp_path: Path, make: Callable[[], dict[Any, Any]], key: str
@@ -442,8 +549,43 @@ def test_unsupported_values_are_refused_and_nothing_is_written(
     assert not (target / "manifest.json").exists()
     written = [os.path.join(d, f) for d, _, files in os.walk(target) for f in files]
     assert written == []
+    assert not target.exists()  # refused while encoding: not even the directory was created
     with pytest.raises(safepoint.CheckpointNotFoundError):
         safepoint.load(target)
+
+
+# what each refusal tells the user to do instead
+ADVICE = {
+    "enum": ".value or .name",
+    "int enum": ".value or .name",
+    "dataclass": "dataclasses.asdict",
+    "namedtuple": "_asdict()",
+    "dict subclass": "would load as a plain dict",
+    "defaultdict lambda": "as its factory",
+    "empty stateful in a dict": "would load as {}",
+    "nested tensor": "unbind()",
+    "fake tensor": "FakeTensor",
+    "functional tensor": "FunctionalTensor",
+    "tensor subclass": "tensor subclass",
+    "lazy parameter": "forward pass",
+    "shared storage, two dtypes": "'a'",
+    "object": "state_dict()",
+    "set of tuples": "sorted(value)",
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*(nested|Lazy modules).*:UserWarning")
+@pytest.mark.parametrize("name", sorted(ADVICE))
+def test_a_refusal_says_what_to_store_instead(tmp_path: Path, name: str) -> None:
+    make = next(m for n, m, _ in REFUSED if n == name)
+    with pytest.raises(safepoint.InvalidStateError) as info:
+        safepoint.save(tmp_path / "c", make())
+    assert ADVICE[name] in str(info.value)
+    assert ("Pickled" in str(info.value)) == (name in PICKLE_ADVISED)
+
+
+PICKLE_ADVISED = {"dataclass", "namedtuple", "dict subclass", "defaultdict lambda", "empty stateful in a dict",
+                  "tensor subclass", "object"}  # fmt: skip
 
 
 def test_the_deepest_allowed_state_round_trips(tmp_path: Path) -> None:
@@ -471,3 +613,228 @@ def test_float_bits_are_not_rounded(tmp_path: Path) -> None:
     safepoint.save(tmp_path / "c", {"v": values})
     loaded = safepoint.load(tmp_path / "c")["v"]
     assert [struct.pack("<d", v) for v in loaded] == [struct.pack("<d", v) for v in values]
+
+
+# -- values that come back as their own type (codec.TYPED) ------------------------------------------------------
+def _typed_examples() -> dict[str, Any]:
+    import lightning.fabric.utilities.data as fabric_data
+    import lightning.pytorch.utilities.parsing as pytorch_parsing
+    import lightning_fabric.utilities.data as standalone_fabric_data
+    import pytorch_lightning.utilities.parsing as standalone_parsing
+
+    return {
+        "ordered": OrderedDict([("b", torch.ones(2)), ("a", {"x": 1})]),
+        "counter": Counter({"the": 3, 7: -1}),
+        "defaultdicts": [
+            defaultdict(factory, {"k": factory() if factory else None})
+            for factory in (None, list, dict, set, tuple, int, float, str, bool, bytes, OrderedDict, Counter)
+        ],
+        "sets": [{2, -2.5, "a", b"b", None, True}, set(), {math.nan, math.inf}],
+        "frozensets": (frozenset({"x", 0}), frozenset()),
+        "bytearray": bytearray(b"\x00\xff"),
+        "complex": [1 - 2j, complex(math.inf, -0.0), complex(5e-324, 0)],
+        "namespace": argparse.Namespace(lr=0.1, betas=(0.9, 0.99), sched=None, **{"odd-name": 1}),
+        "simple": SimpleNamespace(w=torch.arange(3)),
+        "paths": [pathlib.PurePosixPath("/a/b"), pathlib.PureWindowsPath(r"C:\x\y"), pathlib.Path("rel/x")],
+        "sizes": [torch.Size([]), torch.Size([2, 0, 2**40])],
+        "dtypes": [torch.float32, torch.bfloat16, torch.complex128, torch.qint8, torch.float8_e4m3fn],
+        "devices": [torch.device("cpu"), torch.device("cuda", 3), torch.device("cuda"), torch.device("meta")],
+        "lightning": [
+            fabric_data.AttributeDict(lr=0.1),
+            pytorch_parsing.AttributeDict(batch=8),
+            standalone_fabric_data.AttributeDict(a=1),
+            standalone_parsing.AttributeDict(b=2),
+        ],
+    }
+
+
+def test_typed_values_come_back_as_their_own_type(tmp_path: Path) -> None:
+    state = _typed_examples()
+    safepoint.save(tmp_path / "c", state)
+    loaded = safepoint.load(tmp_path / "c")
+    assert_same(loaded, state)  # type(x) is type(y) everywhere, defaultdict factories and namespaces included
+    assert [type(v) for v in loaded["lightning"]] == [type(v) for v in state["lightning"]]
+    assert [d.default_factory for d in loaded["defaultdicts"]] == [d.default_factory for d in state["defaultdicts"]]
+    assert len(loaded["sets"][2]) == 2  # NaN stays one distinct item
+    assert str(loaded["paths"][1]) == r"C:\x\y"
+
+
+def test_typed_names_are_recorded_in_the_manifest(tmp_path: Path) -> None:
+    safepoint.save(tmp_path / "c", {"o": OrderedDict(a=1), "d": defaultdict(list), "t": torch.int8})
+    body = read_manifest(tmp_path / "c")
+    assert [node["t"] for _, node in body["tree"]["v"]] == [
+        "collections.OrderedDict",
+        "collections.defaultdict:builtins.list",
+        "torch.dtype",
+    ]
+    assert body["tree"]["v"][2][1]["v"] == {"k": "str", "v": "int8"}
+
+
+def test_lightning_checkpoint_dict_round_trips(tmp_path: Path) -> None:
+    from lightning.fabric.utilities.data import AttributeDict
+
+    model = torch.nn.Linear(2, 2)
+    state = {
+        "state_dict": model.state_dict(),  # an OrderedDict
+        "hyper_parameters": {"lr": 0.1, "args": argparse.Namespace(seed=1)},
+        "hparams": AttributeDict(lr=0.1),
+        "pytorch-lightning_version": "2.6.6",
+    }
+    safepoint.save(tmp_path / "c", state)
+    assert_same(safepoint.load(tmp_path / "c"), state)
+
+
+def test_a_typed_value_whose_package_is_missing_at_load_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lightning.fabric.utilities.data import AttributeDict
+
+    safepoint.save(tmp_path / "c", {"hp": {"inner": AttributeDict(lr=0.1)}})
+    monkeypatch.setitem(sys.modules, "lightning.fabric.utilities.data", None)  # import now raises ImportError
+    with pytest.raises(safepoint.SafepointError) as info:
+        safepoint.load(tmp_path / "c")
+    assert "'hp/inner'" in str(info.value)
+    assert "lightning.fabric.utilities.data.AttributeDict" in str(info.value)
+    assert not isinstance(info.value, safepoint.CorruptCheckpointError)  # the checkpoint is fine: no fallback
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "fragment"),
+    [
+        ("pathlib.WindowsPath" if os.name != "nt" else "pathlib.PosixPath", {"k": "str", "v": "x"}, "this system"),
+        ("torch.dtype", {"k": "str", "v": "float1024"}, "does not have"),
+        ("torch.device", {"k": "str", "v": "nowhere:7"}, "does not know"),
+    ],
+)
+def test_a_typed_value_this_system_cannot_build_is_a_clear_error(
+    tmp_path: Path, name: str, value: dict[str, Any], fragment: str
+) -> None:
+    safepoint.save(tmp_path / "c", {"x": {"y": "placeholder"}})
+
+    def forge(body: dict[str, Any]) -> None:
+        body["tree"]["v"][0][1]["v"][0][1] = {"k": "typed", "t": name, "v": value}
+
+    edit_manifest(tmp_path / "c", forge)
+    with pytest.raises(safepoint.SafepointError) as info:
+        safepoint.load(tmp_path / "c")
+    assert "'x/y'" in str(info.value)
+    assert fragment in str(info.value)
+
+
+TYPED_LEAVES = st.one_of(
+    st.sets(st.one_of(st.none(), st.booleans(), st.integers(), FLOATS, TEXT, st.binary(max_size=4)), max_size=4),
+    st.frozensets(st.integers(), max_size=3),
+    st.binary(max_size=8).map(bytearray),
+    st.builds(complex, FLOATS, FLOATS),
+    st.lists(st.integers(0, 2**63 - 1), max_size=3).map(torch.Size),
+    st.sampled_from([torch.float16, torch.int64, torch.bool, torch.device("cpu"), torch.device("cuda:1")]),
+    st.text(max_size=5).map(pathlib.PurePosixPath),
+)
+
+
+def _extend_typed(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    dicts = st.dictionaries(KEYS, children, max_size=3)
+    return st.one_of(
+        _extend(children),
+        dicts.map(OrderedDict),
+        dicts.map(lambda d: defaultdict(list, d)),
+        st.dictionaries(st.text(max_size=4), children, max_size=3).map(lambda d: argparse.Namespace(**d)),
+    )
+
+
+TYPED_STATES = st.dictionaries(
+    st.text(min_size=1, max_size=8), st.recursive(st.one_of(LEAVES, TYPED_LEAVES), _extend_typed, max_leaves=10)
+)
+
+
+@SETTINGS
+@given(state=TYPED_STATES)
+def test_typed_values_nested_anywhere_load_exactly(
+    tmp_path_factory: pytest.TempPathFactory, state: dict[str, Any]
+) -> None:
+    path = _fresh(tmp_path_factory)
+    safepoint.save(path, state)
+    assert_same(safepoint.load(path), state)
+
+
+# -- tensors: only plain dense ones are read by address --------------------------------------------------------
+_DTENSOR_SCRIPT = """
+import json, os, sys, tempfile
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+import safepoint
+store = dist.FileStore(os.path.join(tempfile.mkdtemp(), "store"), 1)
+dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+try:
+    mesh = init_device_mesh("cpu", (1,))
+    dtensor = distribute_tensor(torch.arange(8.0), mesh, [Shard(0)])
+    target = os.path.join(sys.argv[1], "c")
+    try:
+        safepoint.save(target, {"model": {"w": dtensor, "b": torch.ones(2)}})
+        result = {"error": None}
+    except safepoint.InvalidStateError as err:
+        result = {"error": type(err).__name__, "message": str(err), "key": err.key}
+    result["exists"] = os.path.exists(target)
+    print(json.dumps(result))
+finally:
+    dist.destroy_process_group()
+"""
+
+
+def test_a_dtensor_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    # a real DTensor on a one-rank gloo group, in its own process so no process group outlives the test
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(safepoint.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", _DTENSOR_SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["error"] == "InvalidStateError"
+    assert result["key"] == "model/w"
+    assert "'model/w'" in result["message"]
+    assert "DTensor" in result["message"]
+    assert "later release" in result["message"]
+    assert "full_tensor()" in result["message"]
+    assert "to_local()" in result["message"]
+    assert result["exists"] is False
+
+
+def test_typed_values_restore_into_a_live_state(tmp_path: Path) -> None:
+    saved = {
+        "config": {
+            "seen": {1, 2},
+            "frozen": frozenset({"a"}),
+            "raw": bytearray(b"xy"),
+            "z": 1 + 2j,
+            "out": pathlib.PurePosixPath("/runs/a"),
+            "dtype": torch.bfloat16,
+            "device": torch.device("cuda", 1),
+        },
+        "ordered": OrderedDict(a=torch.ones(2), b=3),
+        "counts": defaultdict(int, {"x": 2}),
+    }
+    safepoint.save(tmp_path / "c", saved)
+    live = {
+        "config": {"seen": set(), "frozen": frozenset(), "raw": bytearray(), "z": 0j,
+                   "out": pathlib.PurePosixPath("."), "dtype": torch.float32, "device": torch.device("cpu")},
+        "ordered": OrderedDict(a=torch.zeros(2), b=0),
+        "counts": defaultdict(int, {"x": 0}),
+    }  # fmt: skip
+    tensor = live["ordered"]["a"]
+    safepoint.restore(tmp_path / "c", live)
+    assert_same(live, saved)
+    assert live["ordered"]["a"] is tensor  # restored in place
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_manager_refuses_a_tensor_subclass_before_writing(tmp_path: Path, blocking: bool) -> None:
+    with safepoint.CheckpointManager(tmp_path / "run") as manager:
+        with pytest.raises(safepoint.InvalidStateError, match=r"'model/w'.*FakeTensor"):
+            manager.save(1, {"model": {"w": _fake_tensor()}, "ok": torch.ones(2)}, blocking=blocking)
+        assert manager.steps() == []
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "run") for f in files]
+    assert [p for p in written if "step-" in p] == []

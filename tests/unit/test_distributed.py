@@ -184,7 +184,7 @@ def test_per_rank_entries_round_trip_in_one_process(tmp_path: Path) -> None:
         "r00000-rep-00000.safetensors",
         "r00000-own-00000.safetensors",
     ]
-    assert body["format_version"] == 1
+    assert body["format_version"] == safepoint.FORMAT_VERSION
 
 
 def test_per_rank_marking_must_match_the_checkpoint(tmp_path: Path) -> None:

@@ -12,6 +12,8 @@ import copy
 import json
 import math
 import re
+from argparse import Namespace
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,9 @@ def parse(data: bytes) -> Manifest:
     return Manifest.from_json(data, SOURCE)
 
 
+TIED = torch.arange(6, dtype=torch.float32)
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("manifest") / "checkpoint"
@@ -48,6 +53,14 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "pk": safepoint.Pickled({"a": 1}),
         "misc": (1, 2.5, "s", b"b", None, True, math.nan, 2**70),
         "alike": {0: 1, "0": 2},
+        "tied": {"a": TIED, "b": TIED[2:].view(2, 2), "c": TIED.view(2, 3).t()},
+        "typed": {
+            "od": OrderedDict(x=1),
+            "set": {1, "x"},
+            "c": 1 - 2j,
+            "size": torch.Size([2, 3]),
+            "ns": Namespace(a=1),
+        },
     }
     safepoint.save(path, state, step=7, metrics={"loss": 0.5, "acc": math.nan}, state_version=3)
     return path
@@ -74,7 +87,7 @@ def node_of(body: Body, *path: str | int) -> dict[str, Any]:
     """The tree node at ``path`` (object nodes are looked through, as the key paths do)."""
     node: dict[str, Any] = body["tree"]
     for part in path:
-        while node["k"] == "object":
+        while node["k"] in ("object", "typed"):
             node = node["v"]
         if node["k"] == "dict":
             node = next(child for key, child in node["v"] if type(key) is type(part) and key == part)
@@ -102,7 +115,10 @@ def test_a_real_manifest_parses_and_round_trips(saved: Path, original: bytes) ->
     assert math.isnan(manifest.metrics["acc"])
     assert re.fullmatch(r"[0-9a-f]{32}", manifest.save_id)
     keys = {e.key: e for e in manifest.entries}
-    assert set(keys) == {"model/weight", "model/bias", "opt/state/0/step", "opt/state/0/m", "arr", "scal", "pk"}
+    assert set(keys) == {
+        "model/weight", "model/bias", "opt/state/0/step", "opt/state/0/m", "arr", "scal", "pk", "tied/a"
+    }  # fmt: skip
+    assert [keys["tied/a"].kind, keys["tied/a"].shape] == ["tensor", (6,)]  # three tensors, one storage, one entry
     assert keys["model/weight"].kind == "tensor"
     assert keys["model/weight"].dtype == "F32"
     assert keys["model/weight"].shape == (3, 2)
@@ -374,6 +390,37 @@ def _orphan(body: Body) -> None:
     _node(("arr",), {"k": "none"})(body)
 
 
+def _view(key: str, **fields: Any) -> Callable[[Body], None]:
+    return _edit_node(("tied", key), lambda node: node.update(fields))
+
+
+def _typed(key: str, **fields: Any) -> Callable[[Body], None]:
+    def edit(body: Body) -> None:
+        node = next(child for k, child in node_of(body, "typed")["v"] if k == key)
+        assert node["k"] == "typed"
+        node.update(fields)
+
+    return edit
+
+
+def _set_of(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"k": "list", "v": list(items)}
+
+
+def _view_of(key: str) -> Callable[[Body], None]:
+    def edit(body: Body) -> None:
+        index = next(i for i, entry in enumerate(body["entries"]) if entry["key"] == key)
+        node_of(body, "tied", "b")["e"] = index
+
+    return edit
+
+
+def _as_tensor_node(node: dict[str, Any]) -> None:
+    index = node["e"]
+    node.clear()
+    node.update(k="tensor", e=index)
+
+
 def _swap_names(body: Body) -> None:
     entry_of(body, "model/bias")["name"] = entry_of(body, "model/weight")["name"]
 
@@ -508,6 +555,44 @@ MALFORMED: list[tuple[str, Callable[[Body], None], str]] = [
     ("bytes int", _node(("misc", 0), {"k": "bytes", "v": 5}), "bytes node"),
     ("none with value", _node(("misc", 0), {"k": "none", "v": None}), "fields"),
     ("tree too deep", _deep_tree(MAX_TREE_DEPTH), "deeper"),
+    # format 2: views of a shared storage must lie inside their entry (6 elements)
+    ("view offset past the end", _view("b", offset=3), "reaches past"),
+    ("view last element past the end", _view("c", shape=[3, 3]), "reaches past"),
+    ("view stride too long", _view("c", stride=[1, 4]), "reaches past"),
+    ("view empty, offset past the end", _view("b", shape=[0, 2], offset=7), "reaches past"),
+    ("view offset negative", _view("b", offset=-1), "view offset"),
+    ("view offset bool", _view("b", offset=True), "view offset"),
+    ("view offset float", _view("b", offset=1.0), "view offset"),
+    ("view stride negative", _view("c", stride=[-1, 3]), "view stride"),
+    ("view shape negative", _view("c", shape=[-2, 3]), "view shape"),
+    ("view shape not list", _view("b", shape=4), "view shape"),
+    ("view stride str", _view("b", stride="1"), "view stride"),
+    ("view sizes and strides differ", _view("b", stride=[2]), "strides"),
+    ("view 65 dims", _view("b", shape=[1] * 65, stride=[0] * 65), "65 sizes"),
+    ("view of 2**63 elements", _view("b", shape=[2**62, 2], stride=[0, 0]), "64 bits"),
+    ("view stride huge", _view("b", shape=[1, 1], stride=[10**30, 1]), "64 bits"),
+    ("view offset huge", _view("b", offset=10**30), "64 bits"),
+    ("view empty with a huge size", _view("c", shape=[0, 10**30], stride=[1, 1]), "64 bits"),
+    ("view of an ndarray entry", _view_of("arr"), "1-D tensor"),
+    ("view of a 2-D entry", _view_of("model/weight"), "1-D tensor"),
+    ("view missing a field", _edit_node(("tied", "b"), lambda n: n.pop("stride")), "fields"),
+    ("view and tensor of one entry", _edit_node(("tied", "b"), _as_tensor_node), "exactly once"),
+    ("viewed entry named elsewhere", _entry("tied/a", "key", "tied/b"), "sits at"),
+    # format 2: typed values, names from the fixed table only, with the inner node each name is built from
+    ("typed unknown name", _typed("od", t="os.system"), "unknown type"),
+    ("typed name int", _typed("od", t=5), "unknown type"),
+    ("typed module path", _typed("od", t="collections.defaultdict:os.getcwd"), "unknown type"),
+    ("typed wrong inner kind", _typed("od", t="builtins.set"), "not a list node"),
+    ("typed inner not a node", _typed("od", v=[1]), "not an object"),
+    ("typed extra field", _edit_node(("typed", "od"), lambda n: n.update(type="x")), "fields"),
+    ("set of a list", _typed("set", v={"k": "list", "v": [{"k": "list", "v": []}]}), "other than scalars"),
+    ("set of equal items", _typed("set", v=_set_of({"k": "int", "v": 1}, {"k": "float", "v": 1.0})), "equal items"),
+    ("set of 1 and True", _typed("set", v=_set_of({"k": "int", "v": 1}, {"k": "bool", "v": True})), "equal items"),
+    ("complex of ints", _typed("c", v={"k": "tuple", "v": [{"k": "int", "v": 1}, {"k": "int", "v": 2}]}), "two floats"),
+    ("complex of one float", _typed("c", v={"k": "tuple", "v": [{"k": "float", "v": 1.0}]}), "two floats"),
+    ("size of a str", _typed("size", v={"k": "tuple", "v": [{"k": "str", "v": "2"}]}), "64-bit ints"),
+    ("size too big", _typed("size", v={"k": "tuple", "v": [{"k": "int", "v": 2**63}]}), "64-bit ints"),
+    ("namespace int key", _typed("ns", v={"k": "dict", "v": [[1, {"k": "none"}]]}), "not a str"),
     ("tree far too deep", _deep_tree(MAX_TREE_DEPTH + 100), "deeper"),
 ]
 
@@ -520,6 +605,21 @@ def test_a_malformed_manifest_is_corrupt(body: Body, edit: Callable[[Body], None
     assert fragment in str(error), str(error)
     assert SOURCE in str(error)
     assert error.path == SOURCE
+
+
+@pytest.mark.parametrize(
+    ("state", "kind"),
+    [({"a": TIED, "b": TIED[1:]}, "view"), ({"o": OrderedDict(a=1)}, "typed"), ({"s": {1}}, "typed")],
+    ids=["view", "OrderedDict", "set"],
+)
+def test_format_2_nodes_in_a_format_1_manifest_are_corrupt(tmp_path: Path, state: dict[str, Any], kind: str) -> None:
+    safepoint.save(tmp_path / "c", state)
+    body = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
+    assert body["format_version"] == 2
+    parse(seal(body))
+    body["format_version"] = 1
+    error = refused(seal(body))
+    assert f"kind {kind!r} in a manifest of format version 1" in str(error)
 
 
 @pytest.mark.parametrize(
