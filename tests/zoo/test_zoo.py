@@ -1,0 +1,143 @@
+"""The state zoo: each case is checkpointed mid-training, restored into fresh objects in a new process and trained
+on; the continuation must be bitwise identical to the run that never stopped (every parameter, optimizer and
+scheduler value, RNG state, and every step's loss and learning rate, compared by their bits).
+
+The same resume through ``torch.save``/``load_state_dict`` is the control: it proves a case resumes exactly at
+all, so a failure of the safepoint test is safepoint's. Cases run in batches, one process per batch and mode
+(importing torch costs more than most cases); a process killed by a signal fails the case it was running, with
+its exit code, and the batch goes on in a new process.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.optim import lr_scheduler
+
+from tests.zoo.cases import CASES
+from tests.zoo.compare import diffs
+from tests.zoo.lightning_case import LIGHTNING_CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMES = [*CASES, *LIGHTNING_CASES]
+BATCH_TIMEOUT = 600
+
+
+@dataclass
+class Zoo:
+    """Runs the worker lazily, once per mode over every case the session selected, and keeps what failed how."""
+
+    workdir: Path
+    wanted: list[str]
+    crashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+    def run(self, mode: str) -> None:
+        if mode in self.done:
+            return
+        self.done.add(mode)
+        if mode != "reference":
+            self.run("reference")
+        pending = list(self.wanted)
+        while pending:
+            process = subprocess.run(
+                [sys.executable, "-X", "faulthandler", "-m", "tests.zoo.worker", mode, str(self.workdir), *pending],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=BATCH_TIMEOUT,
+            )
+            begun = [line.split(" ", 1)[1] for line in process.stdout.splitlines() if line.startswith("begin ")]
+            if process.returncode == 0:
+                return
+            crashed = begun[-1] if begun else pending[0]
+            self.crashes[(crashed, mode)] = describe_exit(process.returncode, process.stderr)
+            pending = pending[pending.index(crashed) + 1 :]
+
+    def result(self, case: str, mode: str, name: str | None = None) -> dict[str, Any]:
+        """The dump ``name`` (default: the mode's own) of ``case``; fails the test with why it is not there."""
+        self.run(mode)
+        for step in ("reference", mode):
+            if (case, step) in self.crashes:
+                pytest.fail(f"{case}: the {step} process {self.crashes[(case, step)]}")
+            error = self.workdir / case / f"{step}.error"
+            if error.exists():
+                pytest.fail(f"{case}: {step} raised\n{error.read_text()}")
+        dumped: dict[str, Any] = torch.load(self.workdir / case / f"{name or mode}.pt", weights_only=False)
+        return dumped
+
+
+def describe_exit(code: int, stderr: str) -> str:
+    why = f"was killed by {signal.Signals(-code).name} (exit code {code})" if code < 0 else f"exited with code {code}"
+    return f"{why}; stderr ends with:\n{stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
+    selected = {
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+    }
+    yield Zoo(tmp_path_factory.mktemp("zoo"), [name for name in NAMES if name in selected])
+
+
+def assert_continues_exactly(zoo: Zoo, case: str, mode: str) -> None:
+    full = zoo.result(case, "reference", "full")
+    first = zoo.result(case, "reference", "first")
+    resumed = zoo.result(case, mode)
+    start = resumed["start"]
+    assert start == len(first["trace"]) > 0
+    # the interrupted run is the same run up to the checkpoint: the case itself is deterministic
+    assert not diffs(full["trace"][:start], first["trace"]), f"{case}: two runs from one seed differ"
+    problems = diffs(full["trace"][start:], resumed["trace"], "trace") + diffs(full["state"], resumed["state"], "state")
+    assert not problems, f"{case}: the resumed run differs from the one that never stopped:\n" + "\n".join(problems)
+
+
+@pytest.mark.timeout(2 * BATCH_TIMEOUT)
+@pytest.mark.parametrize("case", NAMES)
+def test_safepoint_resume_continues_bitwise(zoo: Zoo, case: str) -> None:
+    assert_continues_exactly(zoo, case, "resume-safepoint")
+
+
+@pytest.mark.timeout(2 * BATCH_TIMEOUT)
+@pytest.mark.parametrize("case", NAMES)
+def test_control_torch_save_resume_continues_bitwise(zoo: Zoo, case: str) -> None:
+    assert_continues_exactly(zoo, case, "resume-torch")
+
+
+@pytest.mark.timeout(2 * BATCH_TIMEOUT)
+@pytest.mark.parametrize("case", list(LIGHTNING_CASES))
+def test_lightning_checkpoint_dict_loads_back_equal(zoo: Zoo, case: str) -> None:
+    roundtrip = zoo.result(case, "resume-safepoint")["roundtrip"]
+    assert not roundtrip, "safepoint.load differs from the dict the Trainer built:\n" + "\n".join(roundtrip)
+
+
+def public_classes(module: Any, base: type) -> set[str]:
+    return {
+        name
+        for name, value in vars(module).items()
+        if not name.startswith("_") and isinstance(value, type) and issubclass(value, base) and value is not base
+    }
+
+
+def test_every_optimizer_in_torch_optim_is_in_the_zoo() -> None:
+    optimizers = public_classes(torch.optim, torch.optim.Optimizer)
+    assert {"SGD", "SparseAdam", "LBFGS"} <= optimizers
+    covered = {name for case in CASES.values() if case.name.startswith("optim-") for name in case.covers}
+    assert optimizers - covered == set(), "add a zoo case for each new optimizer"
+
+
+def test_every_scheduler_in_torch_lr_scheduler_is_in_the_zoo() -> None:
+    schedulers = public_classes(lr_scheduler, lr_scheduler.LRScheduler) | {"ReduceLROnPlateau"}
+    assert {"OneCycleLR", "CyclicLR", "SequentialLR"} <= schedulers
+    covered = {name for case in CASES.values() if case.name.startswith("sched-") for name in case.covers}
+    assert schedulers - covered == set(), "add a zoo case for each new scheduler"
