@@ -133,7 +133,7 @@ def optimizer_case(name: str, make: Callable[[list[nn.Parameter]], torch.optim.O
         model = mlp()
         return Loop(model, make(list(model.parameters())), **loop)
 
-    return Case(f"optim-{name}", build, covers=(name.split("-")[0],))
+    return Case(f"optim-{name}", build, covers=(name.split("-", maxsplit=1)[0],))
 
 
 def sparse_adam() -> Loop:
@@ -155,33 +155,38 @@ def muon() -> Loop:
     return Loop(model, torch.optim.Muon(matrices, lr=0.02))
 
 
-O = torch.optim
 OPTIMIZER_CASES = [
-    optimizer_case("SGD", lambda p: O.SGD(p, lr=0.05)),
-    optimizer_case("SGD-nesterov", lambda p: O.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-    optimizer_case("SGD-dampening", lambda p: O.SGD(p, lr=0.05, momentum=0.9, dampening=0.1, maximize=False)),
-    optimizer_case("Adam", lambda p: O.Adam(p, lr=1e-2)),
-    optimizer_case("Adam-amsgrad", lambda p: O.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-3)),
-    optimizer_case("Adam-fused", lambda p: O.Adam(p, lr=1e-2, fused=True)),
-    optimizer_case("Adam-forloop", lambda p: O.Adam(p, lr=1e-2, foreach=False)),
-    optimizer_case("AdamW", lambda p: O.AdamW(p, lr=1e-2, weight_decay=0.05)),
-    optimizer_case("AdamW-amsgrad", lambda p: O.AdamW(p, lr=1e-2, amsgrad=True)),
-    optimizer_case("Adamax", lambda p: O.Adamax(p, lr=1e-2)),
-    optimizer_case("Adadelta", lambda p: O.Adadelta(p, lr=1.0, weight_decay=1e-3)),
-    optimizer_case("Adagrad", lambda p: O.Adagrad(p, lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)),
-    optimizer_case("Adafactor", lambda p: O.Adafactor(p, lr=1e-2)),
-    optimizer_case("ASGD", lambda p: O.ASGD(p, lr=0.05, t0=2)),
-    optimizer_case("NAdam", lambda p: O.NAdam(p, lr=1e-2, momentum_decay=4e-3)),
-    optimizer_case("NAdam-decoupled", lambda p: O.NAdam(p, lr=1e-2, weight_decay=0.01, decoupled_weight_decay=True)),
-    optimizer_case("RAdam", lambda p: O.RAdam(p, lr=1e-2)),
-    optimizer_case("RAdam-decoupled", lambda p: O.RAdam(p, lr=1e-2, weight_decay=0.01, decoupled_weight_decay=True)),
-    optimizer_case("RMSprop", lambda p: O.RMSprop(p, lr=1e-2)),
-    optimizer_case("RMSprop-centered", lambda p: O.RMSprop(p, lr=1e-2, momentum=0.9, centered=True)),
-    optimizer_case("Rprop", lambda p: O.Rprop(p, lr=1e-2)),
-    optimizer_case("LBFGS", lambda p: O.LBFGS(p, lr=0.5, max_iter=3, history_size=4), closure=True),
+    optimizer_case("SGD", lambda p: torch.optim.SGD(p, lr=0.05)),
+    optimizer_case(
+        "SGD-nesterov", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    ),
+    optimizer_case("SGD-dampening", lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1, maximize=False)),
+    optimizer_case("Adam", lambda p: torch.optim.Adam(p, lr=1e-2)),
+    optimizer_case("Adam-amsgrad", lambda p: torch.optim.Adam(p, lr=1e-2, amsgrad=True, weight_decay=1e-3)),
+    optimizer_case("Adam-fused", lambda p: torch.optim.Adam(p, lr=1e-2, fused=True)),
+    optimizer_case("Adam-forloop", lambda p: torch.optim.Adam(p, lr=1e-2, foreach=False)),
+    optimizer_case("AdamW", lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05)),
+    optimizer_case("AdamW-amsgrad", lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True)),
+    optimizer_case("Adamax", lambda p: torch.optim.Adamax(p, lr=1e-2)),
+    optimizer_case("Adadelta", lambda p: torch.optim.Adadelta(p, lr=1.0, weight_decay=1e-3)),
+    optimizer_case("Adagrad", lambda p: torch.optim.Adagrad(p, lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)),
+    optimizer_case("Adafactor", lambda p: torch.optim.Adafactor(p, lr=1e-2)),
+    optimizer_case("ASGD", lambda p: torch.optim.ASGD(p, lr=0.05, t0=2)),
+    optimizer_case("NAdam", lambda p: torch.optim.NAdam(p, lr=1e-2, momentum_decay=4e-3)),
+    optimizer_case(
+        "NAdam-decoupled", lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=0.01, decoupled_weight_decay=True)
+    ),
+    optimizer_case("RAdam", lambda p: torch.optim.RAdam(p, lr=1e-2)),
+    optimizer_case(
+        "RAdam-decoupled", lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=0.01, decoupled_weight_decay=True)
+    ),
+    optimizer_case("RMSprop", lambda p: torch.optim.RMSprop(p, lr=1e-2)),
+    optimizer_case("RMSprop-centered", lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9, centered=True)),
+    optimizer_case("Rprop", lambda p: torch.optim.Rprop(p, lr=1e-2)),
+    optimizer_case("LBFGS", lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=3, history_size=4), closure=True),
     optimizer_case(
         "LBFGS-wolfe",
-        lambda p: O.LBFGS(p, lr=0.5, max_iter=3, history_size=4, line_search_fn="strong_wolfe"),
+        lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=3, history_size=4, line_search_fn="strong_wolfe"),
         closure=True,
     ),
     Case("optim-SparseAdam", sparse_adam, covers=("SparseAdam",)),
@@ -208,52 +213,55 @@ def scheduler_case(
 ) -> Case:
     def build() -> Loop:
         model = mlp()
-        optimizer = O.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         return Loop(model, optimizer, make(optimizer), plateau=plateau)
 
-    return Case(f"sched-{name}", build, covers=covers or (name.split("-")[0],))
+    return Case(f"sched-{name}", build, covers=covers or (name.split("-", maxsplit=1)[0],))
 
 
-S = sched
 SCHEDULER_CASES = [
-    scheduler_case("LambdaLR", lambda o: S.LambdaLR(o, lambda e: 0.9**e)),
-    scheduler_case("LambdaLR-object", lambda o: S.LambdaLR(o, Warmup(5))),
-    scheduler_case("MultiplicativeLR", lambda o: S.MultiplicativeLR(o, lambda e: 0.95)),
-    scheduler_case("StepLR", lambda o: S.StepLR(o, step_size=3, gamma=0.5)),
-    scheduler_case("MultiStepLR", lambda o: S.MultiStepLR(o, milestones=[2, 5, 5], gamma=0.5)),
-    scheduler_case("ConstantLR", lambda o: S.ConstantLR(o, factor=0.5, total_iters=5)),
-    scheduler_case("LinearLR", lambda o: S.LinearLR(o, start_factor=0.2, total_iters=6)),
-    scheduler_case("ExponentialLR", lambda o: S.ExponentialLR(o, gamma=0.9)),
-    scheduler_case("CosineAnnealingLR", lambda o: S.CosineAnnealingLR(o, T_max=5, eta_min=1e-3)),
+    scheduler_case("LambdaLR", lambda o: sched.LambdaLR(o, lambda e: 0.9**e)),
+    scheduler_case("LambdaLR-object", lambda o: sched.LambdaLR(o, Warmup(5))),
+    scheduler_case("MultiplicativeLR", lambda o: sched.MultiplicativeLR(o, lambda e: 0.95)),
+    scheduler_case("StepLR", lambda o: sched.StepLR(o, step_size=3, gamma=0.5)),
+    scheduler_case("MultiStepLR", lambda o: sched.MultiStepLR(o, milestones=[2, 5, 5], gamma=0.5)),
+    scheduler_case("ConstantLR", lambda o: sched.ConstantLR(o, factor=0.5, total_iters=5)),
+    scheduler_case("LinearLR", lambda o: sched.LinearLR(o, start_factor=0.2, total_iters=6)),
+    scheduler_case("ExponentialLR", lambda o: sched.ExponentialLR(o, gamma=0.9)),
+    scheduler_case("CosineAnnealingLR", lambda o: sched.CosineAnnealingLR(o, T_max=5, eta_min=1e-3)),
     scheduler_case(
-        "CosineAnnealingWarmRestarts", lambda o: S.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=2, eta_min=1e-3)
+        "CosineAnnealingWarmRestarts", lambda o: sched.CosineAnnealingWarmRestarts(o, T_0=2, T_mult=2, eta_min=1e-3)
     ),
-    scheduler_case("PolynomialLR", lambda o: S.PolynomialLR(o, total_iters=6, power=2.0)),
+    scheduler_case("PolynomialLR", lambda o: sched.PolynomialLR(o, total_iters=6, power=2.0)),
     scheduler_case(
         "ReduceLROnPlateau",
-        lambda o: S.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=0, cooldown=1, threshold=0.05),
+        lambda o: sched.ReduceLROnPlateau(o, mode="min", factor=0.5, patience=0, cooldown=1, threshold=0.05),
         plateau=True,
     ),
-    scheduler_case("CyclicLR", lambda o: S.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2, mode="triangular2")),
+    scheduler_case(
+        "CyclicLR", lambda o: sched.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2, mode="triangular2")
+    ),
     scheduler_case(
         "CyclicLR-exp-range",
-        lambda o: S.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3, mode="exp_range", gamma=0.9),
+        lambda o: sched.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=3, mode="exp_range", gamma=0.9),
     ),
     scheduler_case(
         "CyclicLR-scale-fn",
-        lambda o: S.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2, scale_fn=lambda x: 0.8**x),
+        lambda o: sched.CyclicLR(o, base_lr=0.01, max_lr=0.1, step_size_up=2, scale_fn=lambda x: 0.8**x),
     ),
-    scheduler_case("OneCycleLR", lambda o: S.OneCycleLR(o, max_lr=0.2, total_steps=10, pct_start=0.4)),
+    scheduler_case("OneCycleLR", lambda o: sched.OneCycleLR(o, max_lr=0.2, total_steps=10, pct_start=0.4)),
     scheduler_case(
         "SequentialLR",
-        lambda o: S.SequentialLR(
-            o, [S.LinearLR(o, start_factor=0.2, total_iters=3), S.ExponentialLR(o, gamma=0.8)], milestones=[3]
+        lambda o: sched.SequentialLR(
+            o, [sched.LinearLR(o, start_factor=0.2, total_iters=3), sched.ExponentialLR(o, gamma=0.8)], milestones=[3]
         ),
         covers=("SequentialLR", "LinearLR", "ExponentialLR"),
     ),
     scheduler_case(
         "ChainedScheduler",
-        lambda o: S.ChainedScheduler([S.ConstantLR(o, factor=0.5, total_iters=5), S.ExponentialLR(o, gamma=0.9)]),
+        lambda o: sched.ChainedScheduler(
+            [sched.ConstantLR(o, factor=0.5, total_iters=5), sched.ExponentialLR(o, gamma=0.9)]
+        ),
         covers=("ChainedScheduler", "ConstantLR", "ExponentialLR"),
     ),
 ]
@@ -266,7 +274,7 @@ class ScaledLoop(Loop):
 
     def __init__(self) -> None:
         model = mlp()
-        super().__init__(model, O.Adam(model.parameters(), lr=1e-2))
+        super().__init__(model, torch.optim.Adam(model.parameters(), lr=1e-2))
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**125, growth_factor=4.0, growth_interval=2)
         self.state["scaler"] = self.scaler
 
@@ -309,7 +317,7 @@ class ExtraState(nn.Module):
 
 def extra_state() -> Loop:
     model = ExtraState()
-    return Loop(model, O.Adam(model.parameters(), lr=1e-2))
+    return Loop(model, torch.optim.Adam(model.parameters(), lr=1e-2))
 
 
 class GPT2Loop(Loop):
@@ -329,7 +337,7 @@ class GPT2Loop(Loop):
             result: torch.Tensor = module(input_ids=ids, labels=ids).loss
             return result
 
-        super().__init__(model, O.AdamW(model.parameters(), lr=1e-2), draw=draw, loss=loss)
+        super().__init__(model, torch.optim.AdamW(model.parameters(), lr=1e-2), draw=draw, loss=loss)
 
     @staticmethod
     def tied(model: nn.Module) -> bool:
@@ -359,7 +367,7 @@ class LoaderLoop(Loop):
         self.loader = StatefulDataLoader(dataset, batch_size=4, sampler=sampler, num_workers=workers, generator=seeds)
         self.batches: Iterator[Any] | None = None
         model = mlp()
-        super().__init__(model, O.Adam(model.parameters(), lr=1e-2), draw=self.next_batch)
+        super().__init__(model, torch.optim.Adam(model.parameters(), lr=1e-2), draw=self.next_batch)
         self.state["loader"] = self.loader
 
     def next_batch(self) -> Any:

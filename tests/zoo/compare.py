@@ -74,7 +74,7 @@ def diffs(a: Any, b: Any, path: str = "") -> list[str]:
     if isinstance(a, (list, tuple)):
         if len(a) != len(b):
             return [f"{where}: length {len(a)} != {len(b)}"]
-        return [line for i, (x, y) in enumerate(zip(a, b)) for line in diffs(x, y, f"{path}/{i}")]
+        return [line for i, (x, y) in enumerate(zip(a, b, strict=True)) for line in diffs(x, y, f"{path}/{i}")]
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 

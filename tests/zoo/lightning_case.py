@@ -30,7 +30,6 @@ def lightning_run(mode: str, work: Path) -> None:
     import lightning.pytorch as pl
     from lightning.fabric.plugins import CheckpointIO
 
-
     class Tiny(pl.LightningModule):
         def __init__(self, hidden: int = 8, lr: float = 0.05, name: str = "tiny") -> None:
             super().__init__()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from torch.optim import lr_scheduler
 from tests.zoo.cases import CASES
 from tests.zoo.compare import diffs
 from tests.zoo.lightning_case import LIGHTNING_CASES
+from tests.zoo.worker import SEGFAULT
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [*CASES, *LIGHTNING_CASES]
@@ -33,20 +33,22 @@ BATCH_TIMEOUT = 600
 
 @dataclass
 class Zoo:
-    """Runs the worker lazily, once per mode over every case the session selected, and keeps what failed how."""
+    """Runs the worker lazily, once per mode and case, in batches, and keeps what failed how."""
 
     workdir: Path
-    wanted: list[str]
+    wanted: list[str]  # the cases this session selected: one batch per mode runs them all
+    # all keyed by (case, mode)
     crashes: dict[tuple[str, str], str] = field(default_factory=dict)
-    done: set[str] = field(default_factory=set)
+    done: set[tuple[str, str]] = field(default_factory=set)
+    seconds: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def run(self, mode: str) -> None:
-        if mode in self.done:
+    def run(self, mode: str, names: list[str] | None = None) -> None:
+        pending = [name for name in (names or self.wanted) if (name, mode) not in self.done]
+        if not pending:
             return
-        self.done.add(mode)
         if mode != "reference":
-            self.run("reference")
-        pending = list(self.wanted)
+            self.run("reference", pending)
+        self.done.update((name, mode) for name in pending)
         while pending:
             process = subprocess.run(
                 [sys.executable, "-X", "faulthandler", "-m", "tests.zoo.worker", mode, str(self.workdir), *pending],
@@ -55,7 +57,9 @@ class Zoo:
                 text=True,
                 timeout=BATCH_TIMEOUT,
             )
-            begun = [line.split(" ", 1)[1] for line in process.stdout.splitlines() if line.startswith("begin ")]
+            lines = [line.split(" ") for line in process.stdout.splitlines()]
+            begun = [words[1] for words in lines if words[0] == "begin"]
+            self.seconds.update(((words[1], mode), float(words[2])) for words in lines if words[0] == "end")
             if process.returncode == 0:
                 return
             crashed = begun[-1] if begun else pending[0]
@@ -64,7 +68,7 @@ class Zoo:
 
     def result(self, case: str, mode: str, name: str | None = None) -> dict[str, Any]:
         """The dump ``name`` (default: the mode's own) of ``case``; fails the test with why it is not there."""
-        self.run(mode)
+        self.run(mode, self.wanted if case in self.wanted else [case])
         for step in ("reference", mode):
             if (case, step) in self.crashes:
                 pytest.fail(f"{case}: the {step} process {self.crashes[(case, step)]}")
@@ -81,16 +85,17 @@ def describe_exit(code: int, stderr: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zoo]:
+def zoo(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Zoo:
     selected = {
         item.callspec.params["case"]
         for item in request.session.items
         if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
     }
-    yield Zoo(tmp_path_factory.mktemp("zoo"), [name for name in NAMES if name in selected])
+    return Zoo(tmp_path_factory.mktemp("zoo"), [name for name in NAMES if name in selected])
 
 
-def assert_continues_exactly(zoo: Zoo, case: str, mode: str) -> None:
+def continuation_diffs(zoo: Zoo, case: str, mode: str) -> list[str]:
+    """How the run resumed by ``mode`` differs from the one that never stopped (losses, lrs, final state)."""
     full = zoo.result(case, "reference", "full")
     first = zoo.result(case, "reference", "first")
     resumed = zoo.result(case, mode)
@@ -98,7 +103,11 @@ def assert_continues_exactly(zoo: Zoo, case: str, mode: str) -> None:
     assert start == len(first["trace"]) > 0
     # the interrupted run is the same run up to the checkpoint: the case itself is deterministic
     assert not diffs(full["trace"][:start], first["trace"]), f"{case}: two runs from one seed differ"
-    problems = diffs(full["trace"][start:], resumed["trace"], "trace") + diffs(full["state"], resumed["state"], "state")
+    return diffs(full["trace"][start:], resumed["trace"], "trace") + diffs(full["state"], resumed["state"], "state")
+
+
+def assert_continues_exactly(zoo: Zoo, case: str, mode: str) -> None:
+    problems = continuation_diffs(zoo, case, mode)
     assert not problems, f"{case}: the resumed run differs from the one that never stopped:\n" + "\n".join(problems)
 
 
@@ -119,6 +128,27 @@ def test_control_torch_save_resume_continues_bitwise(zoo: Zoo, case: str) -> Non
 def test_lightning_checkpoint_dict_loads_back_equal(zoo: Zoo, case: str) -> None:
     roundtrip = zoo.result(case, "resume-safepoint")["roundtrip"]
     assert not roundtrip, "safepoint.load differs from the dict the Trainer built:\n" + "\n".join(roundtrip)
+
+
+@pytest.mark.timeout(2 * BATCH_TIMEOUT)
+@pytest.mark.parametrize("case", ["optim-Adam", "loader-workers-0", "transformers-gpt2-tied"])
+def test_the_zoo_catches_a_resume_that_forgets_the_rng(zoo: Zoo, case: str) -> None:
+    """Dropout and data draw from the generators: without the RNG state the control itself must diverge."""
+    problems = continuation_diffs(zoo, case, "resume-torch-without-rng")
+    assert any(line.startswith("trace/") for line in problems), problems
+    assert any(line.startswith("state/model/") for line in problems), problems
+
+
+@pytest.mark.timeout(2 * BATCH_TIMEOUT)
+def test_a_crashed_worker_fails_its_case_with_the_signal_and_the_batch_goes_on(tmp_path: Path) -> None:
+    zoo = Zoo(tmp_path, [SEGFAULT, "optim-SGD"])
+    zoo.run("reference")
+    assert "killed by SIGSEGV (exit code -11)" in zoo.crashes[(SEGFAULT, "reference")]
+    assert (SEGFAULT, "reference") in zoo.done
+    assert ("optim-SGD", "reference") not in zoo.crashes
+    assert (tmp_path / "optim-SGD" / "full.pt").exists()  # run by a second process, after the crash
+    with pytest.raises(pytest.fail.Exception, match=r"selftest-segfault: the reference process was killed by SIGSEGV"):
+        zoo.result(SEGFAULT, "reference", "full")
 
 
 def public_classes(module: Any, base: type) -> set[str]:

@@ -5,18 +5,23 @@ MODE ``reference``: per case, train every step without stopping (``full.pt``), t
 case itself resumes exactly, the objects' state_dicts with ``torch.save`` in ``control.pt``.
 MODE ``resume-safepoint`` / ``resume-torch``: per case, build fresh objects from the same construction seed,
 restore the checkpoint into them, train the remaining steps and dump (``resume-safepoint.pt``/``resume-torch.pt``).
+MODE ``resume-torch-without-rng``: the control, leaving the RNG state out; the tests use it to show that the zoo
+would catch a restore that forgot the generators.
 
 The dumps are written with torch.save: they are the test's comparison, not a checkpoint. Before each case the
 worker prints ``begin CASE`` so the test can name the case a crash (a signal) interrupted; a Python exception is
-written to ``WORKDIR/CASE/MODE.error`` and the worker goes on with the next case.
+written to ``WORKDIR/CASE/MODE.error`` and the worker goes on with the next case. After each case it prints
+``end CASE SECONDS``. The case ``selftest-segfault`` kills its process with SIGSEGV, to test the harness.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -25,7 +30,10 @@ from tests.zoo.cases import CASES, Case, Loop, seed_everything
 from tests.zoo.compare import plain
 from tests.zoo.lightning_case import LIGHTNING_CASES
 
-MODES = ("reference", "resume-safepoint", "resume-torch")
+MODES = ("reference", "resume-safepoint", "resume-torch", "resume-torch-without-rng")
+SEGFAULT = "selftest-segfault"
+
+
 def train(loop: Loop, start: int, end: int) -> list[list[float]]:
     return [loop.step(step) for step in range(start, end)]
 
@@ -43,7 +51,9 @@ def reference(case: Case, work: Path) -> None:
     loop = case.build()
     trace = train(loop, 0, case.stop_at)
     # the control first: a safepoint save that changed live state would otherwise change the control too
-    control = {key: value.state_dict() if hasattr(value, "load_state_dict") else value for key, value in loop.state.items()}
+    control = {
+        key: value.state_dict() if hasattr(value, "load_state_dict") else value for key, value in loop.state.items()
+    }
     torch.save(control, work / "control.pt")
     with safepoint.CheckpointManager(work / "ckpt") as manager:
         manager.save(case.stop_at - 1, loop.state)
@@ -60,9 +70,11 @@ def restore_safepoint(case: Case, loop: Loop, work: Path) -> int:
     return report.step + 1
 
 
-def restore_torch(case: Case, loop: Loop, work: Path) -> int:
+def restore_torch(case: Case, loop: Loop, work: Path, *, rng: bool = True) -> int:
     saved = torch.load(work / "control.pt", weights_only=False)
     for key, live in loop.state.items():
+        if key == "rng" and not rng:
+            continue
         if hasattr(live, "load_state_dict"):
             live.load_state_dict(saved[key])
         else:
@@ -74,11 +86,16 @@ def restore_torch(case: Case, loop: Loop, work: Path) -> int:
 def resume(case: Case, work: Path, backend: str) -> None:
     seed_everything(0)  # the construction seed; what training drew since is in the checkpoint's RNG state
     loop = case.build()
-    start = restore_safepoint(case, loop, work) if backend == "safepoint" else restore_torch(case, loop, work)
+    if backend == "safepoint":
+        start = restore_safepoint(case, loop, work)
+    else:
+        start = restore_torch(case, loop, work, rng=backend == "torch")
     dump(work / f"resume-{backend}.pt", loop, train(loop, start, case.steps), start)
 
 
 def run(mode: str, case_name: str, work: Path) -> None:
+    if case_name == SEGFAULT:
+        os.kill(os.getpid(), signal.SIGSEGV)
     if case_name in LIGHTNING_CASES:
         LIGHTNING_CASES[case_name](mode, work)
     elif mode == "reference":
@@ -91,16 +108,18 @@ def main(argv: list[str]) -> int:
     mode, workdir, *names = argv
     if mode not in MODES:
         raise SystemExit(f"unknown mode {mode!r}; one of {MODES}")
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # the same in every process, so reductions split the same way
     torch.use_deterministic_algorithms(True)
     for name in names:
         work = Path(workdir) / name
         work.mkdir(parents=True, exist_ok=True)
         print(f"begin {name}", flush=True)
+        began = time.perf_counter()
         try:
             run(mode, name, work)
         except Exception:
             (work / f"{mode}.error").write_text(traceback.format_exc())
+        print(f"end {name} {time.perf_counter() - began:.2f}", flush=True)
     return 0
 
 
