@@ -213,7 +213,9 @@ def scheduler_case(
 ) -> Case:
     def build() -> Loop:
         model = mlp()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        first, *_, last = model.children()  # two param groups with their own learning rates, as in fine-tuning
+        groups = [{"params": first.parameters(), "lr": 0.1}, {"params": last.parameters(), "lr": 0.05}]
+        optimizer = torch.optim.SGD(groups, lr=0.1, momentum=0.9)
         return Loop(model, optimizer, make(optimizer), plateau=plateau)
 
     return Case(f"sched-{name}", build, covers=covers or (name.split("-", maxsplit=1)[0],))
@@ -383,7 +385,46 @@ class LoaderLoop(Loop):
         return [float(self.progress["seen"])]
 
 
+class AveragingLoop(Loop):
+    """Stochastic weight averaging and an EMA of the weights (torch.optim.swa_utils), with SWALR."""
+
+    def __init__(self) -> None:
+        from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn
+
+        model = mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        super().__init__(model, optimizer, SWALR(optimizer, swa_lr=0.05, anneal_epochs=3))
+        self.averages = [AveragedModel(model), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))]
+        self.state["swa"], self.state["ema"] = self.averages
+
+    def step(self, step: int) -> list[float]:
+        trace = super().step(step)
+        for average in self.averages:
+            average.update_parameters(self.model)
+        return trace
+
+
+def batchnorm() -> Loop:
+    """Buffers next to the parameters: running statistics and an int64 batch counter."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.2), nn.Linear(8, 3))
+    return Loop(model, torch.optim.Adam(model.parameters(), lr=1e-2))
+
+
+def bfloat16() -> Loop:
+    """A bf16 model: parameters and optimizer state in a dtype numpy has no name for."""
+
+    def loss(module: nn.Module, data: Any) -> torch.Tensor:
+        inputs, target = data
+        return F.cross_entropy(module(inputs.bfloat16()).float(), target)
+
+    model = mlp().bfloat16()
+    return Loop(model, torch.optim.AdamW(model.parameters(), lr=1e-2), loss=loss)
+
+
 OTHER_CASES = [
+    Case("swa-averaged-ema", AveragingLoop, covers=("SWALR",)),
+    Case("module-batchnorm", batchnorm),
+    Case("model-bfloat16", bfloat16),
     Case("amp-GradScaler", ScaledLoop, steps=10, stop_at=5),
     Case("module-extra-state", extra_state),
     Case("transformers-gpt2-tied", GPT2Loop),

@@ -54,8 +54,13 @@ def type_name(value: Any) -> str:
 def diffs(a: Any, b: Any, path: str = "") -> list[str]:
     """Every difference between ``a`` and ``b``, as ``path: what`` lines; empty when they are bitwise equal."""
     where = path or "<root>"
-    if type(a) is not type(b) or (isinstance(a, Typed) and a.name != b.name):
-        return [f"{where}: type {type_name(a)} != {type_name(b)}"]
+    if type_name(a) != type_name(b):
+        found = [f"{where}: type {type_name(a)} != {type_name(b)}"]
+        a, b = unwrap(a), unwrap(b)
+        both = (Mapping, Mapping) if isinstance(a, Mapping) else (list, tuple)
+        if isinstance(a, both) and isinstance(b, both):  # go on inside: the values may differ too
+            return found + _container_diffs(a, b, path)
+        return found
     if isinstance(a, Typed):
         return diffs(a.value, b.value, path)
     if isinstance(a, np.ndarray):
@@ -67,15 +72,24 @@ def diffs(a: Any, b: Any, path: str = "") -> list[str]:
     if isinstance(a, float):
         same = struct.pack("<d", a) == struct.pack("<d", b)
         return [] if same else [f"{where}: {a!r} != {b!r}"]
+    if isinstance(a, (Mapping, list, tuple)):
+        return _container_diffs(a, b, path)
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, Typed) else value
+
+
+def _container_diffs(a: Any, b: Any, path: str) -> list[str]:
+    where = path or "<root>"
     if isinstance(a, Mapping):
         if list(a.keys()) != list(b.keys()):
             return [f"{where}: keys {list(a.keys())} != {list(b.keys())}"]
         return [line for key in a for line in diffs(a[key], b[key], f"{path}/{key}")]
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{where}: length {len(a)} != {len(b)}"]
-        return [line for i, (x, y) in enumerate(zip(a, b, strict=True)) for line in diffs(x, y, f"{path}/{i}")]
-    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+    if len(a) != len(b):
+        return [f"{where}: length {len(a)} != {len(b)}"]
+    return [line for i, (x, y) in enumerate(zip(a, b, strict=True)) for line in diffs(x, y, f"{path}/{i}")]
 
 
 PRIMITIVES = (type(None), bool, int, float, str, bytes)

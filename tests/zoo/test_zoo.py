@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from torch.optim import lr_scheduler
+from torch.optim import lr_scheduler, swa_utils
 
 from tests.zoo.cases import CASES
 from tests.zoo.compare import diffs
@@ -31,7 +31,7 @@ NAMES = [*CASES, *LIGHTNING_CASES]
 BATCH_TIMEOUT = 600
 
 
-@dataclass
+@dataclass(repr=False)
 class Zoo:
     """Runs the worker lazily, once per mode and case, in batches, and keeps what failed how."""
 
@@ -81,7 +81,8 @@ class Zoo:
 
 def describe_exit(code: int, stderr: str) -> str:
     why = f"was killed by {signal.Signals(-code).name} (exit code {code})" if code < 0 else f"exited with code {code}"
-    return f"{why}; stderr ends with:\n{stderr[-3000:]}"
+    fatal = stderr.rfind("Fatal Python error")  # faulthandler's traceback of the crash, when there is one
+    return f"{why}; stderr:\n{stderr[fatal : fatal + 4000] if fatal >= 0 else stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +169,7 @@ def test_every_optimizer_in_torch_optim_is_in_the_zoo() -> None:
 
 def test_every_scheduler_in_torch_lr_scheduler_is_in_the_zoo() -> None:
     schedulers = public_classes(lr_scheduler, lr_scheduler.LRScheduler) | {"ReduceLROnPlateau"}
-    assert {"OneCycleLR", "CyclicLR", "SequentialLR"} <= schedulers
-    covered = {name for case in CASES.values() if case.name.startswith("sched-") for name in case.covers}
+    schedulers |= public_classes(swa_utils, lr_scheduler.LRScheduler)
+    assert {"OneCycleLR", "CyclicLR", "SequentialLR", "SWALR"} <= schedulers
+    covered = {name for case in CASES.values() for name in case.covers}
     assert schedulers - covered == set(), "add a zoo case for each new scheduler"
