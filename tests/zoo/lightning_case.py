@@ -1,11 +1,12 @@
 """The Lightning case: a real ``lightning.pytorch.Trainer`` checkpoints through a CheckpointIO plugin.
 
 The plugin is Lightning's public way to own checkpoint files: ``save_checkpoint`` gets the dict the Trainer built
-(state_dict, optimizer_states, lr_schedulers, loops, callbacks, hyper_parameters as an AttributeDict, ...) and
-writes it with ``safepoint.save``; ``load_checkpoint`` returns ``safepoint.load``. A callback keeps the RNG
-state in the checkpoint, so dropout and shuffling continue exactly. The reference run fits 4 epochs; the
-interrupted one fits 2, checkpoints, and a new process resumes with ``fit(ckpt_path=...)`` to 4. The resumed
-process also compares the dict ``safepoint.load`` returns with the one the Trainer built (saved with torch.save).
+(state_dict, optimizer_states, lr_schedulers, loops, callbacks, hyper_parameters, ...) and writes it with
+``safepoint.save``; ``load_checkpoint`` returns ``safepoint.load``. A ModelCheckpoint callback saves the best
+epoch through the plugin as well, and a callback keeps the RNG state in the checkpoint, so dropout and shuffling
+continue exactly. The reference run fits 4 epochs; the interrupted one fits 2, checkpoints, and a new process
+resumes with ``fit(ckpt_path=...)`` to 4. The resumed process also compares the dict ``safepoint.load`` returns
+with the one the Trainer built (saved with torch.save).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ EPOCHS, STOP_EPOCHS, BATCHES_PER_EPOCH = 4, 2, 6
 def lightning_run(mode: str, work: Path) -> None:
     import lightning.pytorch as pl
     from lightning.fabric.plugins import CheckpointIO
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     class Tiny(pl.LightningModule):
         def __init__(self, hidden: int = 8, lr: float = 0.05, name: str = "tiny") -> None:
@@ -41,6 +43,7 @@ def lightning_run(mode: str, work: Path) -> None:
             inputs, target = batch
             loss = F.cross_entropy(self.net(inputs), target)
             self.trace.append([loss.item()])
+            self.log("train_loss", loss, on_step=False, on_epoch=True)  # ModelCheckpoint's monitor
             return loss
 
         def configure_optimizers(self) -> Any:
@@ -74,15 +77,17 @@ def lightning_run(mode: str, work: Path) -> None:
         def remove_checkpoint(self, path: Any) -> None:
             shutil.rmtree(path)
 
-    def trainer(epochs: int, plugins: list[Any]) -> pl.Trainer:
+    def trainer(epochs: int, plugins: list[Any], run: str) -> pl.Trainer:
+        # ModelCheckpoint saves every epoch through the plugin too, and its state (best score, paths) is in the dict
+        best = ModelCheckpoint(dirpath=work / run, monitor="train_loss", save_top_k=1, mode="min")
         return pl.Trainer(
             accelerator="cpu",
             devices=1,
             max_epochs=epochs,
-            callbacks=[KeepRNG()],
+            callbacks=[KeepRNG(), best],
             plugins=plugins,
             logger=False,
-            enable_checkpointing=False,
+            enable_checkpointing=True,
             enable_progress_bar=False,
             enable_model_summary=False,
             deterministic=True,
@@ -102,14 +107,14 @@ def lightning_run(mode: str, work: Path) -> None:
     if mode == "reference":
         seed_everything(0)
         module = Tiny()
-        fitted = trainer(EPOCHS, [])
+        fitted = trainer(EPOCHS, [], "full")
         fitted.fit(module)
         dump(work / "full.pt", module, fitted, 0)
 
         seed_everything(0)
         module = Tiny()
         io = SafepointIO()
-        fitted = trainer(STOP_EPOCHS, [io])
+        fitted = trainer(STOP_EPOCHS, [io], "first")
         fitted.fit(module)
         fitted.save_checkpoint(work / "ckpt")
         assert io.saved is not None
@@ -123,10 +128,10 @@ def lightning_run(mode: str, work: Path) -> None:
     if mode == "resume-safepoint":
         original = torch.load(work / "control.pt", weights_only=False)
         extra["roundtrip"] = diffs(original, safepoint.load(work / "ckpt"))
-        fitted = trainer(EPOCHS, [SafepointIO()])
+        fitted = trainer(EPOCHS, [SafepointIO()], "resume-safepoint")
         fitted.fit(module, ckpt_path=work / "ckpt")
     else:
-        fitted = trainer(EPOCHS, [])
+        fitted = trainer(EPOCHS, [], mode)
         fitted.fit(module, ckpt_path=work / "control.pt", weights_only=False)  # numpy RNG state
     dump(work / f"{mode}.pt", module, fitted, STOP_EPOCHS * BATCHES_PER_EPOCH, **extra)
 
