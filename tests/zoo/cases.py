@@ -277,13 +277,13 @@ class ScaledLoop(Loop):
     def __init__(self) -> None:
         model = mlp()
         super().__init__(model, torch.optim.Adam(model.parameters(), lr=1e-2))
-        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**125, growth_factor=4.0, growth_interval=2)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**118, growth_factor=4.0, growth_interval=2)
         self.state["scaler"] = self.scaler
 
     def update(self, data: Any) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = self.loss_fn(self.model, data)
-        self.scaler.scale(loss).backward()
+        self.scaler.scale(loss * 256.0).backward()  # a large loss overflows the huge scale: steps are skipped
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
