@@ -593,7 +593,8 @@ def _top_level(manifest: Manifest) -> str:
     parts = []
     for key, node in manifest.tree["v"]:
         kind = node["k"]
-        parts.append(f"{key} ({node['type'] if kind == 'object' else kind})")
+        label = {"object": node.get("type"), "typed": node.get("t")}.get(kind) or kind
+        parts.append(f"{key} ({label})")
     return ", ".join(parts) or "-"
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import shlex
 import subprocess
 import sys
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -207,6 +208,14 @@ def test_inspect_shows_every_value_not_only_tensors(tmp_path: Path, capsys: pyte
     assert note[:2] == ["note", "str"]
     assert note[2].startswith("'xxx")
     assert note[2].endswith("(502 chars)")
+
+
+def test_inspect_names_the_type_of_typed_top_level_entries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = {"counts": collections.Counter(a=2), "where": PurePosixPath("runs/a"), "n": 3}
+    safepoint.save(tmp_path / "ckpt", state)
+    code, out, _ = run(capsys, "inspect", str(tmp_path / "ckpt"))
+    assert code == 0
+    assert "counts (collections.Counter), where (pathlib.PurePosixPath), n (int)" in row(out, "state")
 
 
 def test_inspect_picks_the_newest_step_or_the_one_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
