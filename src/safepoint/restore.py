@@ -498,6 +498,8 @@ def _match_sequence(
 def _same_tuple_type(template: tuple[Any, ...], items: Iterable[Any]) -> tuple[Any, ...]:
     if hasattr(template, "_fields"):  # a namedtuple
         return type(template)(*items)
+    if type(template) is torch.Size:
+        return torch.Size(items)
     return tuple(items)
 
 

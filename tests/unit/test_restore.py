@@ -513,3 +513,13 @@ def test_a_state_dict_failing_in_the_check_after_applying_is_a_restore_error(tmp
         safepoint.restore(tmp_path / "c", live)
     assert isinstance(caught.value.__cause__, RuntimeError)
     assert torch.equal(live["a"].value, torch.zeros(2))  # rolled back
+
+
+def test_a_live_torch_size_stays_a_torch_size(tmp_path: Path) -> None:
+    safepoint.save(tmp_path / "ckpt", {"shape": torch.Size([2, 3]), "grid": torch.Size([4])})
+    live = {"shape": torch.Size([0, 0]), "grid": torch.Size([1, 1])}
+    safepoint.restore(tmp_path / "ckpt", live)
+    assert type(live["shape"]) is torch.Size
+    assert live["shape"] == torch.Size([2, 3])
+    assert type(live["grid"]) is torch.Size
+    assert live["grid"] == torch.Size([4])
