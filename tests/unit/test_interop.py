@@ -433,3 +433,23 @@ def test_a_write_that_fails_half_way_leaves_no_destination_and_no_temporary_file
     efbig = f"StorageError {errno.EFBIG}"
     assert json.loads(result.stdout) == {"export torch": efbig, "export safetensors": efbig, "import": efbig}
     assert listing(tmp_path) == before
+
+
+def test_an_imported_rng_state_can_be_handed_to_torch(tmp_path: Path) -> None:
+    """Issue 10: torch.set_rng_state on the CPU RNG state of an imported Trainer folder crashed the process
+    (exit 139): the loaded tensor was a view at an offset of the payload buffer. Run in a child process, so a
+    crash fails this test instead of killing pytest."""
+    trainer_folder(tmp_path)
+    safepoint.import_checkpoint(tmp_path / "checkpoint-500", tmp_path / "imported")
+    script = (
+        "import sys, torch, safepoint\n"
+        "state = safepoint.load(sys.argv[1])['rng_state']['cpu']\n"
+        "torch.set_rng_state(state)\n"
+        "a = torch.rand(4)\n"
+        "torch.set_rng_state(state)\n"
+        "assert torch.equal(a, torch.rand(4))\n"
+        "print('ok', state.untyped_storage().nbytes() == state.nbytes, state.storage_offset())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "imported")], capture_output=True, text=True)
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.split() == ["ok", "True", "0"]
