@@ -110,6 +110,35 @@ class _ObjectSink:
                 self.fs.rm_file(self.path)
 
 
+class _ObjectReader:
+    """An object read front to back in ranged requests of at most ``_READ_CHUNK`` bytes."""
+
+    def __init__(self, storage: FsspecStorage, path: str) -> None:
+        self.storage, self.path, self.where = storage, path, storage.describe(path)
+        self.size, self.position = storage.size(path), 0
+
+    def readinto(self, buffer: memoryview) -> None:
+        view = buffer.cast("B") if buffer.format != "B" else buffer
+        end = self.position + view.nbytes
+        if end > self.size:  # a ranged read past the end is an error of its own on S3: say what it means
+            raise StorageError(f"{self.where} ended early at byte {self.size}", errno=errno.EIO, path=self.where)
+        offset = 0
+        with _mapped("read", self.where, FileNotFoundError):
+            while offset < view.nbytes:
+                start = self.position + offset
+                stop = min(end, start + _READ_CHUNK)
+                data = self.storage.fs.cat_file(self.storage.abs(self.path), start=start, end=stop)
+                if not data:
+                    raise StorageError(f"{self.where} ended early at byte {start}", errno=errno.EIO, path=self.where)
+                count = min(len(data), stop - start)
+                view[offset : offset + count] = data[:count]
+                offset += count
+        self.position = end
+
+    def close(self) -> None:
+        pass
+
+
 class _ObjectLock:
     """An attempt's lock object; the writer's copy keeps it fresh from a daemon thread until released."""
 
@@ -276,6 +305,9 @@ class FsspecStorage:
                 if hasher is not None:
                     hasher.update(view[offset : offset + count])
                 offset += count
+
+    def open_reader(self, path: str) -> _ObjectReader:
+        return _ObjectReader(self, path)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
         where = self.describe(path)
