@@ -227,22 +227,22 @@ def read_file(
 
 
 # -- the eager read: one pass, straight into owned tensors --------------------------------------------------------
-#: Values at least this large are read straight into their own memory; smaller ones are read together, in runs of
-#: up to ``_SCRATCH_BYTES``, into a reused scratch buffer and copied out: one system call for many of them.
-_DIRECT_BYTES = 1 << 20
-_SCRATCH_BYTES = 8 << 20
-#: Bytes per read call into a tensor: small enough that hashing them right after finds them in the cache.
+#: Bytes per read call: small enough that hashing them right after the read finds them in the cache. Values
+#: larger than this are read in slices of it; smaller ones are gathered into runs of about this size, each read
+#: with one scatter read (``readv``) straight into the values' own memory.
 _SLICE_BYTES = 4 << 20
+#: Padding up to this size is read along with the values around it; a larger gap ends the run.
+_GAP_BYTES = 64 << 10
 
 _scratch = threading.local()  # one scratch buffer per reader thread, kept between files
 
 
-def _scratch_buffer(nbytes: int) -> tuple[memoryview, int]:
-    """A reused scratch buffer of at least ``nbytes`` (at most ``_SCRATCH_BYTES``) and its address."""
-    buffer: torch.Tensor | None = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < nbytes:
-        buffer = _scratch.buffer = torch.empty(max(nbytes, 64 << 10), dtype=torch.uint8)
-    return _bytes_of(buffer), buffer.data_ptr()
+def _scratch_buffer() -> memoryview:
+    """``_SLICE_BYTES`` for bytes that hold no kept value: padding, and whole files that are only verified."""
+    buffer: bytearray | None = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = bytearray(_SLICE_BYTES)
+    return memoryview(buffer)
 
 
 def _bytes_of(tensor: torch.Tensor) -> memoryview:
@@ -273,10 +273,11 @@ class _MemoryReader:
         self.buffer = buffer  # owns the memory that ``data`` points into
         self.data, self.position = _bytes_of(buffer), 0
 
-    def readinto(self, buffer: memoryview) -> None:
-        end = self.position + buffer.nbytes
-        buffer.cast("B")[:] = self.data[self.position : end]
-        self.position = end
+    def readinto(self, buffers: Sequence[memoryview]) -> None:
+        for buffer in buffers:
+            end = self.position + buffer.nbytes
+            buffer.cast("B")[:] = self.data[self.position : end]
+            self.position = end
 
     def close(self) -> None:
         self.data.release()
@@ -317,87 +318,79 @@ class _Pass:
         if size < 8:
             raise self.fail("too short to be a safetensors file")
         prefix = bytearray(8)
-        self._read(memoryview(prefix))
+        self._read([memoryview(prefix)])
         (length,) = struct.unpack("<Q", prefix)
         if length > min(MAX_HEADER_BYTES, size - 8):
             raise self.fail(f"declares a header of {length} bytes in a file of {size}")
         text = bytearray(length)
-        self._read(memoryview(text))
+        self._read([memoryview(text)])
         return bytes(text), 8 + length
 
     def _check(self) -> None:
         if format_checksum(self.hasher) != self.record.checksum:
             raise self.fail("does not match its checksum (corrupted)")
 
-    def _read(self, view: memoryview) -> None:
-        for start in range(0, view.nbytes, _SLICE_BYTES):
-            piece = view[start : start + _SLICE_BYTES]
-            self.reader.readinto(piece)
-            self.hasher.update(piece)
-        self.position += view.nbytes
+    def _read(self, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` with the next bytes of the file (one call), then hash them in order."""
+        self.reader.readinto(views)
+        for view in views:
+            self.hasher.update(view)
+            self.position += view.nbytes
 
     def _skip(self, nbytes: int) -> None:
         """Read (and hash) bytes that hold no value: padding, trailing bytes, values not kept."""
-        scratch, _ = _scratch_buffer(min(nbytes, _SCRATCH_BYTES))
+        scratch = _scratch_buffer()
         while nbytes > 0:
             count = min(nbytes, scratch.nbytes)
-            self._read(scratch[:count])
+            self._read([scratch[:count]])
             nbytes -= count
 
     def _values(self, slots: list[_Slot]) -> dict[int, Any]:
         values: dict[int, Any] = {}
-        first = 0
-        while first < len(slots):
-            slot = slots[first]
-            self._skip(slot.begin - self.position)
-            if slot.end - slot.begin >= _DIRECT_BYTES:
-                values[slot.at] = self._direct(slot)
-                first += 1
+        run: list[memoryview] = []  # the next scatter read: small values, and the padding between them
+        run_bytes = padding = 0  # padding: how much of the scratch buffer the run's gaps use
+        for slot in slots:
+            gap = slot.begin - self.position - run_bytes
+            if run and (gap > _GAP_BYTES or run_bytes + gap + slot.end - slot.begin > _SLICE_BYTES):
+                self._read(run)
+                run, run_bytes, padding, gap = [], 0, 0, slot.begin - self.position
+            if not run:
+                self._skip(gap)
+                gap = 0
+            value, memory = self._allocate(slot)
+            values[slot.at] = value
+            if memory.nbytes >= _SLICE_BYTES:  # a large value: read alone, slice by slice
+                for start in range(0, memory.nbytes, _SLICE_BYTES):
+                    self._read([memory[start : start + _SLICE_BYTES]])
                 continue
-            last = first + 1  # a run of small values that fits the scratch buffer, read with one call
-            while (
-                last < len(slots)
-                and slots[last].end - slots[last].begin < _DIRECT_BYTES
-                and slots[last].end - slot.begin <= _SCRATCH_BYTES
-            ):
-                last += 1
-            run = slots[first:last]
-            scratch, address = _scratch_buffer(run[-1].end - slot.begin)
-            self._read(scratch[: run[-1].end - slot.begin])
-            for item in run:
-                values[item.at] = self._copied(item, scratch, address, item.begin - slot.begin)
-            first = last
-        return values
+            if gap:  # each gap its own part of the scratch buffer: all are hashed after the one read
+                run.append(_scratch_buffer()[padding : padding + gap])
+                padding += gap
+            run.append(memory)
+            run_bytes += gap + memory.nbytes
+        if run:
+            self._read(run)
+        return {slot.at: _finish(values[slot.at], slot.entry) for slot in slots}
 
-    def _direct(self, slot: _Slot) -> Any:
-        if slot.entry.kind == "pickle":
+    def _allocate(self, slot: _Slot) -> tuple[Any, memoryview]:
+        """A fresh value for ``slot`` and the memory its bytes are read into."""
+        entry = slot.entry
+        if entry.kind == "pickle":
             data = bytearray(slot.end - slot.begin)
-            self._read(memoryview(data))
-            return PickledPayload(bytes(data), slot.entry.key)
-        tensor = self._allocate(slot.entry)
-        self._read(_bytes_of(tensor))
-        return _finish(tensor, slot.entry)
-
-    def _copied(self, slot: _Slot, scratch: memoryview, address: int, offset: int) -> Any:
-        """The value of ``slot`` from the scratch buffer (at ``address``), where it lies at ``offset``."""
-        nbytes = slot.end - slot.begin
-        if slot.entry.kind == "pickle":
-            return PickledPayload(bytes(scratch[offset : offset + nbytes]), slot.entry.key)
-        tensor = self._allocate(slot.entry)
-        if nbytes:
-            ctypes.memmove(tensor.data_ptr(), address + offset, nbytes)
-        return _finish(tensor, slot.entry)
-
-    def _allocate(self, entry: EntryRecord) -> torch.Tensor:
+            return data, memoryview(data)
         try:
-            return torch.empty(entry.shape, dtype=DTYPE_NAMES[entry.dtype])
+            tensor = torch.empty(entry.shape, dtype=DTYPE_NAMES[entry.dtype])
         except RuntimeError as err:
             raise StorageError(f"cannot allocate {entry.nbytes} bytes for {entry.key!r} of {self.where}",
                                path=self.where) from err  # fmt: skip
+        return tensor, _bytes_of(tensor)
 
 
-def _finish(tensor: torch.Tensor, entry: EntryRecord) -> Any:
-    """The value an entry's tensor stands for: the tensor, or a numpy array (or scalar) sharing its memory."""
+def _finish(value: Any, entry: EntryRecord) -> Any:
+    """The value an entry stands for: the tensor, a numpy array (or scalar) sharing its memory, or the pickle."""
+    if entry.kind == "pickle":
+        return PickledPayload(bytes(value), entry.key)
+    tensor = value
     if entry.kind == "ndarray":
         array = tensor.numpy()
         # the parser admits scalar only for one element; reshape: shape [1] is how older writers stored them

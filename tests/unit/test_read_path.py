@@ -309,9 +309,9 @@ def test_a_file_that_ends_during_the_read_is_a_storage_error(tmp_path: Path) -> 
     storage = LocalStorage(path)
     reader = storage.open_reader(file.name if file.parent == path else str(file.relative_to(path)))
     try:
-        reader.readinto(memoryview(bytearray(file.stat().st_size - 1)))
+        reader.readinto([memoryview(bytearray(10)), memoryview(bytearray(file.stat().st_size - 11))])
         with pytest.raises(safepoint.StorageError, match="ended early") as caught:
-            reader.readinto(memoryview(bytearray(2)))
+            reader.readinto([memoryview(bytearray(1)), memoryview(bytearray(1))])
         assert caught.value.errno == errno.EIO
     finally:
         reader.close()
@@ -325,3 +325,12 @@ def test_loading_from_an_object_store_gives_owned_tensors() -> None:
     assert_same(loaded, state)
     for key, value in loaded.items():
         _assert_owned(torch.from_numpy(value) if isinstance(value, np.ndarray) else value, key)
+
+
+def test_object_store_reads_split_values_across_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ranged requests of 1000 bytes: most values, and the header, straddle two or more of them
+    monkeypatch.setattr(safepoint.storage.fsspec, "_READ_CHUNK", 1000)
+    state = _mixed()
+    url = "memory://read-path/split"
+    safepoint.save(url, state)
+    assert_same(safepoint.load(url), state)

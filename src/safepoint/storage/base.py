@@ -19,6 +19,7 @@ Atomicity is the backend's to provide, each explained in its own docstring:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from ..checksum import Hasher
@@ -41,8 +42,9 @@ class FileSink(Protocol):
 class FileReader(Protocol):
     """A file opened for reading front to back. Only the read path uses it, through :class:`SequentialReads`."""
 
-    def readinto(self, buffer: memoryview, /) -> None:
-        """Fill ``buffer`` with the file's next ``len(buffer)`` bytes; StorageError (EIO) if the file ends first."""
+    def readinto(self, buffers: Sequence[memoryview], /) -> None:
+        """Fill each buffer in turn with the file's next bytes (a scatter read: many small tensors take one system
+        call); StorageError (EIO) if the file ends first."""
 
     def close(self) -> None: ...
 

@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..checksum import Hasher
@@ -117,23 +117,27 @@ class _ObjectReader:
         self.storage, self.path, self.where = storage, path, storage.describe(path)
         self.size, self.position = storage.size(path), 0
 
-    def readinto(self, buffer: memoryview) -> None:
-        view = buffer.cast("B") if buffer.format != "B" else buffer
-        end = self.position + view.nbytes
+    def readinto(self, buffers: Sequence[memoryview]) -> None:
+        views = [b.cast("B") if b.format != "B" else b for b in buffers if b.nbytes]
+        end = self.position + sum(v.nbytes for v in views)
         if end > self.size:  # a ranged read past the end is an error of its own on S3: say what it means
             raise StorageError(f"{self.where} ended early at byte {self.size}", errno=errno.EIO, path=self.where)
-        offset = 0
+        first, filled = 0, 0  # the buffer being filled, and how much of it is
         with _mapped("read", self.where, FileNotFoundError):
-            while offset < view.nbytes:
-                start = self.position + offset
-                stop = min(end, start + _READ_CHUNK)
-                data = self.storage.fs.cat_file(self.storage.abs(self.path), start=start, end=stop)
+            while self.position < end:  # one ranged request covers many small buffers
+                stop = min(end, self.position + _READ_CHUNK)
+                data = memoryview(self.storage.fs.cat_file(self.storage.abs(self.path), start=self.position, end=stop))
                 if not data:
-                    raise StorageError(f"{self.where} ended early at byte {start}", errno=errno.EIO, path=self.where)
-                count = min(len(data), stop - start)
-                view[offset : offset + count] = data[:count]
-                offset += count
-        self.position = end
+                    at = self.position
+                    raise StorageError(f"{self.where} ended early at byte {at}", errno=errno.EIO, path=self.where)
+                data = data[: stop - self.position]
+                self.position += data.nbytes
+                while data.nbytes:
+                    count = min(data.nbytes, views[first].nbytes - filled)
+                    views[first][filled : filled + count] = data[:count]
+                    data, filled = data[count:], filled + count
+                    if filled == views[first].nbytes:
+                        first, filled = first + 1, 0
 
     def close(self) -> None:
         pass
