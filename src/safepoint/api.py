@@ -86,11 +86,15 @@ def load(
     Entries saved with :class:`safepoint.Pickled` are unpickled only if ``allow_pickle`` is True or names their
     key path; otherwise UnsafeCheckpointError names them.
 
-    ``mmap=True`` maps the payload files instead of reading them into the process's memory: tensors are backed
-    by the page cache (shared, reclaimable) and copy-on-write (changing them never changes the file). Every byte
-    is still verified against its checksum before this returns, so the files are read once; what is lazy is the
-    memory, not the check. A file changed on disk after that is not detected, and truncating it while mapped
-    makes the process crash on access (SIGBUS): committed checkpoints are never rewritten in place by safepoint.
+    Every tensor (and ndarray) returned owns a fresh allocation of its own size, aligned as ``torch.empty``
+    aligns, so it is safe to hand to any torch API and keeps nothing else alive.
+
+    ``mmap=True`` maps the payload files instead of reading them into the process's memory: tensors are views of
+    the mapping (they share it, and keep it alive), backed by the page cache (shared, reclaimable) and
+    copy-on-write (changing them never changes the file). Every byte is still verified against its checksum
+    before this returns, so the files are read once; what is lazy is the memory, not the check. A file changed on
+    disk after that is not detected, and truncating it while mapped makes the process crash on access (SIGBUS):
+    committed checkpoints are never rewritten in place by safepoint.
     """
     storage = _committed(path, storage_options)
     return plain_values(read_checkpoint(storage, "", mmap=mmap), allow_pickle)

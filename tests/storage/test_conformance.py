@@ -16,6 +16,7 @@ import xxhash
 
 from safepoint.errors import StorageError, UnsafeCheckpointError
 from safepoint.storage import Storage
+from safepoint.storage.base import SequentialReads
 
 from .conftest import Backend
 
@@ -147,6 +148,47 @@ def test_read_into_a_buffer_longer_than_the_file_is_an_eio(backend: Backend) -> 
         storage.read_into("short.bin", memoryview(bytearray(10)), None)
     assert caught.value.errno == errno.EIO
     assert "short.bin" in str(caught.value)
+
+
+def test_a_reader_fills_many_buffers_in_turn(backend: Backend) -> None:
+    # the payload reader's scatter read: each value straight into its own memory, in file order
+    storage = backend.open()
+    assert isinstance(storage, SequentialReads)
+    data = bytes(range(251)) * 4099
+    put(storage, "f.bin", data)
+    sizes = [0, 1, 7, 4096, 100_000, 3]
+    sizes.append(len(data) - sum(sizes) - 10)
+    sizes.append(10)
+    buffers = [bytearray(n) for n in sizes]
+    reader = storage.open_reader("f.bin")
+    try:
+        reader.readinto([memoryview(b) for b in buffers[:3]])
+        reader.readinto([memoryview(b) for b in buffers[3:]])
+    finally:
+        reader.close()
+    assert b"".join(buffers) == data
+
+
+def test_a_reader_past_the_end_is_an_eio(backend: Backend) -> None:
+    storage = backend.open()
+    put(storage, "short.bin", b"12345")
+    assert isinstance(storage, SequentialReads)
+    reader = storage.open_reader("short.bin")
+    try:
+        with pytest.raises(StorageError) as caught:
+            reader.readinto([memoryview(bytearray(3)), memoryview(bytearray(3))])
+    finally:
+        reader.close()
+    assert caught.value.errno == errno.EIO
+    assert "short.bin" in str(caught.value)
+
+
+def test_a_reader_of_a_missing_name_is_a_file_not_found_error(backend: Backend) -> None:
+    storage = backend.open()
+    put(storage, "present", b"p")
+    assert isinstance(storage, SequentialReads)
+    with pytest.raises(FileNotFoundError):
+        storage.open_reader("absent")
 
 
 def test_read_bytes_refuses_a_file_over_the_limit_before_reading_it(backend: Backend) -> None:

@@ -19,11 +19,12 @@ Atomicity is the backend's to provide, each explained in its own docstring:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from ..checksum import Hasher
 
-__all__ = ["AttemptLock", "FileSink", "Storage"]
+__all__ = ["AttemptLock", "FileReader", "FileSink", "SequentialReads", "Storage"]
 
 
 class FileSink(Protocol):
@@ -36,6 +37,26 @@ class FileSink(Protocol):
 
     def abort(self) -> None:
         """Close without making anything durable; safe to call after a failure, and more than once."""
+
+
+class FileReader(Protocol):
+    """A file opened for reading front to back. Only the read path uses it, through :class:`SequentialReads`."""
+
+    def readinto(self, buffers: Sequence[memoryview], /) -> None:
+        """Fill each buffer in turn with the file's next bytes (a scatter read: many small tensors take one system
+        call); StorageError (EIO) if the file ends first."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SequentialReads(Protocol):
+    """Optional for a backend: reading one file front to back into many buffers, so that each tensor is read
+    straight into its own memory. The payload reader uses it when the storage has it; any other backend is read
+    with one :meth:`Storage.read_into` of the whole file, then copied out (twice the memory for a moment)."""
+
+    def open_reader(self, path: str) -> FileReader:
+        """Open a regular file for reading; ``FileNotFoundError`` if absent."""
 
 
 class AttemptLock(Protocol):

@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ..checksum import Hasher
@@ -108,6 +108,39 @@ class _ObjectSink:
         with contextlib.suppress(Exception):
             if self.fs.exists(self.path):  # backends that make the file visible when it is opened (memory://)
                 self.fs.rm_file(self.path)
+
+
+class _ObjectReader:
+    """An object read front to back in ranged requests of at most ``_READ_CHUNK`` bytes."""
+
+    def __init__(self, storage: FsspecStorage, path: str) -> None:
+        self.storage, self.path, self.where = storage, path, storage.describe(path)
+        self.size, self.position = storage.size(path), 0
+
+    def readinto(self, buffers: Sequence[memoryview]) -> None:
+        views = [b.cast("B") if b.format != "B" else b for b in buffers if b.nbytes]
+        end = self.position + sum(v.nbytes for v in views)
+        if end > self.size:  # a ranged read past the end is an error of its own on S3: say what it means
+            raise StorageError(f"{self.where} ended early at byte {self.size}", errno=errno.EIO, path=self.where)
+        first, filled = 0, 0  # the buffer being filled, and how much of it is
+        with _mapped("read", self.where, FileNotFoundError):
+            while self.position < end:  # one ranged request covers many small buffers
+                stop = min(end, self.position + _READ_CHUNK)
+                data = memoryview(self.storage.fs.cat_file(self.storage.abs(self.path), start=self.position, end=stop))
+                if not data:
+                    at = self.position
+                    raise StorageError(f"{self.where} ended early at byte {at}", errno=errno.EIO, path=self.where)
+                data = data[: stop - self.position]
+                self.position += data.nbytes
+                while data.nbytes:
+                    count = min(data.nbytes, views[first].nbytes - filled)
+                    views[first][filled : filled + count] = data[:count]
+                    data, filled = data[count:], filled + count
+                    if filled == views[first].nbytes:
+                        first, filled = first + 1, 0
+
+    def close(self) -> None:
+        pass
 
 
 class _ObjectLock:
@@ -276,6 +309,9 @@ class FsspecStorage:
                 if hasher is not None:
                     hasher.update(view[offset : offset + count])
                 offset += count
+
+    def open_reader(self, path: str) -> _ObjectReader:
+        return _ObjectReader(self, path)
 
     def read_bytes(self, path: str, limit: int) -> bytes:
         where = self.describe(path)
