@@ -128,7 +128,7 @@ def test_the_manifest_records_the_world_size_and_which_rank_wrote_what(group: tu
     step = ckpt / "step-000000000003"
     body = _manifest(step)
     assert body["world_size"] == world
-    assert body["format_version"] == 1  # no new fields: readers of format 1 read it
+    assert body["format_version"] == safepoint.FORMAT_VERSION  # many ranks write the one format of one rank
     names = [f["path"].split("/")[1] for f in body["files"]]
     assert [n for n in names if "-rep-" in n] == ["r00000-rep-00000.safetensors"]
     assert sorted(n for n in names if "-own-" in n) == [f"r{r:05d}-own-00000.safetensors" for r in range(world)]
