@@ -311,8 +311,14 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         plan.mismatched.append(f"{key}: live {type(live).__name__} needs a state_dict, checkpoint has "
                                f"{type(saved).__name__}")  # fmt: skip
         return
-    current = live.state_dict()
     state = dict(saved)
+    if _is_loader(live):
+        # not observed before its load_state_dict: see _is_loader; its keys are its own load_state_dict's to judge
+        plan.units.append(tuple(path))
+        plan.objects.append((key, live, state))
+        plan.checks.append((key, live, state))
+        return
+    current = live.state_dict()
     if isinstance(live, torch.nn.Module):
         state = _match_module_state(plan, current, state, path)
     else:
@@ -750,7 +756,8 @@ def _apply(plan: _Plan, step: int) -> None:
     # Phase 1, which may fail: objects' load_state_dict (others first, each backed up; modules, matched exactly,
     # last), then the check that every tensor they were given took effect. A failure rolls phase 1 back.
     # Phase 2 cannot fail once matched: plain tensor copies and assignments into dicts, lists and tuples.
-    order = sorted(plan.objects, key=lambda item: isinstance(item[1], torch.nn.Module))
+    # others (backed up) first, then data loaders (not observed beforehand, so not backed up), then modules
+    order = sorted(plan.objects, key=lambda item: 2 if isinstance(item[1], torch.nn.Module) else _is_loader(item[1]))
     undo: list[Callable[[], None]] = []
     try:
         for key, target, state in order:
@@ -786,9 +793,31 @@ def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
     if isinstance(target, torch.nn.Module):
         target.load_state_dict(state, strict=strict)
         return lambda: None  # matched exactly beforehand; a backup would double the memory of the model
+    if _is_loader(target):
+        target.load_state_dict(state)
+        return _cannot_roll_back(target)
     backup = copy.deepcopy(target.state_dict())
     target.load_state_dict(state)
     return lambda: target.load_state_dict(backup)
+
+
+def _is_loader(value: Any) -> bool:
+    """A data loader's state_dict() is not an observation: on a loader with no iterator yet, torchdata's
+    StatefulDataLoader starts one, which draws the workers' base seed from the loader's generator. Called before
+    load_state_dict (to compare keys, or for a backup), it shifted that generator, and a resumed run's workers
+    were seeded differently from the run that never stopped. So restore calls a loader's load_state_dict without
+    looking at it first, after every object it can roll back and before the modules."""
+    return isinstance(value, torch.utils.data.DataLoader)
+
+
+def _cannot_roll_back(loader: Any) -> Callable[[], None]:
+    def roll_back() -> None:
+        raise RestoreError(
+            f"the {type(loader).__name__} keeps the state it was given: its state_dict() is not read before a "
+            "restore, so there is no backup to roll it back to; rebuild it before training on"
+        )
+
+    return roll_back
 
 
 def _check_applied(plan: _Plan, step: int) -> None:

@@ -523,3 +523,46 @@ def test_a_live_torch_size_stays_a_torch_size(tmp_path: Path) -> None:
     assert live["shape"] == torch.Size([2, 3])
     assert type(live["grid"]) is torch.Size
     assert live["grid"] == torch.Size([4])
+
+
+def _loader(workers: int) -> Any:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    from torchdata.stateful_dataloader.sampler import RandomSampler
+
+    data = torch.utils.data.TensorDataset(torch.arange(22.0).unsqueeze(1))
+    sampler = RandomSampler(data, generator=torch.Generator().manual_seed(5))
+    return StatefulDataLoader(
+        data, batch_size=4, sampler=sampler, num_workers=workers, generator=torch.Generator().manual_seed(6)
+    )
+
+
+def _epochs(loader: Any) -> tuple[list[list[float]], object]:
+    batches = [b[0].flatten().tolist() for _ in range(2) for b in loader]
+    return batches, loader.state_dict()["_snapshot"]["_main_snapshot"]["_base_seed"]
+
+
+def test_a_data_loader_is_not_looked_at_before_its_load_state_dict(tmp_path: Path) -> None:
+    """Regression (state zoo, loader-workers-2): restore called a fresh StatefulDataLoader's state_dict() before
+    its load_state_dict; that starts an iterator, which draws the workers' base seed from the loader's generator,
+    so the resumed run's workers were seeded differently from the run that never stopped."""
+    source = _loader(2)
+    batches = iter(source)
+    next(batches), next(batches)
+    safepoint.save(tmp_path / "c", {"loader": source})
+    expected = _loader(2)
+    expected.load_state_dict(source.state_dict())
+    live = {"loader": _loader(2)}
+    report = safepoint.restore(tmp_path / "c", live)
+    assert report.restored == ("loader",)
+    assert _epochs(live["loader"]) == _epochs(expected)
+
+
+def test_a_data_loader_that_cannot_be_rolled_back_is_named(tmp_path: Path) -> None:
+    source = IgnoresData()
+    source.weights = torch.arange(4.0)
+    safepoint.save(tmp_path / "c", {"b": source, "loader": _loader(0)})
+    live = {"b": IgnoresData(), "loader": _loader(0)}
+    with pytest.raises(safepoint.RestoreError, match=r"b/weights: differs from the checkpoint") as caught:
+        safepoint.restore(tmp_path / "c", live)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "StatefulDataLoader keeps the state it was given" in notes
