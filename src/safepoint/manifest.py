@@ -318,7 +318,10 @@ class _Parser:
         shape = self.array(record["shape"], f"{where}.shape")
         if len(shape) > _MAX_NDIM:
             raise self.fail(f"{where} ({key}): {len(shape)} dimensions is more than {_MAX_NDIM}")
-        dims = tuple(self.integer(d, f"{where}.shape") for d in shape)
+        if all(type(d) is int and d >= 0 for d in shape):  # the usual case, without building a message per dim
+            dims = tuple(shape)
+        else:
+            dims = tuple(self.integer(d, f"{where}.shape") for d in shape)
         file_index = self.integer(record["file"], f"{where}.file")
         if file_index >= len(files):
             raise self.fail(f"{where} ({key}): names file {file_index}, but there are {len(files)}")

@@ -261,8 +261,7 @@ def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | 
         return
 
     def copy_tensor() -> None:
-        with torch.no_grad():
-            live.copy_(saved)  # casts, where cast_dtypes allowed it
+        live.copy_(saved)  # casts, where cast_dtypes allowed it; under the no_grad of _apply's phase 2
 
     plan.actions.append(copy_tensor)
     plan.applied.append(tuple(path))
@@ -772,8 +771,9 @@ def _apply(plan: _Plan, step: int) -> None:
     except BaseException as err:
         _roll_back(undo, err)
         raise
-    for action in plan.actions:
-        action()
+    with torch.no_grad():  # once for all: entering it per tensor cost more than copying 10 000 small ones
+        for action in plan.actions:
+            action()
 
 
 def _roll_back(undo: list[Callable[[], None]], err: BaseException) -> None:
