@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -536,25 +539,44 @@ def _loader(workers: int) -> Any:
     )
 
 
-def _epochs(loader: Any) -> tuple[list[list[float]], object]:
+# Run in a fresh process: worker processes are forked, and forking pytest's process after other tests have
+# started threads (background saves, readers) can deadlock the children.
+_LOADER_SCRIPT = """
+import sys
+import safepoint
+from tests.unit.test_restore import _loader
+
+def epochs(loader):
     batches = [b[0].flatten().tolist() for _ in range(2) for b in loader]
     return batches, loader.state_dict()["_snapshot"]["_main_snapshot"]["_base_seed"]
+
+source = _loader(2)
+batches = iter(source)
+next(batches), next(batches)
+safepoint.save(sys.argv[1], {"loader": source})
+expected = _loader(2)
+expected.load_state_dict(source.state_dict())
+live = {"loader": _loader(2)}
+report = safepoint.restore(sys.argv[1], live)
+assert report.restored == ("loader",), report.restored
+got, want = epochs(live["loader"]), epochs(expected)
+assert got == want, f"restored {got[1]}, load_state_dict alone {want[1]}"
+print("same")
+"""
 
 
 def test_a_data_loader_is_not_looked_at_before_its_load_state_dict(tmp_path: Path) -> None:
     """Regression (state zoo, loader-workers-2): restore called a fresh StatefulDataLoader's state_dict() before
     its load_state_dict; that starts an iterator, which draws the workers' base seed from the loader's generator,
     so the resumed run's workers were seeded differently from the run that never stopped."""
-    source = _loader(2)
-    batches = iter(source)
-    next(batches), next(batches)
-    safepoint.save(tmp_path / "c", {"loader": source})
-    expected = _loader(2)
-    expected.load_state_dict(source.state_dict())
-    live = {"loader": _loader(2)}
-    report = safepoint.restore(tmp_path / "c", live)
-    assert report.restored == ("loader",)
-    assert _epochs(live["loader"]) == _epochs(expected)
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADER_SCRIPT, str(tmp_path / "c")],
+        capture_output=True, text=True, cwd=root, timeout=240,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])},
+    )  # fmt: skip
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-3000:]}"
+    assert done.stdout.split() == ["same"]
 
 
 def test_a_data_loader_that_cannot_be_rolled_back_is_named(tmp_path: Path) -> None:
