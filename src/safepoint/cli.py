@@ -37,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .codec import DTYPE_NAMES, key_path
-from .diff import Difference, diff_checkpoints, tree_children, truncate
+from .diff import Difference, diff_checkpoints, diff_trees, tree_children, truncate
 from .errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -50,7 +50,7 @@ from .gc import attempt_ids, collect, remove_checkpoint, step_dirs
 from .interop import FORMATS, export_checkpoint, import_checkpoint, locate_checkpoint, write_new_checkpoint
 from .layout import MANIFEST_NAME, join, parse_attempt, step_dir
 from .manifest import EntryRecord, Manifest
-from .migrations import Change, Migrations, copy_containers, describe_changes
+from .migrations import Migrations, copy_containers
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
 from .restore import plain_values
 from .storage import LocalStorage, Storage, open_storage
@@ -906,10 +906,15 @@ def _cmd_diff(args: argparse.Namespace, console: Console) -> int:
 
 
 def _difference_line(difference: Difference) -> Text:
+    """``+ key: new``, ``- key: old`` or ``~ key: old -> new``, as diff and migrate --dry-run print them."""
     if difference.kind == "changed" and difference.before == difference.after:
         # same kind, dtype and shape: the detail says how the contents differ
         return _marked_line("changed", difference.key, f"{difference.before}: {difference.detail}")
-    return _change_line(Change(difference.kind, difference.key, difference.before, difference.after))
+    if difference.kind == "added":
+        return _marked_line(difference.kind, difference.key, difference.after)
+    if difference.kind == "removed":
+        return _marked_line(difference.kind, difference.key, difference.before)
+    return _marked_line(difference.kind, difference.key, f"{difference.before} -> {difference.after}")
 
 
 # -- demo ------------------------------------------------------------------------------------------------------
@@ -945,10 +950,10 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
     before = plain_values(loaded)
     after, applied = migrations.run(copy_containers(before), manifest.state_version, args.to_version, where)
     console.print(Text.assemble(("migrations      ", "bold"), ", ".join(applied)), soft_wrap=True)
-    changes = describe_changes(before, after)
+    changes, _ = diff_trees(before, after)
     console.print(Text(f"changes ({len(changes)})", style="bold"))
     for change in changes:
-        console.print(_change_line(change), soft_wrap=True)
+        console.print(_difference_line(change), soft_wrap=True)
     if args.dry_run:
         console.print("dry run: nothing written")
         return EXIT_OK
@@ -964,15 +969,6 @@ def _busy(what: str) -> contextlib.AbstractContextManager[object]:
     """A spinner on stderr while one long step runs (reading, converting, writing GBs), only on a terminal."""
     errors = _console(sys.stderr)
     return errors.status(what) if errors.is_terminal else contextlib.nullcontext()
-
-
-def _change_line(change: Change) -> Text:
-    """``+ key: new``, ``- key: old`` or ``~ key: old -> new``, as migrate --dry-run and diff print them."""
-    if change.kind == "added":
-        return _marked_line(change.kind, change.key, change.after)
-    if change.kind == "removed":
-        return _marked_line(change.kind, change.key, change.before)
-    return _marked_line(change.kind, change.key, f"{change.before} -> {change.after}")
 
 
 _MARKS = {"added": ("  + ", "green"), "removed": ("  - ", "red"), "changed": ("  ~ ", "yellow")}

@@ -1,10 +1,13 @@
-"""Comparing two read checkpoints value by value: what was added, removed or changed.
+"""Comparing two read checkpoints, or two plain states, value by value: what was added, removed or changed.
+
+This is the one comparison engine: ``safepoint diff`` compares two checkpoints (:func:`diff_checkpoints`), and
+``safepoint migrate --dry-run`` a state before and after its migrations (:func:`diff_trees`).
 
 Tensors and arrays are compared bitwise (their bit patterns, so ``-0.0`` differs from ``0.0`` and a NaN equals
 the same NaN); for floating ones a change also gives the largest absolute difference. Pickled entries are
 compared by their bytes and never unpickled. Floats in the tree compare by their exact ``repr``.
 
-The inputs are :class:`~safepoint.reader.LoadedCheckpoint`: read through the verified read path, so nothing
+Checkpoints are :class:`~safepoint.reader.LoadedCheckpoint`: read through the verified read path, so nothing
 unverified is ever compared. Nothing here reads storage or writes anything.
 """
 
@@ -22,7 +25,7 @@ from .codec import PickledPayload, decode_tree, key_path
 from .manifest import Manifest
 from .reader import LoadedCheckpoint
 
-__all__ = ["CheckpointDiff", "Difference", "describe_value", "diff_checkpoints", "tree_objects"]
+__all__ = ["CheckpointDiff", "Difference", "describe_value", "diff_checkpoints", "diff_trees", "tree_objects"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -55,9 +58,27 @@ class CheckpointDiff:
 
 def diff_checkpoints(a: LoadedCheckpoint, b: LoadedCheckpoint) -> CheckpointDiff:
     """How ``b`` differs from ``a``."""
-    values_a, shape_a = _flatten_checkpoint(a)
-    values_b, shape_b = _flatten_checkpoint(b)
-    types_a, types_b = tree_objects(a.manifest), tree_objects(b.manifest)
+    # decode_tree keeps pickled entries as PickledPayload (bytes, never unpickled) and rebuilds every other kind
+    plain_a = decode_tree(a.manifest.tree, a.leaves)
+    plain_b = decode_tree(b.manifest.tree, b.leaves)
+    entries, compared = diff_trees(plain_a, plain_b, tree_objects(a.manifest), tree_objects(b.manifest))
+    version = None
+    if a.manifest.state_version != b.manifest.state_version:
+        version = Difference("state_version", "changed", str(a.manifest.state_version), str(b.manifest.state_version))
+    return CheckpointDiff(entries, _metric_differences(a.manifest, b.manifest), version, compared)
+
+
+def diff_trees(a: Any, b: Any, objects_a: Mapping[KeyPath, str] | None = None,
+               objects_b: Mapping[KeyPath, str] | None = None) -> tuple[tuple[Difference, ...], int]:  # fmt: skip
+    """How the plain tree ``b`` differs from ``a``, in key order, and how many values both hold.
+
+    The trees are nested dicts, lists and tuples of values, as :func:`~safepoint.codec.decode_tree` gives them
+    (``safepoint migrate --dry-run`` compares a state before and after its migrations). ``objects_a`` and
+    ``objects_b`` name the class of each entry saved through ``state_dict()`` (:func:`tree_objects`), so that a
+    module swapped for another class shows even when the two state_dicts are alike."""
+    values_a, shape_a = _flatten(a)
+    values_b, shape_b = _flatten(b)
+    types_a, types_b = objects_a or {}, objects_b or {}
     differences: list[tuple[KeyPath, Difference]] = []
     reported: set[KeyPath] = set()
     replaced: list[KeyPath] = []  # a container on one side, a value on the other: its insides are not listed
@@ -89,11 +110,7 @@ def diff_checkpoints(a: LoadedCheckpoint, b: LoadedCheckpoint) -> CheckpointDiff
                 before, after = describe_value(values_a[path]), describe_value(values_b[path])
                 differences.append((path, Difference(key, "changed", before, after, change)))
     differences.sort(key=lambda item: _sort_key(item[0]))
-    version = None
-    if a.manifest.state_version != b.manifest.state_version:
-        version = Difference("state_version", "changed", str(a.manifest.state_version), str(b.manifest.state_version))
-    entries = tuple(difference for _, difference in differences)
-    return CheckpointDiff(entries, _metric_differences(a.manifest, b.manifest), version, compared)
+    return tuple(difference for _, difference in differences), compared
 
 
 def _filled(path: KeyPath, values_a: dict[KeyPath, Any], values_b: dict[KeyPath, Any], shape_a: dict[KeyPath, str],
@@ -120,10 +137,8 @@ def _node_label(kind: str, object_type: str | None, value: Any) -> str:
 
 
 # -- flattening ------------------------------------------------------------------------------------------------
-def _flatten_checkpoint(loaded: LoadedCheckpoint) -> tuple[dict[KeyPath, Any], dict[KeyPath, str]]:
+def _flatten(plain: Any) -> tuple[dict[KeyPath, Any], dict[KeyPath, str]]:
     """(key path -> value) for every value, and (key path -> container type name, or "value") for every node."""
-    # decode_tree keeps pickled entries as PickledPayload (bytes, never unpickled) and rebuilds every other kind
-    plain = decode_tree(loaded.manifest.tree, loaded.leaves)
     values: dict[KeyPath, Any] = {}
     shape: dict[KeyPath, str] = {}
     for path, value in _walk(plain, ()):

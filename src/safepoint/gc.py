@@ -5,7 +5,8 @@ drops the lock of a killed writer) and the checkpoint's manifest does not name i
 the lock is taken, so a writer that publishes and then releases is never mistaken for a dead one. Attempts of a
 checkpoint whose manifest cannot be read are left alone: that data may be all there is of the step.
 
-:func:`remove_checkpoint` removes a committed checkpoint the way retention does: unpublish first, then collect.
+:func:`remove_checkpoint` removes a committed checkpoint, for retention and ``safepoint rm``: unpublish first,
+then collect.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 from . import faults
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError, StorageError
@@ -95,24 +97,34 @@ def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True)
     return GcReport(tuple(removed), tuple(live))
 
 
-def remove_checkpoint(storage: Storage, checkpoint: str) -> GcReport:
-    """Unpublish a committed checkpoint, whether its manifest reads or not, then collect its data.
+def remove_checkpoint(
+    storage: Storage, checkpoint: str, *, fault_prefix: Literal["retention"] | None = None
+) -> GcReport:
+    """Unpublish a committed checkpoint, whether its manifest reads or not, then collect its data and remove its
+    emptied directory. Retention and ``safepoint rm`` both remove checkpoints through here.
 
     The manifest goes first, durably: from then on no reader lists or restores the checkpoint, and a crash before
     the data is gone leaves only an uncommitted attempt that :func:`collect` removes. An attempt whose writer is
     alive (a save of the same step in progress) is left, in ``in_progress``. Deciding *whether* a checkpoint may
-    go (never the newest valid one) is the caller's: this removes what it is asked to."""
+    go (never the newest valid one) is the caller's: this removes what it is asked to.
+
+    With ``fault_prefix``, the fault points ``<prefix>.unpublish.after`` (the manifest durably gone, the data
+    still there) and ``<prefix>.delete.after`` (all of it gone) are reached."""
     storage.remove_file(join(checkpoint, MANIFEST_NAME))
     try:
         storage.sync_dir(checkpoint)
     except StorageError as err:
         if err.errno != errno.ENOENT:
             raise
-        return GcReport((), ())  # someone else removed the whole checkpoint first
+        return GcReport((), ())  # someone else removed the whole checkpoint first, durably unpublishing it
+    if fault_prefix:
+        faults.point(f"{fault_prefix}.unpublish.after")
     report = collect_checkpoint(storage, checkpoint)
     if checkpoint and checkpoint not in report.removed and storage.remove_empty_dir(checkpoint):
         # collect_checkpoint removes an emptied directory only when it emptied it; here the caller asked for it
-        return GcReport((*report.removed, checkpoint), report.in_progress)
+        report = GcReport((*report.removed, checkpoint), report.in_progress)
+    if fault_prefix:
+        faults.point(f"{fault_prefix}.delete.after")
     return report
 
 

@@ -21,7 +21,6 @@ single-process path below is all there is.
 from __future__ import annotations
 
 import contextlib
-import errno
 import gc
 import logging
 import os
@@ -32,7 +31,6 @@ from typing import Any, Literal, TypeVar, overload
 
 import torch
 
-from . import faults
 from .codec import encode_state
 from .collective import has_per_rank, restore_ranks, save_ranks
 from .commit import SHARD_BYTES, SavePlan, execute_save, plan_save
@@ -48,7 +46,7 @@ from .errors import (
     StorageError,
     attach_note,
 )
-from .gc import GcReport, collect, collect_checkpoint, step_dirs
+from .gc import GcReport, collect, remove_checkpoint, step_dirs
 from .layout import MANIFEST_NAME, join, step_dir
 from .manifest import Manifest
 from .migrations import Migrations
@@ -438,21 +436,9 @@ class CheckpointManager:
                 logger.warning("retention leaves %s alone: %s", self._storage.describe(path), err)
         keep = steps_to_keep(self._policy, metrics, protect=(just_saved,))
         for step in sorted(set(metrics) - keep):
-            self._delete(step)
-
-    def _delete(self, step: int) -> None:
-        """Unpublish first (the checkpoint disappears atomically and durably), then collect its data."""
-        path = step_dir(step)
-        self._storage.remove_file(join(path, MANIFEST_NAME))
-        try:
-            self._storage.sync_dir(path)
-        except StorageError as err:
-            if err.errno != errno.ENOENT:
-                raise
-            return  # another manager on this directory deleted the step first, durably unpublishing it
-        faults.point("retention.unpublish.after")
-        collect_checkpoint(self._storage, path)
-        faults.point("retention.delete.after")
+            # unpublish first (the checkpoint disappears atomically and durably), then collect its data;
+            # reaches the fault points retention.unpublish.after and retention.delete.after
+            remove_checkpoint(self._storage, step_dir(step), fault_prefix="retention")
 
     # -- listing ---------------------------------------------------------------------------------------------
     def steps(self) -> list[int]:

@@ -20,23 +20,16 @@ This module never reads or writes checkpoints.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
-
-from .codec import PickledPayload, key_path
+from .codec import key_path
 from .errors import ConfigError, KeyPathError, MigrationError, StateVersionError
 
 __all__ = [
-    "Change",
     "Migration",
     "Migrations",
     "copy_containers",
-    "describe_changes",
     "move_key",
     "remove_key",
     "rename_key",
@@ -320,80 +313,3 @@ def rename_key(state: dict[str, Any], path: KeyPath, new_name: str | int, *, def
     """Rename the last part of ``path`` to ``new_name`` in the same dict; absent, ``new_name`` gets ``default``."""
     parts = _parts(path)
     return move_key(state, parts, [*parts[:-1], new_name], default=default)
-
-
-# -- describing what a migration changed --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Change:
-    """One difference between two states: ``kind`` is "added", "removed" or "changed"."""
-
-    kind: str
-    key: str
-    before: str = ""
-    after: str = ""
-
-
-def describe_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Change]:
-    """Every key path added, removed or changed from ``before`` to ``after``, in the order of ``after``."""
-    old, new = _flatten(before), _flatten(after)
-    changes = [Change("removed", k, _show(v)) for k, v in old.items() if k not in new]
-    for key, value in new.items():
-        if key not in old:
-            changes.append(Change("added", key, after=_show(value)))
-        elif not _same(old[key], value):
-            changes.append(Change("changed", key, _show(old[key]), _show(value)))
-    return changes
-
-
-def _flatten(value: Any, path: tuple[str | int, ...] = ()) -> dict[str, Any]:
-    if isinstance(value, Mapping) and (value or not path):
-        found: dict[str, Any] = {}
-        for k, v in value.items():
-            found.update(_flatten(v, (*path, k)))
-        return found
-    if isinstance(value, (list, tuple)) and value:
-        found = {}
-        for i, v in enumerate(value):
-            found.update(_flatten(v, (*path, i)))
-        return found
-    return {key_path(path): value}
-
-
-_OPAQUE = (torch.Tensor, np.ndarray, PickledPayload)
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal bit for bit, so NaN equals NaN and 0.0 differs from -0.0, as a checkpoint's bytes would."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(_bits(a), _bits(b)))
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, PickledPayload) and isinstance(b, PickledPayload):
-        return a.data == b.data
-    if isinstance(a, float) and isinstance(b, float):
-        return a == b or (math.isnan(a) and math.isnan(b))
-    if isinstance(a, _OPAQUE) or isinstance(b, _OPAQUE):
-        return False
-    return type(a) is type(b) and bool(a == b)
-
-
-def _bits(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        dtype = str(value.dtype).removeprefix("torch.")
-        if value.numel() <= 6:
-            return f"tensor {dtype} {list(value.shape)} {value.detach().cpu().flatten().tolist()}"
-        return f"tensor {dtype} {list(value.shape)}"
-    if isinstance(value, np.ndarray):
-        return f"ndarray {value.dtype} {list(value.shape)}"
-    if isinstance(value, PickledPayload):
-        return f"pickled ({len(value.data)} bytes, not opened)"
-    if isinstance(value, Mapping):
-        return "{}"
-    if isinstance(value, (list, tuple)):
-        return "[]" if isinstance(value, list) else "()"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."

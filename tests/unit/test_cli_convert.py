@@ -72,10 +72,10 @@ def test_migrate_dry_run_shows_the_changes_and_writes_nothing(
         "state_version   1 -> 3",
         "migrations      add_gradient_checkpointing (1 -> 2), rename_lr (2 -> 3)",
         "changes (4)",
-        "  - config/lr: 0.5",
-        "  - config/legacy: 'x'",
-        "  + config/gradient_checkpointing: False",
-        "  + config/learning_rate: 0.5",
+        "  + config/gradient_checkpointing: bool False",
+        "  + config/learning_rate: float 0.5",
+        "  - config/legacy: str 'x'",
+        "  - config/lr: float 0.5",
         "dry run: nothing written",
     ]
     assert snapshot(project / "run") == before

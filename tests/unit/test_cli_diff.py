@@ -13,7 +13,7 @@ import torch
 import safepoint
 from safepoint import diff as diff_module
 from safepoint.cli import main
-from safepoint.diff import compare_tensors
+from safepoint.diff import compare_tensors, diff_trees
 
 
 class RefusesToUnpickle:
@@ -226,3 +226,20 @@ def test_large_tensors_are_compared_in_chunks(monkeypatch: pytest.MonkeyPatch) -
     assert compare_tensors(a, b) == "2 of 50 element(s) differ, max |a-b| = 8"
     ints = torch.arange(20, dtype=torch.int64)
     assert compare_tensors(ints, ints.flip(0)) == "20 of 20 element(s) differ"
+
+
+def test_plain_states_are_compared_by_the_same_engine() -> None:
+    """What ``migrate --dry-run`` lists: a state before and after its migrations, never saved."""
+    before = {"w": torch.tensor([1.0, float("nan")]), "config": {"lr": 0.1, "old": 1}, "same": [1, 2]}
+    after = {"w": torch.tensor([1.0, float("nan")]), "config": {"lr": 0.2, "new": True}, "same": [1, 2]}
+    entries, compared = diff_trees(before, after)
+    assert [(d.kind, d.key, d.before, d.after) for d in entries] == [
+        ("changed", "config/lr", "float 0.1", "float 0.2"),
+        ("added", "config/new", "", "bool True"),
+        ("removed", "config/old", "int 1", ""),
+    ]
+    assert compared == 4  # w (NaN equals the same NaN), config/lr, same/0, same/1
+    grown, _ = diff_trees(before, {**before, "w": torch.tensor([1.0, 2.0])})
+    assert [(d.kind, d.key, d.detail) for d in grown] == [
+        ("changed", "w", "1 of 2 element(s) differ, 1 where one side is NaN")
+    ]

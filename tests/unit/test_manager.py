@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,17 @@ def test_retention_keeps_unreadable_checkpoints_and_does_not_count_them(tmp_path
     save_steps(tmp_path, [1, 2])
     (tmp_path / step_dir(2) / "manifest.json").write_text("garbage")
     assert save_steps(tmp_path, [3], keep_last=1) == [2, 3]  # step 2 left for a person to look at; 1 deleted
+
+
+def test_retention_removes_the_directory_of_each_step_it_deletes(tmp_path: Path) -> None:
+    """Even one holding nothing but its manifest (the data removed by hand): retention removes checkpoints as
+    ``safepoint rm`` does, so no empty step directory is left for a later gc, which would wait out its grace."""
+    save_steps(tmp_path, [1, 2])
+    for path in (tmp_path / step_dir(1)).iterdir():
+        if path.name != "manifest.json":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert save_steps(tmp_path, [3], keep_last=1) == [3]
+    assert [p.name for p in tmp_path.iterdir()] == [step_dir(3)]
 
 
 # -- corruption and fallback -------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 import safepoint
 from safepoint import ConfigError, KeyPathError, MigrationError, Migrations, StateVersionError
-from safepoint.migrations import describe_changes
 from tests.compat.test_golden import FIXTURES, live_state
 from tests.conftest import fresh_state, make_state, tensors_of
 from tests.helpers import assert_same
@@ -348,20 +347,6 @@ def test_a_key_path_error_inside_a_migration_names_the_migration() -> None:
 def test_a_malformed_key_path_is_a_config_error(bad: Any) -> None:
     with pytest.raises(ConfigError, match="key path"):
         safepoint.set_default({"a": {}}, bad, 1)
-
-
-def test_describe_changes_lists_added_removed_and_changed_values() -> None:
-    before = {"w": torch.tensor([1.0, float("nan")]), "config": {"lr": 0.1, "old": 1}, "same": [1, 2]}
-    after = {"w": torch.tensor([1.0, float("nan")]), "config": {"lr": 0.2, "new": True}, "same": [1, 2]}
-    changes = [(c.kind, c.key, c.before, c.after) for c in describe_changes(before, after)]
-    assert changes == [
-        ("removed", "config/old", "1", ""),
-        ("changed", "config/lr", "0.1", "0.2"),
-        ("added", "config/new", "", "True"),
-    ]
-    grown = describe_changes(before, {**before, "w": torch.tensor([1.0, 2.0])})
-    assert [(c.kind, c.key) for c in grown] == [("changed", "w")]
-    assert grown[0].after == "tensor float32 [2] [1.0, 2.0]"
 
 
 # -- whatever the state and the path, a helper succeeds or raises a typed error ----------------------------------------
