@@ -14,6 +14,7 @@ the destination's directory and published with ``link()``, which fails rather th
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -416,20 +417,21 @@ def _subtree(value: Any, key: str, where: str) -> Any:
 
 
 def _for_torch(value: Any) -> Any:
-    """Tensors own their memory (loaded ones view one buffer per payload file, which torch.save would write
-    whole for each); numpy values become tensors."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
+    """The value as torch.save should write it: numpy values become tensors; containers keep their exact type
+    (an OrderedDict, a defaultdict with its factory, a torch.Size); tensors are written as loaded, so tensors that
+    share storage (tied weights) share it in the exported file too."""
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value.copy())
     if isinstance(value, np.generic):
         return torch.from_numpy(np.array(value))
-    if isinstance(value, dict):
-        return {k: _for_torch(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_for_torch(v) for v in value]
+    if isinstance(value, (dict, list)):
+        result = copy.copy(value)  # same type, and a defaultdict keeps its default_factory
+        for key in range(len(value)) if isinstance(value, list) else value:
+            result[key] = _for_torch(value[key])
+        return result
     if isinstance(value, tuple):
-        return tuple(_for_torch(v) for v in value)
+        items = [_for_torch(v) for v in value]
+        return torch.Size(items) if type(value) is torch.Size else tuple(items)
     return value
 
 

@@ -453,3 +453,30 @@ def test_an_imported_rng_state_can_be_handed_to_torch(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "imported")], capture_output=True, text=True)
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert done.stdout.split() == ["ok", "True", "0"]
+
+
+def test_export_to_torch_keeps_container_types_and_ties(tmp_path: Path) -> None:
+    """Regression: export rebuilt every dict as a plain dict and cloned every tensor, so an OrderedDict (a module's
+    state_dict), a Counter or a defaultdict lost its type, and tied weights were written twice and came apart."""
+    import collections
+
+    weight = torch.randn(4, 3)
+    counts: collections.defaultdict[str, list[int]] = collections.defaultdict(list, a=[1])
+    state = {
+        "model": collections.OrderedDict(wte=weight, head=weight),
+        "milestones": collections.Counter({3: 1, 6: 2}),
+        "counts": counts,
+        "shape": torch.Size([2, 3]),
+    }
+    safepoint.save(tmp_path / "ckpt", state)
+    out = safepoint.export_checkpoint(tmp_path / "ckpt", tmp_path / "out.pt", format="torch")
+    exported = torch.load(out, weights_only=False)
+    assert type(exported["model"]) is collections.OrderedDict
+    assert type(exported["milestones"]) is collections.Counter
+    assert exported["milestones"] == state["milestones"]
+    assert type(exported["counts"]) is collections.defaultdict
+    assert exported["counts"].default_factory is list
+    assert type(exported["shape"]) is torch.Size
+    wte, head = exported["model"]["wte"], exported["model"]["head"]
+    assert torch.equal(wte, weight)
+    assert wte.untyped_storage().data_ptr() == head.untyped_storage().data_ptr()
