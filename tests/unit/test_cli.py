@@ -379,7 +379,8 @@ def test_rm_refuses_the_newest_valid_checkpoint_without_force(
 ) -> None:
     make_run(tmp_path / "run")
     code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "300", "--yes")
-    assert (code, out) == (2, "")
+    assert code == 2
+    assert out == ""
     assert "step 300 is the newest valid checkpoint" in err
     assert "--force" in err
     assert (tmp_path / "run" / "step-000000000300" / "manifest.json").exists()
@@ -403,7 +404,8 @@ def test_rm_protects_an_older_step_when_every_newer_one_is_damaged(
 def test_rm_without_a_terminal_needs_yes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(tmp_path / "run")
     code, out, err = run(capsys, "rm", str(tmp_path / "run"), "--step", "100")
-    assert (code, out) == (2, "")
+    assert code == 2
+    assert out == ""
     assert "pass --yes" in err
     assert (tmp_path / "run" / "step-000000000100" / "manifest.json").exists()
 

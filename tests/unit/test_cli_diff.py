@@ -186,12 +186,14 @@ def test_a_damaged_checkpoint_is_trouble_naming_the_file(
 def test_a_missing_path_or_an_uncommitted_step_is_trouble(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = save(tmp_path / "a", {"w": torch.ones(1)})
     code, out, err = run(capsys, "diff", a, str(tmp_path / "nope"))
-    assert (code, out) == (2, "")
+    assert code == 2
+    assert out == ""
     assert err == f"error: {tmp_path / 'nope'} does not exist\n"
     with safepoint.CheckpointManager(tmp_path / "run") as manager:
         manager.save(1, {"w": torch.ones(1)})
     code, out, err = run(capsys, "diff", a, str(tmp_path / "run"), "--step-b", "2")
-    assert (code, out) == (2, "")
+    assert code == 2
+    assert out == ""
     assert "step 2 is not committed" in err
 
 
