@@ -46,12 +46,12 @@ from .errors import (
     UnsafeCheckpointError,
     attach_note,
 )
-from .gc import step_dirs
-from .layout import MANIFEST_NAME, join, parse_step_dir, step_dir
+from .layout import parse_step_dir, step_dir
 from .manager import CheckpointInfo, check_state_version, save_to
 from .migrations import resolve_key
 from .payload import plan_file, write_file
 from .reader import read_checkpoint, read_manifest
+from .resolve import Kind, committed_steps, resolve
 from .restore import plain_values
 from .storage import Storage, open_storage
 
@@ -127,7 +127,8 @@ def detect_source(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist")
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, MANIFEST_NAME)) or step_dirs(open_storage(path)):
+        location = resolve(open_storage(path))
+        if location.is_committed_checkpoint or location.kind is Kind.MANAGER:
             raise ConversionError(f"{path} is already a safepoint checkpoint; nothing to import", path=path)
         names = set(os.listdir(path))
         known = {*_MODEL_FILES, *_MODEL_INDEXES, *_TORCH_FILES, "trainer_state.json"}
@@ -346,7 +347,8 @@ def write_new_checkpoint(
 def locate_checkpoint(storage: Storage, step: int | None) -> str:
     """The checkpoint to read in ``storage``: the root when it is one checkpoint, else the newest committed
     step of a manager directory, or ``step``. CheckpointNotFoundError names what is there instead."""
-    if storage.exists(MANIFEST_NAME):
+    location = resolve(storage)
+    if location.is_committed_checkpoint:
         manifest = read_manifest(storage, "")
         if step is not None and step != manifest.step:
             raise ConfigError(
@@ -354,7 +356,7 @@ def locate_checkpoint(storage: Storage, step: int | None) -> str:
                 "a step chooses among the steps of a manager directory"
             )
         return ""
-    committed = [s for s, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+    committed = committed_steps(storage, location)
     if not committed:
         raise CheckpointNotFoundError(f"no committed checkpoint in {storage.describe('')}")
     if step is None:

@@ -46,11 +46,12 @@ from .errors import (
     StorageError,
     attach_note,
 )
-from .gc import GcReport, collect, remove_checkpoint, step_dirs
-from .layout import MANIFEST_NAME, join, step_dir
+from .gc import GcReport, collect, remove_checkpoint
+from .layout import step_dir
 from .manifest import Manifest
 from .migrations import Migrations
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
+from .resolve import Kind, committed_steps, is_committed, resolve, step_dirs
 from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, load_values, none_verifies
 from .retention import RetentionPolicy, steps_to_keep
 from .staging import check_staging_bytes
@@ -244,9 +245,10 @@ class CheckpointManager:
             raise ConfigError(f"directory must be a path, a URL or a Storage, not {type(directory).__name__}")
         self._storage = open_storage(directory, storage_options, grace_period=grace_period)
         self.directory = self._storage.describe("")
-        if self._storage.exists("") and not self._storage.is_dir(""):
+        location = resolve(self._storage)
+        if location.kind is Kind.FILE:
             raise StorageError(f"{self.directory} exists and is not a directory", path=self.directory)
-        if self._storage.exists(MANIFEST_NAME):
+        if location.is_committed_checkpoint:
             raise ConfigError(
                 f"{self.directory} is a single checkpoint, not a manager directory; "
                 "use safepoint.restore() or safepoint.load() on it"
@@ -427,7 +429,8 @@ class CheckpointManager:
         if self._policy.keeps_everything:
             return
         metrics: dict[int, Mapping[str, float]] = {}
-        for step, path in step_dirs(self._storage):
+        for found in step_dirs(self._storage):
+            step, path = found.step, found.path
             try:
                 metrics[step] = read_manifest(self._storage, path).metrics
             except CheckpointNotFoundError:
@@ -444,7 +447,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending. A committed step has a published manifest; restore() verifies it."""
         self._check_open()
-        return [step for step, path in step_dirs(self._storage) if self._storage.exists(join(path, MANIFEST_NAME))]
+        return committed_steps(self._storage)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -455,7 +458,8 @@ class CheckpointManager:
         """Every committed checkpoint whose manifest reads, ascending by step (see :meth:`verify` for the rest)."""
         self._check_open()
         infos = []
-        for _, path in step_dirs(self._storage):
+        for found in step_dirs(self._storage):
+            path = found.path
             try:
                 infos.append(CheckpointInfo.of(read_manifest(self._storage, path), self._storage.describe(path)))
             except CheckpointNotFoundError:
@@ -562,7 +566,7 @@ class CheckpointManager:
             except FormatVersionError:
                 raise  # a newer safepoint wrote it: falling back would silently lose progress
             except (CorruptCheckpointError, StorageError) as err:
-                if not self._storage.exists(join(path, MANIFEST_NAME)):
+                if not is_committed(self._storage, path):
                     continue  # unpublished while it was read: retention in another process deleted it
                 logger.warning("skipping step %s: %s", candidate, err)
                 skipped.append(SkippedCheckpoint(candidate, self._storage.describe(path), str(err)))
