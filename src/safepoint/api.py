@@ -10,12 +10,13 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from .errors import CheckpointNotFoundError, ConfigError, StorageError
-from .manager import CheckpointInfo, check_migrations, check_state_version, save_to
+from .manager import CheckpointInfo, check_migrations, save_to
 from .migrations import Migrations
 from .reader import read_checkpoint
 from .resolve import Kind, Location, resolve
 from .restore import RestoreReport, apply_checkpoint, plain_values
 from .storage import Storage, open_storage
+from .validate import non_negative_int
 from .verify import VerifyReport, verify_storage
 
 __all__ = ["load", "restore", "save", "verify"]
@@ -40,7 +41,9 @@ def save(
     storage = open_storage(path, storage_options)
     if _refuse_file(storage, resolve(storage)).kind is Kind.MANAGER:
         raise ConfigError(f"{storage.describe('')} is a CheckpointManager directory; save there with the manager")
-    return save_to(storage, "", step, state, metrics=metrics, state_version=check_state_version(state_version))
+    return save_to(
+        storage, "", step, state, metrics=metrics, state_version=non_negative_int("state_version", state_version)
+    )
 
 
 def restore(
@@ -62,7 +65,7 @@ def restore(
     """
     if migrations is not None and state_version is None:
         raise ConfigError("migrations need the code's state_version to know where the chain ends")
-    version = check_state_version(state_version) if state_version is not None else None
+    version = non_negative_int("state_version", state_version, allow_none=True)
     chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path, storage_options)
     loaded = read_checkpoint(storage, "")

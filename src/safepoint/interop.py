@@ -47,13 +47,14 @@ from .errors import (
     attach_note,
 )
 from .layout import parse_step_dir, step_dir
-from .manager import CheckpointInfo, check_state_version, save_to
+from .manager import CheckpointInfo, save_to
 from .migrations import resolve_key
 from .payload import plan_file, write_file
 from .reader import read_checkpoint, read_manifest
 from .resolve import Kind, committed_steps, resolve
 from .restore import plain_values
 from .storage import Storage, open_storage
+from .validate import non_negative_int
 
 __all__ = ["ExportFormat", "ImportReport", "export_checkpoint", "import_checkpoint", "locate_checkpoint"]
 
@@ -101,8 +102,8 @@ def import_checkpoint(
     that is not a dict is stored under the key ``"value"``. ``dest`` must not exist.
     """
     where = os.path.abspath(os.fspath(source))
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+    if step is not None:
+        non_negative_int("step", step)
     kind = detect_source(where)
     _refuse_existing(os.path.abspath(os.fspath(dest)))  # before reading what may be many GB
     skipped: list[str] = []
@@ -318,7 +319,7 @@ def write_new_checkpoint(
     ``dest`` may be a step directory of a manager directory (``runs/exp1/step-000000000500``) when its name
     is the step written: the layout is the same, so the manager then lists and restores it like its own.
     """
-    state_version = check_state_version(state_version)
+    state_version = non_negative_int("state_version", state_version)
     storage = open_storage(dest)
     where = storage.describe("")
     named = parse_step_dir(os.path.basename(where))

@@ -56,6 +56,7 @@ from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, load_va
 from .retention import RetentionPolicy, steps_to_keep
 from .staging import check_staging_bytes
 from .storage import Storage, open_storage
+from .validate import non_negative_int
 from .verify import VerifyReport, verify_storage
 from .writer import BackgroundWriter, SaveHandle, check_in_flight
 
@@ -82,9 +83,7 @@ class CheckpointInfo:
 
 
 def check_state_version(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"state_version must be a non-negative integer, not {value!r}")
-    return value
+    return non_negative_int("state_version", value)
 
 
 def check_migrations(migrations: object, state_version: int) -> Migrations | None:
@@ -360,8 +359,7 @@ class CheckpointManager:
                     "every rank saves with blocking=True"
                 )
             return self._save_ranks(step, state, metrics)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+        non_negative_int("step", step)
         if any(handle.step == step for handle in self._writer.in_flight()):
             raise CheckpointExistsError(f"step {step} is already being saved in the background", step=step)
         if blocking:
@@ -613,8 +611,7 @@ class CheckpointManager:
 
 
 def _check_step(step: object) -> None:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ConfigError(f"step must be None or a non-negative integer, not {step!r}")
+    non_negative_int("step", step, allow_none=True)
 
 
 def _summary(steps: list[int]) -> str:
