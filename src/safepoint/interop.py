@@ -13,7 +13,6 @@ the destination's directory and published with ``link()``, which fails rather th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import json
@@ -24,7 +23,7 @@ import struct
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +44,7 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
     attach_note,
+    mapped_errors,
 )
 from .layout import parse_step_dir, step_dir
 from .manager import CheckpointInfo, save_to
@@ -142,7 +142,7 @@ def detect_source(path: str) -> str:
         )
     if not os.path.isfile(path):
         raise ConversionError(f"{path} is neither a regular file nor a directory", path=path)
-    with _reading(path), open(path, "rb") as file:
+    with mapped_errors("read", path), open(path, "rb") as file:
         head = file.read(9)
         size = os.fstat(file.fileno()).st_size
     if head[:4] == b"PK\x03\x04":  # torch.save's zip format
@@ -156,17 +156,6 @@ def detect_source(path: str) -> str:
         "Transformers checkpoint-N folder",
         path=path,
     )
-
-
-@contextlib.contextmanager
-def _reading(path: str) -> Iterator[None]:
-    """Maps an OSError while reading ``path`` to StorageError naming it."""
-    try:
-        yield
-    except OSError as err:
-        if isinstance(err, SafepointError):
-            raise
-        raise StorageError(f"cannot read {path}: {err.strerror or err}", errno=err.errno, path=path) from err
 
 
 def _numpy_globals() -> list[Any]:
@@ -188,7 +177,7 @@ def _numpy_globals() -> list[Any]:
 
 def _load_torch(path: str) -> Any:
     try:
-        with _reading(path), torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
+        with mapped_errors("read", path), torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
             # a plain pickle of another protocol: the restricted unpickler refuses what it cannot read anyway
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             with open(path, "rb") as file:  # a file object: torch.load hands a path named *.safetensors elsewhere
@@ -214,7 +203,7 @@ def _refusal(err: Exception) -> str:
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
-        with _reading(path):
+        with mapped_errors("read", path):
             return load_file(path, device="cpu")
     except SafepointError:
         raise
@@ -223,7 +212,7 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _load_json(path: str) -> Any:
-    with _reading(path):
+    with mapped_errors("read", path):
         size = os.path.getsize(path)
         if size > _MAX_JSON_BYTES:
             raise CorruptCheckpointError(f"{path} is {size} bytes, more than a JSON file here may be", path=path)
