@@ -31,6 +31,9 @@ logger = logging.getLogger("safepoint")
 
 @dataclass(frozen=True)
 class GcReport:
+    """What a collection removed, and the attempts it left because their writer is alive. True if it removed
+    anything."""
+
     removed: tuple[str, ...]  # attempts and empty checkpoint directories removed
     in_progress: tuple[str, ...]  # attempts whose writer is alive: left alone
 

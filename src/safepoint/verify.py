@@ -17,6 +17,8 @@ __all__ = ["CheckpointStatus", "VerifyReport", "verify_storage"]
 
 @dataclass(frozen=True)
 class CheckpointStatus:
+    """One committed checkpoint as verification found it: ``ok``, or the ``error`` and the ``bad_file`` to blame."""
+
     step: int  # -1 only for a single checkpoint whose manifest cannot be read
     path: str
     ok: bool
@@ -30,6 +32,9 @@ class CheckpointStatus:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """What :func:`safepoint.verify` and ``CheckpointManager.verify()`` found: one status per committed
+    checkpoint (``ok`` when all verified, ``bad`` for the others), and notes that are not failures."""
+
     path: str
     checkpoints: tuple[CheckpointStatus, ...]
     notes: tuple[str, ...] = ()  # not failures: e.g. leftovers of uncommitted saves
