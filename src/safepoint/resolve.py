@@ -53,16 +53,13 @@ class Location:
     steps: tuple[StepDir, ...] = ()
 
     @property
-    def is_dir(self) -> bool:
-        return self.kind in (Kind.CHECKPOINT, Kind.MANAGER, Kind.OTHER)
-
-    @property
     def is_ours(self) -> bool:
         """A checkpoint or a manager directory: somewhere safepoint may collect what its own saves left."""
         return self.kind in (Kind.CHECKPOINT, Kind.MANAGER)
 
     @property
     def is_committed_checkpoint(self) -> bool:
+        """One checkpoint whose manifest is published: what restore, load and export read at the root."""
         return self.kind is Kind.CHECKPOINT and self.committed
 
 

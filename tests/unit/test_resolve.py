@@ -21,14 +21,13 @@ def state() -> dict[str, torch.Tensor]:
 def test_nothing_there(tmp_path: Path) -> None:
     location = resolve(LocalStorage(tmp_path / "absent"))
     assert location.kind is Kind.MISSING
-    assert not location.is_dir
+    assert not location.is_ours
 
 
 def test_a_file(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"x")
     location = resolve(LocalStorage(tmp_path / "file"))
     assert location.kind is Kind.FILE
-    assert not location.is_dir
     assert not location.is_ours
 
 
@@ -75,7 +74,6 @@ def test_a_directory_that_is_neither(tmp_path: Path) -> None:
     (tmp_path / "model.bin").write_bytes(b"x")
     location = resolve(LocalStorage(tmp_path))
     assert location.kind is Kind.OTHER
-    assert location.is_dir
     assert not location.is_ours
     assert committed_steps(LocalStorage(tmp_path), location) == []
 
