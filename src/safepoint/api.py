@@ -10,13 +10,13 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from .errors import CheckpointNotFoundError, ConfigError, StorageError
-from .gc import step_dirs
-from .layout import MANIFEST_NAME
-from .manager import CheckpointInfo, check_migrations, check_state_version, save_to
+from .manager import CheckpointInfo, check_migrations, save_to
 from .migrations import Migrations
 from .reader import read_checkpoint
+from .resolve import Kind, Location, resolve
 from .restore import RestoreReport, apply_checkpoint, plain_values
 from .storage import Storage, open_storage
+from .validate import non_negative_int
 from .verify import VerifyReport, verify_storage
 
 __all__ = ["load", "restore", "save", "verify"]
@@ -39,10 +39,11 @@ def save(
     Raises CheckpointExistsError if ``path`` already holds a committed checkpoint (it is left untouched).
     """
     storage = open_storage(path, storage_options)
-    _refuse_file(storage)
-    if step_dirs(storage):
+    if _refuse_file(storage, resolve(storage)).kind is Kind.MANAGER:
         raise ConfigError(f"{storage.describe('')} is a CheckpointManager directory; save there with the manager")
-    return save_to(storage, "", step, state, metrics=metrics, state_version=check_state_version(state_version))
+    return save_to(
+        storage, "", step, state, metrics=metrics, state_version=non_negative_int("state_version", state_version)
+    )
 
 
 def restore(
@@ -64,7 +65,7 @@ def restore(
     """
     if migrations is not None and state_version is None:
         raise ConfigError("migrations need the code's state_version to know where the chain ends")
-    version = check_state_version(state_version) if state_version is not None else None
+    version = non_negative_int("state_version", state_version, allow_none=True)
     chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path, storage_options)
     loaded = read_checkpoint(storage, "")
@@ -103,26 +104,26 @@ def load(
 def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
     """Check every byte of the checkpoint at ``path``, or of every checkpoint in the manager directory."""
     storage = open_storage(path, storage_options)
-    if not storage.exists(""):
+    location = resolve(storage)
+    if location.kind is Kind.MISSING:
         raise CheckpointNotFoundError(f"{storage.describe('')} does not exist")
-    _refuse_file(storage)
-    return verify_storage(storage)
+    return verify_storage(storage, location=_refuse_file(storage, location))
 
 
-def _refuse_file(storage: Storage) -> None:
-    if storage.exists("") and not storage.is_dir(""):
+def _refuse_file(storage: Storage, location: Location) -> Location:
+    if location.kind is Kind.FILE:
         raise StorageError(f"{storage.describe('')} is a file, not a checkpoint directory", path=storage.describe(""))
+    return location
 
 
 def _committed(path: PathLike, storage_options: Mapping[str, Any] | None) -> Storage:
     storage = open_storage(path, storage_options)
-    _refuse_file(storage)
-    if not storage.exists(MANIFEST_NAME):
-        steps = step_dirs(storage)
+    location = _refuse_file(storage, resolve(storage))
+    if not location.is_committed_checkpoint:
         hint = (
-            f"; it is a manager directory with steps {[s for s, _ in steps][-5:]}: use "
+            f"; it is a manager directory with steps {[found.step for found in location.steps][-5:]}: use "
             "CheckpointManager(path).restore(state), or pass one step directory"
-            if steps
+            if location.kind is Kind.MANAGER
             else ""
         )
         raise CheckpointNotFoundError(f"no committed checkpoint at {storage.describe('')}{hint}")

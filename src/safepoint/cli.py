@@ -46,12 +46,13 @@ from .errors import (
     RestoreError,
     SafepointError,
 )
-from .gc import attempt_ids, collect, remove_checkpoint, step_dirs
+from .gc import attempt_ids, collect, remove_checkpoint
 from .interop import FORMATS, export_checkpoint, import_checkpoint, locate_checkpoint, write_new_checkpoint
 from .layout import MANIFEST_NAME, join, parse_attempt, step_dir
 from .manifest import EntryRecord, Manifest
 from .migrations import Migrations, copy_containers
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
+from .resolve import Kind, Location, committed_steps, is_committed, resolve
 from .restore import plain_values
 from .storage import LocalStorage, Storage, open_storage
 from .verify import CheckpointStatus, VerifyReport, verify_storage
@@ -371,14 +372,16 @@ def _step(text: str) -> int:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
-def _open_existing(path: str, args: argparse.Namespace) -> Storage:
+def _open_existing(path: str, args: argparse.Namespace) -> tuple[Storage, Location]:
+    """The directory at ``path`` and what it holds; UsageError if there is none."""
     grace = getattr(args, "grace_period", None)
     storage = open_storage(path, dict(args.storage_options) or None, grace_period=grace)
-    if not storage.exists(""):
+    location = resolve(storage)
+    if location.kind is Kind.MISSING:
         raise UsageError(f"{storage.describe('')} does not exist")
-    if not storage.is_dir(""):
+    if location.kind is Kind.FILE:
         raise UsageError(f"{storage.describe('')} is not a directory")
-    return storage
+    return storage, location
 
 
 def _relative(storage: Storage, text: str) -> str:
@@ -403,12 +406,6 @@ def _local_time(timestamp: float) -> str:
 
 def _format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{name}={value:.6g}" for name, value in sorted(metrics.items()))
-
-
-def _is_safepoint_dir(storage: Storage) -> bool:
-    if storage.exists(MANIFEST_NAME) or step_dirs(storage):
-        return True
-    return bool(attempt_ids(storage, "", locked_only=True))
 
 
 # -- ls --------------------------------------------------------------------------------------------------------
@@ -462,15 +459,15 @@ def _verified_status(storage: Storage, row: _Row, checkpoint: str, step: int | N
 
 
 def _cmd_ls(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory, args)
+    storage, location = _open_existing(args.directory, args)
     notes: list[str] = []
-    single = storage.exists(MANIFEST_NAME)
-    targets: list[tuple[int | None, str]] = [(None, "")] if single else list(step_dirs(storage))
+    single = location.is_committed_checkpoint
+    targets = [(None, "")] if single else [(found.step, found.path) for found in location.steps]
     committed: list[tuple[int | None, str, _Row]] = []
     for step, path in targets:
         attempts = attempt_ids(storage, path)
         name = path or "."
-        if not storage.exists(join(path, MANIFEST_NAME)):
+        if not is_committed(storage, path):
             notes.append(f"{name}: uncommitted ({len(attempts)} save attempt(s) in progress or crashed; "
                          "invisible to restore; `safepoint gc` removes dead ones)")  # fmt: skip
             continue
@@ -547,7 +544,7 @@ def _ls_table(rows: list[_Row]) -> Table:
 
 # -- inspect ---------------------------------------------------------------------------------------------------
 def _cmd_inspect(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.checkpoint, args)
+    storage, _ = _open_existing(args.checkpoint, args)
     checkpoint = locate_checkpoint(storage, args.step)
     manifest = read_manifest(storage, checkpoint)
     cheap = _cheap_status(storage, checkpoint, None)
@@ -676,16 +673,16 @@ def _entries_table(rows: list[_EntryRow]) -> Table:
 
 # -- verify ----------------------------------------------------------------------------------------------------
 def _cmd_verify(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.path, args)
-    single = storage.exists(MANIFEST_NAME)
-    total = 1 if single else sum(storage.exists(join(p, MANIFEST_NAME)) for _, p in step_dirs(storage))
+    storage, location = _open_existing(args.path, args)
+    single = location.is_committed_checkpoint
+    total = 1 if single else len(committed_steps(storage, location))
     errors = _console(sys.stderr)
     if errors.is_terminal and total >= _BAR_MIN_CHECKPOINTS:
-        report = _verify_with_bar(storage, total, errors)
+        report = _verify_with_bar(storage, location, total, errors)
         for status in report.checkpoints:
             _print_status(console, storage, status)
     else:
-        report = verify_storage(storage, lambda status: _print_status(console, storage, status))
+        report = verify_storage(storage, lambda status: _print_status(console, storage, status), location=location)
     for note in report.notes:
         console.print(Text(f"note: {_relative(storage, note)}", style="yellow"))
     if not report.checkpoints:
@@ -708,7 +705,7 @@ def _rm_hint(storage: Storage, single: bool, status: CheckpointStatus) -> str:
     return f"safepoint rm {where}" if single else f"safepoint rm {where} --step {status.step}"
 
 
-def _verify_with_bar(storage: Storage, total: int, errors: Console) -> VerifyReport:
+def _verify_with_bar(storage: Storage, location: Location, total: int, errors: Console) -> VerifyReport:
     bad = 0
     with _progress("verifying", errors, total) as step_done:
 
@@ -717,7 +714,7 @@ def _verify_with_bar(storage: Storage, total: int, errors: Console) -> VerifyRep
             bad += not status.ok
             step_done(f"step {status.step}" + (f", {bad} bad" if bad else ""))
 
-        return verify_storage(storage, advance)
+        return verify_storage(storage, advance, location=location)
 
 
 def _manifest_step(storage: Storage) -> str:
@@ -747,10 +744,10 @@ def _print_status(console: Console, storage: Storage, status: CheckpointStatus) 
 
 # -- gc --------------------------------------------------------------------------------------------------------
 def _cmd_gc(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory, args)
+    storage, location = _open_existing(args.directory, args)
     # The collector removes any attempt-shaped name it finds unlocked; in a directory that is not ours such a
     # name is someone else's data, so it is not offered the chance.
-    if not _is_safepoint_dir(storage):
+    if not location.is_ours:
         raise UsageError(
             f"{storage.describe('')} does not look like a safepoint directory (no step directories, manifest or "
             "attempt locks); refusing to collect anything in it"
@@ -770,11 +767,11 @@ def _cmd_gc(args: argparse.Namespace, console: Console) -> int:
 
 # -- rm --------------------------------------------------------------------------------------------------------
 def _cmd_rm(args: argparse.Namespace, console: Console) -> int:
-    storage = _open_existing(args.directory, args)
-    checkpoint, step = _rm_target(storage, args.step)
+    storage, location = _open_existing(args.directory, args)
+    checkpoint, step = _rm_target(storage, location, args.step)
     where = storage.describe(checkpoint)
     what = f"step {step} ({where})" if checkpoint else f"the checkpoint at {where}"
-    condition = _rm_condition(storage, checkpoint, step, force=args.force)
+    condition = _rm_condition(storage, location, checkpoint, step, force=args.force)
     if not args.yes and not _confirm(f"remove {what}, {condition}?"):
         console.print("nothing removed")
         return EXIT_OK
@@ -794,11 +791,11 @@ def _cmd_rm(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _rm_target(storage: Storage, step: int | None) -> tuple[str, int | None]:
+def _rm_target(storage: Storage, location: Location, step: int | None) -> tuple[str, int | None]:
     """(checkpoint directory, step) to remove. The manifest is only looked at, never trusted: it may be the
     damaged part."""
     root = storage.describe("")
-    if storage.exists(MANIFEST_NAME):
+    if location.is_committed_checkpoint:
         if step is not None:
             try:
                 saved: int | None = read_manifest(storage, "").step
@@ -807,13 +804,13 @@ def _rm_target(storage: Storage, step: int | None) -> tuple[str, int | None]:
             if saved is not None and saved != step:
                 raise UsageError(f"{root} is a single checkpoint of step {saved}, not of step {step}")
         return "", step
-    committed = [s for s, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+    committed = committed_steps(storage, location)
     shown = ", ".join(map(str, committed[-10:])) or "none"
     if step is None:
         raise UsageError(f"{root} is not a checkpoint directory: name the step to remove with --step N "
                          f"(committed: {shown})")  # fmt: skip
     path = step_dir(step)
-    if not storage.exists(join(path, MANIFEST_NAME)):
+    if not is_committed(storage, path):
         if storage.exists(path):
             raise UsageError(f"step {step} in {root} is not committed: there is nothing to unpublish; "
                              "`safepoint gc` removes what an unfinished save left")  # fmt: skip
@@ -821,13 +818,13 @@ def _rm_target(storage: Storage, step: int | None) -> tuple[str, int | None]:
     return path, step
 
 
-def _rm_condition(storage: Storage, checkpoint: str, step: int | None, *, force: bool) -> str:
+def _rm_condition(storage: Storage, location: Location, checkpoint: str, step: int | None, *, force: bool) -> str:
     """What the checkpoint is, for the confirmation; UsageError if it is the newest valid one and not forced."""
     cheap = _cheap_status(storage, checkpoint, step).status
     if force:
         return cheap
-    newer = [s for s, path in step_dirs(storage) if checkpoint and step is not None and s > step
-             and storage.exists(join(path, MANIFEST_NAME))]  # fmt: skip
+    later = [found for found in location.steps if checkpoint and step is not None and found.step > step]
+    newer = [found.step for found in later if is_committed(storage, found.path)]
     for candidate in reversed(newer):
         with _busy(f"verifying step {candidate}, to be sure a valid checkpoint remains"):
             if _damage(storage, step_dir(candidate), candidate) is None:
@@ -869,7 +866,7 @@ def _confirm(question: str) -> bool:
 def _cmd_diff(args: argparse.Namespace, console: Console) -> int:
     sides: list[tuple[str, LoadedCheckpoint]] = []
     for label, location, step in (("A", args.a, args.step_a), ("B", args.b, args.step_b)):
-        storage = _open_existing(location, args)
+        storage, _ = _open_existing(location, args)
         try:
             checkpoint = locate_checkpoint(storage, step)
             where = storage.describe(checkpoint)
@@ -933,7 +930,7 @@ def _cmd_migrate(args: argparse.Namespace, console: Console) -> int:
         raise UsageError("--output DIR is required without --dry-run: migrate writes a new checkpoint, never in place")
     migrations = _load_migrations(args.migrations) if args.migrations else Migrations()
     migrations.check()  # a gap is the code's fault: said before any checkpoint is read
-    storage = _open_existing(args.checkpoint, args)
+    storage, _ = _open_existing(args.checkpoint, args)
     location = locate_checkpoint(storage, args.step)
     where = storage.describe(location)
     with _busy(f"reading and verifying {where}"):

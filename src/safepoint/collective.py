@@ -50,7 +50,6 @@ from .distributed import Coordinator, Json, PerRank, Post, first_failure, requir
 from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
-    ConfigError,
     CoordinationError,
     CorruptCheckpointError,
     FormatVersionError,
@@ -65,6 +64,7 @@ from .migrations import Migrations
 from .reader import LoadedCheckpoint, read_leaves, read_manifest
 from .restore import PreparedRestore, RestoreReport, SkippedCheckpoint, none_verifies, prepare_checkpoint
 from .storage import AttemptLock, Storage
+from .validate import non_negative_int
 
 __all__ = ["PER_RANK_TYPE", "SPLIT_REPLICATED", "has_per_rank", "restore_ranks", "save_ranks"]
 
@@ -151,8 +151,7 @@ def save_ranks(
         return {"save_id": attempt.save_id}
 
     def validated() -> Json:
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+        non_negative_int("step", step)
         return {"step": step, "keys": _keys(state)}
 
     save_id = coordinator.exchange("save.begin", _attempt(validated), begin)["save_id"]

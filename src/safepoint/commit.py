@@ -41,6 +41,7 @@ from .layout import MANIFEST_NAME, join, lock_name, new_save_id
 from .manifest import EntryRecord, FileRecord, Manifest
 from .payload import PlannedFile, plan_file, write_file
 from .storage import AttemptLock, Storage
+from .validate import non_negative_int
 
 __all__ = [
     "SHARD_BYTES",
@@ -105,8 +106,7 @@ def plan_save(
 ) -> SavePlan:
     """Decide names, files and offsets for a save. Touches no storage. ``file_prefix`` starts every payload file
     name (a distributed save names the writing rank there)."""
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+    non_negative_int("step", step)
     save_id = save_id or new_save_id()
     names = _unique_names([leaf.key for leaf in encoded.leaves])
     # A new file starts at a new top-level entry once the current file is sizeable, so that each file's read

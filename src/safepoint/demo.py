@@ -36,10 +36,11 @@ from rich.text import Text
 
 from .api import load, save
 from .errors import CheckpointNotFoundError
-from .gc import attempt_ids, step_dirs
-from .layout import MANIFEST_NAME, join
+from .gc import attempt_ids
+from .layout import join
 from .manager import CheckpointManager
 from .reader import read_manifest
+from .resolve import committed_steps, step_dirs
 from .rng import RNGState
 from .storage import open_storage
 
@@ -378,7 +379,8 @@ def _leftovers(run_dir: str) -> list[tuple[int, str]]:
     """(step, attempt) for every save attempt on disk that no manifest names: what an interrupted save left."""
     storage = open_storage(run_dir)
     found = []
-    for step, path in step_dirs(storage):
+    for step_dir in step_dirs(storage):
+        step, path = step_dir.step, step_dir.path
         attempts = attempt_ids(storage, path)
         with contextlib.suppress(CheckpointNotFoundError):
             attempts.discard(read_manifest(storage, path).save_id)
@@ -389,7 +391,7 @@ def _leftovers(run_dir: str) -> list[tuple[int, str]]:
 def _describe_disk(say: _Narrator, run_dir: str) -> list[tuple[int, str]]:
     """Say what the kill left on disk and where it landed; returns the leftover attempts."""
     storage = open_storage(run_dir)
-    committed = [step for step, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+    committed = committed_steps(storage)
     newest = committed[-1] if committed else -1
     say.line(f"on disk after the kill: committed steps {', '.join(map(str, committed)) or 'none'}")
     leftovers = _leftovers(run_dir)

@@ -28,7 +28,6 @@ import contextlib
 import inspect
 import itertools
 import json
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,7 +36,8 @@ from typing import Any, Protocol
 import torch.distributed as dist
 
 from . import errors
-from .errors import ConfigError, CoordinationError, SafepointError
+from .errors import CoordinationError, SafepointError
+from .validate import positive_seconds
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -94,9 +94,7 @@ class Coordinator(Protocol):
 
 
 def check_timeout(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"timeout must be a positive number of seconds, not {value!r}")
-    return float(value)
+    return positive_seconds("timeout", value)
 
 
 def default_coordinator(timeout: float) -> Coordinator:

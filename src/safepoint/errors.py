@@ -29,8 +29,10 @@ This module must never import anything from the rest of the package.
 
 from __future__ import annotations
 
+import contextlib as _contextlib
 import errno as _errno
 import logging as _logging
+from collections.abc import Iterator as _Iterator
 
 __all__ = [
     "AmbiguousCommitError",
@@ -52,6 +54,7 @@ __all__ = [
     "StorageError",
     "UnsafeCheckpointError",
     "attach_note",
+    "mapped_errors",
 ]
 
 
@@ -230,3 +233,35 @@ def attach_note(error: BaseException, note: str) -> None:
         error.add_note(note)
     else:  # pragma: no cover - Python 3.10
         _logging.getLogger("safepoint").error(note)
+
+
+@_contextlib.contextmanager
+def mapped_errors(
+    operation: str,
+    where: str,
+    *passthrough: type[BaseException],
+    catch: type[BaseException] | tuple[type[BaseException], ...] = OSError,
+    refuse_symlinks: bool = False,
+) -> _Iterator[None]:
+    """Map an error of the operating system or a storage backend, raised while doing ``operation`` on ``where``,
+    to ``StorageError("cannot <operation> <where>: <reason>")`` with its errno and the cause kept.
+
+    What goes through unchanged: SafepointErrors (already mapped), and the ``passthrough`` types (outcomes the
+    caller decides on, such as ``FileExistsError`` from an exclusive create). ``catch`` is what is mapped: the OS's
+    ``OSError`` by default; a backend whose library raises anything passes ``Exception``. With
+    ``refuse_symlinks``, ``ELOOP`` (an ``O_NOFOLLOW`` open met a symlink) is an UnsafeCheckpointError instead.
+    """
+    try:
+        yield
+    except passthrough:
+        raise
+    except SafepointError:
+        raise
+    except catch as err:
+        code = err.errno if isinstance(err, OSError) and isinstance(err.errno, int) else None
+        if refuse_symlinks and code == _errno.ELOOP:
+            raise UnsafeCheckpointError(f"refusing to follow a symlink at {where}", path=where) from err
+        if code is None and isinstance(err, FileNotFoundError):
+            code = _errno.ENOENT  # a backend's "no such key" without an errno
+        reason = (err.strerror if isinstance(err, OSError) else None) or str(err) or type(err).__name__
+        raise StorageError(f"cannot {operation} {where}: {reason}", errno=code, path=where) from err

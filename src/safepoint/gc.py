@@ -19,17 +19,21 @@ from typing import Literal
 
 from . import faults
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError, StorageError
-from .layout import MANIFEST_NAME, join, lock_name, parse_attempt, parse_step_dir
+from .layout import MANIFEST_NAME, join, lock_name, parse_attempt
 from .reader import read_manifest
+from .resolve import Kind, is_committed, resolve
 from .storage import AttemptLock, Storage
 
-__all__ = ["GcReport", "attempt_ids", "collect", "collect_checkpoint", "remove_checkpoint", "step_dirs"]
+__all__ = ["GcReport", "attempt_ids", "collect", "collect_checkpoint", "remove_checkpoint"]
 
 logger = logging.getLogger("safepoint")
 
 
 @dataclass(frozen=True)
 class GcReport:
+    """What a collection removed, and the attempts it left because their writer is alive. True if it removed
+    anything."""
+
     removed: tuple[str, ...]  # attempts and empty checkpoint directories removed
     in_progress: tuple[str, ...]  # attempts whose writer is alive: left alone
 
@@ -37,27 +41,17 @@ class GcReport:
         return bool(self.removed)
 
 
-def step_dirs(storage: Storage, base: str = "") -> list[tuple[int, str]]:
-    """(step, directory) for every canonical step directory under ``base``, ascending by step."""
-    try:
-        names = storage.listdir(base)
-    except FileNotFoundError:
-        return []
-    found = [(step, join(base, name)) for name in names if (step := parse_step_dir(name)) is not None]
-    return sorted(found)
-
-
 def collect(storage: Storage) -> GcReport:
     """Collect dead attempts in the step directories of a manager directory, or, when the root is a single
     checkpoint (it holds a manifest or attempt lock files), in the root. A directory that is neither is left
     alone: a name that merely looks like a save id proves nothing."""
-    dirs = step_dirs(storage)
-    if not dirs:
-        return collect_checkpoint(storage, "", owned=storage.exists(MANIFEST_NAME))
+    location = resolve(storage)
+    if location.kind is not Kind.MANAGER:
+        return collect_checkpoint(storage, "", owned=location.committed)
     removed: list[str] = []
     live: list[str] = []
-    for _, directory in dirs:
-        report = collect_checkpoint(storage, directory)
+    for found in location.steps:
+        report = collect_checkpoint(storage, found.path)
         removed += report.removed
         live += report.in_progress
     return GcReport(tuple(removed), tuple(live))
@@ -91,7 +85,7 @@ def collect_checkpoint(storage: Storage, checkpoint: str, *, owned: bool = True)
     for save_id in attempts:
         outcome = _collect_attempt(storage, checkpoint, save_id)
         (removed if outcome == "removed" else live if outcome == "live" else []).append(join(checkpoint, save_id))
-    uncommitted = checkpoint and not storage.exists(join(checkpoint, MANIFEST_NAME))
+    uncommitted = checkpoint and not is_committed(storage, checkpoint)
     if uncommitted and _abandoned(storage, checkpoint, removed) and storage.remove_empty_dir(checkpoint):
         removed.append(checkpoint)
     return GcReport(tuple(removed), tuple(live))

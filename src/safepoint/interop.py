@@ -13,7 +13,6 @@ the destination's directory and published with ``link()``, which fails rather th
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import json
@@ -24,7 +23,7 @@ import struct
 import uuid
 import warnings
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,15 +44,17 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
     attach_note,
+    mapped_errors,
 )
-from .gc import step_dirs
-from .layout import MANIFEST_NAME, join, parse_step_dir, step_dir
-from .manager import CheckpointInfo, check_state_version, save_to
+from .layout import parse_step_dir, step_dir
+from .manager import CheckpointInfo, save_to
 from .migrations import resolve_key
 from .payload import plan_file, write_file
 from .reader import read_checkpoint, read_manifest
+from .resolve import Kind, committed_steps, resolve
 from .restore import plain_values
 from .storage import Storage, open_storage
+from .validate import non_negative_int
 
 __all__ = ["ExportFormat", "ImportReport", "export_checkpoint", "import_checkpoint", "locate_checkpoint"]
 
@@ -101,8 +102,8 @@ def import_checkpoint(
     that is not a dict is stored under the key ``"value"``. ``dest`` must not exist.
     """
     where = os.path.abspath(os.fspath(source))
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+    if step is not None:
+        non_negative_int("step", step)
     kind = detect_source(where)
     _refuse_existing(os.path.abspath(os.fspath(dest)))  # before reading what may be many GB
     skipped: list[str] = []
@@ -127,7 +128,8 @@ def detect_source(path: str) -> str:
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist")
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, MANIFEST_NAME)) or step_dirs(open_storage(path)):
+        location = resolve(open_storage(path))
+        if location.is_committed_checkpoint or location.kind is Kind.MANAGER:
             raise ConversionError(f"{path} is already a safepoint checkpoint; nothing to import", path=path)
         names = set(os.listdir(path))
         known = {*_MODEL_FILES, *_MODEL_INDEXES, *_TORCH_FILES, "trainer_state.json"}
@@ -140,7 +142,7 @@ def detect_source(path: str) -> str:
         )
     if not os.path.isfile(path):
         raise ConversionError(f"{path} is neither a regular file nor a directory", path=path)
-    with _reading(path), open(path, "rb") as file:
+    with mapped_errors("read", path), open(path, "rb") as file:
         head = file.read(9)
         size = os.fstat(file.fileno()).st_size
     if head[:4] == b"PK\x03\x04":  # torch.save's zip format
@@ -154,17 +156,6 @@ def detect_source(path: str) -> str:
         "Transformers checkpoint-N folder",
         path=path,
     )
-
-
-@contextlib.contextmanager
-def _reading(path: str) -> Iterator[None]:
-    """Maps an OSError while reading ``path`` to StorageError naming it."""
-    try:
-        yield
-    except OSError as err:
-        if isinstance(err, SafepointError):
-            raise
-        raise StorageError(f"cannot read {path}: {err.strerror or err}", errno=err.errno, path=path) from err
 
 
 def _numpy_globals() -> list[Any]:
@@ -186,7 +177,7 @@ def _numpy_globals() -> list[Any]:
 
 def _load_torch(path: str) -> Any:
     try:
-        with _reading(path), torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
+        with mapped_errors("read", path), torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
             # a plain pickle of another protocol: the restricted unpickler refuses what it cannot read anyway
             warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
             with open(path, "rb") as file:  # a file object: torch.load hands a path named *.safetensors elsewhere
@@ -212,7 +203,7 @@ def _refusal(err: Exception) -> str:
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
-        with _reading(path):
+        with mapped_errors("read", path):
             return load_file(path, device="cpu")
     except SafepointError:
         raise
@@ -221,7 +212,7 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 
 def _load_json(path: str) -> Any:
-    with _reading(path):
+    with mapped_errors("read", path):
         size = os.path.getsize(path)
         if size > _MAX_JSON_BYTES:
             raise CorruptCheckpointError(f"{path} is {size} bytes, more than a JSON file here may be", path=path)
@@ -317,7 +308,7 @@ def write_new_checkpoint(
     ``dest`` may be a step directory of a manager directory (``runs/exp1/step-000000000500``) when its name
     is the step written: the layout is the same, so the manager then lists and restores it like its own.
     """
-    state_version = check_state_version(state_version)
+    state_version = non_negative_int("state_version", state_version)
     storage = open_storage(dest)
     where = storage.describe("")
     named = parse_step_dir(os.path.basename(where))
@@ -346,7 +337,8 @@ def write_new_checkpoint(
 def locate_checkpoint(storage: Storage, step: int | None) -> str:
     """The checkpoint to read in ``storage``: the root when it is one checkpoint, else the newest committed
     step of a manager directory, or ``step``. CheckpointNotFoundError names what is there instead."""
-    if storage.exists(MANIFEST_NAME):
+    location = resolve(storage)
+    if location.is_committed_checkpoint:
         manifest = read_manifest(storage, "")
         if step is not None and step != manifest.step:
             raise ConfigError(
@@ -354,7 +346,7 @@ def locate_checkpoint(storage: Storage, step: int | None) -> str:
                 "a step chooses among the steps of a manager directory"
             )
         return ""
-    committed = [s for s, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+    committed = committed_steps(storage, location)
     if not committed:
         raise CheckpointNotFoundError(f"no committed checkpoint in {storage.describe('')}")
     if step is None:

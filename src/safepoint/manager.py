@@ -46,15 +46,17 @@ from .errors import (
     StorageError,
     attach_note,
 )
-from .gc import GcReport, collect, remove_checkpoint, step_dirs
-from .layout import MANIFEST_NAME, join, step_dir
+from .gc import GcReport, collect, remove_checkpoint
+from .layout import step_dir
 from .manifest import Manifest
 from .migrations import Migrations
 from .reader import LoadedCheckpoint, read_checkpoint, read_manifest, verify_checkpoint
+from .resolve import Kind, committed_steps, is_committed, resolve, step_dirs
 from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, load_values, none_verifies
 from .retention import RetentionPolicy, steps_to_keep
 from .staging import check_staging_bytes
 from .storage import Storage, open_storage
+from .validate import non_negative_int
 from .verify import VerifyReport, verify_storage
 from .writer import BackgroundWriter, SaveHandle, check_in_flight
 
@@ -81,9 +83,7 @@ class CheckpointInfo:
 
 
 def check_state_version(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"state_version must be a non-negative integer, not {value!r}")
-    return value
+    return non_negative_int("state_version", value)
 
 
 def check_migrations(migrations: object, state_version: int) -> Migrations | None:
@@ -244,9 +244,10 @@ class CheckpointManager:
             raise ConfigError(f"directory must be a path, a URL or a Storage, not {type(directory).__name__}")
         self._storage = open_storage(directory, storage_options, grace_period=grace_period)
         self.directory = self._storage.describe("")
-        if self._storage.exists("") and not self._storage.is_dir(""):
+        location = resolve(self._storage)
+        if location.kind is Kind.FILE:
             raise StorageError(f"{self.directory} exists and is not a directory", path=self.directory)
-        if self._storage.exists(MANIFEST_NAME):
+        if location.is_committed_checkpoint:
             raise ConfigError(
                 f"{self.directory} is a single checkpoint, not a manager directory; "
                 "use safepoint.restore() or safepoint.load() on it"
@@ -358,8 +359,7 @@ class CheckpointManager:
                     "every rank saves with blocking=True"
                 )
             return self._save_ranks(step, state, metrics)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ConfigError(f"step must be a non-negative integer, not {step!r}")
+        non_negative_int("step", step)
         if any(handle.step == step for handle in self._writer.in_flight()):
             raise CheckpointExistsError(f"step {step} is already being saved in the background", step=step)
         if blocking:
@@ -427,7 +427,8 @@ class CheckpointManager:
         if self._policy.keeps_everything:
             return
         metrics: dict[int, Mapping[str, float]] = {}
-        for step, path in step_dirs(self._storage):
+        for found in step_dirs(self._storage):
+            step, path = found.step, found.path
             try:
                 metrics[step] = read_manifest(self._storage, path).metrics
             except CheckpointNotFoundError:
@@ -444,7 +445,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending. A committed step has a published manifest; restore() verifies it."""
         self._check_open()
-        return [step for step, path in step_dirs(self._storage) if self._storage.exists(join(path, MANIFEST_NAME))]
+        return committed_steps(self._storage)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -455,7 +456,8 @@ class CheckpointManager:
         """Every committed checkpoint whose manifest reads, ascending by step (see :meth:`verify` for the rest)."""
         self._check_open()
         infos = []
-        for _, path in step_dirs(self._storage):
+        for found in step_dirs(self._storage):
+            path = found.path
             try:
                 infos.append(CheckpointInfo.of(read_manifest(self._storage, path), self._storage.describe(path)))
             except CheckpointNotFoundError:
@@ -562,7 +564,7 @@ class CheckpointManager:
             except FormatVersionError:
                 raise  # a newer safepoint wrote it: falling back would silently lose progress
             except (CorruptCheckpointError, StorageError) as err:
-                if not self._storage.exists(join(path, MANIFEST_NAME)):
+                if not is_committed(self._storage, path):
                     continue  # unpublished while it was read: retention in another process deleted it
                 logger.warning("skipping step %s: %s", candidate, err)
                 skipped.append(SkippedCheckpoint(candidate, self._storage.describe(path), str(err)))
@@ -609,8 +611,7 @@ class CheckpointManager:
 
 
 def _check_step(step: object) -> None:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ConfigError(f"step must be None or a non-negative integer, not {step!r}")
+    non_negative_int("step", step, allow_none=True)
 
 
 def _summary(steps: list[int]) -> str:

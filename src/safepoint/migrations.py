@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from .codec import key_path
 from .errors import ConfigError, KeyPathError, MigrationError, StateVersionError
+from .validate import non_negative_int
 
 __all__ = [
     "Migration",
@@ -42,12 +43,6 @@ __all__ = [
 Migration = Callable[[dict[str, Any]], dict[str, Any]]
 M = TypeVar("M", bound=Callable[..., Any])
 KeyPath = str | Sequence[str | int]
-
-
-def _version(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{what} must be a non-negative integer, not {value!r}")
-    return value
 
 
 def _name(function: Callable[..., Any]) -> str:
@@ -78,7 +73,7 @@ class Migrations:
 
         Two migrations from the same version are a ConfigError here, at import time of the module defining them.
         """
-        version = _version(from_version, "from_version")
+        version = non_negative_int("from_version", from_version)
 
         def decorator(function: M) -> M:
             if not callable(function):
@@ -136,9 +131,9 @@ class Migrations:
         ``to_version`` defaults to the end of the chain. Dicts, lists and tuples are copied first, so ``state``
         is left as it was, even when a migration fails; tensors and arrays are shared, not copied.
         """
-        start = _version(from_version, "from_version")
+        start = non_negative_int("from_version", from_version)
         self.check()
-        target = _version(to_version, "to_version") if to_version is not None else (self.latest or start)
+        target = non_negative_int("to_version", to_version) if to_version is not None else (self.latest or start)
         if not isinstance(state, Mapping):
             raise ConfigError(f"upgrade() takes a dict, not {type(state).__name__}")
         upgraded, _ = self.run(copy_containers(state), start, target)

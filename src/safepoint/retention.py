@@ -12,13 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .validate import positive_int
 
 __all__ = ["RetentionPolicy", "steps_to_keep"]
-
-
-def _positive(name: str, value: object) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ConfigError(f"{name} must be a positive integer or None, not {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,9 +26,8 @@ class RetentionPolicy:
     keep_every: int | None = None
 
     def __post_init__(self) -> None:
-        _positive("keep_last", self.keep_last)
-        _positive("keep_best", self.keep_best)
-        _positive("keep_every", self.keep_every)
+        for name in ("keep_last", "keep_best", "keep_every"):
+            positive_int(name, getattr(self, name), allow_none=True)
         if self.best_mode not in ("min", "max"):
             raise ConfigError(f"best_mode must be 'min' or 'max', not {self.best_mode!r}")
         if self.keep_best is not None and not (isinstance(self.best_metric, str) and self.best_metric):

@@ -18,17 +18,14 @@ from collections import defaultdict
 
 import torch
 
-from .errors import ConfigError, StorageError
+from .errors import StorageError
+from .validate import positive_int
 
 __all__ = ["StagingPool", "check_staging_bytes"]
 
 
 def check_staging_bytes(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"max_staging_bytes must be a positive integer or None, not {value!r}")
-    return value
+    return positive_int("max_staging_bytes", value, allow_none=True)
 
 
 class StagingPool:

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import SafepointError
-from .gc import attempt_ids, step_dirs
-from .layout import MANIFEST_NAME, join
+from .gc import attempt_ids
 from .manifest import Manifest
 from .reader import read_manifest, verify_checkpoint
+from .resolve import Location, is_committed, resolve
 from .storage import Storage
 
 __all__ = ["CheckpointStatus", "VerifyReport", "verify_storage"]
@@ -17,6 +17,8 @@ __all__ = ["CheckpointStatus", "VerifyReport", "verify_storage"]
 
 @dataclass(frozen=True)
 class CheckpointStatus:
+    """One committed checkpoint as verification found it: ``ok``, or the ``error`` and the ``bad_file`` to blame."""
+
     step: int  # -1 only for a single checkpoint whose manifest cannot be read
     path: str
     ok: bool
@@ -30,6 +32,9 @@ class CheckpointStatus:
 
 @dataclass(frozen=True)
 class VerifyReport:
+    """What :func:`safepoint.verify` and ``CheckpointManager.verify()`` found: one status per committed
+    checkpoint (``ok`` when all verified, ``bad`` for the others), and notes that are not failures."""
+
     path: str
     checkpoints: tuple[CheckpointStatus, ...]
     notes: tuple[str, ...] = ()  # not failures: e.g. leftovers of uncommitted saves
@@ -44,15 +49,21 @@ class VerifyReport:
         return tuple(c for c in self.checkpoints if not c.ok)
 
 
-def verify_storage(storage: Storage, on_checkpoint: Callable[[CheckpointStatus], None] | None = None) -> VerifyReport:
-    """Verify a single checkpoint (the root holds a manifest) or every committed step below the root."""
-    single = storage.exists(MANIFEST_NAME)
-    targets: list[tuple[int | None, str]] = [(None, "")] if single else list(step_dirs(storage))
+def verify_storage(
+    storage: Storage,
+    on_checkpoint: Callable[[CheckpointStatus], None] | None = None,
+    *,
+    location: Location | None = None,
+) -> VerifyReport:
+    """Verify a single committed checkpoint or every committed step of a manager directory (``location``: the
+    root as :func:`~safepoint.resolve.resolve` found it, to spare looking again)."""
+    found = location if location is not None else resolve(storage)
+    targets = [(None, "")] if found.is_committed_checkpoint else [(s.step, s.path) for s in found.steps]
     statuses: list[CheckpointStatus] = []
     notes: list[str] = []
     for step, path in targets:
         attempts = attempt_ids(storage, path)
-        if not storage.exists(join(path, MANIFEST_NAME)):
+        if not is_committed(storage, path):
             if attempts:
                 notes.append(f"{storage.describe(path)}: an uncommitted save left {len(attempts)} attempt(s); "
                              "`safepoint gc` removes them once their writer is gone")  # fmt: skip
@@ -74,7 +85,7 @@ def _verify_one(storage: Storage, path: str, step: int | None) -> CheckpointStat
     try:
         manifest = verify_checkpoint(storage, path, step=step)
     except SafepointError as err:
-        if step is not None and not storage.exists(join(path, MANIFEST_NAME)):
+        if step is not None and not is_committed(storage, path):
             return None  # unpublished since the listing: retention in another process deleted it
         bad_file = getattr(err, "path", "") or None
         try:  # the manifest may be fine and a payload bad: then it still names the step and the save

@@ -37,9 +37,10 @@ import torch
 
 from .codec import Encoded, Leaf, LeafKind, encode_state
 from .commit import SHARD_BYTES, SavePlan, check_metrics, plan_save
-from .errors import BackgroundSaveError, ConfigError, SafepointError, attach_note
+from .errors import BackgroundSaveError, SafepointError, attach_note
 from .payload import is_dense_on_cpu
 from .staging import StagingPool
+from .validate import positive_int
 
 __all__ = ["BackgroundWriter", "Commit", "SaveHandle", "check_in_flight"]
 
@@ -52,9 +53,7 @@ Commit = Callable[[SavePlan, Sequence[torch.Tensor], Callable[[int], None]], T]
 
 
 def check_in_flight(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"max_in_flight must be a positive integer, not {value!r}")
-    return value
+    return positive_int("max_in_flight", value)
 
 
 class SaveHandle(Generic[T]):

@@ -14,9 +14,10 @@ import torch
 
 import safepoint
 from safepoint.errors import SafepointError
-from safepoint.gc import attempt_ids, step_dirs
+from safepoint.gc import attempt_ids
 from safepoint.layout import MANIFEST_NAME
 from safepoint.reader import read_manifest
+from safepoint.resolve import step_dirs
 from safepoint.storage import LocalStorage
 from safepoint.verify import verify_storage
 
@@ -82,7 +83,8 @@ def leftovers(root: Path) -> list[str]:
     lock files, and step directories without a manifest."""
     storage = LocalStorage(root)
     found = []
-    for _, path in step_dirs(storage):
+    for step_dir in step_dirs(storage):
+        path = step_dir.path
         names = set(storage.listdir(path))
         committed = MANIFEST_NAME in names
         keep = set()

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
+from ..validate import non_negative_seconds
 from .base import AttemptLock, FileSink, Storage
 from .fsspec import DEFAULT_GRACE_PERIOD, FsspecStorage
 from .local import LocalStorage
@@ -56,9 +57,7 @@ def _open_fsspec(url: str, storage_options: Mapping[str, Any] | None, grace_peri
     protocol = url.split("://", 1)[0]
     if storage_options is not None and not isinstance(storage_options, Mapping):
         raise ConfigError(f"storage_options for {url!r} must be a mapping, not {type(storage_options).__name__}")
-    grace = DEFAULT_GRACE_PERIOD if grace_period is None else grace_period
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
-        raise ConfigError(f"grace_period must be a non-negative number of seconds, not {grace_period!r}")
+    grace = DEFAULT_GRACE_PERIOD if grace_period is None else non_negative_seconds("grace_period", grace_period)
     import fsspec
 
     try:

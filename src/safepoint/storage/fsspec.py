@@ -32,11 +32,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..checksum import Hasher
-from ..errors import SafepointError, StorageError, UnsafeCheckpointError
+from ..errors import StorageError, UnsafeCheckpointError, mapped_errors
 
 __all__ = ["DEFAULT_GRACE_PERIOD", "FsspecStorage"]
 
@@ -59,21 +59,9 @@ _LOCK_REFRESH_MIN = 0.1
 _MEMORY_CREATE = threading.Lock()
 
 
-@contextlib.contextmanager
-def _mapped(operation: str, where: str, *passthrough: type[BaseException]) -> Iterator[None]:
-    """Map whatever the backend raises to StorageError (cause kept), letting the documented outcomes through."""
-    try:
-        yield
-    except passthrough:
-        raise
-    except SafepointError:
-        raise
-    except Exception as err:
-        code = err.errno if isinstance(err, OSError) and isinstance(err.errno, int) else None
-        if code is None and isinstance(err, FileNotFoundError):
-            code = errno.ENOENT
-        reason = str(err) or type(err).__name__
-        raise StorageError(f"cannot {operation} {where}: {reason}", errno=code, path=where) from err
+def _mapped(operation: str, where: str, *passthrough: type[BaseException]) -> contextlib.AbstractContextManager[None]:
+    """Whatever the backend library raises (not only OSError) becomes a StorageError."""
+    return mapped_errors(operation, where, *passthrough, catch=Exception)
 
 
 class _ObjectSink:

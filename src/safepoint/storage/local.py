@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 
 from ..checksum import Hasher
-from ..errors import StorageError, UnsafeCheckpointError
+from ..errors import StorageError, UnsafeCheckpointError, mapped_errors
 
 __all__ = ["LocalStorage"]
 
@@ -33,20 +33,9 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 16
 _LINKLESS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS}
 
 
-@contextlib.contextmanager
-def _mapped(operation: str, where: str, *passthrough: type[OSError]) -> Iterator[None]:
-    """Map OSError to StorageError (cause kept), letting the documented outcomes through."""
-    try:
-        yield
-    except passthrough:
-        raise
-    except StorageError:
-        raise
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise UnsafeCheckpointError(f"refusing to follow a symlink at {where}", path=where) from err
-        reason = err.strerror or str(err)
-        raise StorageError(f"cannot {operation} {where}: {reason}", errno=err.errno, path=where) from err
+def _mapped(operation: str, where: str, *passthrough: type[OSError]) -> contextlib.AbstractContextManager[None]:
+    """OSError becomes StorageError; ELOOP (an O_NOFOLLOW open met a symlink) an UnsafeCheckpointError."""
+    return mapped_errors(operation, where, *passthrough, refuse_symlinks=True)
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -142,8 +131,9 @@ class _LocalLock:
             return
         fd, self.fd = self.fd, None
         try:
-            if remove and _same_file(fd, self.path):
-                with _mapped("remove", self.path, FileNotFoundError), contextlib.suppress(FileNotFoundError):
+            # the check that the file is still ours is mapped too: an EIO from its stat was a raw traceback
+            with _mapped("remove", self.path), contextlib.suppress(FileNotFoundError):
+                if remove and _same_file(fd, self.path):
                     os.unlink(self.path)
         finally:
             os.close(fd)  # closing the last descriptor releases the flock
