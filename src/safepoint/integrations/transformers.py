@@ -266,6 +266,9 @@ class SafepointTrainerMixin(_TrainerBase):
             self._safepoint_verify(path)
             return path
         output_dir = str(self.args.output_dir)
+        if self.args.process_index == 0 and os.path.isdir(output_dir):
+            _clean_leftovers(output_dir)  # puts back a checkpoint a killed replacement had moved aside
+        _barrier()
         candidates = sorted(_checkpoint_dirs(output_dir), reverse=True)
         if not candidates:
             return True  # the Trainer raises its own "No valid checkpoint found" error
