@@ -234,9 +234,10 @@ def test_a_checkpoint_moved_aside_by_a_killed_replacement_is_put_back(
 ) -> None:
     output = copy_run(reference, tmp_path, keep=(4, 6))
     (output / "checkpoint-6").rename(output / ".checkpoint-6.safepoint-replaced")
-    trainer, started = resume(output, max_steps=6)
+    trainer, started = resume(output)
     assert started.step == 6
-    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in output.iterdir()) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert_same_run(result_of(trainer, started.step), reference[1])
 
 
 # -- killed runs -------------------------------------------------------------------------------------------------
