@@ -97,7 +97,7 @@ class SafepointTrainerMixin(_TrainerBase):
     # class defaults, so that nothing depends on the order of __init__ in a long MRO
     _safepoint_redirect: str | None = None
     _safepoint_pending: dict[str, Any] | None = None
-    _safepoint_checked: dict[str, Mapping[str, Any]] | None = None
+    _safepoint_resuming: tuple[str, Mapping[str, Any]] | None = None  # the folder train() verified, its meta
     _safepoint_rng: _RNGSnapshot | None = None
 
     # -- save ----------------------------------------------------------------------------------------------------
@@ -254,7 +254,7 @@ class SafepointTrainerMixin(_TrainerBase):
         ignore_keys_for_eval: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        self._safepoint_checked = {}  # a folder verified by an earlier train() may have been replaced since
+        self._safepoint_resuming = None
         resolved = self._safepoint_resolve(resume_from_checkpoint)
         return super().train(resolved, trial, ignore_keys_for_eval, **kwargs)
 
@@ -263,7 +263,7 @@ class SafepointTrainerMixin(_TrainerBase):
             return resume
         if resume is not True:
             path = os.fspath(resume)
-            self._safepoint_verify(path)
+            self._safepoint_resuming = (path, _verify_checkpoint(path))
             return path
         output_dir = str(self.args.output_dir)
         if self.args.process_index == 0 and os.path.isdir(output_dir):
@@ -275,7 +275,7 @@ class SafepointTrainerMixin(_TrainerBase):
         skipped: list[str] = []
         for _, path in candidates:
             try:
-                self._safepoint_verify(path)
+                self._safepoint_resuming = (path, _verify_checkpoint(path))
             except safepoint.SafepointError as problem:
                 skipped.append(str(problem))
                 continue
@@ -289,13 +289,12 @@ class SafepointTrainerMixin(_TrainerBase):
         )
 
     def _safepoint_verify(self, checkpoint: str) -> Mapping[str, Any]:
-        """Every byte of ``checkpoint`` checked; its ``meta`` entry. Raises a SafepointError naming it."""
-        if self._safepoint_checked is None:
-            self._safepoint_checked = {}
-        key = os.path.abspath(checkpoint)
-        if key not in self._safepoint_checked:
-            self._safepoint_checked[key] = _verify_checkpoint(checkpoint)
-        return self._safepoint_checked[key]
+        """Every byte of ``checkpoint`` checked; its ``meta`` entry. Raises a SafepointError naming it.
+
+        The folder train() has just verified to resume from is not read twice; any other is read now."""
+        if self._safepoint_resuming is not None and self._safepoint_resuming[0] == checkpoint:
+            return self._safepoint_resuming[1]
+        return _verify_checkpoint(checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         self._safepoint_verify(resume_from_checkpoint)
@@ -340,6 +339,7 @@ class SafepointTrainerMixin(_TrainerBase):
             )
         with safepoint.CheckpointManager(os.path.join(checkpoint, SAFEPOINT_DIR), timeout=self.safepoint_timeout) as sp:
             report = sp.restore(state, strict=False)  # "files" and "meta" are read by the verification only
+        self._safepoint_resuming = None  # read in full now; a later read of this folder verifies it again
         if report is None:
             raise safepoint.CheckpointNotFoundError(f"{checkpoint} holds no committed safepoint checkpoint")
         missing = [key for key in state if key not in report.restored]

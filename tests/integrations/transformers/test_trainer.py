@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel, Trainer
 import safepoint
 from safepoint.integrations import transformers as integration
 from tests.helpers import assert_same, audit_events
-from tests.integrations.transformers.tiny import StartedAt, build, result_of
+from tests.integrations.transformers.tiny import StartedAt, TokenData, build, result_of
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -254,11 +254,11 @@ def killed_then_resumed(reference: tuple[Path, dict[str, Any]], tmp_path: Path, 
     output = tmp_path / "out"
     killed = run_tiny(output, tmp_path / "unused", kill=kill)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    step = int(kill.split(":")[1])
+    newest = (int(kill.split(":")[1]) - 1) // 2 * 2  # the last save that completed before the kill
     visible = sorted(p.name for p in output.iterdir() if not p.name.startswith("."))
-    assert visible == [f"checkpoint-{s}" for s in range(2, step, 2)]
+    assert visible == [f"checkpoint-{s}" for s in range(2, newest + 1, 2)]
     trainer, started = resume(output)
-    assert started.step == step - 2
+    assert started.step == newest
     assert_same_run(result_of(trainer, started.step), reference[1])
     assert sorted(p.name for p in output.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
 
@@ -297,3 +297,24 @@ def test_only_public_safepoint_names_are_used() -> None:
     names = {word.split(".")[1].split("(")[0] for word in source.split() if word.startswith("safepoint.")}
     names.discard("integrations")
     assert names <= set(safepoint.__all__), names - set(safepoint.__all__)
+
+
+def test_load_best_model_at_end_keeps_and_verifies_the_best_checkpoint(tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    trainer = build(
+        str(output), eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, metric_for_best_model="loss",
+        greater_is_better=True, save_total_limit=2, eval_dataset=TokenData(),
+    )  # fmt: skip
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best is not None
+    assert ".safepoint" not in best  # the final name, not the staging one it was saved under
+    assert Path(best).parent == output
+    assert best != str(output / "checkpoint-8")  # the highest loss (greater_is_better) came before the end
+    # rotation after each commit kept the best one and the newest
+    assert sorted(p.name for p in output.iterdir()) == sorted([Path(best).name, "checkpoint-8"])
+    recorded = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert recorded == best
+    flip_middle_byte(Path(best) / "model.safetensors")
+    with pytest.raises(safepoint.CorruptCheckpointError, match=r"model\.safetensors"):
+        trainer._load_best_model()

@@ -114,9 +114,14 @@ class KillingTrainer(SafepointTrainerMixin, Trainer):
         super()._safepoint_publish(staged, final)
 
 
-def build(output_dir: str, trainer_class: type[Trainer] = KillingTrainer, **overrides: Any) -> Trainer:
-    trainer = trainer_class(model=tiny_model(), args=training_args(output_dir, **overrides), train_dataset=TokenData())
-    return trainer
+def build(
+    output_dir: str,
+    trainer_class: type[Trainer] = KillingTrainer,
+    eval_dataset: TokenData | None = None,
+    **overrides: Any,
+) -> Trainer:
+    args = training_args(output_dir, **overrides)
+    return trainer_class(model=tiny_model(), args=args, train_dataset=TokenData(), eval_dataset=eval_dataset)
 
 
 def result_of(trainer: Trainer, started: int | None) -> dict[str, Any]:
