@@ -375,7 +375,7 @@ def _verify_checkpoint(checkpoint: str) -> Mapping[str, Any]:
         with safepoint.CheckpointManager(record) as sp:
             if sp.latest_step() is None:
                 raise safepoint.CorruptCheckpointError(f"{record} holds no committed checkpoint", path=record)
-            values, _ = sp.load()
+            values, _ = sp.load(mmap=True)  # every byte checked; the tensors are dropped unread
     except safepoint.SafepointError as problem:
         raise safepoint.CorruptCheckpointError(f"{checkpoint} does not verify: {problem}", path=checkpoint) from problem
     meta = values.get("meta")
@@ -387,16 +387,28 @@ def _verify_checkpoint(checkpoint: str) -> Mapping[str, Any]:
             path=record,
         )
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(checkpoint)))
-    if match is not None and int(match.group(1)) != meta["global_step"]:
+    if match is not None and int(match.group(1)) != meta.get("global_step"):
         raise safepoint.CorruptCheckpointError(
             f"{checkpoint} holds the checkpoint of step {meta['global_step']}, not of step {match.group(1)}",
             path=checkpoint,
         )
-    expected: dict[str, Mapping[str, Any]] = {}
-    for table in values["files"].values():  # {rank: {relative path: {"size", "sha256"}}}
-        expected.update(table)
-    _check_files(checkpoint, expected)
+    _check_files(checkpoint, _recorded_files(values.get("files"), record))
     return meta
+
+
+def _recorded_files(per_rank: object, record: str) -> dict[str, Mapping[str, Any]]:
+    """The ``files`` entry, ``{rank: {relative path: {"size": int, "sha256": str}}}``, merged over the ranks."""
+    expected: dict[str, Mapping[str, Any]] = {}
+    tables = per_rank.values() if isinstance(per_rank, dict) else [None]
+    for table in tables:
+        if not isinstance(table, dict) or not all(
+            isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+            for name, entry in table.items()
+        ):  # fmt: skip
+            raise safepoint.CorruptCheckpointError(f"{record} has no readable table of the folder's files", path=record)
+        expected.update(table)
+    return expected
 
 
 def _check_files(checkpoint: str, expected: Mapping[str, Mapping[str, Any]]) -> None:
