@@ -153,6 +153,7 @@ class SafepointTrainerMixin(_TrainerBase):
     def _safepoint_publish(self, staged: str, final: str) -> None:
         """Make ``staged`` (committed, durable) visible as ``final``; an existing ``final`` goes only after."""
         parent = os.path.dirname(final)
+        _fsync_dir(staged)  # its entry for safepoint/, made after the Transformers files were synced
         if not os.path.lexists(final):
             _rename(staged, final)
         elif _exchange(staged, final):

@@ -3,7 +3,9 @@ under ``checkpoint-N``, and the resumed run ends bitwise where an uninterrupted 
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +15,7 @@ import pytest
 
 import safepoint
 from tests.helpers import assert_same
+from tests.integrations.transformers.tiny import StartedAt, build
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -43,10 +46,15 @@ def torchrun(output: Path, result: Path, *args: str, kill: str | None = None, ra
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp-reference")
     torchrun(root / "out", root / "result")
-    return safepoint.load(root / "result")
+    return root
+
+
+@pytest.fixture
+def reference(reference_run: Path) -> dict[str, object]:
+    return safepoint.load(reference_run / "result")
 
 
 @pytest.mark.parametrize(("kill", "rank"), [("in-save:6", 1), ("publish:6", 0)], ids=["rank1-in-save", "rank0-publish"])
@@ -65,3 +73,22 @@ def test_kill_one_rank_mid_save_then_resume(reference: dict[str, object], tmp_pa
     # every rank's RNG is inside the one commit
     manifest = next((output / "checkpoint-8" / "safepoint").rglob("manifest.json")).read_text()
     assert "r00001-own" in manifest
+
+
+def test_resume_with_another_world_size_restores_all_but_the_rng_and_says_so(
+    reference_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(reference_run / "out", output)
+    for step in (6, 8):
+        shutil.rmtree(output / f"checkpoint-{step}")
+    trainer = build(str(output))
+    started = StartedAt()
+    trainer.add_callback(started)
+    with caplog.at_level(logging.WARNING, logger="safepoint"):
+        trainer.train(resume_from_checkpoint=True)
+    assert started.step == 4
+    assert trainer.state.global_step == 8
+    warned = [r.getMessage() for r in caplog.records if "random generators are not restored" in r.getMessage()]
+    assert len(warned) == 1
+    assert "saved by 2 ranks, this run has 1" in warned[0]
