@@ -124,6 +124,10 @@ def test_resume_is_bitwise_and_unpickles_nothing(reference: tuple[Path, dict[str
         trainer, started = resume(output)
     assert started.step == 4
     assert [event for event, _ in events if event.startswith("pickle.")] == []
+    # torch.load(weights_only=True) unpickles without the pickle module's audit event: watch the files opened too
+    opened = [str(args[0]) for event, args in events if event == "open" and isinstance(args[0], (str, Path))]
+    assert [name for name in opened if name.endswith((".pt", ".pth", ".bin", ".pkl"))] == []
+    assert any(name.endswith("model.safetensors") for name in opened)  # the watch sees the files resume reads
     assert_same_run(result_of(trainer, started.step), reference[1])
     assert_json_or_safetensors(output)
 
