@@ -97,8 +97,13 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike[str] | No
         )
     staging = final.with_name(f".{final.name}{_PARTIAL}")
     _on_main(accelerator, lambda: _prepare_parent(final, staging, automatic=config.automatic_checkpoint_naming))
-    with safepoint.CheckpointManager(staging) as manager:
-        manager.save(step, _state(accelerator))  # returns on every rank once the step is durable
+    try:
+        with safepoint.CheckpointManager(staging) as manager:
+            manager.save(step, _state(accelerator))  # returns on every rank once the step is durable
+    except BaseException:
+        if accelerator.is_main_process:  # nothing of a failed save stays, not even under the hidden name
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     limit = config.total_limit if config.automatic_checkpoint_naming else None
     _on_main(accelerator, lambda: _publish(staging, final, limit))
     config.iteration = step + 1
