@@ -113,7 +113,10 @@ def test_killed_at_each_moment_of_a_save(
     for name in survivors:
         assert_valid(project / "checkpoints" / name)
     resume_and_compare(project, tmp_path / "out", reference, resumed_at=resumed_at)
-    assert visible(project) == survivors  # no save after step 12: nothing was added or removed
+    if resumed_at == 8:  # the resumed run saved step 12 again, removed what the crash left, and retained
+        assert sorted(os.listdir(project / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
+    else:  # no save after step 12: nothing was added or removed
+        assert visible(project) == survivors
 
 
 @pytest.mark.slow

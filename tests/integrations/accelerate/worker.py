@@ -11,13 +11,20 @@ Crashes, all SIGKILL of this process, chosen by environment variables:
 - ``SAFEPOINT_FAULTS=point@n=kill``: at one of safepoint's own fault points, i.e. inside a save;
 - ``ACCEL_KILL_IN=rename|rmtree`` (with ``ACCEL_KILL_NTH=n``, default 1): at the n-th ``os.replace`` (the
   publication of a checkpoint's name, or the first step of a removal) or ``shutil.rmtree`` of this process;
-- ``ACCEL_KILL_IN=torch.save``: at the n-th ``torch.save`` (Accelerate's own save_state, the control).
+- ``ACCEL_KILL_IN=torch.save``: at the n-th ``torch.save`` (Accelerate's own save_state, the control);
+- ``ACCEL_KILL_RANK=r``: under ``torch.distributed.run``, only rank r crashes (the others are disarmed).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+
+if os.environ.get("ACCEL_KILL_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+    # the crash is another rank's: disarm this one before safepoint reads SAFEPOINT_FAULTS at import
+    for _name in ("SAFEPOINT_FAULTS", "ACCEL_KILL_AT_STEP", "ACCEL_KILL_IN"):
+        os.environ.pop(_name, None)
+
+import argparse
 import random
 import shutil
 import signal
@@ -86,7 +93,8 @@ def build(project: Path, total_limit: int | None) -> tuple[Accelerator, Any, Any
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
-    data = torch.utils.data.TensorDataset(torch.randn(24, 8), torch.randn(24, 1))
+    # 7 batches an epoch: no save (every 4 steps) falls on the end of an epoch
+    data = torch.utils.data.TensorDataset(torch.randn(28, 8), torch.randn(28, 1))
     # its own generator: the iterator a resumed run starts mid-epoch must not draw from the global RNG (dropout)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
@@ -133,8 +141,10 @@ def main() -> None:
                 break
         else:
             progress.epoch += 1
+    # with many processes, each writes its own final state: out/rank<i>
+    out = args.out if accelerator.num_processes == 1 else args.out / f"rank{accelerator.process_index}"
     safepoint.save(
-        args.out,
+        out,
         {
             "model": model,
             "optimizer": optimizer,
