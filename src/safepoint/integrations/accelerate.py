@@ -83,6 +83,7 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike[str] | No
     _check_supported(accelerator)
     config = accelerator.project_configuration
     step = _iteration(config)
+    limit = _total_limit(config) if config.automatic_checkpoint_naming else None
     if config.automatic_checkpoint_naming:
         final = Path(_project_dir(accelerator), "checkpoints", f"checkpoint_{step}")
     elif output_dir is None:
@@ -104,7 +105,6 @@ def save_state(accelerator: Accelerator, output_dir: str | os.PathLike[str] | No
         if accelerator.is_main_process:  # nothing of a failed save stays, not even under the hidden name
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    limit = config.total_limit if config.automatic_checkpoint_naming else None
     _on_main(accelerator, lambda: _publish(staging, final, limit))
     config.iteration = step + 1
     return final
@@ -255,6 +255,13 @@ def _iteration(config: Any) -> int:
     return value
 
 
+def _total_limit(config: Any) -> int | None:
+    value = config.total_limit
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise safepoint.ConfigError(f"project_configuration.total_limit must be None or an integer >= 0, not {value!r}")
+    return value
+
+
 # -- publishing and retention (the main process only) ----------------------------------------------------------
 def _on_main(accelerator: Accelerator, work: Callable[[], None]) -> None:
     """Run ``work`` on the main process; every process returns, or raises, when it is done."""
@@ -322,9 +329,7 @@ def _publish(staging: Path, final: Path, total_limit: int | None) -> None:
         _retain(final.parent, keep=total_limit, protect=final)
 
 
-def _retain(folder: Path, *, keep: object, protect: Path) -> None:
-    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
-        raise safepoint.ConfigError(f"total_limit must be None or a non-negative integer, not {keep!r}")
+def _retain(folder: Path, *, keep: int, protect: Path) -> None:
     found = [path for _, path in _checkpoints(folder) if path != protect]
     excess = len(found) + 1 - max(keep, 1)  # the new one always stays, as with Accelerate's total_limit=0
     for path in found[: max(excess, 0)]:

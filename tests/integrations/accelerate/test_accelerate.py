@@ -315,3 +315,29 @@ def test_without_accelerate_the_import_names_the_extra() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "pip install 'safepoint[accelerate]'" in result.stdout
+
+
+def test_grad_scaler_round_trips(tmp_path: Path) -> None:
+    # Accelerate makes a GradScaler only for fp16 on an accelerator; on the CPU one is set by hand, as it would be
+    run = make_run(seed=0)
+    run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=7)
+    save_state(run.accelerator, tmp_path / "ckpt")
+    other = make_run(seed=0)
+    other.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    report = load_state(other.accelerator, tmp_path / "ckpt")
+    assert "scaler" in report.restored
+    assert other.accelerator.scaler.state_dict() == {
+        "scale": 1024.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 7,
+        "_growth_tracker": 0,
+    }
+
+
+def test_an_invalid_total_limit_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "project", total_limit=-1)
+    with pytest.raises(safepoint.ConfigError, match="total_limit"):
+        save_state(run.accelerator)
+    assert not (tmp_path / "project" / "checkpoints").exists()
+    assert run.accelerator.project_configuration.iteration == 0

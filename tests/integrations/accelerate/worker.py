@@ -93,8 +93,9 @@ def build(project: Path, total_limit: int | None) -> tuple[Accelerator, Any, Any
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(32, 1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.7)
-    # 7 batches an epoch: no save (every 4 steps) falls on the end of an epoch
-    data = torch.utils.data.TensorDataset(torch.randn(28, 8), torch.randn(28, 1))
+    # 9 batches an epoch (5 a rank with two ranks): no save (every 4 steps up to 12) falls on the end of an epoch,
+    # where the loop would have to count the epoch as done before saving
+    data = torch.utils.data.TensorDataset(torch.randn(36, 8), torch.randn(36, 1))
     # its own generator: the iterator a resumed run starts mid-epoch must not draw from the global RNG (dropout)
     loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1))
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
