@@ -62,7 +62,7 @@ logger = logging.getLogger("safepoint.integrations.accelerate")
 _CHECKPOINT = re.compile(r"checkpoint_([0-9]+)")
 _PARTIAL = ".partial"
 _DELETING = ".deleting"
-# torchrun-style device generators Accelerate saves besides CUDA's (safepoint.RNGState covers CPU and CUDA)
+# the device generators Accelerate saves besides CUDA's (safepoint.RNGState covers Python, numpy, CPU and CUDA)
 _OTHER_DEVICES = ("xpu", "mlu", "sdaa", "musa", "hpu", "neuron")
 _UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
 

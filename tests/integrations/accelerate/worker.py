@@ -101,6 +101,8 @@ def build(project: Path, total_limit: int | None) -> tuple[Accelerator, Any, Any
     model, optimizer, scheduler, loader = accelerator.prepare(model, optimizer, scheduler, loader)
     progress = Progress()
     accelerator.register_for_checkpointing(progress)
+    # each rank its own dropout stream from here on, so a resume that gave a rank another's RNG would show
+    torch.manual_seed(1000 + accelerator.process_index)
     return accelerator, model, optimizer, scheduler, loader, progress
 
 
