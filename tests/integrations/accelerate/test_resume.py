@@ -63,7 +63,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 def resume_and_compare(project: Path, out: Path, reference: dict[str, object], resumed_at: int) -> None:
     result = run(project, out)
     finished(result)
-    assert f"at step {resumed_at}" in result.stdout, result.stdout
+    if resumed_at:
+        assert f"at step {resumed_at}" in result.stdout, result.stdout
+    else:  # nothing was committed: starting from scratch is right
+        assert "resumed" not in result.stdout, result.stdout
     final = safepoint.load(out)
     for key in ("model", "optimizer", "scheduler", "progress", "accelerator_step", "rng"):
         assert_same(final[key], reference[key], key)
@@ -93,6 +96,8 @@ def test_killed_inside_the_third_save_keeps_both_earlier_checkpoints(
 @pytest.mark.parametrize(
     ("env", "survivors", "resumed_at"),
     [
+        # inside the very first save: nothing is visible, so the rerun starts from scratch (and must not crash)
+        ({"SAFEPOINT_FAULTS": "manifest.write.before@1=kill"}, [], 0),
         # inside safepoint's commit of the third save: payloads written, the manifest published or not
         ({"SAFEPOINT_FAULTS": "data.write.after@5=kill"}, ["checkpoint_0", "checkpoint_1"], 8),
         ({"SAFEPOINT_FAULTS": "commit.publish.before@3=kill"}, ["checkpoint_0", "checkpoint_1"], 8),
@@ -113,7 +118,7 @@ def test_killed_at_each_moment_of_a_save(
     for name in survivors:
         assert_valid(project / "checkpoints" / name)
     resume_and_compare(project, tmp_path / "out", reference, resumed_at=resumed_at)
-    if resumed_at == 8:  # the resumed run saved step 12 again, removed what the crash left, and retained
+    if resumed_at in (0, 8):  # the rerun saved step 12 again, removed what the crash left, and retained
         assert sorted(os.listdir(project / "checkpoints")) == ["checkpoint_1", "checkpoint_2"]
     else:  # no save after step 12: nothing was added or removed
         assert visible(project) == survivors

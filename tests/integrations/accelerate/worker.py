@@ -117,7 +117,9 @@ def main() -> None:
     args = parser.parse_args()
     accelerator, model, optimizer, scheduler, loader, progress = build(args.project, args.total_limit)
     save = accelerator.save_state if args.accelerate else lambda: save_state(accelerator)
-    if (args.project / "checkpoints").is_dir() and any((args.project / "checkpoints").iterdir()):
+    # a checkpoint_<i> name appears only once complete: its existence is the test (a crashed first save leaves
+    # at most a hidden .checkpoint_0.partial, and then the run rightly starts from scratch)
+    if any((args.project / "checkpoints").glob("checkpoint_*")):
         if args.accelerate:
             accelerator.load_state()
         else:
