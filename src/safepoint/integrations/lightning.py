@@ -41,6 +41,7 @@ import inspect
 import os
 import re
 import shutil
+import socket
 import uuid
 import warnings
 from collections.abc import Collection, Mapping
@@ -67,6 +68,8 @@ __all__ = ["SafepointCheckpointIO", "load_from_checkpoint"]
 _LAST_NAME = re.compile(r"^last.*\.ckpt$")  # ModelCheckpoint's CHECKPOINT_NAME_LAST, with its -vN versions
 _HIDDEN_TEMP = ".safepoint-tmp-"
 _HIDDEN_TRASH = ".safepoint-trash-"
+_HOST = socket.gethostname().replace("-", "_")  # a temp name says which process may still be writing it
+_LEFTOVER = re.compile(rf"^\..+?(?:{re.escape(_HIDDEN_TEMP)}(?P<host>[^-]+)-(?P<pid>\d+)-|{re.escape(_HIDDEN_TRASH)})[0-9a-f]{{32}}$")
 _MAX_OPEN_MANAGERS = 2  # e.g. last.ckpt and one more: each keeps its staging buffers for the next save
 _ModuleT = TypeVar("_ModuleT", bound=LightningModule)
 
@@ -76,7 +79,13 @@ class _Location:
     """One Lightning path: a local path or a URL, with the fsspec file system that reaches it."""
 
     url: str
-    options: Mapping[str, Any]
+    options: Mapping[str, Any]  # fsspec's, for URLs; always empty for a local path
+
+    @classmethod
+    def of(cls, path: Any, options: Mapping[str, Any]) -> _Location:
+        url = _url(path)
+        local = "://" not in url or url.startswith("file://")
+        return cls(url, {} if local else dict(options))
 
     @property
     def local(self) -> bool:
@@ -161,7 +170,7 @@ class SafepointCheckpointIO(CheckpointIO):
         if not isinstance(checkpoint, Mapping):
             raise safepoint.ConfigError(f"a checkpoint is a dict, not {type(checkpoint).__name__}")
         extra = _check_options(storage_options, "storage_options of this save")
-        where = _Location(_url(path), {**self._options, **extra})
+        where = _Location.of(path, {**self._options, **extra})
         state = _with_pickled(dict(checkpoint), self._pickle_keys)
         if where.is_real_dir():
             self._save_next_step(where, state)
@@ -178,13 +187,13 @@ class SafepointCheckpointIO(CheckpointIO):
         its name."""
         self.wait()
         device = _check_map_location(map_location)
-        checkpoint = self._read(_Location(_url(path), self._options))
+        checkpoint = self._read(_Location.of(path, self._options))
         return _moved(checkpoint, device) if device is not None else checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the checkpoint at ``path`` (nothing if it does not exist); it is never seen half-removed."""
         self.wait()
-        where = _Location(_url(path), self._options)
+        where = _Location.of(path, self._options)
         self._forget(where.url)
         if where.local:
             _remove_local(where.url)
@@ -230,7 +239,8 @@ class SafepointCheckpointIO(CheckpointIO):
 
     def _save_new_local(self, where: _Location, state: dict[str, Any]) -> None:
         os.makedirs(where.parent(), exist_ok=True)
-        temp = where.sibling(f".{where.name}{_HIDDEN_TEMP}{os.getpid()}-{uuid.uuid4().hex}")
+        _collect_leftovers(where.parent())
+        temp = where.sibling(f".{where.name}{_HIDDEN_TEMP}{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
         manager = self._open(temp)
 
         def publish() -> None:
@@ -547,6 +557,26 @@ def _remove_remote(where: _Location) -> None:
     for manifest in fs.glob(f"{root.rstrip('/')}/step-*/manifest.json"):
         fs.rm_file(manifest)  # unpublished first: no reader uses what the deletion below leaves for a while
     fs.rm(root, recursive=True)
+
+
+def _collect_leftovers(parent: str) -> None:
+    """Delete what crashed saves and removals of this host left in ``parent``: trash always, a temporary
+    directory once its process is gone (another host's, on a shared file system, is left alone)."""
+    for name in os.listdir(parent):
+        match = _LEFTOVER.match(name)
+        if match is None or (match["host"] is not None and (match["host"] != _HOST or _alive(int(match["pid"])))):
+            continue
+        _delete_local(os.path.join(parent, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _abandon(manager: safepoint.CheckpointManager, temp: str) -> None:
