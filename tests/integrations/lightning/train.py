@@ -65,6 +65,16 @@ def loader() -> DataLoader[Any]:
     return DataLoader(TensorDataset(x, x.sum(dim=1, keepdim=True)), batch_size=8, shuffle=False)
 
 
+class StartStep(Callback):
+    """Records the global step training starts from: 0 from scratch, the checkpoint's step when resumed."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_start(self, trainer: Trainer, *args: Any) -> None:
+        self.step = trainer.global_step
+
+
 class KillAfterStep(Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -101,34 +111,58 @@ class KillInSave(SafepointCheckpointIO):
 CALL = 0
 
 
+def train(
+    directory: Path,
+    out: Path,
+    *,
+    resume: bool = False,
+    epochs: int = 4,
+    plugin: SafepointCheckpointIO | None = None,
+    callbacks: tuple[Callback, ...] = (),
+) -> int:
+    """Train (or resume) in this process, write the final state to ``out``; the global step it started from."""
+    torch.manual_seed(0)
+    start = StartStep()
+    checkpointing = ModelCheckpoint(dirpath=directory, save_top_k=1, save_last=True)
+    trainer = Trainer(
+        **quiet(
+            max_epochs=epochs,
+            plugins=[plugin or SafepointCheckpointIO()],
+            callbacks=[checkpointing, start, *callbacks],
+            default_root_dir=directory,
+        )
+    )
+    model = TinyModel()
+    trainer.fit(model, loader(), ckpt_path="last" if resume else None)
+    final = {
+        "state_dict": model.state_dict(),
+        "optimizer": trainer.optimizers[0].state_dict(),
+        "global_step": trainer.global_step,
+    }
+    safepoint.save(out, final)
+    assert start.step is not None
+    return start.step
+
+
 def main() -> None:
     global CALL
     parser = argparse.ArgumentParser()
-    parser.add_argument("dir")
-    parser.add_argument("out")
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("out", type=Path)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--epochs", type=int, default=4)
     args = parser.parse_args()
-    torch.manual_seed(0)
     plugin: SafepointCheckpointIO
-    callbacks: list[Callback] = [ModelCheckpoint(dirpath=args.dir, save_top_k=1, save_last=True)]
+    callbacks: tuple[Callback, ...] = ()
     if "KILL_IN_SAVE" in os.environ:
         save, CALL = (int(part) for part in os.environ["KILL_IN_SAVE"].split(":"))
         plugin = KillInSave(save, CALL, blocking=not args.background)
     else:
         plugin = SafepointCheckpointIO(blocking=not args.background)
     if "KILL_AFTER_STEP" in os.environ:
-        callbacks.append(KillAfterStep(int(os.environ["KILL_AFTER_STEP"])))
-    trainer = Trainer(**quiet(max_epochs=args.epochs, plugins=[plugin], callbacks=callbacks, default_root_dir=args.dir))
-    model = TinyModel()
-    trainer.fit(model, loader(), ckpt_path="last" if args.resume else None)
-    final = {
-        "state_dict": model.state_dict(),
-        "optimizer": trainer.optimizers[0].state_dict(),
-        "global_step": trainer.global_step,
-    }
-    safepoint.save(args.out, final)
+        callbacks = (KillAfterStep(int(os.environ["KILL_AFTER_STEP"])),)
+    train(args.dir, args.out, resume=args.resume, epochs=args.epochs, plugin=plugin, callbacks=callbacks)
 
 
 if __name__ == "__main__":
