@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import uuid
 import warnings
 from collections.abc import Collection, Mapping
@@ -69,7 +70,9 @@ _LAST_NAME = re.compile(r"^last.*\.ckpt$")  # ModelCheckpoint's CHECKPOINT_NAME_
 _HIDDEN_TEMP = ".safepoint-tmp-"
 _HIDDEN_TRASH = ".safepoint-trash-"
 _HOST = socket.gethostname().replace("-", "_")  # a temp name says which process may still be writing it
-_LEFTOVER = re.compile(rf"^\..+?(?:{re.escape(_HIDDEN_TEMP)}(?P<host>[^-]+)-(?P<pid>\d+)-|{re.escape(_HIDDEN_TRASH)})[0-9a-f]{{32}}$")
+_LEFTOVER = re.compile(
+    rf"^\..+?(?:{re.escape(_HIDDEN_TEMP)}(?P<host>[^-]+)-(?P<pid>\d+)-|{re.escape(_HIDDEN_TRASH)})[0-9a-f]{{32}}$"
+)
 _MAX_OPEN_MANAGERS = 2  # e.g. last.ckpt and one more: each keeps its staging buffers for the next save
 _ModuleT = TypeVar("_ModuleT", bound=LightningModule)
 
@@ -92,7 +95,8 @@ class _Location:
         return "://" not in self.url or self.url.startswith("file://")
 
     def fs(self) -> tuple[Any, str]:
-        return fsspec.core.url_to_fs(self.url, **self.options)
+        fs, root = fsspec.core.url_to_fs(self.url, **self.options)
+        return fs, str(root)
 
     @property
     def name(self) -> str:
@@ -161,23 +165,26 @@ class SafepointCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[tuple[str, int, Future[None]]] = []
         self._managers: dict[str, safepoint.CheckpointManager] = {}  # paths saved to more than once, oldest first
+        # one call at a time: Lightning's AsyncCheckpointIO calls save on its thread and remove on the caller's
+        self._lock = threading.RLock()
 
     # -- CheckpointIO --------------------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Commit ``checkpoint`` at ``path``: complete there, or nothing new there (see the module docstring)."""
-        self.wait()
-        _refuse_process_group()
-        if not isinstance(checkpoint, Mapping):
-            raise safepoint.ConfigError(f"a checkpoint is a dict, not {type(checkpoint).__name__}")
-        extra = _check_options(storage_options, "storage_options of this save")
-        where = _Location.of(path, {**self._options, **extra})
-        state = _with_pickled(dict(checkpoint), self._pickle_keys)
-        if where.is_real_dir():
-            self._save_next_step(where, state)
-        elif where.local:
-            self._save_new_local(where, state)
-        else:
-            self._save_new_remote(where, state)
+        with self._lock:
+            self._wait()
+            _refuse_process_group()
+            if not isinstance(checkpoint, Mapping):
+                raise safepoint.ConfigError(f"a checkpoint is a dict, not {type(checkpoint).__name__}")
+            extra = _check_options(storage_options, "storage_options of this save")
+            where = _Location.of(path, {**self._options, **extra})
+            state = _with_pickled(dict(checkpoint), self._pickle_keys)
+            if where.is_real_dir():
+                self._save_next_step(where, state)
+            elif where.local:
+                self._save_new_local(where, state)
+            else:
+                self._save_new_remote(where, state)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
@@ -185,35 +192,42 @@ class SafepointCheckpointIO(CheckpointIO):
         """The checkpoint at ``path``, every byte verified; ``weights_only`` is accepted and has nothing to do:
         nothing is unpickled unless ``pickle_keys`` names it. ``map_location``: None (CPU tensors), a device or
         its name."""
-        self.wait()
         device = _check_map_location(map_location)
-        checkpoint = self._read(_Location.of(path, self._options))
+        with self._lock:
+            self._wait()
+            checkpoint = self._read(_Location.of(path, self._options))
         return _moved(checkpoint, device) if device is not None else checkpoint
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the checkpoint at ``path`` (nothing if it does not exist); it is never seen half-removed."""
-        self.wait()
-        where = _Location.of(path, self._options)
-        self._forget(where.url)
-        if where.local:
-            _remove_local(where.url)
-        else:
-            _remove_remote(where)
+        with self._lock:
+            self._wait()
+            where = _Location.of(path, self._options)
+            self._forget(where.url)
+            if where.local:
+                _remove_local(where.url)
+            else:
+                _remove_remote(where)
 
     def teardown(self) -> None:
         """Wait for a background save, close what is open, and raise a background failure not raised yet."""
-        try:
-            self.wait()
-        finally:
-            managers, self._managers = list(self._managers.values()), {}
-            for manager in managers:
-                manager.close()
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
+        with self._lock:
+            try:
+                self._wait()
+            finally:
+                managers, self._managers = list(self._managers.values()), {}
+                for manager in managers:
+                    manager.close()
+                if self._executor is not None:
+                    self._executor.shutdown(wait=True)
+                    self._executor = None
 
     def wait(self) -> None:
         """Wait until every background save is durable (or failed); raise a failure not raised yet, once."""
+        with self._lock:
+            self._wait()
+
+    def _wait(self) -> None:
         pending, self._pending = self._pending, []
         failure: tuple[str, int, BaseException] | None = None
         for path, step, future in pending:
@@ -339,6 +353,8 @@ class SafepointCheckpointIO(CheckpointIO):
         ) from failure
 
     def _read_one(self, where: _Location) -> dict[str, Any]:
+        if where.local and os.path.islink(where.url):  # save_last="link": read what Lightning linked to
+            where = _Location(os.path.realpath(where.url), where.options)
         if not where.exists():
             raise safepoint.CheckpointNotFoundError(f"{where.url} does not exist")
         if where.local and not os.path.isdir(where.url):  # a link to a directory is read through
@@ -414,7 +430,9 @@ def load_from_checkpoint(
     return model.to(device) if device is not None else model
 
 
-def _init_arguments(cls: type[LightningModule], checkpoint: Mapping[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def _init_arguments(
+    cls: type[LightningModule], checkpoint: Mapping[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
     saved = checkpoint.get(cls.CHECKPOINT_HYPER_PARAMS_KEY) or {}
     if not isinstance(saved, Mapping):
         raise safepoint.ConfigError(f"the checkpoint's hyper_parameters are a {type(saved).__name__}, not a dict")
@@ -453,12 +471,12 @@ def _check_map_location(value: Any) -> torch.device | None:
 
 
 def _refuse_process_group() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise safepoint.ConfigError(
-                "SafepointCheckpointIO does not support more than one process yet: Lightning saves on rank 0 "
-                "only, and safepoint's manager would wait for every rank"
-            )
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        raise safepoint.ConfigError(
+            "SafepointCheckpointIO does not support more than one process yet: Lightning saves on rank 0 "
+            "only, and safepoint's manager would wait for every rank"
+        )
 
 
 def _with_pickled(checkpoint: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

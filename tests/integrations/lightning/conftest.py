@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from tests.storage.conftest import s3_server  # noqa: E402,F401  (the session's S3 server on loopback)
+from tests.storage.conftest import s3_server  # noqa: F401  (the session's S3 server on loopback)
 
 
 @pytest.fixture(autouse=True)
@@ -19,4 +19,3 @@ def _quiet_lightning() -> Iterator[None]:
         warnings.filterwarnings("ignore", module="lightning")
         warnings.filterwarnings("ignore", message=".*(LeafSpec|litlogger|num_workers|does not have many workers).*")
         yield
-

@@ -20,8 +20,8 @@ import pytest
 
 import safepoint
 from safepoint.integrations.lightning import SafepointCheckpointIO
-from tests.integrations.lightning.train import train
 from tests.helpers import assert_same
+from tests.integrations.lightning.train import train
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]

@@ -145,7 +145,9 @@ def test_every_n_train_steps_names_and_resume(tmp_path: Path) -> None:
     names = sorted(os.listdir(tmp_path))
     assert names == ["epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt", "last.ckpt"]
     assert checkpoint_step(tmp_path / "last.ckpt") == 6
-    resumed = Trainer(**quiet(max_steps=9, plugins=[SafepointCheckpointIO()], callbacks=[ModelCheckpoint(dirpath=tmp_path)]))
+    resumed = Trainer(
+        **quiet(max_steps=9, plugins=[SafepointCheckpointIO()], callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    )
     resumed.fit(TinyModel(), loader(), ckpt_path="last")
     assert resumed.global_step == 9
 
@@ -165,7 +167,9 @@ def test_damaged_last_falls_back_to_the_newest_valid_checkpoint_with_a_warning(t
     fit(tmp_path, 2)
     last = tmp_path / "last.ckpt"
     damaged = flip_middle_of_largest_payload(last)
-    with pytest.warns(UserWarning, match=r"(?s)last\.ckpt cannot be used .*checksum.*resuming from .*epoch=1-step=8\.ckpt"):
+    with pytest.warns(
+        UserWarning, match=r"(?s)last\.ckpt cannot be used .*checksum.*resuming from .*epoch=1-step=8\.ckpt"
+    ):
         trainer = fit(tmp_path, 3, ckpt_path="last")
     assert trainer.global_step == 12  # continued from step 8, not from scratch
     assert damaged.exists() is False or checkpoint_step(last) == 12  # last.ckpt now holds the new step
@@ -177,8 +181,14 @@ def test_damaged_last_with_nothing_valid_next_to_it_raises(tmp_path: Path) -> No
         flip_middle_of_largest_payload(tmp_path / name)
     model = TinyModel()
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    trainer = Trainer(**quiet(max_epochs=2, plugins=[SafepointCheckpointIO()], default_root_dir=tmp_path,
-                              callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)]))  # fmt: skip
+    trainer = Trainer(
+        **quiet(
+            max_epochs=2,
+            plugins=[SafepointCheckpointIO()],
+            default_root_dir=tmp_path,
+            callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)],
+        )
+    )
     with pytest.warns(UserWarning, match="skipping"), pytest.raises(safepoint.CorruptCheckpointError) as info:
         trainer.fit(model, loader(), ckpt_path="last")
     assert "refusing to start from scratch" in str(info.value)
@@ -303,7 +313,9 @@ def test_a_value_that_cannot_be_stored_exactly_is_refused_naming_key_and_opt_in(
 
 
 # -- background saves ----------------------------------------------------------------------------------------
-def test_a_background_failure_is_raised_once_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_background_failure_is_raised_once_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     io = SafepointCheckpointIO(blocking=False)
     real_fsync = os.fsync
 
@@ -374,8 +386,10 @@ def test_trainer_on_s3_with_storage_options(s3_server: S3Server, tmp_path: Path)
         )
     )
     trainer.fit(TinyModel(), loader())
-    keys = {obj["Key"].split("/")[1] for obj in s3_server.client().list_objects_v2(Bucket=s3_server.bucket,
-                                                                                    Prefix="lightning-run/")["Contents"]}  # fmt: skip
+    keys = {
+        obj["Key"].split("/")[1]
+        for obj in s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="lightning-run/")["Contents"]
+    }
     assert keys == {"epoch=1-step=8.ckpt", "last.ckpt"}  # the top-1 of epoch 0 was removed
     assert safepoint.verify(f"{dirpath}/last.ckpt", storage_options=s3_server.options).ok
 
@@ -393,9 +407,13 @@ def test_trainer_on_s3_with_storage_options(s3_server: S3Server, tmp_path: Path)
 def test_importing_without_lightning_names_the_extra() -> None:
     code = "import sys; sys.modules['lightning'] = None; import safepoint.integrations.lightning"
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
-        timeout=120, check=False,
-    )  # fmt: skip
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1
     assert "ImportError" in result.stderr
     assert "pip install 'safepoint[lightning]'" in result.stderr
@@ -412,4 +430,3 @@ def test_bad_arguments_are_config_errors(tmp_path: Path) -> None:
         SafepointCheckpointIO().load_checkpoint(tmp_path / "a.ckpt", map_location=lambda storage, loc: storage)
     with pytest.raises(safepoint.ConfigError, match="LightningModule"):
         load_from_checkpoint(torch.nn.Linear, tmp_path / "a.ckpt")  # type: ignore[type-var]
-
