@@ -1,0 +1,176 @@
+"""Lightning checkpoints: the default CheckpointIO against SafepointCheckpointIO, sync and background.
+
+One process, one model and optimizer (a Lightning module trained a few steps so Adam has its state), and
+``trainer.save_checkpoint(path)`` called as ModelCheckpoint calls it, to the same ``last.ckpt`` each time (the
+overwrite every run does most). Methods interleave within each repeat; medians are reported.
+
+- ``default``: Lightning's ``TorchCheckpointIO`` (torch.save through fsspec, temp file + move, no fsync).
+  Reported as it is (``durable`` = returned, though the data may still be in the page cache) and with an fsync of
+  the file and its directory added afterwards (``default+fsync``), which is what durable costs it.
+- ``safepoint``: ``SafepointCheckpointIO()``, durable when it returns.
+- ``safepoint.bg``: ``SafepointCheckpointIO(blocking=False)``; blocked = until ``save_checkpoint`` returns,
+  durable = until ``wait()`` returns.
+- ``memcpy``: the checkpoint's tensors copied into reused, already-touched buffers: the floor of a background
+  save's stall on the CPU.
+
+``blocked`` is how long the training loop waits; ``durable`` is how long until the checkpoint survives power
+loss. Run ``python benchmarks/bench_lightning.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from safepoint.integrations.lightning import SafepointCheckpointIO
+
+
+class Model(LightningModule):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU()
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-4)
+
+
+def tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for item in value.values() for t in tensors(item)]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in tensors(item)]
+    return []
+
+
+def fsync(path: Path) -> None:
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY)):
+        fd = os.open(target, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def trainer_with(plugin: CheckpointIO, model: Model, root: Path, hidden: int) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        plugins=[plugin],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+    )
+    data = DataLoader(TensorDataset(torch.randn(8, hidden)), batch_size=4)
+    trainer.fit(model, data)
+    return trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048, help="width of the model (2048: about 200 MiB of state)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--dir", type=Path, default=None, help="scratch directory, on the disk to measure")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    root = Path(tempfile.mkdtemp(prefix="bench-lightning-", dir=args.dir))
+    torch.manual_seed(0)
+    model = Model(args.hidden)
+    plugins: dict[str, CheckpointIO] = {
+        "default": TorchCheckpointIO(),
+        "safepoint": SafepointCheckpointIO(),
+        "safepoint.bg": SafepointCheckpointIO(blocking=False),
+    }
+    trainers = {name: trainer_with(plugin, model, root / name, args.hidden) for name, plugin in plugins.items()}
+    checkpoint = trainers["default"]._checkpoint_connector.dump_checkpoint()
+    state = tensors(checkpoint)
+    nbytes = sum(t.numel() * t.element_size() for t in state)
+    buffers = [torch.empty_like(t) for t in state]
+    for buffer in buffers:
+        buffer.fill_(0)  # touched: the pages exist, as a background save's reused staging buffers do
+
+    blocked: dict[str, list[float]] = {name: [] for name in (*plugins, "default+fsync", "memcpy")}
+    durable: dict[str, list[float]] = {name: [] for name in blocked}
+
+    def timed(name: str, save: Callable[[], None], finish: Callable[[], None]) -> None:
+        start = time.perf_counter()
+        save()
+        returned = time.perf_counter()
+        finish()
+        done = time.perf_counter()
+        blocked[name].append(returned - start)
+        durable[name].append(done - start)
+
+    def memcpy() -> None:
+        for buffer, tensor in zip(buffers, state, strict=True):
+            buffer.copy_(tensor)
+
+    order = ["default", "safepoint", "safepoint.bg", "memcpy"]
+    for repeat in range(args.repeats + 1):  # the first round warms up (page cache, buffers, managers)
+        rotated = order[repeat % len(order) :] + order[: repeat % len(order)]
+        for name in rotated:
+            path = root / name / "last.ckpt"
+            if name == "memcpy":
+                timed(name, memcpy, lambda: None)
+            elif name == "default":
+                trainer = trainers[name]
+                start = time.perf_counter()
+                trainer.save_checkpoint(path)
+                returned = time.perf_counter()
+                fsync(path)
+                done = time.perf_counter()
+                blocked["default"].append(returned - start)
+                durable["default"].append(returned - start)
+                blocked["default+fsync"].append(done - start)
+                durable["default+fsync"].append(done - start)
+            else:
+                plugin = plugins[name]
+                assert isinstance(plugin, SafepointCheckpointIO)
+                timed(name, lambda t=trainers[name], p=path: t.save_checkpoint(p), plugin.wait)
+        if repeat == 0:
+            for series in (*blocked.values(), *durable.values()):
+                series.clear()
+
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    print(f"state: {nbytes / 2**20:.0f} MiB in {len(state)} tensors; {args.repeats} repeats; dir {root}")
+    print(f"{'method':<15} {'blocked (s)':>12} {'durable (s)':>12}")
+    for name in ("memcpy", "default", "default+fsync", "safepoint", "safepoint.bg"):
+        print(f"{name:<15} {median(blocked[name]):>12.3f} {median(durable[name]):>12.3f}")
+    memcpy_time = median(blocked["memcpy"])
+    print()
+    print(f"sync durable / default+fsync durable:   {median(durable['safepoint']) / median(durable['default+fsync']):.2f}")
+    print(f"sync durable / default (no fsync):      {median(durable['safepoint']) / median(durable['default']):.2f}")
+    print(f"background durable / default+fsync:     {median(durable['safepoint.bg']) / median(durable['default+fsync']):.2f}")
+    print(f"background blocked / memcpy:            {median(blocked['safepoint.bg']) / memcpy_time:.2f}")
+    print(f"background blocked / default blocked:   {median(blocked['safepoint.bg']) / median(blocked['default']):.2f}")
+    for plugin in plugins.values():
+        plugin.teardown()
+    shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()
