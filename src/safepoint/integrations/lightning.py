@@ -165,6 +165,8 @@ class SafepointCheckpointIO(CheckpointIO):
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[tuple[str, int, Future[None]]] = []
         self._managers: dict[str, safepoint.CheckpointManager] = {}  # paths saved to more than once, oldest first
+        # removals put off while a link (save_last="link") still names the directory: done once none does
+        self._deferred: set[str] = set()
         # one call at a time: Lightning's AsyncCheckpointIO calls save on its thread and remove on the caller's
         self._lock = threading.RLock()
 
@@ -173,6 +175,7 @@ class SafepointCheckpointIO(CheckpointIO):
         """Commit ``checkpoint`` at ``path``: complete there, or nothing new there (see the module docstring)."""
         with self._lock:
             self._wait()
+            self._remove_deferred()
             _refuse_process_group()
             if not isinstance(checkpoint, Mapping):
                 raise safepoint.ConfigError(f"a checkpoint is a dict, not {type(checkpoint).__name__}")
@@ -204,16 +207,22 @@ class SafepointCheckpointIO(CheckpointIO):
             self._wait()
             where = _Location.of(path, self._options)
             self._forget(where.url)
-            if where.local:
-                _remove_local(where.url)
-            else:
+            if not where.local:
                 _remove_remote(where)
+            elif _linked(where.url):
+                # Lightning removes the previous top-k before it re-links last.ckpt: removing it now would leave
+                # last.ckpt dangling, and Lightning would then resume from scratch
+                self._deferred.add(os.path.abspath(where.url))
+            else:
+                _remove_local(where.url)
+            self._remove_deferred()
 
     def teardown(self) -> None:
         """Wait for a background save, close what is open, and raise a background failure not raised yet."""
         with self._lock:
             try:
                 self._wait()
+                self._remove_deferred()
             finally:
                 managers, self._managers = list(self._managers.values()), {}
                 for manager in managers:
@@ -239,6 +248,12 @@ class SafepointCheckpointIO(CheckpointIO):
             raise safepoint.BackgroundSaveError(
                 f"the background save of {path} failed: {error}", step=step, errno=getattr(error, "errno", None)
             ) from error
+
+    def _remove_deferred(self) -> None:
+        for path in sorted(self._deferred):
+            if not _linked(path):
+                self._deferred.discard(path)
+                _remove_local(path)
 
     # -- saving --------------------------------------------------------------------------------------------------
     def _save_next_step(self, where: _Location, state: dict[str, Any]) -> None:
@@ -545,6 +560,15 @@ def _publish_local(temp: str, target: str) -> None:
     _fsync_dir(parent)
     if aside is not None:
         _delete_local(aside)
+
+
+def _linked(path: str) -> bool:
+    """Whether another entry of ``path``'s directory is a symbolic link to it."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    parent, target = os.path.dirname(os.path.abspath(path)), os.path.realpath(path)
+    with os.scandir(parent) as entries:
+        return any(entry.is_symlink() and os.path.realpath(entry.path) == target for entry in entries)
 
 
 def _remove_local(path: str) -> None:

@@ -138,6 +138,24 @@ def test_a_link_made_by_save_last_link_is_replaced_not_written_through(tmp_path:
     assert checkpoint_step(tmp_path / "epoch=1-step=8.ckpt") == 8  # the link's target is untouched
 
 
+def test_a_directory_still_linked_is_removed_only_once_the_link_moves_on(tmp_path: Path) -> None:
+    """ModelCheckpoint(save_last="link") removes the previous top-k before it re-links last.ckpt to the new one:
+    removed at once, last.ckpt would dangle in between, and Lightning resumes from scratch over a dangling link."""
+    io = SafepointCheckpointIO()
+    old, new, last = tmp_path / "epoch=0.ckpt", tmp_path / "epoch=1.ckpt", tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 4}, old)
+    os.symlink("epoch=0.ckpt", last)
+    io.save_checkpoint({"global_step": 8}, new)
+    io.remove_checkpoint(old)
+    assert checkpoint_step(last) == 4  # still there while last.ckpt names it
+    os.remove(last)  # what ModelCheckpoint._link_checkpoint does next
+    os.symlink("epoch=1.ckpt", last)
+    io.save_checkpoint({"global_step": 12}, tmp_path / "epoch=2.ckpt")  # the next call removes what is due
+    assert sorted(os.listdir(tmp_path)) == ["epoch=1.ckpt", "epoch=2.ckpt", "last.ckpt"]
+    io.remove_checkpoint(last)  # a link itself goes at once
+    assert sorted(os.listdir(tmp_path)) == ["epoch=1.ckpt", "epoch=2.ckpt"]
+
+
 def test_every_n_train_steps_names_and_resume(tmp_path: Path) -> None:
     callback = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, save_last=True)
     trainer = Trainer(**quiet(max_steps=7, plugins=[SafepointCheckpointIO()], callbacks=[callback]))
