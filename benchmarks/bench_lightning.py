@@ -26,7 +26,6 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +87,70 @@ def trainer_with(plugin: CheckpointIO, model: Model, root: Path, hidden: int) ->
     return trainer
 
 
+Timings = dict[str, list[float]]
+
+
+def measure(
+    plugins: dict[str, CheckpointIO], trainers: dict[str, Trainer], root: Path, repeats: int
+) -> tuple[Timings, Timings]:
+    """(blocked, durable) seconds of every method, ``repeats`` times after one warm-up round."""
+    checkpoint = trainers["default"]._checkpoint_connector.dump_checkpoint()
+    state = tensors(checkpoint)
+    buffers = [torch.empty_like(t) for t in state]
+    for buffer in buffers:
+        buffer.fill_(0)  # touched: the pages exist, as a background save's reused staging buffers do
+    blocked: Timings = {name: [] for name in (*plugins, "default+fsync", "memcpy")}
+    durable: Timings = {name: [] for name in blocked}
+
+    def record(name: str, start: float, returned: float, done: float) -> None:
+        blocked[name].append(returned - start)
+        durable[name].append(done - start)
+
+    order = ["default", "safepoint", "safepoint.bg", "memcpy"]
+    for repeat in range(repeats + 1):  # the first round warms up (page cache, buffers, managers)
+        for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
+            path = root / name / "last.ckpt"
+            start = time.perf_counter()
+            if name == "memcpy":
+                for buffer, tensor in zip(buffers, state, strict=True):
+                    buffer.copy_(tensor)
+                record(name, start, time.perf_counter(), time.perf_counter())
+                continue
+            trainers[name].save_checkpoint(path)
+            returned = time.perf_counter()
+            if name == "default":
+                record(name, start, returned, returned)  # durable only once the page cache is written back
+                fsync(path)
+                record("default+fsync", start, returned, time.perf_counter())
+            else:
+                plugin = plugins[name]
+                assert isinstance(plugin, SafepointCheckpointIO)
+                plugin.wait()
+                record(name, start, returned, time.perf_counter())
+        if repeat == 0:
+            for series in (*blocked.values(), *durable.values()):
+                series.clear()
+    return blocked, durable
+
+
+def report(blocked: Timings, durable: Timings, nbytes: int, count: int, repeats: int) -> None:
+    med = {name: (statistics.median(blocked[name]), statistics.median(durable[name])) for name in blocked}
+    print(f"state: {nbytes / 2**20:.0f} MiB in {count} tensors; median of {repeats} saves of last.ckpt")
+    print(f"{'method':<15} {'blocked (s)':>12} {'durable (s)':>12}")
+    for name in ("memcpy", "default", "default+fsync", "safepoint", "safepoint.bg"):
+        print(f"{name:<15} {med[name][0]:>12.3f} {med[name][1]:>12.3f}")
+    ratios = {
+        "sync durable / default+fsync durable": med["safepoint"][1] / med["default+fsync"][1],
+        "sync durable / default durable (no fsync)": med["safepoint"][1] / med["default"][1],
+        "background durable / default+fsync durable": med["safepoint.bg"][1] / med["default+fsync"][1],
+        "background blocked / memcpy": med["safepoint.bg"][0] / med["memcpy"][0],
+        "background blocked / default blocked": med["safepoint.bg"][0] / med["default"][0],
+    }
+    print()
+    for label, ratio in ratios.items():
+        print(f"{label:<45} {ratio:6.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048, help="width of the model (2048: about 200 MiB of state)")
@@ -104,71 +167,14 @@ def main() -> None:
         "safepoint.bg": SafepointCheckpointIO(blocking=False),
     }
     trainers = {name: trainer_with(plugin, model, root / name, args.hidden) for name, plugin in plugins.items()}
-    checkpoint = trainers["default"]._checkpoint_connector.dump_checkpoint()
-    state = tensors(checkpoint)
+    state = tensors(trainers["default"]._checkpoint_connector.dump_checkpoint())
     nbytes = sum(t.numel() * t.element_size() for t in state)
-    buffers = [torch.empty_like(t) for t in state]
-    for buffer in buffers:
-        buffer.fill_(0)  # touched: the pages exist, as a background save's reused staging buffers do
-
-    blocked: dict[str, list[float]] = {name: [] for name in (*plugins, "default+fsync", "memcpy")}
-    durable: dict[str, list[float]] = {name: [] for name in blocked}
-
-    def timed(name: str, save: Callable[[], None], finish: Callable[[], None]) -> None:
-        start = time.perf_counter()
-        save()
-        returned = time.perf_counter()
-        finish()
-        done = time.perf_counter()
-        blocked[name].append(returned - start)
-        durable[name].append(done - start)
-
-    def memcpy() -> None:
-        for buffer, tensor in zip(buffers, state, strict=True):
-            buffer.copy_(tensor)
-
-    order = ["default", "safepoint", "safepoint.bg", "memcpy"]
-    for repeat in range(args.repeats + 1):  # the first round warms up (page cache, buffers, managers)
-        rotated = order[repeat % len(order) :] + order[: repeat % len(order)]
-        for name in rotated:
-            path = root / name / "last.ckpt"
-            if name == "memcpy":
-                timed(name, memcpy, lambda: None)
-            elif name == "default":
-                trainer = trainers[name]
-                start = time.perf_counter()
-                trainer.save_checkpoint(path)
-                returned = time.perf_counter()
-                fsync(path)
-                done = time.perf_counter()
-                blocked["default"].append(returned - start)
-                durable["default"].append(returned - start)
-                blocked["default+fsync"].append(done - start)
-                durable["default+fsync"].append(done - start)
-            else:
-                plugin = plugins[name]
-                assert isinstance(plugin, SafepointCheckpointIO)
-                timed(name, lambda t=trainers[name], p=path: t.save_checkpoint(p), plugin.wait)
-        if repeat == 0:
-            for series in (*blocked.values(), *durable.values()):
-                series.clear()
-
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
-
-    print(f"state: {nbytes / 2**20:.0f} MiB in {len(state)} tensors; {args.repeats} repeats; dir {root}")
-    print(f"{'method':<15} {'blocked (s)':>12} {'durable (s)':>12}")
-    for name in ("memcpy", "default", "default+fsync", "safepoint", "safepoint.bg"):
-        print(f"{name:<15} {median(blocked[name]):>12.3f} {median(durable[name]):>12.3f}")
-    memcpy_time = median(blocked["memcpy"])
-    print()
-    print(f"sync durable / default+fsync durable:   {median(durable['safepoint']) / median(durable['default+fsync']):.2f}")
-    print(f"sync durable / default (no fsync):      {median(durable['safepoint']) / median(durable['default']):.2f}")
-    print(f"background durable / default+fsync:     {median(durable['safepoint.bg']) / median(durable['default+fsync']):.2f}")
-    print(f"background blocked / memcpy:            {median(blocked['safepoint.bg']) / memcpy_time:.2f}")
-    print(f"background blocked / default blocked:   {median(blocked['safepoint.bg']) / median(blocked['default']):.2f}")
-    for plugin in plugins.values():
-        plugin.teardown()
+    try:
+        blocked, durable = measure(plugins, trainers, root, args.repeats)
+    finally:
+        for plugin in plugins.values():
+            plugin.teardown()
+    report(blocked, durable, nbytes, len(state), args.repeats)
     shutil.rmtree(root)
 
 

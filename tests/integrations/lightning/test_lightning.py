@@ -289,6 +289,32 @@ def test_usual_hyper_parameters_come_back_exactly_through_load_from_checkpoint(t
     assert loaded.loaded_with["global_step"] == 0  # on_load_checkpoint saw the checkpoint
 
 
+def test_the_whole_lightning_dict_comes_back_exactly(tmp_path: Path) -> None:
+    config = argparse.Namespace(lr=0.1, where=Path("data"), nothing=None)
+    model = HyperModel(config, AttributeDict(dropout=0.5), size=8)
+    callback = ModelCheckpoint(dirpath=tmp_path / "ck", monitor="step", mode="max", save_top_k=2)
+    trainer = Trainer(**quiet(max_epochs=2, plugins=[SafepointCheckpointIO()], callbacks=[callback]))
+    trainer.fit(model, loader())
+    expected = trainer._checkpoint_connector.dump_checkpoint()  # what Lightning hands to any CheckpointIO
+    path = tmp_path / "all.ckpt"
+    SafepointCheckpointIO().save_checkpoint(expected, path)
+    loaded = SafepointCheckpointIO().load_checkpoint(path)
+    for key in (
+        "state_dict",
+        "optimizer_states",
+        "lr_schedulers",
+        "loops",
+        "callbacks",
+        "hparams_name",
+        "hyper_parameters",
+        "pytorch-lightning_version",
+        "epoch",
+        "global_step",
+    ):
+        assert key in loaded, key
+    assert_same(loaded, expected, "checkpoint")
+
+
 def test_load_from_checkpoint_is_strict_by_default(tmp_path: Path) -> None:
     path = tmp_path / "tiny.ckpt"
     model = TinyModel(hidden=4)
