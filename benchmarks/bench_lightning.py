@@ -2,7 +2,7 @@
 
 One process, one model and optimizer (a Lightning module trained a few steps so Adam has its state), and
 ``trainer.save_checkpoint(path)`` called as ModelCheckpoint calls it, to the same ``last.ckpt`` each time (the
-overwrite every run does most). Methods interleave within each repeat; medians are reported.
+overwrite every run does most) unless said otherwise. Methods interleave within each repeat; medians are reported.
 
 - ``default``: Lightning's ``TorchCheckpointIO`` (torch.save through fsspec, temp file + move, no fsync).
   Reported as it is (``durable`` = returned, though the data may still be in the page cache) and with an fsync of
@@ -10,6 +10,8 @@ overwrite every run does most). Methods interleave within each repeat; medians a
 - ``safepoint``: ``SafepointCheckpointIO()``, durable when it returns.
 - ``safepoint.bg``: ``SafepointCheckpointIO(blocking=False)``; blocked = until ``save_checkpoint`` returns,
   durable = until ``wait()`` returns.
+- ``safepoint.bg.new``: the same, to a new path each time (as a top-k checkpoint is): a new manager, so its
+  staging buffers are fresh pages rather than reused ones.
 - ``memcpy``: the checkpoint's tensors copied into reused, already-touched buffers: the floor of a background
   save's stall on the CPU.
 
@@ -106,10 +108,11 @@ def measure(
         blocked[name].append(returned - start)
         durable[name].append(done - start)
 
-    order = ["default", "safepoint", "safepoint.bg", "memcpy"]
+    order = ["default", "safepoint", "safepoint.bg", "safepoint.bg.new", "memcpy"]
     for repeat in range(repeats + 1):  # the first round warms up (page cache, buffers, managers)
         for name in order[repeat % len(order) :] + order[: repeat % len(order)]:
-            path = root / name / "last.ckpt"
+            # .new: a new path each time, as a top-k checkpoint is (a fresh manager, so fresh staging buffers)
+            path = root / name / (f"epoch={repeat}.ckpt" if name.endswith(".new") else "last.ckpt")
             start = time.perf_counter()
             if name == "memcpy":
                 for buffer, tensor in zip(buffers, state, strict=True):
@@ -137,13 +140,14 @@ def report(blocked: Timings, durable: Timings, nbytes: int, count: int, repeats:
     med = {name: (statistics.median(blocked[name]), statistics.median(durable[name])) for name in blocked}
     print(f"state: {nbytes / 2**20:.0f} MiB in {count} tensors; median of {repeats} saves of last.ckpt")
     print(f"{'method':<15} {'blocked (s)':>12} {'durable (s)':>12}")
-    for name in ("memcpy", "default", "default+fsync", "safepoint", "safepoint.bg"):
+    for name in ("memcpy", "default", "default+fsync", "safepoint", "safepoint.bg", "safepoint.bg.new"):
         print(f"{name:<15} {med[name][0]:>12.3f} {med[name][1]:>12.3f}")
     ratios = {
         "sync durable / default+fsync durable": med["safepoint"][1] / med["default+fsync"][1],
         "sync durable / default durable (no fsync)": med["safepoint"][1] / med["default"][1],
         "background durable / default+fsync durable": med["safepoint.bg"][1] / med["default+fsync"][1],
         "background blocked / memcpy": med["safepoint.bg"][0] / med["memcpy"][0],
+        "background blocked, new path / memcpy": med["safepoint.bg.new"][0] / med["memcpy"][0],
         "background blocked / default blocked": med["safepoint.bg"][0] / med["default"][0],
     }
     print()
@@ -165,6 +169,7 @@ def main() -> None:
         "default": TorchCheckpointIO(),
         "safepoint": SafepointCheckpointIO(),
         "safepoint.bg": SafepointCheckpointIO(blocking=False),
+        "safepoint.bg.new": SafepointCheckpointIO(blocking=False),
     }
     trainers = {name: trainer_with(plugin, model, root / name, args.hidden) for name, plugin in plugins.items()}
     state = tensors(trainers["default"]._checkpoint_connector.dump_checkpoint())
