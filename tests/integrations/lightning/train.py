@@ -8,7 +8,8 @@ with ``safepoint.save``. ``--resume`` starts with ``trainer.fit(ckpt_path="last"
 Crashes, armed by environment variables (the process kills itself with SIGKILL, as a pre-emption would):
 - ``KILL_AFTER_STEP=k``: after global step k.
 - ``KILL_IN_SAVE=s:n``: during the s-th save (1-based) of this process, at its n-th ``os.fsync``,
-  ``os.rename`` or ``os.link`` call: inside safepoint's commit, the rename to the Lightning name or the removal.
+  ``os.rename`` or ``os.link`` call: inside safepoint's commit, the rename to the Lightning name, or the removal
+  of the previous top-k checkpoint that follows the save.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class KillAfterStep(Callback):
 
 
 class KillInSave(SafepointCheckpointIO):
-    """Arms the n-th file-system call (fsync, rename, link) counted from the start of the s-th save."""
+    """Kills at the n-th file-system call (fsync, rename, link) of the s-th save: from its start until the next
+    save starts, so a background save's calls and a top-k removal that follows it count too."""
 
     def __init__(self, save: int, call: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -95,7 +97,7 @@ class KillInSave(SafepointCheckpointIO):
 
     def _counted(self, function: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
-            if self.saves >= self.save_to_kill:
+            if self.saves == self.save_to_kill:
                 self.calls += 1
                 if self.calls == CALL:
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -104,6 +106,7 @@ class KillInSave(SafepointCheckpointIO):
         return call
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.wait()  # the previous save's background calls belong to it
         self.saves += 1
         super().save_checkpoint(checkpoint, path, storage_options)
 
