@@ -81,18 +81,17 @@ _ModuleT = TypeVar("_ModuleT", bound=LightningModule)
 class _Location:
     """One Lightning path: a local path or a URL, with the fsspec file system that reaches it."""
 
-    url: str
+    url: str  # a local path (never file://), or a URL
     options: Mapping[str, Any]  # fsspec's, for URLs; always empty for a local path
 
     @classmethod
     def of(cls, path: Any, options: Mapping[str, Any]) -> _Location:
-        url = _url(path)
-        local = "://" not in url or url.startswith("file://")
-        return cls(url, {} if local else dict(options))
+        url = _url(path).removeprefix("file://")
+        return cls(url, {} if "://" not in url else dict(options))
 
     @property
     def local(self) -> bool:
-        return "://" not in self.url or self.url.startswith("file://")
+        return "://" not in self.url
 
     def fs(self) -> tuple[Any, str]:
         fs, root = fsspec.core.url_to_fs(self.url, **self.options)

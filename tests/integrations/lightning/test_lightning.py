@@ -110,6 +110,15 @@ def test_overwriting_keeps_the_previous_checkpoint_until_the_new_one_is_committe
     assert len(list(last.glob("step-*"))) == 1  # the previous step went once the new one was durable
 
 
+def test_a_file_url_is_the_local_path(tmp_path: Path) -> None:
+    io = SafepointCheckpointIO()
+    io.save_checkpoint({"global_step": 5}, f"file://{tmp_path}/a.ckpt")
+    assert checkpoint_step(tmp_path / "a.ckpt") == 5
+    assert io.load_checkpoint(f"file://{tmp_path}/a.ckpt")["global_step"] == 5
+    io.remove_checkpoint(f"file://{tmp_path}/a.ckpt")
+    assert os.listdir(tmp_path) == []
+
+
 def test_remove_checkpoint_leaves_nothing_and_ignores_a_missing_path(tmp_path: Path) -> None:
     io = SafepointCheckpointIO()
     path = tmp_path / "epoch=0-step=4.ckpt"
