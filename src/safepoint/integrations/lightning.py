@@ -394,8 +394,12 @@ class SafepointCheckpointIO(CheckpointIO):
             if name == where.name:
                 continue
             candidate = where.sibling(name)
-            with safepoint.CheckpointManager(candidate.url, storage_options=dict(where.options)) as manager:
-                infos = manager.checkpoints()
+            try:
+                with safepoint.CheckpointManager(candidate.url, storage_options=dict(where.options)) as manager:
+                    infos = manager.checkpoints()
+            except safepoint.SafepointError as err:  # not one of ours (e.g. a safepoint.save directory)
+                warnings.warn(f"safepoint: skipping {candidate.url}: {err}", stacklevel=4)
+                continue
             if infos:
                 found.append((infos[-1].created, candidate))
         return [candidate for _, candidate in sorted(found, key=lambda item: item[0], reverse=True)]

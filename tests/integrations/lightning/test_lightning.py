@@ -193,13 +193,19 @@ def test_resume_from_last_is_exact(tmp_path: Path) -> None:
 def test_damaged_last_falls_back_to_the_newest_valid_checkpoint_with_a_warning(tmp_path: Path) -> None:
     fit(tmp_path, 2)
     last = tmp_path / "last.ckpt"
-    damaged = flip_middle_of_largest_payload(last)
-    with pytest.warns(
-        UserWarning, match=r"(?s)last\.ckpt cannot be used .*checksum.*resuming from .*epoch=1-step=8\.ckpt"
-    ):
+    flip_middle_of_largest_payload(last)
+    safepoint.save(tmp_path / "stranger.ckpt", {"x": 1})  # a directory next to it that is not one of ours
+    with pytest.warns(UserWarning, match="safepoint: ") as record:
         trainer = fit(tmp_path, 3, ckpt_path="last")
+    messages = [str(warning.message) for warning in record]
+    fallback = [m for m in messages if "last.ckpt cannot be used" in m]
+    assert len(fallback) == 1
+    assert "checksum" in fallback[0]
+    assert "resuming from" in fallback[0]
+    assert fallback[0].endswith("epoch=1-step=8.ckpt instead, the newest checkpoint next to it that verifies")
+    assert any("skipping" in m and "stranger.ckpt" in m for m in messages)
     assert trainer.global_step == 12  # continued from step 8, not from scratch
-    assert damaged.exists() is False or checkpoint_step(last) == 12  # last.ckpt now holds the new step
+    assert checkpoint_step(last) == 12  # and last.ckpt holds the new step
 
 
 def test_damaged_last_with_nothing_valid_next_to_it_raises(tmp_path: Path) -> None:
