@@ -79,7 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed.checkpoint as dcp
 
     import safepoint
-    from safepoint import collective
+    from safepoint import pipeline as collective
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
