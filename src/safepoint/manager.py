@@ -1,75 +1,47 @@
 """CheckpointManager: numbered checkpoints in one directory, verified resume, retention, and a safe lifecycle.
 
-Lifecycle: the manager is a context manager. ``close()`` is idempotent and safe from any state, including a
-constructor that failed half-way; ``__exit__`` never replaces the exception of the ``with`` body (a cleanup error
-is attached to it as a note). There is no ``__del__``: nothing can raise at garbage collection.
+Lifecycle: a context manager; ``close()`` is idempotent and safe from any state, including a constructor that
+failed half-way; ``__exit__`` never replaces the ``with`` body's exception (a cleanup error becomes a note).
 
-Resume: ``restore(state)`` walks from the newest committed step down to the first one that verifies and fits,
-and reports every step it passed over with the reason. Nothing to restore returns ``None``. Committed
-checkpoints that all fail verification raise: starting from scratch over them would be the silent failure this
-library exists to prevent. ``load()`` finds its checkpoint the same way and returns the values as plain data.
+Resume: ``restore(state)`` walks from the newest committed step to the first one that verifies and fits,
+reporting every step passed over; nothing to restore returns ``None``; committed checkpoints none of which
+verifies raise (starting from scratch over them is the silent failure this library exists to prevent).
 
-Retention runs only after a save is durable, works from what is on disk (so it survives restarts), never
-removes the newest committed step or the one just saved, and never touches names it does not own.
-
-Many processes: with a torch.distributed default process group, every rank constructs the manager and makes the
-same calls. Saves run through :mod:`safepoint.pipeline` and restores through :mod:`safepoint.restoring`, the same
-code for one process (the one-rank case) and for many ranks; this class only holds the configuration and the
-lifecycle. Retention and garbage collection run on rank 0 only.
+Retention runs only after a save is durable, from what is on disk, never removing the newest committed step or
+the one just saved. With a torch.distributed process group every rank makes the same calls. The work is done
+by :mod:`safepoint.pipeline` (saves, retention) and :mod:`safepoint.restoring` (restore, load), the same code for
+one process and for many ranks: this class holds the configuration and the lifecycle.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import types
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, Literal, overload
 
 from .distributed import DEFAULT_TIMEOUT, check_timeout, default_coordinator
-from .errors import CheckpointNotFoundError, ConfigError, ManagerClosedError, SafepointError, StorageError, attach_note
-from .gc import GcReport, collect, step_dirs
-from .layout import MANIFEST_NAME, join, step_dir
-from .migrations import Migrations
-from .pipeline import CheckpointInfo, Saver, apply_retention, save_to
-from .reader import read_manifest
+from .errors import ManagerClosedError, attach_note
+from .gc import GcReport, collect
+from .layout import step_dir
+from .migrations import Migrations, check_migrations, check_state_version
+from .pipeline import CheckpointInfo, Saver, apply_retention, collect_leftovers, open_manager_directory, save_to
 from .restore import RestoreReport
-from .restoring import load_newest, restore_newest
+from .restoring import committed_checkpoints, committed_steps, load_newest, restore_newest
 from .retention import RetentionPolicy
 from .staging import check_staging_bytes
-from .storage import Storage, open_storage
+from .storage import Storage
 from .verify import VerifyReport, verify_storage
 from .writer import BackgroundWriter, SaveHandle, check_in_flight
 
 __all__ = ["CheckpointInfo", "CheckpointManager", "check_migrations", "check_state_version", "save_to"]
 
-logger = logging.getLogger("safepoint")
-
-
-def check_state_version(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"state_version must be a non-negative integer, not {value!r}")
-    return value
-
-
-def check_migrations(migrations: object, state_version: int) -> Migrations | None:
-    """The chain must be whole and end at ``state_version`` before any checkpoint is read."""
-    if migrations is None:
-        return None
-    if not isinstance(migrations, Migrations):
-        raise ConfigError(f"migrations must be a safepoint.Migrations, not {type(migrations).__name__}")
-    migrations.check(state_version)
-    return migrations
-
 
 class CheckpointManager:
-    """Numbered, verified checkpoints in ``directory``; see the module docstring for the guarantees.
-
-    ``directory`` is a local path or a URL (``s3://bucket/prefix``, ``memory://...``, any fsspec protocol) opened
-    with ``storage_options``; on object stores ``grace_period`` (seconds, default one hour) is how long a save
-    attempt may go without a sign of life before the collector treats its writer as gone. ``timeout`` matters only
-    with a torch.distributed process group: the seconds each rank waits for the others at each step of a save or
-    restore before raising CoordinationError (default 600); give it more than the slowest rank takes to write.
+    """Numbered, verified checkpoints in ``directory``: a path or a URL (``s3://bucket/prefix``, any fsspec
+    protocol, opened with ``storage_options``; ``grace_period``: seconds an object-store save may go without a
+    sign of life before the collector treats it as dead). ``timeout``: with a process group, the seconds each
+    rank waits for the others at each step of a save or restore before a CoordinationError (default 600).
 
     >>> with CheckpointManager("runs/exp1", keep_last=3) as manager:   # doctest: +SKIP
     ...     report = manager.restore(state)        # None when there is nothing to resume from
@@ -101,36 +73,23 @@ class CheckpointManager:
         self._state_version = check_state_version(state_version)
         self._migrations = check_migrations(migrations, self._state_version)
         self._coordinator = default_coordinator(check_timeout(timeout))
-        if not isinstance(directory, (str, os.PathLike, Storage)):
-            raise ConfigError(f"directory must be a path, a URL or a Storage, not {type(directory).__name__}")
-        self._storage = open_storage(directory, storage_options, grace_period=grace_period)
+        self._storage = open_manager_directory(directory, storage_options, grace_period)
         self.directory = self._storage.describe("")
-        if self._storage.exists("") and not self._storage.is_dir(""):
-            raise StorageError(f"{self.directory} exists and is not a directory", path=self.directory)
-        if self._storage.exists(MANIFEST_NAME):
-            raise ConfigError(
-                f"{self.directory} is a single checkpoint, not a manager directory; "
-                "use safepoint.restore() or safepoint.load() on it"
-            )
-        self._storage.ensure_dir("")
         self._saver = Saver(
             self._storage, self._coordinator, state_version=self._state_version, background=background,
             retain=lambda step: apply_retention(self._storage, policy, step),
         )  # fmt: skip
         self._closed = False
         if self._coordinator.rank == 0:
-            self._collect_dead_staging()
+            collect_leftovers(self._storage)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def close(self) -> None:
-        """Finish the background saves in flight and release the manager. Idempotent; safe whatever failed before.
-        A background failure nobody has seen yet is raised here, once, after every save has finished."""
+        """Finish the background saves, then raise a failure nobody has seen yet, once. Idempotent; safe always."""
         if self._closed:
             return
         self._closed = True
-        self._saver.background.wait_all()
-        self._saver.background.pool.clear()
-        self._saver.background.raise_failures()
+        self._saver.close()
 
     @property
     def closed(self) -> bool:
@@ -170,29 +129,23 @@ class CheckpointManager:
     def save(
         self, step: int, state: Mapping[str, Any], *, metrics: Mapping[str, float] | None = None, blocking: bool = True
     ) -> CheckpointInfo | SaveHandle[CheckpointInfo]:
-        """Commit ``state`` as ``step``; returns once it is durable, then retention runs. CheckpointExistsError
-        if the step is committed (untouched, verified); InvalidStateError before writing if a value cannot be
-        checkpointed; StorageError (with its errno) if writing fails, leaving nothing visible.
-
-        ``blocking=False`` returns a :class:`SaveHandle` once the state is copied into staging buffers (at most
-        ``max_staging_bytes``); writing, commit and retention run in the background, and a failure is raised
-        once, as BackgroundSaveError, by the next ``save``, ``wait()`` or ``close()`` (or ``result()``). With a
-        process group every rank calls it with the same step and gets the same outcome; a rank that does not
-        arrive within ``timeout`` is a CoordinationError naming it, on every other rank (in the background
-        too: the commit waits until every rank's files are durable)."""
+        """Commit ``state`` as ``step``, durably, then apply retention. CheckpointExistsError if the step is
+        committed; InvalidStateError before writing; StorageError (errno kept) leaving nothing visible.
+        ``blocking=False`` returns a :class:`SaveHandle` once the state is staged; a background failure is
+        raised once (BackgroundSaveError) by the next ``save``, ``wait()`` or ``close()``. With a process group
+        every rank calls it with the same step and gets the same outcome (see :mod:`safepoint.pipeline`)."""
         self._check_open()
         return self._saver.save(step, state, metrics, blocking=blocking)
 
     def wait(self) -> None:
         """Wait until every background save is durable (or failed); raise a failure not reported yet, once."""
-        self._saver.background.wait_all()
-        self._saver.background.raise_failures()
+        self._saver.wait()
 
     # -- listing ---------------------------------------------------------------------------------------------
     def steps(self) -> list[int]:
         """Committed steps, ascending. A committed step has a published manifest; restore() verifies it."""
         self._check_open()
-        return [step for step, path in step_dirs(self._storage) if self._storage.exists(join(path, MANIFEST_NAME))]
+        return committed_steps(self._storage)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -202,15 +155,7 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint whose manifest reads, ascending by step (see :meth:`verify` for the rest)."""
         self._check_open()
-        infos = []
-        for _, path in step_dirs(self._storage):
-            try:
-                infos.append(CheckpointInfo.of(read_manifest(self._storage, path), self._storage.describe(path)))
-            except CheckpointNotFoundError:
-                continue
-            except SafepointError as err:  # one bad manifest must not hide the others; verify() reports it
-                logger.warning("leaving out %s: %s", self._storage.describe(path), err)
-        return infos
+        return committed_checkpoints(self._storage)
 
     # -- restoring -------------------------------------------------------------------------------------------
     def restore(
@@ -221,13 +166,10 @@ class CheckpointManager:
         strict: bool = True,
         cast_dtypes: bool = False,
     ) -> RestoreReport | None:
-        """Apply a checkpoint to ``state`` in place, verified, totally or not at all: the newest that verifies
-        (None if nothing is committed), or exactly ``step`` (an error, never a fallback). ``strict=False``
-        reports missing and unexpected entries instead of raising; mismatches always raise RestoreError with the
-        live state unchanged. ``cast_dtypes=True`` casts floating-point tensors to the live dtype (``report.cast``).
-        An older ``state_version`` is upgraded by ``migrations``; a newer one raises StateVersionError."""
+        """Apply the newest checkpoint that verifies (None if nothing is committed), or exactly ``step``, to
+        ``state`` in place, verified, totally or not at all (see :mod:`safepoint.restoring`). ``strict=False``
+        reports missing and unexpected entries; ``cast_dtypes=True`` casts floating-point tensors."""
         self._check_open()
-        _check_step(step)
         return restore_newest(
             self._storage, self._coordinator, state, step=step, committed=self.steps, step_path=step_dir,
             strict=strict, state_version=self._state_version, migrations=self._migrations, cast_dtypes=cast_dtypes,
@@ -240,16 +182,10 @@ class CheckpointManager:
         (see :func:`safepoint.load`); CheckpointNotFoundError if nothing is committed. Entries saved with
         :class:`safepoint.Pickled` are unpickled only where ``allow_pickle`` says. Each rank reads on its own."""
         self._check_open()
-        _check_step(step)
-        if not isinstance(mmap, bool):
-            raise ConfigError(f"mmap must be True or False, not {mmap!r}")
-        found = load_newest(
+        return load_newest(
             self._storage, step=step, committed=self.steps, step_path=step_dir, mmap=mmap,
             state_version=self._state_version, migrations=self._migrations, allow_pickle=allow_pickle,
         )  # fmt: skip
-        if found is None:
-            raise CheckpointNotFoundError(f"nothing is committed in {self.directory}: there is no checkpoint to load")
-        return found
 
     # -- maintenance -----------------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
@@ -258,21 +194,6 @@ class CheckpointManager:
         return verify_storage(self._storage)
 
     def gc(self) -> GcReport:
-        """Remove what failed or crashed saves left behind, where their writer is certainly gone. With a process
-        group, only rank 0 collects; the others return an empty report."""
+        """Remove what failed or crashed saves left behind (their writer certainly gone); rank 0 only."""
         self._check_open()
         return collect(self._storage) if self._coordinator.rank == 0 else GcReport((), ())
-
-    def _collect_dead_staging(self) -> None:
-        try:
-            report = collect(self._storage)
-        except SafepointError as err:
-            logger.warning("could not collect leftovers of crashed saves in %s: %s", self.directory, err)
-            return
-        if report.removed:
-            logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), self.directory)
-
-
-def _check_step(step: object) -> None:
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-        raise ConfigError(f"step must be None or a non-negative integer, not {step!r}")

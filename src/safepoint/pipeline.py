@@ -36,6 +36,7 @@ import dataclasses
 import gc
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,14 +66,15 @@ from .errors import (
     CoordinationError,
     InvalidStateError,
     SafepointError,
+    StorageError,
 )
-from .gc import remove_checkpoint, step_dirs
-from .layout import join, new_save_id, step_dir
+from .gc import collect, remove_checkpoint, step_dirs
+from .layout import MANIFEST_NAME, join, new_save_id, step_dir
 from .manifest import EntryRecord, FileRecord, Manifest
 from .messages import Committed, OwnPart, RankPart, ReplicatedPart, ReplicatedPlan, SaveBegin, SaveBegun
 from .reader import read_manifest, verify_checkpoint
 from .retention import RetentionPolicy, steps_to_keep
-from .storage import AttemptLock, Storage
+from .storage import AttemptLock, Storage, open_storage
 from .writer import BackgroundWriter, SaveHandle
 
 __all__ = [
@@ -84,9 +86,11 @@ __all__ = [
     "Snapshot",
     "agree",
     "apply_retention",
+    "collect_leftovers",
     "entry_keys",
     "gc_paused",
     "has_per_rank",
+    "open_manager_directory",
     "save_to",
 ]
 
@@ -594,6 +598,17 @@ class Saver:
         self._retain = retain
         self.background = background
 
+    def wait(self) -> None:
+        """Wait until every background save is durable (or failed); raise a failure not reported yet, once."""
+        self.background.wait_all()
+        self.background.raise_failures()
+
+    def close(self) -> None:
+        """Finish the background saves, give the staging buffers back, then raise a failure not reported yet."""
+        self.background.wait_all()
+        self.background.pool.clear()
+        self.background.raise_failures()
+
     def save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None, *, blocking: bool
     ) -> CheckpointInfo | SaveHandle[CheckpointInfo]:
@@ -655,6 +670,36 @@ class Saver:
 
 
 _EMPTY = Snapshot(None, None, (), True)
+
+
+def open_manager_directory(
+    directory: object, storage_options: Mapping[str, Any] | None, grace_period: float | None
+) -> Storage:
+    """The storage of a manager directory, made if missing; ConfigError for a single checkpoint's directory."""
+    if not isinstance(directory, (str, os.PathLike, Storage)):
+        raise ConfigError(f"directory must be a path, a URL or a Storage, not {type(directory).__name__}")
+    storage = open_storage(directory, storage_options, grace_period=grace_period)
+    where = storage.describe("")
+    if storage.exists("") and not storage.is_dir(""):
+        raise StorageError(f"{where} exists and is not a directory", path=where)
+    if storage.exists(MANIFEST_NAME):
+        raise ConfigError(
+            f"{where} is a single checkpoint, not a manager directory; "
+            "use safepoint.restore() or safepoint.load() on it"
+        )
+    storage.ensure_dir("")
+    return storage
+
+
+def collect_leftovers(storage: Storage) -> None:
+    """Remove what crashed saves left behind, quietly: a manager that opens must not fail because of them."""
+    try:
+        report = collect(storage)
+    except SafepointError as err:
+        logger.warning("could not collect leftovers of crashed saves in %s: %s", storage.describe(""), err)
+        return
+    if report.removed:
+        logger.info("removed %d leftover(s) of crashed saves in %s", len(report.removed), storage.describe(""))
 
 
 # -- retention ----------------------------------------------------------------------------------------------------

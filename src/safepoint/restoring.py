@@ -24,28 +24,50 @@ from typing import Any, TypeVar
 from .distributed import Coordinator, LocalCoordinator, Operation, PerRank, Post, first_failure, require_all
 from .errors import (
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
     FormatVersionError,
     RestoreError,
+    SafepointError,
     StorageError,
     attach_note,
 )
+from .gc import step_dirs
 from .layout import MANIFEST_NAME, join
 from .manifest import Manifest
 from .messages import Candidates, Check, Done, RestoreBegin, Verdict
 from .migrations import Migrations
-from .pipeline import PER_RANK_TYPE, agree, entry_keys, has_per_rank
+from .pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, has_per_rank
 from .reader import LoadedCheckpoint, read_checkpoint, read_leaves, read_manifest
 from .restore import PreparedRestore, RestoreReport, SkippedCheckpoint, load_values, none_verifies, prepare_checkpoint
 from .storage import Storage
 
-__all__ = ["load_newest", "restore_newest"]
+__all__ = ["committed_checkpoints", "committed_steps", "load_newest", "restore_newest"]
 
 logger = logging.getLogger("safepoint")
 _T = TypeVar("_T")
 
 #: What a rank does with a candidate once it read it: returns something to apply everywhere, or the result.
 Prepare = Callable[[LoadedCheckpoint, str, tuple[SkippedCheckpoint, ...]], _T]
+
+
+def committed_steps(storage: Storage) -> list[int]:
+    """The committed steps of a manager directory, ascending: a committed step has a published manifest."""
+    return [step for step, path in step_dirs(storage) if storage.exists(join(path, MANIFEST_NAME))]
+
+
+def committed_checkpoints(storage: Storage) -> list[CheckpointInfo]:
+    """Every committed checkpoint whose manifest reads, ascending by step; the others are logged, not hidden
+    from :func:`~safepoint.verify`."""
+    infos = []
+    for _, path in step_dirs(storage):
+        try:
+            infos.append(CheckpointInfo.of(read_manifest(storage, path), storage.describe(path)))
+        except CheckpointNotFoundError:
+            continue
+        except SafepointError as err:  # one bad manifest must not hide the others; verify() reports it
+            logger.warning("leaving out %s: %s", storage.describe(path), err)
+    return infos
 
 
 def restore_newest(
@@ -63,6 +85,7 @@ def restore_newest(
 ) -> RestoreReport | None:
     """Apply the newest step that verifies (or exactly ``step``) to ``state`` on every rank; None if nothing is
     committed."""
+    _check_step(step)
     ranked = coordinator.world_size > 1 or has_per_rank(state)
     live: dict[str, Any] = {}
 
@@ -97,8 +120,12 @@ def load_newest(
     state_version: int,
     migrations: Migrations | None,
     allow_pickle: Any,
-) -> tuple[dict[str, Any], RestoreReport] | None:
-    """The newest checkpoint that verifies (or exactly ``step``) as plain values; None if nothing is committed."""
+) -> tuple[dict[str, Any], RestoreReport]:
+    """The newest checkpoint that verifies (or exactly ``step``) as plain values; CheckpointNotFoundError if
+    nothing is committed (there are no values to return, and a None would only fail at the unpacking)."""
+    _check_step(step)
+    if not isinstance(mmap, bool):
+        raise ConfigError(f"mmap must be True or False, not {mmap!r}")
 
     def values(
         loaded: LoadedCheckpoint, where: str, skipped: tuple[SkippedCheckpoint, ...]
@@ -112,7 +139,10 @@ def load_newest(
         return read_checkpoint(storage, path, step=candidate, mmap=mmap)
 
     operation = LocalCoordinator().operation("load")
-    return _newest(storage, operation, None, step, committed, step_path, read, values)
+    found = _newest(storage, operation, None, step, committed, step_path, read, values)
+    if found is None:
+        raise CheckpointNotFoundError(f"nothing is committed in {storage.describe('')}: there is no checkpoint to load")
+    return found
 
 
 def _newest(  # noqa: PLR0917 - the loop's own parts
@@ -261,6 +291,11 @@ def _apply_everywhere(
             attach_note(err, f"safepoint: this rank's state WAS restored from step {prepared.report.step}")
         raise
     return reports[0]
+
+
+def _check_step(step: object) -> None:
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+        raise ConfigError(f"step must be None or a non-negative integer, not {step!r}")
 
 
 def _summary(steps: list[int]) -> str:
