@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed.checkpoint as dcp
 
     import safepoint
-    from safepoint import pipeline as collective
+    from safepoint import pipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
@@ -99,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
             if rank == 0:
                 write_raw(state, target)
         elif method in ("safepoint", "safepoint-split"):
-            collective.SPLIT_REPLICATED = method == "safepoint-split"
+            pipeline.SPLIT_REPLICATED = method == "safepoint-split"
             with safepoint.CheckpointManager(target, timeout=600) as manager:
                 manager.save(step, state)
         else:
