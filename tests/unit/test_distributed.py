@@ -283,3 +283,30 @@ def test_a_nested_per_rank_is_refused_naming_its_key(tmp_path: Path) -> None:
     assert caught.value.key == "data/loader"
     assert "PerRank marks top-level entries" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the messages between ranks -----------------------------------------------------------------------------------
+def test_a_rank_part_survives_its_json_form() -> None:
+    from safepoint.manifest import EntryRecord, FileRecord
+    from safepoint.messages import OwnPart, RankPart, ReplicatedPart, ReplicatedPlan
+
+    entry = EntryRecord("model/w", "tensor", "F32", (2, 3), 0, "model/w", False)
+    plan = ReplicatedPlan(("s/r00000-rep-00000.safetensors",), (entry,), {"k": "dict", "v": []}, {"loss": 0.5})
+    part = RankPart(
+        ReplicatedPart(((0, FileRecord("s/r00000-rep-00000.safetensors", 120, "crc:1")),), "abc", plan),
+        OwnPart((FileRecord("s/r00000-own-00000.safetensors", 64, "crc:2"),), (entry,), {"k": "dict", "v": []}),
+    )
+    again = RankPart.from_json(json.loads(json.dumps(part.to_json())))
+    assert again == part
+    assert again.rep is not None
+    assert again.rep.plan is not None
+    assert again.rep.plan.entries[0].shape == (2, 3)  # a tuple again, as the manifest needs
+
+
+def test_a_malformed_message_is_a_coordination_error() -> None:
+    from safepoint.messages import Check, SaveBegin
+
+    with pytest.raises(safepoint.CoordinationError, match="lacks 'keys'"):
+        SaveBegin.from_json({"step": 3})
+    with pytest.raises(safepoint.CoordinationError, match="unknown restore status 'fine'"):
+        Check.from_json({"status": "fine", "reason": ""})
