@@ -18,9 +18,11 @@ Two implementations:
   which ranks never posted, and name them; the store survives the failure, so the group is still usable for the
   next save; a dead rank cannot leave a half-finished collective behind; and it works the same whatever the
   default backend is (nccl included), without creating a group. Nothing but small JSON records passes through
-  the store, and the records of an exchange are removed by the last rank to read its outcome. Waits poll the
-  store (``check``) instead of blocking in ``wait``: one store client serves the caller's thread and the
-  background saves' threads, and a blocking wait would hold it for the others.
+  the store. Waits poll the store (``check``) rather than block in ``wait``: one store client serves the
+  caller's thread and the background saves' threads, and a blocking wait would hold it for the others. Rank 0
+  returns from an exchange only once every rank that posted has read the outcome (then removes the records):
+  rank 0 usually hosts the store, and a rank 0 that exits right after its last save would otherwise take the
+  outcome away from ranks that have not looked yet.
 
 Errors cross ranks as (type name, message, a few attributes): a SafepointError subclass is rebuilt as the same
 type; anything else becomes a :class:`~safepoint.errors.CoordinationError` naming the rank and the original type.
@@ -263,9 +265,7 @@ _instances = itertools.count()
 
 
 #: The first and the longest pause between two looks at the store while waiting for the other ranks.
-_POLL_FIRST, _POLL_MAX = 0.0005, 0.02
-#: One store client serves every thread and every manager of the process; each call holds it briefly.
-_store_lock = threading.Lock()
+_POLL_FIRST, _POLL_MAX = 0.0002, 0.005
 
 
 class TorchCoordinator:
@@ -289,6 +289,8 @@ class TorchCoordinator:
         self.world_size = world_size
         self._store = dist.distributed_c10d.PrefixStore(namespace, store)
         self._operations = itertools.count(1)
+        # the caller's thread and the background saves' threads share the store client: one call at a time
+        self._lock = threading.Lock()
 
     def operation(self, kind: str) -> Operation:
         return Operation(self, str(next(self._operations)), kind)
@@ -312,7 +314,7 @@ class TorchCoordinator:
         return self._follow(key, phase, post, reads[1])
 
     def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        with _store_lock:
+        with self._lock:
             return method(*args)
 
     def _lead(
@@ -328,17 +330,31 @@ class TorchCoordinator:
             present = self._wait_for([f"{key}/{r}" for r in range(1, self.world_size)], self.timeout)
             for rank in range(1, self.world_size):
                 posts.append(self._read_post(key, rank, phase, read) if present[rank - 1] else None)
+        readers = sum(post is not None for post in posts) - 1
         try:
             value = decide(posts)
         except BaseException as error:
-            self._publish(key, phase, {"error": describe(error)})
+            self._publish(key, phase, {"error": describe(error)}, readers)
             raise
-        self._publish(key, phase, {"value": value.to_json()})
+        self._publish(key, phase, {"value": value.to_json()}, readers)
         return value
 
-    def _publish(self, key: str, phase: str, outcome: dict[str, Json]) -> None:
+    def _publish(self, key: str, phase: str, outcome: dict[str, Json], readers: int) -> None:
         with self._store_errors(phase):
             self._call(self._store.set, f"{key}/outcome", json.dumps(outcome))
+        self._await_readers(key, readers)
+
+    def _await_readers(self, key: str, readers: int) -> None:
+        """Wait (at most the timeout) until ``readers`` ranks have read the outcome, then remove the exchange's
+        records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
+        deadline = time.monotonic() + self.timeout
+        pause = _POLL_FIRST
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            while self._call(self._store.add, f"{key}/read", 0) < readers and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_MAX)
+            for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", f"{key}/read"]:
+                self._call(self._store.delete_key, name)
 
     def _read_post(self, key: str, rank: int, phase: str, read: Callable[[Json], P]) -> Post[P]:
         record = json.loads(self._call(self._store.get, f"{key}/{rank}"))
@@ -386,13 +402,9 @@ class TorchCoordinator:
         return read(outcome["value"])
 
     def _read_by_one_more(self, key: str) -> None:
-        """The last of the other ranks to read an outcome removes the exchange's records: nobody reads them again.
-        Tidying only: the outcome is known, so a store gone meanwhile (rank 0 exited) changes nothing."""
+        """Tell rank 0 this rank has read the outcome. The outcome is known: a store gone now changes nothing."""
         with contextlib.suppress(RuntimeError, OSError, ValueError):
-            if self._call(self._store.add, f"{key}/read", 1) < self.world_size - 1:
-                return
-            for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", f"{key}/read"]:
-                self._call(self._store.delete_key, name)
+            self._call(self._store.add, f"{key}/read", 1)
 
     def _wait_for(self, keys: list[str], timeout: float) -> list[bool]:
         """Which of ``keys`` were set within ``timeout`` seconds of the last one seen arriving (so every rank
