@@ -323,7 +323,7 @@ def save_rows(workloads: Sequence[Workload], times: Times, first: Mapping[str, M
         memcpy = [d for _, d, _ in measured.get("memcpy", [])]
         for method, runs in measured.items():
             blocking, durable, extra = ([r[i] for r in runs] for i in range(3))
-            held = saver.managers[workload.name]._writer.pool.held if method == "safepoint.async" else 0
+            held = saver.managers[workload.name]._saver.background.pool.held if method == "safepoint.async" else 0
             rows.append([
                 f"{workload.name} ({_human(workload.nbytes)})",
                 method,

@@ -12,6 +12,12 @@ each repeat in an order rotated per repeat:
   ``i % world``, as torchsnapshot does): the measurement behind that default.
 - ``dcp``: ``torch.distributed.checkpoint.save(state, checkpoint_id=dir)`` on every rank (its planner writes each
   replicated tensor once, spreading them across ranks; files are fsynced), then an fsync of the directory.
+- ``stall`` (``--stall``): the background-save stall on each rank. The state gains a per-rank entry
+  (``--own-mib`` of float32 in ``--tensors`` tensors, wrapped in ``safepoint.PerRank``); one manager saves it
+  with ``blocking=False`` every repeat (reusing its staging buffers), and each rank times its own call, from a
+  barrier to its return; ``manager.wait()`` then runs untimed. The reference is each rank's ``memcpy``: one
+  memoryview slice assignment per tensor of the bytes that rank stages (rank 0 the replicated and its own
+  entries, the others their own) into a buffer allocated once, as ``bench_async`` does.
 
 Each timing runs from a barrier before the call on every rank to a barrier after it: until every rank is done
 and the data is durable. Outputs are removed and ``os.sync()`` called before each timed call.
@@ -79,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed.checkpoint as dcp
 
     import safepoint
-    from safepoint import collective
+    from safepoint import pipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))
@@ -93,7 +99,7 @@ def worker(args: argparse.Namespace) -> None:
             if rank == 0:
                 write_raw(state, target)
         elif method in ("safepoint", "safepoint-split"):
-            collective.SPLIT_REPLICATED = method == "safepoint-split"
+            pipeline.SPLIT_REPLICATED = method == "safepoint-split"
             with safepoint.CheckpointManager(target, timeout=600) as manager:
                 manager.save(step, state)
         else:
@@ -101,6 +107,10 @@ def worker(args: argparse.Namespace) -> None:
             if rank == 0:
                 fsync_path(target)
 
+    if args.stall:
+        stall(args, state, rank, world, scratch)
+        dist.destroy_process_group()
+        return
     for repeat in range(-args.warmup, args.repeats):
         order = list(args.methods)
         shift = repeat % len(order)
@@ -121,6 +131,58 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def stall(args: argparse.Namespace, state: dict[str, Any], rank: int, world: int, scratch: Path) -> None:
+    """Per rank: the stall of background saves of replicated + per-rank state, and the memcpy of its bytes."""
+    import torch
+    import torch.distributed as dist
+
+    import safepoint
+
+    generator = torch.Generator().manual_seed(1 + rank)
+    numel = args.own_mib * MIB // 4 // args.tensors
+    own = {f"shard{i}": torch.randn(numel, generator=generator) for i in range(args.tensors)}
+    full = {"model": state["model"], "own": safepoint.PerRank(own)}
+    staged = [*(state["model"].values() if rank == 0 else ()), *own.values()]
+    views = [memoryview(tensor.numpy()).cast("B") for tensor in staged]
+    target = memoryview(bytearray(sum(view.nbytes for view in views)))
+    timings: dict[str, list[float]] = {"memcpy": [], "stall": []}
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+    dist.barrier()
+    with safepoint.CheckpointManager(scratch / "stall", keep_last=1, timeout=600) as manager:
+        for repeat in range(-args.warmup, args.repeats):
+            dist.barrier()
+            start = time.perf_counter()
+            offset = 0
+            for view in views:
+                target[offset : offset + view.nbytes] = view
+                offset += view.nbytes
+            copied = time.perf_counter() - start
+            dist.barrier()
+            start = time.perf_counter()
+            manager.save(repeat + args.warmup, full, blocking=False)
+            stalled = time.perf_counter() - start
+            manager.wait()
+            dist.barrier()
+            if repeat >= 0:
+                timings["memcpy"].append(copied)
+                timings["stall"].append(stalled)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, timings)
+    if rank == 0:
+        shutil.rmtree(scratch, ignore_errors=True)
+        Path(args.result).write_text(json.dumps({f"rank{r}": t for r, t in enumerate(gathered)}))
+
+
+def stall_table(results: dict[int, dict[str, dict[str, list[float]]]]) -> str:
+    lines = ["| ranks | rank | memcpy s | stall s | stall / memcpy |", "| --- | --- | --- | --- | --- |"]
+    for world, ranks in results.items():
+        for name, timings in ranks.items():
+            copy, stalled = statistics.median(timings["memcpy"]), statistics.median(timings["stall"])
+            lines.append(f"| {world} | {name[4:]} | {copy:.4f} | {stalled:.4f} | {stalled / copy:.2f} |")
+    return "\n".join(lines)
+
+
 # -- the launcher -------------------------------------------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:
@@ -135,7 +197,8 @@ def launch(world: int, args: argparse.Namespace, result: Path) -> dict[str, list
     command += ["--size-mib", str(args.size_mib), "--tensors", str(args.tensors), "--repeats", str(args.repeats)]
     # with one rank there is nothing to split: safepoint-split would time safepoint twice
     methods = [m for m in args.methods if world > 1 or m != "safepoint-split"]
-    command += ["--warmup", str(args.warmup), "--methods", ",".join(methods)]
+    command += ["--warmup", str(args.warmup), "--methods", ",".join(methods), "--own-mib", str(args.own_mib)]
+    command += ["--stall"] if args.stall else []
     processes = []
     try:
         for rank in range(world):
@@ -181,6 +244,8 @@ def main() -> None:
     parser.add_argument("--dir", default=str(ROOT / "out" / "scratch-distributed"), help="scratch directory")
     parser.add_argument("--out", default=str(ROOT / "out"), help="where results are written")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 MiB, 2 repeats, no warmup")
+    parser.add_argument("--stall", action="store_true", help="measure the background-save stall per rank instead")
+    parser.add_argument("--own-mib", type=int, default=64, help="with --stall: bytes of each rank's PerRank entry")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -200,6 +265,11 @@ def main() -> None:
         print(f"{world} rank(s): {args.size_mib} MiB replicated, {args.repeats} repeats ...", flush=True)
         results[world] = launch(world, args, out / f"bench_distributed-{world}.json")
     nbytes = args.size_mib * MIB
+    if args.stall:
+        text = stall_table(results)  # type: ignore[arg-type]
+        print(text)
+        (out / "bench_distributed-stall.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
+        return
     text = table(results, nbytes)
     print(text)
     header = (

@@ -563,32 +563,38 @@ def tables(workloads: Sequence[Workload], summary: Mapping[str, Any]) -> list[Bl
         ]
         for name, item in summary["safepoint"].items()
     ]
-    out.append((
-        "safepoint: checksum share and peers (paired median / min over min)",
-        ["workload", "xxh3 / safepoint", "memcpy / safepoint", "safepoint / safetensors", "safepoint / torch.save"],
-        derived,
-    ))
+    out.append(
+        (
+            "safepoint: checksum share and peers (paired median / min over min)",
+            ["workload", "xxh3 / safepoint", "memcpy / safepoint", "safepoint / safetensors", "safepoint / torch.save"],
+            derived,
+        )
+    )
     if summary["small_vs_large"]:
         small = [
             [method, _fmt(v["ratio_of_medians"], 2), _fmt(v["ratio_of_mins"], 2), _fmt(v["paired_median_ratio"], 2)]
             for method, v in summary["small_vs_large"].items()
         ]
-        out.append((
-            "Per-tensor overhead: time of small_f32 / time of large_f32 (target for safepoint: <= 2)",
-            ["method", "ratio of medians", "ratio of mins", "paired median ratio"],
-            small,
-        ))
+        out.append(
+            (
+                "Per-tensor overhead: time of small_f32 / time of large_f32 (target for safepoint: <= 2)",
+                ["method", "ratio of medians", "ratio of mins", "paired median ratio"],
+                small,
+            )
+        )
     if summary["raw_phases"]:
         phase_rows = [
             [name] + [f"{_fmt(_median(v[k]))} ({_fmt(_min(v[k]))}-{_fmt(max(v[k]))})" for k in ("write_s", "fsync_s")]
             for name, v in summary["raw_phases"].items()
         ]
-        out.append((
-            "raw, split: os.write into the page cache vs fsync of file + dir (median (min-max) s); the spread of "
-            "the write phase is the machine's noise",
-            ["workload", "write phase", "fsync phase"],
-            phase_rows,
-        ))
+        out.append(
+            (
+                "raw, split: os.write into the page cache vs fsync of file + dir (median (min-max) s); the spread of "
+                "the write phase is the machine's noise",
+                ["workload", "write phase", "fsync phase"],
+                phase_rows,
+            )
+        )
     if summary.get("rss"):
         rss_rows = []
         for key, info in summary["rss"].items():
@@ -600,11 +606,13 @@ def tables(workloads: Sequence[Workload], summary: Mapping[str, Any]) -> list[Bl
             rss_rows.append([workload, method, _fmt(extra / MIB, 1), _fmt(info["peak_kib"] / 1024, 1),
                              _fmt(extra / by_name[workload].nbytes, 3) if workload in by_name else "-",
                              info["how"]])  # fmt: skip
-        out.append((
-            "Peak extra RSS of one save (fresh child process)",
-            ["workload", "method", "extra MiB", "peak MiB", "extra / state", "how"],
-            rss_rows,
-        ))
+        out.append(
+            (
+                "Peak extra RSS of one save (fresh child process)",
+                ["workload", "method", "extra MiB", "peak MiB", "extra / state", "how"],
+                rss_rows,
+            )
+        )
     if summary.get("phases"):
         phase_header = ["workload", "gc", *PHASES, "sum"]
         phase_rows = [
@@ -612,11 +620,13 @@ def tables(workloads: Sequence[Workload], summary: Mapping[str, Any]) -> list[Bl
             for name, modes in summary["phases"].items()
             for gc_mode, values in modes.items()
         ]
-        out.append((
-            "safepoint CPU phases without I/O (median ms; internal API, see --phases)",
-            phase_header,
-            phase_rows,
-        ))
+        out.append(
+            (
+                "safepoint CPU phases without I/O (median ms; internal API, see --phases)",
+                phase_header,
+                phase_rows,
+            )
+        )
     return out
 
 
@@ -696,8 +706,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
                         help="peak extra RSS per save in child processes (default: on, off with --quick)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="also cProfile safepoint.save on each workload")
-    parser.add_argument("--phases", action=argparse.BooleanOptionalAction, default=None,
-                        help="time safepoint's CPU phases without I/O, GC on/off (default: on, off with --quick)")
+    parser.add_argument(
+        "--phases",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time safepoint's CPU phases without I/O, GC on/off (default: on, off with --quick)",
+    )
     parser.add_argument("--child-workload", help=argparse.SUPPRESS)
     parser.add_argument("--child-method", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ __all__ = [
     "abort_attempt",
     "begin_attempt",
     "check_metrics",
-    "execute_save",
     "finish_save",
     "plan_save",
     "write_files",
@@ -168,22 +166,6 @@ def check_metrics(metrics: Mapping[str, object]) -> dict[str, float]:
     return checked
 
 
-def execute_save(
-    storage: Storage,
-    plan: SavePlan,
-    leaves: Sequence[torch.Tensor],
-    *,
-    written: Callable[[int], None] | None = None,
-) -> Manifest:
-    """Write, verify-by-construction and publish one checkpoint. Returns its manifest once durable.
-
-    ``leaves[i]`` may block until leaf ``i`` is ready (a background save still staging); ``written(i)`` is called
-    once leaf ``i``'s memory is no longer needed (see :func:`~safepoint.payload.write_file`)."""
-    faults.point("save.begin")
-    lock = begin_attempt(storage, plan)
-    return finish_save(storage, plan, lock, lambda: _write_attempt(storage, plan, leaves, written))
-
-
 def finish_save(storage: Storage, plan: SavePlan, lock: AttemptLock, write: Callable[[], Manifest]) -> Manifest:
     """Run ``write`` (the attempt's data and staged manifest), publish, make it durable and clean up. Before
     publication any failure removes the attempt's files (every rank's, in a distributed save) and re-raises."""
@@ -242,31 +224,9 @@ def begin_attempt(storage: Storage, plan: SavePlan) -> AttemptLock:
     raise StorageError(f"cannot start a save in {storage.describe(plan.checkpoint)}: it keeps disappearing")
 
 
-def _write_attempt(
-    storage: Storage, plan: SavePlan, leaves: Sequence[torch.Tensor], written: Callable[[int], None] | None
-) -> Manifest:
-    storage.ensure_dir(plan.staging)
-    faults.point("staging.mkdir.after")
-    records = write_files(storage, plan, leaves, written)
-    storage.sync_dir(plan.staging)
-    faults.point("staging.fsync.after")
-    manifest = Manifest(
-        step=plan.step,
-        save_id=plan.save_id,
-        created=time.time(),
-        files=tuple(records),
-        entries=plan.entries,
-        tree=dict(plan.tree),
-        metrics=plan.metrics,
-        state_version=plan.state_version,
-        writer=writer_version(),
-    )
-    write_manifest(storage, plan, manifest)
-    return manifest
-
-
 def write_manifest(storage: Storage, plan: SavePlan, manifest: Manifest) -> None:
-    """Write the attempt's manifest under its staging name, durably; publication is finish_save's."""
+    """Write the attempt's manifest under its staging name, durably; publication is finish_save's. The save
+    attempt that drives these steps, in this order, is :class:`safepoint.pipeline.SaveAttempt`."""
     faults.point("manifest.write.before")
     sink = storage.create(join(plan.staging, MANIFEST_NAME))
     try:

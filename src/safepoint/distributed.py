@@ -1,9 +1,12 @@
 """Coordinating the ranks of a torch.distributed job: who decides, what every rank learns, and how long it waits.
 
-A :class:`Coordinator` offers one operation, :meth:`~Coordinator.exchange`: every rank posts a small JSON value
-(or the error its own work raised); rank 0 gathers the posts, runs a decision on them and broadcasts the
-outcome; every rank returns the same value or raises the same error type with the same message. Saves and
-restores are a few exchanges with per-rank work between them (:mod:`safepoint.collective`).
+A save or a restore is an :class:`Operation` (``coordinator.operation(kind)``, taken on the caller's thread in
+program order, so the n-th operation of every rank is the same one). Its only verb is
+:meth:`~Operation.exchange`: every rank posts a typed message (:mod:`safepoint.messages`) or the error its own work
+raised; rank 0 gathers the posts, runs a decision on them and broadcasts the outcome; every rank returns the same
+message or raises the same error type with the same message. An exchange is keyed by its operation's number and
+its place within the operation, never by a global count: the exchanges of a background save, made on its own
+thread, cannot meet those of the next save or restore made meanwhile on the caller's thread.
 
 Two implementations:
 
@@ -15,7 +18,11 @@ Two implementations:
   which ranks never posted, and name them; the store survives the failure, so the group is still usable for the
   next save; a dead rank cannot leave a half-finished collective behind; and it works the same whatever the
   default backend is (nccl included), without creating a group. Nothing but small JSON records passes through
-  the store, and every record of an exchange is removed once the next exchange has begun.
+  the store. Waits poll the store (``check``) rather than block in ``wait``: one store client serves the
+  caller's thread and the background saves' threads, and a blocking wait would hold it for the others. Rank 0
+  returns from an exchange only once every rank that posted has read the outcome (then removes the records):
+  rank 0 usually hosts the store, and a rank 0 that exits right after its last save would otherwise take the
+  outcome away from ranks that have not looked yet.
 
 Errors cross ranks as (type name, message, a few attributes): a SafepointError subclass is rebuilt as the same
 type; anything else becomes a :class:`~safepoint.errors.CoordinationError` naming the rank and the original type.
@@ -28,10 +35,11 @@ import contextlib
 import inspect
 import itertools
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch.distributed as dist
 
@@ -39,10 +47,16 @@ from . import errors
 from .errors import CoordinationError, SafepointError
 from .validate import positive_seconds
 
+if TYPE_CHECKING:  # messages imports the manifest, which imports the codec, which imports PerRank from here
+    from .messages import Message
+
+Json = Any  # a value json.dumps accepts
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "Coordinator",
     "LocalCoordinator",
+    "Operation",
     "PerRank",
     "Post",
     "TorchCoordinator",
@@ -55,7 +69,8 @@ __all__ = [
 #: Seconds a rank waits for the others at each exchange of a save or restore, unless the manager is told otherwise.
 DEFAULT_TIMEOUT = 600.0
 
-Json = Any  # a value json.dumps accepts
+P = TypeVar("P", bound="Message")
+R = TypeVar("R", bound="Message")
 
 
 class PerRank:
@@ -74,14 +89,56 @@ class PerRank:
 
 
 @dataclass(frozen=True)
-class Post:
-    """What one rank contributes to an exchange: a JSON value, or the error its own work raised."""
+class Post(Generic[P]):
+    """What one rank contributes to an exchange: a message, or the error its own work raised."""
 
-    value: Json = None
+    value: P | None = None
     error: BaseException | None = None
 
+    def message(self) -> P:
+        """The message of a post that carries no error."""
+        assert self.value is not None, "a post without an error carries a message"
+        return self.value
 
-Decide = Callable[[list[Post | None]], Json]  # runs on rank 0; None stands for a rank that never posted
+
+class _Exchanges(Protocol):
+    rank: int
+    world_size: int
+    timeout: float
+
+    def exchange_at(
+        self,
+        key: str,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R: ...
+
+
+class Operation:
+    """One save or restore across the ranks. Its exchanges are numbered within it: an operation's exchanges
+    run one after the other on one thread, and every rank's n-th operation makes the same ones."""
+
+    def __init__(self, coordinator: _Exchanges, key: str, kind: str) -> None:
+        self.rank, self.world_size, self.timeout = coordinator.rank, coordinator.world_size, coordinator.timeout
+        self.kind = kind
+        self._coordinator = coordinator
+        self._key = key
+        self._count = 0
+
+    def exchange(
+        self,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        *,
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R:
+        """Post, let rank 0 decide on every rank's post (None: a rank that never posted), and return (or raise)
+        the decision on every rank. ``reads`` parse a post and an outcome from their JSON."""
+        self._count += 1
+        return self._coordinator.exchange_at(f"{self._key}.{self._count}", phase, post, decide, reads)
 
 
 class Coordinator(Protocol):
@@ -89,8 +146,8 @@ class Coordinator(Protocol):
     world_size: int
     timeout: float
 
-    def exchange(self, op: str, post: Post, decide: Decide) -> Json:
-        """Post, let rank 0 decide on every rank's post, and return (or raise) the decision on every rank."""
+    def operation(self, kind: str) -> Operation:
+        """A new save or restore; called on the caller's thread, in the same order on every rank."""
 
 
 def check_timeout(value: object) -> float:
@@ -108,7 +165,7 @@ def default_coordinator(timeout: float) -> Coordinator:
     return LocalCoordinator(timeout)
 
 
-def require_all(op: str, posts: Sequence[Post | None], timeout: float) -> list[Post]:
+def require_all(op: str, posts: Sequence[Post[P] | None], timeout: float) -> list[Post[P]]:
     """The posts, or a CoordinationError naming every rank that did not post in time."""
     missing = [rank for rank, post in enumerate(posts) if post is None]
     if missing:
@@ -120,7 +177,7 @@ def require_all(op: str, posts: Sequence[Post | None], timeout: float) -> list[P
     return [post for post in posts if post is not None]
 
 
-def first_failure(posts: Sequence[Post]) -> None:
+def first_failure(posts: Sequence[Post[P]]) -> None:
     """Raise the error of the lowest failing rank, as every rank will see it; None if no rank failed."""
     failed = [(rank, post.error) for rank, post in enumerate(posts) if post.error is not None]
     if not failed:
@@ -187,7 +244,17 @@ class LocalCoordinator:
     def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.timeout = timeout
 
-    def exchange(self, op: str, post: Post, decide: Decide) -> Json:
+    def operation(self, kind: str) -> Operation:
+        return Operation(self, "", kind)
+
+    def exchange_at(
+        self,
+        key: str,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R:
         return decide([post])
 
 
@@ -195,11 +262,15 @@ class LocalCoordinator:
 _instances = itertools.count()
 
 
+#: The first and the longest pause between two looks at the store while waiting for the other ranks.
+_POLL_FIRST, _POLL_MAX = 0.0002, 0.005
+
+
 class TorchCoordinator:
     """Exchanges through the default process group's store; see the module docstring for why not collectives.
 
-    Every rank must create its coordinators (its managers) in the same order, and call the same operations in
-    the same order, as with any collective: exchanges are numbered, and the numbers must meet.
+    Every rank must create its coordinators (its managers) in the same order, and start the same operations in
+    the same order, as with any collective: operations are numbered, and the numbers must meet.
     """
 
     def __init__(
@@ -215,96 +286,154 @@ class TorchCoordinator:
         self.rank = rank
         self.world_size = world_size
         self._store = dist.distributed_c10d.PrefixStore(namespace, store)
-        self._serial = 0
+        self._operations = itertools.count(1)
+        # the caller's thread and the background saves' threads share the store client: one call at a time
+        self._lock = threading.Lock()
 
-    def exchange(self, op: str, post: Post, decide: Decide) -> Json:
-        self._serial += 1
-        serial = self._serial
-        record: dict[str, Json] = {"op": op}
+    def operation(self, kind: str) -> Operation:
+        return Operation(self, str(next(self._operations)), kind)
+
+    def exchange_at(
+        self,
+        key: str,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R:
+        record: dict[str, Json] = {"op": phase}
         if self.rank != 0:  # rank 0 decides on its own post in memory; its record only says it has arrived
-            record.update(value=post.value, error=None if post.error is None else describe(post.error))
-        with self._store_errors(op):
-            self._store.set(f"{serial}/{self.rank}", json.dumps(record))
+            value = None if post.value is None else post.value.to_json()
+            record.update(value=value, error=None if post.error is None else describe(post.error))
+        with self._store_errors(phase):
+            self._call(self._store.set, f"{key}/{self.rank}", json.dumps(record))
         if self.rank == 0:
-            return self._lead(serial, op, post, decide)
-        return self._follow(serial, op, post)
+            return self._lead(key, phase, post, decide, reads[0])
+        return self._follow(key, phase, post, reads[1])
 
-    def _lead(self, serial: int, op: str, own: Post, decide: Decide) -> Json:
-        posts: list[Post | None] = [own]
-        with self._store_errors(op):
-            present = self._wait_for([f"{serial}/{r}" for r in range(1, self.world_size)], self.timeout)
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            return method(*args)
+
+    def _lead(
+        self,
+        key: str,
+        phase: str,
+        own: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        read: Callable[[Json], P],
+    ) -> R:
+        posts: list[Post[P] | None] = [own]
+        with self._store_errors(phase):
+            present = self._wait_for([f"{key}/{r}" for r in range(1, self.world_size)], self.timeout)
             for rank in range(1, self.world_size):
-                posts.append(self._read_post(serial, rank, op) if present[rank - 1] else None)
+                posts.append(self._read_post(key, rank, phase, read) if present[rank - 1] else None)
+        readers = sum(post is not None for post in posts) - 1
         try:
             value = decide(posts)
         except BaseException as error:
-            self._publish(serial, op, {"error": describe(error)})
+            self._publish(key, phase, {"error": describe(error)}, readers)
             raise
-        self._publish(serial, op, {"value": value})
+        self._publish(key, phase, {"value": value.to_json()}, readers)
         return value
 
-    def _publish(self, serial: int, op: str, outcome: dict[str, Json]) -> None:
-        with self._store_errors(op):
-            self._store.set(f"{serial}/outcome", json.dumps(outcome))
-            if serial > 1:  # every rank posted to this exchange, so every rank has read the previous outcome
-                for rank in range(self.world_size):
-                    self._store.delete_key(f"{serial - 1}/{rank}")
-                self._store.delete_key(f"{serial - 1}/outcome")
+    def _publish(self, key: str, phase: str, outcome: dict[str, Json], readers: int) -> None:
+        with self._store_errors(phase):
+            self._call(self._store.set, f"{key}/outcome", json.dumps(outcome))
+        self._await_readers(key, readers)
 
-    def _read_post(self, serial: int, rank: int, op: str) -> Post:
-        record = json.loads(self._store.get(f"{serial}/{rank}"))
-        if record["op"] != op:
+    def _await_readers(self, key: str, readers: int) -> None:
+        """Wait (at most the timeout) until ``readers`` ranks have read the outcome, then remove the exchange's
+        records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
+        deadline = time.monotonic() + self.timeout
+        pause = _POLL_FIRST
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            while self._call(self._store.add, f"{key}/read", 0) < readers and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_MAX)
+            for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", f"{key}/read"]:
+                self._call(self._store.delete_key, name)
+
+    def _read_post(self, key: str, rank: int, phase: str, read: Callable[[Json], P]) -> Post[P]:
+        record = json.loads(self._call(self._store.get, f"{key}/{rank}"))
+        if record["op"] != phase:
             error = CoordinationError(
-                f"rank {rank} is in {record['op']} while rank 0 is in {op}: every rank must make the same "
+                f"rank {rank} is in {record['op']} while rank 0 is in {phase}: every rank must make the same "
                 "safepoint calls in the same order",
                 ranks=(rank,),
             )
             return Post(error=error)
         described = record["error"]
-        return Post(record["value"], None if described is None else rebuild(described, rank=rank))
+        if described is not None:
+            return Post(error=rebuild(described, rank=rank))
+        try:
+            return Post(read(record["value"]))
+        except (KeyError, TypeError, ValueError) as err:
+            return Post(
+                error=CoordinationError(f"rank {rank} posted a malformed {phase} message: {err}", ranks=(rank,))
+            )
 
-    def _follow(self, serial: int, op: str, own: Post) -> Json:
-        with self._store_errors(op):
-            if not self._wait_for([f"{serial}/0"], self.timeout)[0]:
+    def _follow(self, key: str, phase: str, own: Post[P], read: Callable[[Json], R]) -> R:
+        with self._store_errors(phase):
+            if not self._wait_for([f"{key}/0"], self.timeout)[0]:
                 raise CoordinationError(
-                    f"rank 0 (the coordinator) did not join {op} within {self.timeout:g} s" + _consequence(op),
+                    f"rank 0 (the coordinator) did not join {phase} within {self.timeout:g} s" + _consequence(phase),
                     ranks=(0,),
                 )
             # rank 0 waits up to the timeout for the others, then decides (writing a manifest at most)
-            if not self._wait_for([f"{serial}/outcome"], 2 * self.timeout)[0]:
-                keys = [f"{serial}/{r}" for r in range(self.world_size)]
-                missing = [r for r, key in enumerate(keys) if not self._store.check([key])]
+            if not self._wait_for([f"{key}/outcome"], 2 * self.timeout)[0]:
+                keys = [f"{key}/{r}" for r in range(self.world_size)]
+                missing = [r for r, name in enumerate(keys) if not self._call(self._store.check, [name])]
                 raise CoordinationError(
-                    f"rank 0 did not announce the outcome of {op} within {2 * self.timeout:g} s"
+                    f"rank 0 did not announce the outcome of {phase} within {2 * self.timeout:g} s"
                     + (f"; {_ranks(missing)} never joined" if missing else "")
                     + "; this rank cannot know how the operation ended: a new run's restore() finds what was committed",
                     ranks=tuple(missing) or (0,),
                 )
-            outcome = json.loads(self._store.get(f"{serial}/outcome"))
+            outcome = json.loads(self._call(self._store.get, f"{key}/outcome"))
+        self._read_by_one_more(key)
         if "error" in outcome:
             error = rebuild(outcome["error"], rank=0)
             if own.error is not None:
                 raise error from own.error
             raise error
-        return outcome["value"]
+        return read(outcome["value"])
+
+    def _read_by_one_more(self, key: str) -> None:
+        """Tell rank 0 this rank has read the outcome. The outcome is known: a store gone now changes nothing."""
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            self._call(self._store.add, f"{key}/read", 1)
 
     def _wait_for(self, keys: list[str], timeout: float) -> list[bool]:
-        """Which of ``keys`` were set within ``timeout`` seconds."""
-        if not keys:
-            return []
-        with contextlib.suppress(dist.DistStoreError):  # a timeout: the check below says which keys are missing
-            self._store.wait(keys, timedelta(seconds=timeout))
-        return [self._store.check([key]) for key in keys]
+        """Which of ``keys`` were set within ``timeout`` seconds of the last one seen arriving (so every rank
+        that arrived a little after this one has also waited ``timeout`` for the missing ones), and at most
+        1.25 ``timeout`` in all: the ranks waiting for the outcome give up at twice the timeout."""
+        start = time.monotonic()
+        deadline, cap = start + timeout, start + 1.25 * timeout
+        pause = _POLL_FIRST
+        waiting = list(keys)
+        while waiting:
+            still = [key for key in waiting if not self._call(self._store.check, [key])]
+            now = time.monotonic()
+            if len(still) < len(waiting):
+                deadline = min(max(deadline, now + timeout), cap)
+                pause = _POLL_FIRST
+            waiting = still
+            if not waiting or now >= deadline:
+                break
+            time.sleep(min(pause, max(0.0, deadline - now)))
+            pause = min(2 * pause, _POLL_MAX)
+        return [key not in waiting for key in keys]
 
     @contextlib.contextmanager
-    def _store_errors(self, op: str) -> Iterator[None]:
+    def _store_errors(self, phase: str) -> Iterator[None]:
         try:
             yield
         except SafepointError:
             raise
         except (RuntimeError, OSError, ValueError) as err:  # DistError, DistNetworkError, a torn record
             raise CoordinationError(
-                f"lost contact with the other ranks during {op} ({type(err).__name__}: {err}); the store of the "
+                f"lost contact with the other ranks during {phase} ({type(err).__name__}: {err}); the store of the "
                 "process group (hosted by rank 0, or by torchrun's agent) is gone or unreadable, so this rank "
                 "cannot know how the operation ended: a new run's restore() finds what was committed",
                 ranks=(0,),

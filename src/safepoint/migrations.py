@@ -30,6 +30,8 @@ from .validate import non_negative_int
 __all__ = [
     "Migration",
     "Migrations",
+    "check_migrations",
+    "check_state_version",
     "copy_containers",
     "move_key",
     "remove_key",
@@ -308,3 +310,17 @@ def rename_key(state: dict[str, Any], path: KeyPath, new_name: str | int, *, def
     """Rename the last part of ``path`` to ``new_name`` in the same dict; absent, ``new_name`` gets ``default``."""
     parts = _parts(path)
     return move_key(state, parts, [*parts[:-1], new_name], default=default)
+
+
+def check_state_version(value: object) -> int:
+    return non_negative_int("state_version", value)
+
+
+def check_migrations(migrations: object, state_version: int) -> Migrations | None:
+    """The chain must be whole and end at ``state_version`` before any checkpoint is read."""
+    if migrations is None:
+        return None
+    if not isinstance(migrations, Migrations):
+        raise ConfigError(f"migrations must be a safepoint.Migrations, not {type(migrations).__name__}")
+    migrations.check(state_version)
+    return migrations

@@ -15,41 +15,40 @@ handle's ``result()`` or else by the owner's next ``raise_failures()`` as :class
 failure as its cause. At interpreter exit, saves still in flight are finished (a hook that runs before
 ``concurrent.futures`` refuses new work), and a warning says that nobody waited for them.
 
-This module never decides what is retained or what a step is called: the caller passes a ``commit`` callable.
+This module never decides what is written, retained or what a step is called: the caller passes the ``job``
+(:mod:`safepoint.pipeline`'s save attempt).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import gc
 import logging
 import os
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar, overload
 
 import torch
 
-from .codec import Encoded, Leaf, LeafKind, encode_state
-from .commit import SHARD_BYTES, SavePlan, check_metrics, plan_save
+from .codec import Leaf
 from .errors import BackgroundSaveError, SafepointError, attach_note
 from .payload import is_dense_on_cpu
 from .staging import StagingPool
 from .validate import positive_int
 
-__all__ = ["BackgroundWriter", "Commit", "SaveHandle", "check_in_flight"]
+__all__ = ["BackgroundWriter", "Job", "SaveHandle", "check_in_flight"]
 
 logger = logging.getLogger("safepoint")
 
 T = TypeVar("T")
 
-#: Writes ``plan`` from the staged leaves, calling ``written(leaf)`` as each leaf's memory is free again.
-Commit = Callable[[SavePlan, Sequence[torch.Tensor], Callable[[int], None]], T]
+#: A background save's work on its thread: write and commit the staged leaves (``leaves[i]`` waits until leaf
+#: ``i`` is copied), calling ``written(i)`` as each leaf's memory is free again.
+Job = Callable[[Sequence[torch.Tensor], Callable[[int], None]], T]
 
 
 def check_in_flight(value: object) -> int:
@@ -273,60 +272,28 @@ class BackgroundWriter:
 
     def submit(
         self,
-        state: Mapping[str, Any],
-        *,
-        checkpoint: str,
         step: int,
-        metrics: Mapping[str, float] | None,
-        state_version: int,
-        commit: Commit[T],
-        shard_bytes: int = SHARD_BYTES,
+        leaves: list[Leaf],
+        job: Job[T],
+        order: Callable[[], list[int]],
     ) -> SaveHandle[T]:
-        """Snapshot ``state`` into staging buffers and start writing it; returns once the snapshot is complete.
-
-        Invalid state or metrics raise here, before anything is copied or written."""
-        checked = check_metrics(metrics or {})
-        was_enabled = gc.isenabled()
-        gc.disable()  # as in a synchronous save: a few objects per tensor would trigger full collections
-        try:
-            encoded = encode_state(state)
-
-            def planner(leaves: list[Leaf]) -> SavePlan:
-                staged = Encoded(encoded.tree, leaves)
-                return plan_save(
-                    staged,
-                    checkpoint=checkpoint,
-                    step=step,
-                    metrics=checked,
-                    state_version=state_version,
-                    shard_bytes=shard_bytes,
-                )
-
-            return self._start(step, encoded.leaves, planner, commit)
-        finally:
-            if was_enabled:
-                gc.enable()
-
-    def _start(
-        self, step: int, leaves: list[Leaf], planner: Callable[[list[Leaf]], SavePlan], commit: Commit[T]
-    ) -> SaveHandle[T]:
+        """Copy ``leaves`` into staging buffers and start ``job`` on them on a thread; returns once the copy is
+        complete. ``order`` is the order in which ``job`` reads the leaves (asked only when the staging budget
+        is smaller than the state, so that the copy can follow the writer)."""
         handle: SaveHandle[T] = SaveHandle(step)
         staged = _Staged(leaves, self.pool)
         streaming = self.pool.limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > self.pool.limit
-        plan: SavePlan | None = None
         if streaming:  # the writer starts now, and the copy follows the order in which it writes
-            plan = early = planner(leaves)
-            order = [item.leaf for planned in early.files for item in planned.tensors]
+            sequence = order()
             limit = max(1, min(SEGMENT_BYTES, (self.pool.limit or 0) // 4))
         else:  # the writer starts after the copy, and plans from the copy (planning is not the caller's time)
-            order, limit = list(range(len(leaves))), SEGMENT_BYTES
-        job = _Job(handle, plan, planner, [(leaf.key, leaf.kind, leaf.scalar) for leaf in leaves], staged, commit)
-        thread = threading.Thread(target=_run, args=(job,), name=f"safepoint-save-{step}", daemon=True)
+            sequence, limit = list(range(len(leaves))), SEGMENT_BYTES
+        thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
         if streaming:
             _register_exit_hook(self)
             thread.start()
         try:
-            _copy(leaves, order, staged, self.pool, limit)
+            _copy(leaves, sequence, staged, self.pool, limit)
         except BaseException as err:
             staged.abandon(err)
             staged.staging_finished()
@@ -349,31 +316,17 @@ class BackgroundWriter:
         return handle
 
 
-@dataclass
-class _Job(Generic[T]):
-    handle: SaveHandle[T]
-    plan: SavePlan | None  # None: planned in the background, from the staged copies
-    planner: Callable[[list[Leaf]], SavePlan]
-    keys: list[tuple[str, LeafKind, bool]]
-    staged: _Staged
-    commit: Commit[T]
-
-
-def _run(job: _Job[Any]) -> None:
-    staged = job.staged
+def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T]) -> None:
     _yield_cpu()
     try:
-        plan = job.plan
-        if plan is None:
-            plan = job.planner([Leaf(key, kind, staged[i], scalar) for i, (key, kind, scalar) in enumerate(job.keys)])
-        result = job.commit(plan, staged, staged.written)
+        result = job(staged, staged.written)
     except BaseException as err:
         staged.abandon(err)
         staged.release_all()
-        job.handle._future.set_exception(err)
+        handle._future.set_exception(err)
         return
     staged.release_all()
-    job.handle._future.set_result(result)
+    handle._future.set_result(result)
 
 
 #: The background writer's nice value (Linux: per thread, and inherited by the file writers it starts), so the

@@ -40,7 +40,9 @@ def loopback_env(rank: int, world: int, port: int) -> dict[str, str]:
         MASTER_PORT=str(port),
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
+        # the source tree under test first: an installed safepoint (e.g. an editable one of another checkout)
+        # must not stand in for it
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]),
     )
     return env
 

@@ -248,3 +248,84 @@ def test_kill_at_every_fault_point_of_a_two_rank_save(tmp_path: Path, victim: in
     report = safepoint.verify(ckpt)
     assert report.ok
     assert report.notes == ()  # gc left nothing of the dead attempt
+
+
+# -- background saves ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
+def background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path, list[Any]]:
+    world: int = request.param
+    base = tmp_path_factory.mktemp(f"background{world}")
+    found = _ok(run_group("background", world, base / "ckpt", base / "out"))
+    return world, base / "ckpt", found
+
+
+def test_background_saves_commit_once_every_rank_wrote_and_hold_the_staged_values(
+    background: tuple[int, Path, list[Any]],
+) -> None:
+    world, ckpt, found = background
+    assert len({tuple(f["save_ids"]) for f in found}) == 1  # one save id per step, the same on every rank
+    assert len(set(found[0]["save_ids"])) == 3
+    for rank, observed in enumerate(found):
+        assert observed["steps"] == [2, 3], rank  # keep_last=2
+        assert observed["restored_step"] == 3, rank
+        assert observed["model_and_optimizer_equal"] is True, rank  # not the values changed after save() returned
+        assert observed["shard"] == [float(rank)] * 4, rank
+        assert observed["count"] == 7 + rank, rank
+        assert observed["restored_during_save"] in (3, 4), rank
+        assert observed["fourth"] == 4, rank
+    manifest = _manifest(ckpt / "step-000000000006")
+    assert manifest["world_size"] == world
+    assert safepoint.verify(ckpt).ok
+
+
+def test_a_background_failure_on_one_rank_reaches_every_rank_once(background: tuple[int, Path, list[Any]]) -> None:
+    world, ckpt, found = background
+    for rank, observed in enumerate(found):
+        assert observed["eio_call"]["error"] is None, rank  # staged: the failure comes later
+        failed = observed["eio_wait"]
+        assert failed["error"] == "BackgroundSaveError", rank
+        assert failed["cause"] == "CoordinationError", rank  # an OSError crosses ranks as a CoordinationError
+        assert failed["cause_ranks"] == [world - 1], rank
+        assert f"rank {world - 1}: " in failed["message"], rank
+        assert "Input/output error" in failed["message"], rank
+        assert "step 5" in failed["message"], rank
+        assert observed["eio_again"]["error"] is None, rank  # reported once, then cleared
+        assert observed["after_failure"]["value"] == "6", rank
+        assert observed["steps_at_end"] == [4, 6], rank
+    assert not (ckpt / "step-000000000005").exists()  # every rank's files of the failed attempt removed
+
+
+KILLED_BACKGROUND = [
+    pytest.param(2, 1, "data.write.after@2=kill", id="2-ranks-rank-1"),
+    pytest.param(4, 2, "data.write.after@2=kill", id="4-ranks-rank-2", marks=pytest.mark.slow),
+    pytest.param(2, 0, "data.write.after@3=kill", id="2-ranks-rank-0", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("world", "victim", "faults"), KILLED_BACKGROUND)
+def test_a_rank_killed_mid_background_save_is_a_coordination_error_everywhere(
+    tmp_path: Path, world: int, victim: int, faults: str
+) -> None:
+    """kill -9 (from the fault seam) of a rank while its background thread writes the second save."""
+    ckpt = tmp_path / "ckpt"
+    ranks = run_group(
+        "killed_background", world, ckpt, tmp_path / "out", extra_env={victim: {"SAFEPOINT_FAULTS": faults}}
+    )
+    assert ranks[victim].returncode == -9, ranks[victim].output[-3000:]
+    for rank in (r for r in range(world) if r != victim):
+        assert ranks[rank].returncode == 0, ranks[rank].output[-4000:]
+        found = ranks[rank].results
+        assert found["first"]["value"] == "1"
+        assert found["second_call"]["error"] is None  # the call returned once this rank's state was staged
+        failed = found["second_wait"]
+        assert failed["error"] == "BackgroundSaveError"
+        assert failed["cause"] == "CoordinationError"
+        assert victim in failed["cause_ranks"]
+        assert found["second_seconds"] < TIMEOUT * 3 + 10
+        assert found["second_again"]["error"] is None
+        assert found["steps"] == [1]
+    with safepoint.CheckpointManager(ckpt) as manager:
+        manager.gc()
+        assert manager.steps() == [1]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000000001"]
+    assert safepoint.verify(ckpt).ok

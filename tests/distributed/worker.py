@@ -140,7 +140,76 @@ def killed(directory: Path, rank: int, world: int) -> dict[str, Any]:
     return found
 
 
-SCENARIOS = {"basics": basics, "killed": killed}
+def background(directory: Path, rank: int, world: int) -> dict[str, Any]:
+    """Background saves of replicated and PerRank entries on every rank, a restore made while one is in
+    flight, and a failure on the last rank that must reach every rank exactly once."""
+    found: dict[str, Any] = {}
+    state = build(rank)
+    saved = tensors(state)
+    with safepoint.CheckpointManager(directory, keep_last=2, timeout=TIMEOUT, max_in_flight=2) as manager:
+        handles = [manager.save(step, state, metrics={"loss": 1.0 / step}, blocking=False) for step in (1, 2, 3)]
+        with torch.no_grad():  # the saves hold copies: changing the live tensors now must not reach them
+            for parameter in state["model"].parameters():
+                parameter.add_(1.0)
+        state["shard"].value.add_(1.0)
+        found["save_ids"] = [handle.result(timeout=60).save_id for handle in handles]
+        manager.wait()
+        found["steps"] = manager.steps()
+
+        fresh = build(rank, fresh=True)
+        report = manager.restore(fresh)
+        assert report is not None
+        found["restored_step"] = report.step
+        found["model_and_optimizer_equal"] = same(tensors(fresh), saved)
+        found["shard"] = fresh["shard"].value.tolist()
+        found["count"] = fresh["count"].value
+
+        handle = manager.save(4, state, blocking=False)
+        during = manager.restore(build(rank, fresh=True))  # on the caller's thread while step 4 is written
+        found["restored_during_save"] = None if during is None else during.step
+        found["fourth"] = handle.result(timeout=60).step
+
+        with faults.armed({"data.write.after": "eio"} if rank == world - 1 else {}):
+            found["eio_call"] = outcome(lambda: manager.save(5, state, blocking=False).step)
+            found["eio_wait"] = cause_of(manager.wait)
+        found["eio_again"] = outcome(manager.wait)
+        found["after_failure"] = outcome(lambda: manager.save(6, state, blocking=False).result(timeout=60).step)
+        found["steps_at_end"] = manager.steps()
+        dist.barrier()  # rank 0 hosts the store: nobody leaves before every rank has read its last outcome
+    return found
+
+
+def cause_of(call: Callable[[], Any]) -> dict[str, Any]:
+    """``outcome`` of a call, plus the type, message and ranks of its error's cause."""
+    try:
+        call()
+    except safepoint.SafepointError as error:
+        cause = error.__cause__
+        return {
+            "error": type(error).__name__,
+            "message": str(error),
+            "cause": type(cause).__name__,
+            "cause_ranks": list(getattr(cause, "ranks", ())),
+        }
+    return {"error": None}
+
+
+def killed_background(directory: Path, rank: int, world: int) -> dict[str, Any]:
+    """As ``killed``, with background saves: the victim dies writing its files of the second save."""
+    found: dict[str, Any] = {}
+    state = build(rank)
+    with safepoint.CheckpointManager(directory, timeout=TIMEOUT) as manager:
+        found["first"] = outcome(lambda: manager.save(1, state, blocking=False).result(timeout=60).step)
+        start = time.monotonic()
+        found["second_call"] = outcome(lambda: manager.save(2, state, blocking=False).step)
+        found["second_wait"] = cause_of(manager.wait)
+        found["second_seconds"] = time.monotonic() - start
+        found["second_again"] = outcome(manager.wait)
+        found["steps"] = manager.steps()
+    return found
+
+
+SCENARIOS = {"basics": basics, "killed": killed, "background": background, "killed_background": killed_background}
 
 
 def main() -> int:

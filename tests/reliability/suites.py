@@ -315,7 +315,11 @@ def kill_subprocess(scale: Scale, work: Path) -> Result:
     for point in points:
         root = work / f"subprocess-{point}"
         shutil.rmtree(root, ignore_errors=True)
-        env = {**os.environ, "SAFEPOINT_FAULTS": f"{point}@1=kill", "PYTHONPATH": str(REPO)}
+        env = {
+            **os.environ,
+            "SAFEPOINT_FAULTS": f"{point}@1=kill",
+            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)]),
+        }
         command = [sys.executable, "-m", "tests.reliability.writer", str(root), "6", str(scale.max_elements)]
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -247,7 +247,7 @@ def test_staging_buffers_are_reused_between_saves(tmp_path: Path) -> None:
     state = {"w": [torch.randn(256, 256) for _ in range(4)], "b": torch.randn(1000)}
     with safepoint.CheckpointManager(tmp_path) as manager:
         manager.save(1, state, blocking=False).result(timeout=60)
-        pool = manager._writer.pool
+        pool = manager._saver.background.pool
         first = pool.allocations
         for step in (2, 3):
             manager.save(step, state, blocking=False).result(timeout=60)
@@ -266,7 +266,7 @@ def test_a_budget_smaller_than_the_state_streams_and_keeps_the_snapshot(tmp_path
         for t in tensors:
             t.fill_(-7)
         handle.result(timeout=60)
-        pool = manager._writer.pool
+        pool = manager._saver.background.pool
         assert pool.peak <= 600_000 * 8  # never more than the budget, or the one oversized piece alone
         assert pool.lent == 0
     loaded = safepoint.load(tmp_path / "step-000000000001")["t"]
@@ -280,7 +280,7 @@ def test_a_writer_failure_while_the_snapshot_streams_is_raised_by_that_save(tmp_
             manager.save(1, {"t": tensors}, blocking=False)
         assert caught.value.errno == errno.EIO
         manager.wait()  # already reported by save
-        assert manager._writer.pool.lent == 0
+        assert manager._saver.background.pool.lent == 0
         assert manager.steps() == []
     assert leftovers(tmp_path) == []
 
@@ -325,7 +325,7 @@ def test_cuda_tensors_are_staged_in_pinned_buffers_and_snapshotted(tmp_path: Pat
         for t in tensors:
             t.fill_(-1)
         handle.result(timeout=60)
-        pool = manager._writer.pool
+        pool = manager._saver.background.pool
         assert all(key[1] for key in pool._free if pool._free[key])  # pinned
     loaded = safepoint.load(tmp_path / "step-000000000001")["t"]
     assert all(torch.equal(a, b) for a, b in zip(loaded, expected, strict=True))
@@ -425,12 +425,19 @@ def test_background_writers_yield_the_cpu_and_the_caller_keeps_its_priority(tmp_
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
 
 
-def test_a_background_save_with_per_rank_entries_is_refused_before_anything_is_written(tmp_path: Path) -> None:
-    # multi-rank saves have no background path yet: the refusal names the option, and nothing reaches the disk
+def test_a_background_save_with_per_rank_entries_writes_the_per_rank_layout(tmp_path: Path) -> None:
+    # issue 12: the one pipeline has a background path for PerRank entries too (this was refused before)
     with safepoint.CheckpointManager(tmp_path) as manager:
-        state = {"w": torch.ones(4), "rng": safepoint.PerRank({"seed": 3})}
-        with pytest.raises(safepoint.ConfigError, match="blocking=False"):
-            manager.save(0, state, blocking=False)
-        assert manager.steps() == []
-        assert list(tmp_path.iterdir()) == []
-        assert manager.save(0, state).step == 0  # the blocking save of the same state works
+        state = {"w": torch.ones(4), "rng": safepoint.PerRank({"seed": 3, "t": torch.full((2,), 3.0)})}
+        handle = manager.save(0, state, blocking=False)
+        state["w"].add_(1.0)  # staged: the checkpoint holds the values of the moment of the call
+        state["rng"].value["t"].add_(1.0)
+        assert handle.result(timeout=60).step == 0
+        live = {"w": torch.zeros(4), "rng": safepoint.PerRank({"seed": 0, "t": torch.zeros(2)})}
+        report = manager.restore(live)
+    assert report is not None
+    assert torch.equal(live["w"], torch.ones(4))
+    assert live["rng"].value["seed"] == 3
+    assert torch.equal(live["rng"].value["t"], torch.full((2,), 3.0))
+    names = sorted(path.name for path in (tmp_path / "step-000000000000").glob("*/*.safetensors"))
+    assert names == ["r00000-own-00000.safetensors", "r00000-rep-00000.safetensors"]

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 import safepoint
-from safepoint.distributed import Post, TorchCoordinator, first_failure, require_all
+from safepoint.distributed import Operation, Post, TorchCoordinator, first_failure, require_all
+from safepoint.messages import Json
 
 TIMEOUT = 0.5
 
@@ -50,11 +52,32 @@ def run_ranks(
     return results
 
 
-def gather_sum(coordinator: TorchCoordinator) -> Any:
-    def decide(posts: list[Post | None]) -> Any:
-        return sum(post.value for post in require_all("sum", posts, coordinator.timeout))
+@dataclass(frozen=True)
+class Number:
+    """A message of these tests: one integer."""
 
-    return coordinator.exchange("sum", Post(10 + coordinator.rank), decide)
+    value: int
+
+    def to_json(self) -> Json:
+        return {"n": self.value}
+
+    @classmethod
+    def from_json(cls, value: Json) -> Number:
+        return cls(int(value["n"]))
+
+
+READS = (Number.from_json, Number.from_json)
+
+
+def exchange(operation: Operation, phase: str, post: Post[Number], decide: Any) -> Any:
+    return operation.exchange(phase, post, decide, reads=READS).value
+
+
+def gather_sum(coordinator: TorchCoordinator, operation: Operation | None = None) -> Any:
+    def decide(posts: list[Post[Number] | None]) -> Number:
+        return Number(sum(post.message().value for post in require_all("sum", posts, coordinator.timeout)))
+
+    return exchange(operation or coordinator.operation("sum"), "sum", Post(Number(10 + coordinator.rank)), decide)
 
 
 def test_every_rank_gets_the_decision_rank_0_made_on_all_posts() -> None:
@@ -66,15 +89,50 @@ def test_exchanges_repeat_in_order_and_old_records_are_removed() -> None:
     seen: list[Any] = []
 
     def body(coordinator: TorchCoordinator) -> Any:
-        values = [gather_sum(coordinator) for _ in range(3)]
+        operation = coordinator.operation("sum")
+        values = [gather_sum(coordinator, operation) for _ in range(3)]
         if coordinator.rank == 0:
             prefixed = dist.PrefixStore("test/", store)
-            seen.extend(prefixed.check([f"{n}/{r}"]) for n in (1, 2) for r in (0, 1))
+            seen.extend(prefixed.check([f"1.{n}/{r}"]) for n in (1, 2) for r in (0, 1))
+            seen.extend(prefixed.check([f"1.{n}/outcome"]) for n in (1, 2))
         return values
 
     results = run_ranks(2, body, store=store)
     assert results == [[21, 21, 21], [21, 21, 21]]
-    assert seen == [False, False, False, False]  # exchange 3 began: the records of 1 and 2 are gone
+    assert seen == [False] * 6  # rank 1 posted to exchange 3: it read 1 and 2, and removed their records
+
+
+def test_operations_on_two_threads_do_not_meet() -> None:
+    """A background save's exchanges, on its own thread, interleave with the caller's next operation: each
+    exchange is keyed by its operation, so neither sees the other's posts (a global count would cross them)."""
+
+    def body(coordinator: TorchCoordinator) -> Any:
+        first, second = coordinator.operation("save"), coordinator.operation("restore")
+        found: dict[str, Any] = {}
+
+        def background() -> None:
+            if coordinator.rank == 1:
+                time.sleep(0.2)  # rank 1 reaches the second operation first on its caller's thread
+            found["first"] = [exchange(first, "a", Post(Number(coordinator.rank)), plus(100)) for _ in range(3)]
+
+        thread = threading.Thread(target=background)
+        thread.start()
+        if coordinator.rank == 0:
+            time.sleep(0.2)
+        found["second"] = [exchange(second, "b", Post(Number(coordinator.rank)), plus(1000)) for _ in range(2)]
+        thread.join()
+        return found
+
+    def plus(base: int) -> Any:
+        def decide(posts: list[Post[Number] | None]) -> Number:
+            return Number(base + sum(post.message().value for post in require_all("x", posts, 5.0)))
+
+        return decide
+
+    results = run_ranks(2, body)
+    for found in results:
+        assert found["first"] == [101, 101, 101]
+        assert found["second"] == [1001, 1001]
 
 
 def test_a_rank_that_never_posts_is_named_on_every_waiting_rank() -> None:
@@ -100,17 +158,17 @@ def test_a_missing_coordinator_is_named_by_the_other_ranks() -> None:
 
 def test_a_safepoint_error_on_one_rank_is_the_same_type_and_message_everywhere() -> None:
     def body(coordinator: TorchCoordinator) -> Any:
-        own = (
+        own: Post[Number] = (
             Post(error=safepoint.CheckpointExistsError("step 5 is taken", step=5, path="/x"))
             if coordinator.rank == 1
-            else Post(1)
+            else Post(Number(1))
         )
 
-        def decide(posts: list[Post | None]) -> Any:
+        def decide(posts: list[Post[Number] | None]) -> Number:
             first_failure(require_all("save", posts, coordinator.timeout))
-            return "saved"
+            return Number(0)
 
-        return coordinator.exchange("save", own, decide)
+        return exchange(coordinator.operation("save"), "save", own, decide)
 
     results = run_ranks(3, body)
     for error in results:
@@ -122,8 +180,13 @@ def test_a_safepoint_error_on_one_rank_is_the_same_type_and_message_everywhere()
 
 def test_other_errors_become_a_coordination_error_naming_rank_and_type() -> None:
     def body(coordinator: TorchCoordinator) -> Any:
-        own = Post(error=ValueError("bad shard")) if coordinator.rank == 2 else Post(1)
-        return coordinator.exchange("save", own, lambda posts: first_failure(require_all("save", posts, TIMEOUT)))
+        own: Post[Number] = Post(error=ValueError("bad shard")) if coordinator.rank == 2 else Post(Number(1))
+
+        def decide(posts: list[Post[Number] | None]) -> Number:
+            first_failure(require_all("save", posts, TIMEOUT))
+            return Number(0)
+
+        return exchange(coordinator.operation("save"), "save", own, decide)
 
     results = run_ranks(3, body)
     for error in results:
@@ -135,7 +198,12 @@ def test_other_errors_become_a_coordination_error_naming_rank_and_type() -> None
 def test_ranks_in_different_operations_are_told_so() -> None:
     def body(coordinator: TorchCoordinator) -> Any:
         op = "restore.begin" if coordinator.rank == 1 else "save.begin"
-        return coordinator.exchange(op, Post(1), lambda posts: first_failure(require_all(op, posts, TIMEOUT)))
+
+        def decide(posts: list[Post[Number] | None]) -> Number:
+            first_failure(require_all(op, posts, TIMEOUT))
+            return Number(0)
+
+        return exchange(coordinator.operation(op), op, Post(Number(1)), decide)
 
     results = run_ranks(2, body)
     for error in results:
@@ -215,3 +283,30 @@ def test_a_nested_per_rank_is_refused_naming_its_key(tmp_path: Path) -> None:
     assert caught.value.key == "data/loader"
     assert "PerRank marks top-level entries" in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the messages between ranks -----------------------------------------------------------------------------------
+def test_a_rank_part_survives_its_json_form() -> None:
+    from safepoint.manifest import EntryRecord, FileRecord
+    from safepoint.messages import OwnPart, RankPart, ReplicatedPart, ReplicatedPlan
+
+    entry = EntryRecord("model/w", "tensor", "F32", (2, 3), 0, "model/w", False)
+    plan = ReplicatedPlan(("s/r00000-rep-00000.safetensors",), (entry,), {"k": "dict", "v": []}, {"loss": 0.5})
+    part = RankPart(
+        ReplicatedPart(((0, FileRecord("s/r00000-rep-00000.safetensors", 120, "crc:1")),), "abc", plan),
+        OwnPart((FileRecord("s/r00000-own-00000.safetensors", 64, "crc:2"),), (entry,), {"k": "dict", "v": []}),
+    )
+    again = RankPart.from_json(json.loads(json.dumps(part.to_json())))
+    assert again == part
+    assert again.rep is not None
+    assert again.rep.plan is not None
+    assert again.rep.plan.entries[0].shape == (2, 3)  # a tuple again, as the manifest needs
+
+
+def test_a_malformed_message_is_a_coordination_error() -> None:
+    from safepoint.messages import Check, SaveBegin
+
+    with pytest.raises(safepoint.CoordinationError, match="lacks 'keys'"):
+        SaveBegin.from_json({"step": 3})
+    with pytest.raises(safepoint.CoordinationError, match="unknown restore status 'fine'"):
+        Check.from_json({"status": "fine", "reason": ""})

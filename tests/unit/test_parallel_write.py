@@ -13,8 +13,16 @@ import safepoint
 from safepoint import faults
 from safepoint.budget import ByteBudget
 from safepoint.codec import encode_state
-from safepoint.commit import execute_save, plan_save
+from safepoint.commit import plan_save
+from safepoint.pipeline import save_to
 from safepoint.storage import LocalStorage
+
+
+def save_sharded(path: Path, state: dict[str, torch.Tensor], shard_bytes: int) -> None:
+    """Save through the pipeline with payload files cut at ``shard_bytes``."""
+    storage = LocalStorage(path)
+    storage.shard_bytes = shard_bytes
+    save_to(storage, "", 1, state, metrics=None, state_version=1)
 
 
 def many_files_state() -> dict[str, torch.Tensor]:
@@ -26,7 +34,7 @@ def test_many_files_are_written_and_read_back(tmp_path: Path) -> None:
     state = many_files_state()
     plan = plan_save(encode_state(state), checkpoint="", step=1, shard_bytes=20_000)
     assert len(plan.files) == 12
-    execute_save(LocalStorage(tmp_path), plan, [leaf.tensor for leaf in encode_state(state).leaves])
+    save_sharded(tmp_path, state, 20_000)
     loaded = safepoint.load(tmp_path)
     for key, tensor in state.items():
         assert torch.equal(loaded[key], tensor), key
@@ -36,10 +44,9 @@ def test_many_files_are_written_and_read_back(tmp_path: Path) -> None:
 @pytest.mark.parametrize("point", ["data.write.after", "data.fsync.after"])
 def test_an_error_in_one_writer_thread_fails_the_save_and_leaves_nothing(tmp_path: Path, point: str) -> None:
     state = many_files_state()
-    encoded = encode_state(state)
-    plan = plan_save(encoded, checkpoint="", step=1, shard_bytes=20_000)
+    assert len(plan_save(encode_state(state), checkpoint="", step=1, shard_bytes=20_000).files) == 12
     with faults.armed({point: faults.FaultSpec("eio", nth=5)}), pytest.raises(OSError, match="injected"):
-        execute_save(LocalStorage(tmp_path), plan, [leaf.tensor for leaf in encoded.leaves])
+        save_sharded(tmp_path, state, 20_000)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -18,9 +18,7 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.codec import encode_state
-from safepoint.commit import plan_save
-from safepoint.manager import commit_plan
+from safepoint.pipeline import save_to
 from safepoint.reader import read_checkpoint
 from safepoint.storage import LocalStorage
 from safepoint.storage.base import SequentialReads
@@ -33,9 +31,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def many_files(path: Path) -> dict[str, torch.Tensor]:
     """A checkpoint of four payload files (files cut at 1 MiB instead of SHARD_BYTES)."""
     state = {f"part{i}": torch.full((1 << 20,), float(i)) for i in range(4)}
-    encoded = encode_state(state)
-    plan = plan_save(encoded, checkpoint="", step=0, shard_bytes=1 << 20)
-    commit_plan(LocalStorage(path), plan, [leaf.tensor for leaf in encoded.leaves])
+    storage = LocalStorage(path)
+    storage.shard_bytes = 1 << 20
+    save_to(storage, "", 0, state, metrics=None, state_version=1)
     assert len(payload_paths(path)) == 4
     return state
 
