@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import torch.distributed as dist
 
 from . import errors
-from .errors import CoordinationError, SafepointError
+from .errors import ConfigError, CoordinationError, SafepointError
 from .validate import positive_seconds
 
 if TYPE_CHECKING:  # messages imports the manifest, which imports the codec, which imports PerRank from here
@@ -154,9 +154,12 @@ def check_timeout(value: object) -> float:
     return positive_seconds("timeout", value)
 
 
-def default_coordinator(timeout: float) -> Coordinator:
-    """The coordinator for this process: torch.distributed's default group if one is initialised."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+def default_coordinator(timeout: float, *, distributed: bool = True) -> Coordinator:
+    """The coordinator for this process: torch.distributed's default group if one is initialised (and
+    ``distributed``), else this process alone."""
+    if distributed is not True and distributed is not False:
+        raise ConfigError(f"distributed must be True or False, not {distributed!r}")
+    if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # _get_default_store is the store the group was built on (torchrun's TCPStore); there is no public getter
         store = dist.distributed_c10d._get_default_store()
         # every rank creates its managers in the same order, so the n-th manager of each rank shares a namespace

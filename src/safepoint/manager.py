@@ -43,6 +43,8 @@ class CheckpointManager:
     protocol, opened with ``storage_options``; ``grace_period``: seconds an object-store save may go without a
     sign of life before the collector treats it as dead). ``timeout``: with a process group, the seconds each
     rank waits for the others at each step of a save or restore before a CoordinationError (default 600).
+    ``distributed=False``: this process saves and restores alone even in a torch.distributed group (for code that
+    saves on one rank only, as Lightning does); two processes must then never save into the same directory.
 
     >>> with CheckpointManager("runs/exp1", keep_last=3) as manager:   # doctest: +SKIP
     ...     report = manager.restore(state)        # None when there is nothing to resume from
@@ -68,12 +70,13 @@ class CheckpointManager:
         grace_period: float | None = None,
         max_staging_bytes: int | None = None,
         max_in_flight: int = 1,
+        distributed: bool = True,
     ) -> None:
         policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         background = BackgroundWriter(check_staging_bytes(max_staging_bytes), check_in_flight(max_in_flight))
         self._state_version = check_state_version(state_version)
         self._migrations = check_migrations(migrations, self._state_version)
-        self._coordinator = default_coordinator(check_timeout(timeout))
+        self._coordinator = default_coordinator(check_timeout(timeout), distributed=distributed)
         self._storage = open_manager_directory(directory, storage_options, grace_period)
         self.directory = self._storage.describe("")
         self._saver = Saver(
@@ -150,8 +153,7 @@ class CheckpointManager:
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
-        steps = self.steps()
-        return steps[-1] if steps else None
+        return max(self.steps(), default=None)
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint whose manifest reads, ascending by step (see :meth:`verify` for the rest)."""

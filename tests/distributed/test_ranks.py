@@ -329,3 +329,20 @@ def test_a_rank_killed_mid_background_save_is_a_coordination_error_everywhere(
         assert manager.steps() == [1]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-000000000001"]
     assert safepoint.verify(ckpt).ok
+
+
+def test_distributed_false_saves_on_one_rank_while_the_others_never_call(tmp_path: Path) -> None:
+    """Lightning saves on global rank 0 only: a manager with distributed=False must neither wait for the other
+    ranks nor split the state by rank, and every rank can read the result on its own."""
+    ranks = _ok(run_group("alone", 2, tmp_path / "ckpt", tmp_path / "out"))
+    first = ranks[0]
+    assert first["sync"]["error"] is None
+    assert first["sync"]["seconds"] < TIMEOUT  # nobody waited for rank 1
+    assert first["background"]["error"] is None
+    assert first["steps"] == [1, 2]
+    for found in ranks:
+        assert found["loaded_step"] == 2
+        assert found["loaded_weights"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # rank 0's values, not the reader's
+        assert found["loaded_count"] == 0
+    manifest = json.loads(next((tmp_path / "ckpt").glob("step-000000000002/manifest.json")).read_text())
+    assert manifest["world_size"] == 1

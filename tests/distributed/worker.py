@@ -209,7 +209,28 @@ def killed_background(directory: Path, rank: int, world: int) -> dict[str, Any]:
     return found
 
 
-SCENARIOS = {"basics": basics, "killed": killed, "background": background, "killed_background": killed_background}
+def alone(directory: Path, rank: int, world: int) -> dict[str, Any]:
+    """distributed=False inside a group: rank 0 saves on its own (as Lightning does, on global rank 0 only) while
+    the other ranks never call the manager; then every rank reads the checkpoint on its own."""
+    found: dict[str, Any] = {}
+    state = {"weights": torch.arange(6, dtype=torch.float32) * (rank + 1), "count": rank}
+    if rank == 0:
+        with safepoint.CheckpointManager(directory, distributed=False, timeout=TIMEOUT) as manager:
+            found["sync"] = outcome(lambda: manager.save(1, state).step)
+            found["background"] = outcome(lambda: manager.save(2, state, blocking=False).result(timeout=60).step)
+            found["steps"] = manager.steps()
+    dist.barrier()
+    with safepoint.CheckpointManager(directory, distributed=False, timeout=TIMEOUT) as manager:
+        values, report = manager.load()
+    found["loaded_step"] = report.step
+    found["loaded_weights"] = values["weights"].tolist()
+    found["loaded_count"] = values["count"]
+    return found
+
+
+SCENARIOS = {
+    "alone": alone,
+    "basics": basics, "killed": killed, "background": background, "killed_background": killed_background}
 
 
 def main() -> int:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import safepoint
+from safepoint.errors import ConfigError
 from safepoint.layout import step_dir
 from tests.conftest import assert_same_tensors, fresh_state, make_state, tensors_of
 
@@ -469,3 +470,8 @@ def test_restore_and_load_refuse_a_step_that_is_not_one(tmp_path: Path, step: An
             manager.load(step=step)
         with pytest.raises(safepoint.ConfigError, match="step must be None or a non-negative integer"):
             manager.restore({"x": torch.zeros(1)}, step=step)
+
+
+def test_distributed_must_be_a_bool(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="distributed must be True or False, not 'no'"):
+        safepoint.CheckpointManager(tmp_path / "run", distributed="no")  # type: ignore[arg-type]
