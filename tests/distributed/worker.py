@@ -230,7 +230,11 @@ def alone(directory: Path, rank: int, world: int) -> dict[str, Any]:
 
 SCENARIOS = {
     "alone": alone,
-    "basics": basics, "killed": killed, "background": background, "killed_background": killed_background}
+    "basics": basics,
+    "killed": killed,
+    "background": background,
+    "killed_background": killed_background,
+}
 
 
 def main() -> int:
