@@ -55,6 +55,7 @@ from .restore import RestoreReport, SkippedCheckpoint, apply_checkpoint, load_va
 from .retention import RetentionPolicy, steps_to_keep
 from .staging import check_staging_bytes
 from .storage import Storage, open_storage
+from .structure import StructureCache
 from .verify import VerifyReport, verify_storage
 from .writer import BackgroundWriter, SaveHandle, check_in_flight
 
@@ -104,10 +105,12 @@ def save_to(
     *,
     metrics: Mapping[str, float] | None,
     state_version: int,
+    structures: StructureCache | None = None,
 ) -> CheckpointInfo:
-    """Encode, write and commit ``state`` as ``checkpoint``. On a step already committed, verify it and say so."""
+    """Encode, write and commit ``state`` as ``checkpoint``. On a step already committed, verify it and say so.
+    ``structures`` answers the encoding when the state has the structure saved last."""
     with _gc_paused():
-        encoded = encode_state(state)
+        encoded = structures.encode(state) if structures is not None else encode_state(state)
         plan = plan_save(
             encoded,
             checkpoint=checkpoint,
@@ -369,7 +372,8 @@ class CheckpointManager:
         self._writer.raise_failures()
         if not blocking:
             return self._save_in_background(step, state, metrics)
-        info = save_to(self._storage, step_dir(step), step, state, metrics=metrics, state_version=self._state_version)
+        info = save_to(self._storage, step_dir(step), step, state, metrics=metrics, state_version=self._state_version,
+                       structures=self._writer.structures)  # fmt: skip
         self._retain(step)
         return info
 

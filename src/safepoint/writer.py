@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import os
@@ -35,11 +36,11 @@ from typing import Any, Generic, TypeVar, overload
 
 import torch
 
-from .codec import Encoded, Leaf, LeafKind, encode_state
+from .codec import Leaf, LeafKind
 from .commit import SHARD_BYTES, SavePlan, check_metrics, plan_save
 from .errors import BackgroundSaveError, ConfigError, SafepointError, attach_note
-from .payload import is_dense_on_cpu
 from .staging import StagingPool
+from .structure import StructureCache
 
 __all__ = ["BackgroundWriter", "Commit", "SaveHandle", "check_in_flight"]
 
@@ -235,6 +236,7 @@ class BackgroundWriter:
 
     def __init__(self, max_staging_bytes: int | None, max_in_flight: int) -> None:
         self.pool = StagingPool(max_staging_bytes)
+        self.structures = StructureCache()  # the last structure saved: later saves of it skip the encoder
         self.max_in_flight = max_in_flight
         self._pending: list[SaveHandle[Any]] = []
         self._threads: dict[SaveHandle[Any], threading.Thread] = {}
@@ -290,10 +292,10 @@ class BackgroundWriter:
         was_enabled = gc.isenabled()
         gc.disable()  # as in a synchronous save: a few objects per tensor would trigger full collections
         try:
-            encoded = encode_state(state)
+            encoded = self.structures.encode(state)
 
             def planner(leaves: list[Leaf]) -> SavePlan:
-                staged = Encoded(encoded.tree, leaves)
+                staged = dataclasses.replace(encoded, leaves=leaves)
                 return plan_save(
                     staged,
                     checkpoint=checkpoint,
@@ -402,16 +404,17 @@ def _copy(leaves: list[Leaf], order: list[int], staged: _Staged, pool: StagingPo
         size, device = 0, None
         while position < len(order):
             index = order[position]
-            source = leaves[index].tensor
-            if leaves[index].kind == "pickle" or source.numel() == 0:  # a private copy already, or nothing
-                staged.put(index, source if source.numel() else torch.empty(source.shape, dtype=source.dtype))
+            kind, source = leaves[index].kind, leaves[index].tensor
+            nbytes = source.nbytes
+            if kind == "pickle" or nbytes == 0:  # a private copy already, or nothing
+                staged.put(index, source if nbytes else torch.empty(source.shape, dtype=source.dtype))
                 position += 1
                 continue
-            where = source.device if source.device.type == "cuda" else None  # other devices: plain memory
-            if members and (size + _nbytes(source) > limit or where != device):
+            where = source.device if source.is_cuda else None  # other devices: plain memory
+            if members and (size + nbytes > limit or where != device):
                 break
             members.append((index, size))
-            size += -(-_nbytes(source) // _ALIGN) * _ALIGN
+            size += -(-nbytes // _ALIGN) * _ALIGN
             device = where
             position += 1
         if not members:
@@ -426,12 +429,12 @@ def _copy(leaves: list[Leaf], order: list[int], staged: _Staged, pool: StagingPo
 
 def _fill(buffer: torch.Tensor, pieces: list[tuple[torch.Tensor, int]], asynchronous: bool) -> None:
     base = buffer.data_ptr()
+    memmove = ctypes.memmove
     for source, offset in pieces:
-        nbytes = _nbytes(source)
-        if is_dense_on_cpu(source):
-            ctypes.memmove(base + offset, source.data_ptr(), nbytes)  # torch's copy_ costs ~10x more per call
+        if source.is_cpu and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
+            memmove(base + offset, source.data_ptr(), source.nbytes)  # torch's copy_ costs ~10x more per call
         else:
-            view = buffer[offset : offset + nbytes].view(source.dtype).view(source.shape)
+            view = buffer[offset : offset + source.nbytes].view(source.dtype).view(source.shape)
             view.copy_(source, non_blocking=asynchronous)
 
 
