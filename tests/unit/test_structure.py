@@ -276,8 +276,10 @@ def test_background_saves_of_a_changing_state_load_back_as_it_was(tmp_path: Path
         for step, name in enumerate(["nothing", "int changed", "tensor values in place", "storages tied",
                                      "float sign of zero", "tensor shape", "nothing"]):  # fmt: skip
             MUTATIONS[name](state)
-            expected.append(json.dumps(encode_state(state).tree) + repr([leaf_bytes(leaf.tensor)
-                                                                          for leaf in encode_state(state).leaves]))
+            expected.append(
+                json.dumps(encode_state(state).tree)
+                + repr([leaf_bytes(leaf.tensor) for leaf in encode_state(state).leaves])
+            )
             handle = manager.save(step, state, blocking=False)
             if step % 2:
                 manager.save(100 + step, state)  # a synchronous save of the same structure in between
