@@ -66,13 +66,14 @@ class _GiveUp(Exception):
 class _Walk:
     """One pass over a state, recording its signature, its scalars and its tensors in the encoder's order."""
 
-    __slots__ = ("resolved", "scalar_keys", "scalars", "signature", "tensors")
+    __slots__ = ("resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
 
     def __init__(self) -> None:
         self.signature: list[Any] = []
         self.scalars: list[Any] = []  # the values, in tree order
         self.scalar_keys: list[Any] = []  # the same, compared exactly (floats as hex)
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor] = []  # detached, as the encoder keeps them
+        self.storages: list[int] = []  # each tensor's storage address (how the encoder finds shared storage)
         self.resolved: dict[int, list[Any]] = {}
 
     def node(self, value: Any, depth: int) -> None:
@@ -80,11 +81,11 @@ class _Walk:
             raise _GiveUp  # the encoder says why (a cycle, or too deep)
         cls = type(value)
         if cls in _TENSORS:
-            self.signature.append((
-                cls, value.dtype, value.shape, value.device, value.layout, value.is_contiguous(), value.is_conj(),
-                value.is_neg(),
-            ))  # fmt: skip
-            self.tensors.append(value)
+            # contiguity and the conj/neg bits matter only for tensors that share a storage: checked there
+            self.signature.append((cls, value.dtype, value.shape, value.device, value.layout))
+            self.tensors.append(value if cls is torch.Tensor and not value.requires_grad else value.detach())
+            # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
+            self.storages.append(value.data_ptr() - value.storage_offset() * value.itemsize)
         elif cls is dict:
             self.mapping(value, depth)
         elif cls in _SCALARS:
@@ -126,6 +127,7 @@ class _Walk:
                 raise _GiveUp from err
             self.signature.append(("ndarray", scalar, array.dtype, array.shape))
             self.tensors.append(tensor)
+            self.storages.append(0)  # never grouped
             return
         if isinstance(value, (torch.Tensor, Pickled, np.ndarray)):
             raise _GiveUp  # leaves the walk does not model (subclasses, pickles)
@@ -153,18 +155,11 @@ class _Walk:
         self.node(state, depth + 1)
 
 
-def _storage_keys(tensors: list[torch.Tensor], eligible: list[int]) -> list[int]:
-    """The storage address of each eligible tensor (as the encoder groups them), by arithmetic: cheaper than
-    ``untyped_storage()``; checked against it when an entry is made."""
-    keys: list[int] = []
-    for index in eligible:
-        tensor = tensors[index]
-        keys.append(tensor.data_ptr() - int(tensor.storage_offset()) * tensor.element_size())
-    return keys
-
-
-def _strides(tensors: list[torch.Tensor], indices: list[int]) -> list[tuple[int, tuple[int, ...]]]:
-    return [(int(tensors[i].storage_offset()), tuple(tensors[i].stride())) for i in indices]
+def _strides(tensors: list[torch.Tensor], indices: list[int]) -> list[tuple[int, tuple[int, ...], bool, bool]]:
+    """What the encoder reads of a tensor that shares its storage: where it lies in it, and its conj/neg bits."""
+    return [
+        (int(t.storage_offset()), tuple(t.stride()), t.is_conj(), t.is_neg()) for t in (tensors[i] for i in indices)
+    ]
 
 
 def _groups(keys: list[int]) -> list[list[int]]:
@@ -231,11 +226,14 @@ class _Entry:
     scalar_keys: list[Any]
     scalar_paths: list[Path]
     tree: dict[str, Any]
-    leaves: list[tuple[str, LeafKind, bool, LeafOrigin]]  # key, kind, scalar, origin
-    eligible: list[int]  # slots whose storage the encoder groups by (non-empty, no conj/neg bit)
+    leaves: list[tuple[str, LeafKind, bool, int]]  # key, kind, scalar, the slot whose tensor it is (or spans)
+    spans: list[tuple[int, tuple[int, int, int]]]  # leaf index, (slot, start, length): a shared storage's span
+    eligible: list[int] | None  # slots the encoder groups by storage (non-empty tensors, no conj/neg bit); None: all
     distinct: int  # distinct storage addresses among them
     groups: list[list[int]]  # positions in ``eligible`` of slots sharing a storage
-    group_strides: list[tuple[int, tuple[int, ...]]]  # (storage offset, stride) of each grouped slot
+    grouped: list[int]  # those slots
+    group_strides: list[tuple[int, tuple[int, ...], bool, bool]]  # see _strides
+    flagged: list[int]  # slots left out of the grouping for their conj or neg bit
     plans: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)  # see commit.plan_save
 
 
@@ -260,7 +258,7 @@ class StructureCache:
         walk = _Walk()
         try:
             walk.node(state, 0)
-        except _GiveUp:
+        except Exception:  # _GiveUp, or a tensor without an address: the encoder says what it makes of it
             self.clear()
             return encode_traced(state, walk.resolved)[0]
         with self._lock:
@@ -281,16 +279,18 @@ class StructureCache:
     def _reuse(self, entry: _Entry, walk: _Walk) -> Encoded | None:
         if walk.signature != entry.signature:
             return None
-        tensors = walk.tensors
-        keys = _storage_keys(tensors, entry.eligible)
+        tensors, storages = walk.tensors, walk.storages
+        keys = storages if entry.eligible is None else [storages[i] for i in entry.eligible]
         if len(set(keys)) != entry.distinct:
-            return None
+            return None  # a storage newly shared (or no longer: then a group below differs)
         for members in entry.groups:  # positions in ``keys``
             first = keys[members[0]]
             if any(keys[at] != first for at in members):
                 return None
-        grouped = [entry.eligible[at] for members in entry.groups for at in members]
-        if _strides(tensors, grouped) != entry.group_strides:
+        if _strides(tensors, entry.grouped) != entry.group_strides:
+            return None
+        # a tensor left out of the grouping for its conj/neg bit must still have it (else it would join a group)
+        if not all(tensors[i].is_conj() or tensors[i].is_neg() for i in entry.flagged):
             return None
         tree = entry.tree
         if walk.scalar_keys != entry.scalar_keys:
@@ -298,20 +298,11 @@ class StructureCache:
                 tree = _with_scalars(entry, walk)
             except Exception:  # e.g. an int the encoder refuses: a full encode says which
                 return None
-        leaves = [
-            Leaf(key, kind, _plain(tensors[origin]), scalar)
-            if isinstance(origin, int)
-            else Leaf(key, kind, _plain(tensors[origin[0]]).as_strided((origin[2],), (1,), origin[1]), scalar)
-            for key, kind, scalar, origin in entry.leaves
-        ]
+        leaves = [Leaf(key, kind, tensors[slot], scalar) for key, kind, scalar, slot in entry.leaves]
+        for index, (slot, start, length) in entry.spans:
+            leaf = leaves[index]
+            leaves[index] = Leaf(leaf.key, leaf.kind, tensors[slot].as_strided((length,), (1,), start), leaf.scalar)
         return Encoded(tree, leaves, structure=entry)
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """What the encoder keeps of a tensor: detached (a Parameter or a tensor that requires grad)."""
-    if type(tensor) is torch.Tensor and not tensor.requires_grad:
-        return tensor
-    return tensor.detach()
 
 
 def _with_scalars(entry: _Entry, walk: _Walk) -> dict[str, Any]:
@@ -352,24 +343,36 @@ def _make_entry(walk: _Walk, encoded: Encoded, origins: list[LeafOrigin], slots:
         for i, t in enumerate(tensors)
         if kinds[i] == "tensor" and t.numel() and not (t.is_conj() or t.is_neg()) and t.layout == torch.strided
     ]
-    keys = _storage_keys(tensors, eligible)
+    flagged = [i for i, t in enumerate(tensors) if kinds[i] == "tensor" and (t.is_conj() or t.is_neg())]
+    keys = [walk.storages[i] for i in eligible]
     try:
         if keys != [tensors[i].untyped_storage().data_ptr() for i in eligible]:
             return None
     except (RuntimeError, NotImplementedError):
         return None
     groups = _groups(keys)
-    leaves = [(leaf.key, leaf.kind, leaf.scalar, origin) for leaf, origin in zip(encoded.leaves, origins, strict=True)]
+    grouped = [eligible[at] for group in groups for at in group]
+    leaves = []
+    spans = []
+    for index, (leaf, origin) in enumerate(zip(encoded.leaves, origins, strict=True)):
+        if isinstance(origin, int):
+            leaves.append((leaf.key, leaf.kind, leaf.scalar, origin))
+        else:
+            leaves.append((leaf.key, leaf.kind, leaf.scalar, origin[0]))
+            spans.append((index, origin))
     return _Entry(
         signature=walk.signature,
         scalar_keys=walk.scalar_keys,
         scalar_paths=paths,
         tree=encoded.tree,
         leaves=leaves,
-        eligible=eligible,
+        spans=spans,
+        eligible=None if len(eligible) == len(tensors) else eligible,
         distinct=len(set(keys)),
         groups=groups,
-        group_strides=_strides(tensors, [eligible[at] for group in groups for at in group]),
+        grouped=grouped,
+        group_strides=_strides(tensors, grouped),
+        flagged=flagged,
     )
 
 
