@@ -81,11 +81,7 @@ class _Walk:
             raise _GiveUp  # the encoder says why (a cycle, or too deep)
         cls = type(value)
         if cls in _TENSORS:
-            # contiguity and the conj/neg bits matter only for tensors that share a storage: checked there
-            self.signature.append((cls, value.dtype, value.shape, value.device, value.layout))
-            self.tensors.append(value if cls is torch.Tensor and not value.requires_grad else value.detach())
-            # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
-            self.storages.append(value.data_ptr() - value.storage_offset() * value.itemsize)
+            self.tensor(value)
         elif cls is dict:
             self.mapping(value, depth)
         elif cls in _SCALARS:
@@ -109,12 +105,27 @@ class _Walk:
         else:
             self.other(value, depth)
 
+    def tensor(self, value: torch.Tensor) -> None:
+        # contiguity and the conj/neg bits matter only for tensors that share a storage: checked there
+        self.signature.append((type(value), value.dtype, value.shape, value.device, value.layout))
+        self.tensors.append(value if type(value) is torch.Tensor and not value.requires_grad else value.detach())
+        # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
+        self.storages.append(value.data_ptr() - value.storage_offset() * value.itemsize)
+
     def mapping(self, value: dict[Any, Any], depth: int) -> None:
         keys = list(value)
         self.signature.append(keys)
         self.signature.append(tuple(map(type, keys)))
+        # the hot loop of a state with many tensors: plain tensors without a call per item
+        signature, tensors, storages = self.signature.append, self.tensors.append, self.storages.append
+        plain = torch.Tensor
         for item in value.values():
-            self.node(item, depth + 1)
+            if type(item) is plain and not item.requires_grad:
+                signature((plain, item.dtype, item.shape, item.device, item.layout))
+                tensors(item)
+                storages(item.data_ptr() - item.storage_offset() * item.itemsize)
+            else:
+                self.node(item, depth + 1)
 
     def other(self, value: Any, depth: int) -> None:
         cls = type(value)
