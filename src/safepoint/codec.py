@@ -164,6 +164,8 @@ class Encoded:
     leaves: list[Leaf]
     #: the structure this encoding came from (see safepoint.structure): plans of the same structure are reused
     structure: Any = dataclasses.field(default=None, compare=False, repr=False)
+    #: each leaf's (dtype, shape), where the structure already knows them (None: read them from the leaves)
+    specs: Sequence[tuple[torch.dtype, torch.Size]] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def key_path(parts: Sequence[str | int]) -> str:

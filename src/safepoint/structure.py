@@ -29,6 +29,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import operator
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -59,6 +60,20 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 _SCALARS = (type(None), bool, str, bytes)
 
 
+def _device(tensor: torch.Tensor) -> torch.device | bool:
+    """The tensor's device; True for the CPU (``.device`` makes a new object each time: the walk's hot path)."""
+    return True if tensor.is_cpu else tensor.device
+
+
+#: (dtype, shape, layout, is_cpu, requires_grad) of a tensor in one C call
+_DESCRIBE = operator.attrgetter("dtype", "shape", "layout", "is_cpu", "requires_grad")
+_TENSOR_DICT = "a dict of plain CPU tensors"
+
+
+def _plain_cpu(described: tuple[Any, ...]) -> bool:
+    return described[3] is True and described[4] is False and described[2] is torch.strided
+
+
 class _GiveUp(Exception):
     """The walk met something it does not model exactly: encode from scratch."""
 
@@ -73,7 +88,7 @@ class _Walk:
         self.scalars: list[Any] = []  # the values, in tree order
         self.scalar_keys: list[Any] = []  # the same, compared exactly (floats as hex)
         self.tensors: list[torch.Tensor] = []  # detached, as the encoder keeps them
-        self.storages: list[int] = []  # each tensor's storage address (how the encoder finds shared storage)
+        self.storages: list[int | torch.SymInt] = []  # storage addresses: how the encoder finds shared storage
         self.resolved: dict[int, list[Any]] = {}
 
     def node(self, value: Any, depth: int) -> None:
@@ -107,7 +122,7 @@ class _Walk:
 
     def tensor(self, value: torch.Tensor) -> None:
         # contiguity and the conj/neg bits matter only for tensors that share a storage: checked there
-        self.signature.append((type(value), value.dtype, value.shape, value.device, value.layout))
+        self.signature.append((type(value), value.dtype, value.shape, _device(value), value.layout))
         self.tensors.append(value if type(value) is torch.Tensor and not value.requires_grad else value.detach())
         # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
         self.storages.append(value.data_ptr() - value.storage_offset() * value.itemsize)
@@ -116,16 +131,29 @@ class _Walk:
         keys = list(value)
         self.signature.append(keys)
         self.signature.append(tuple(map(type, keys)))
-        # the hot loop of a state with many tensors: plain tensors without a call per item
-        signature, tensors, storages = self.signature.append, self.tensors.append, self.storages.append
-        plain = torch.Tensor
-        for item in value.values():
-            if type(item) is plain and not item.requires_grad:
-                signature((plain, item.dtype, item.shape, item.device, item.layout))
-                tensors(item)
-                storages(item.data_ptr() - item.storage_offset() * item.itemsize)
-            else:
-                self.node(item, depth + 1)
+        items = list(value.values())
+        if len(items) > 1 and set(map(type, items)) == {torch.Tensor} and self.tensor_dict(items):
+            return
+        for item in items:
+            self.node(item, depth + 1)
+
+    def tensor_dict(self, items: list[torch.Tensor]) -> bool:
+        """A dict of plain CPU tensors (the hot path of a state with many tensors): every attribute read by a C
+        loop (``map``), not by the interpreter, per tensor. False (nothing recorded) when it is not one."""
+        described = list(map(_DESCRIBE, items))
+        if not all(map(_plain_cpu, described)):
+            return False
+        self.signature.append(_TENSOR_DICT)  # the tuples below differ in form from those of tensor()
+        self.signature.extend(described)
+        self.tensors.extend(items)
+        offsets = list(map(torch.Tensor.storage_offset, items))
+        pointers = map(torch.Tensor.data_ptr, items)
+        if any(offsets):
+            sizes = map(torch.Tensor.element_size, items)
+            self.storages.extend(p - o * s for p, o, s in zip(pointers, offsets, sizes, strict=True))
+        else:
+            self.storages.extend(pointers)
+        return True
 
     def other(self, value: Any, depth: int) -> None:
         cls = type(value)
@@ -173,9 +201,9 @@ def _strides(tensors: list[torch.Tensor], indices: list[int]) -> list[tuple[int,
     ]
 
 
-def _groups(keys: list[int]) -> list[list[int]]:
+def _groups(keys: list[int | torch.SymInt]) -> list[list[int]]:
     """Positions in ``keys`` of the eligible slots that share a storage address with another, grouped."""
-    by_key: dict[int, list[int]] = {}
+    by_key: dict[int | torch.SymInt, list[int]] = {}
     for at, key in enumerate(keys):
         by_key.setdefault(key, []).append(at)
     return [members for members in by_key.values() if len(members) > 1]
@@ -245,6 +273,7 @@ class _Entry:
     grouped: list[int]  # those slots
     group_strides: list[tuple[int, tuple[int, ...], bool, bool]]  # see _strides
     flagged: list[int]  # slots left out of the grouping for their conj or neg bit
+    specs: list[tuple[torch.dtype, torch.Size]]  # each leaf's dtype and shape (fixed by the signature)
     plans: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)  # see commit.plan_save
 
 
@@ -284,7 +313,7 @@ class StructureCache:
         with self._lock:
             self._entry = entry
         if entry is not None:
-            return dataclasses.replace(encoded, structure=entry)
+            return dataclasses.replace(encoded, structure=entry, specs=entry.specs)
         return encoded
 
     def _reuse(self, entry: _Entry, walk: _Walk) -> Encoded | None:
@@ -313,7 +342,7 @@ class StructureCache:
         for index, (slot, start, length) in entry.spans:
             leaf = leaves[index]
             leaves[index] = Leaf(leaf.key, leaf.kind, tensors[slot].as_strided((length,), (1,), start), leaf.scalar)
-        return Encoded(tree, leaves, structure=entry)
+        return Encoded(tree, leaves, structure=entry, specs=entry.specs)
 
 
 def _with_scalars(entry: _Entry, walk: _Walk) -> dict[str, Any]:
@@ -384,6 +413,7 @@ def _make_entry(walk: _Walk, encoded: Encoded, origins: list[LeafOrigin], slots:
         grouped=grouped,
         group_strides=_strides(tensors, grouped),
         flagged=flagged,
+        specs=[(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves],
     )
 
 

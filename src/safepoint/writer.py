@@ -124,8 +124,10 @@ class _Staged(Sequence[torch.Tensor]):
     """The snapshot's leaves as the writer sees them: ``[i]`` waits until leaf ``i`` is copied, then returns a
     view of its staging segment. Only dtypes and shapes of the live leaves are kept, never the live tensors."""
 
-    def __init__(self, leaves: Sequence[Leaf], pool: StagingPool) -> None:
-        self._specs = [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
+    def __init__(
+        self, leaves: Sequence[Leaf], pool: StagingPool, specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None
+    ) -> None:
+        self._specs = specs if specs is not None else [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
         self._segment_of: list[_Segment | None] = [None] * len(leaves)
         self._offset = [0] * len(leaves)
         self._direct: dict[int, torch.Tensor] = {}
@@ -305,16 +307,21 @@ class BackgroundWriter:
                     shard_bytes=shard_bytes,
                 )
 
-            return self._start(step, encoded.leaves, planner, commit)
+            return self._start(step, encoded.leaves, planner, commit, specs=encoded.specs)
         finally:
             if was_enabled:
                 gc.enable()
 
     def _start(
-        self, step: int, leaves: list[Leaf], planner: Callable[[list[Leaf]], SavePlan], commit: Commit[T]
+        self,
+        step: int,
+        leaves: list[Leaf],
+        planner: Callable[[list[Leaf]], SavePlan],
+        commit: Commit[T],
+        specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
     ) -> SaveHandle[T]:
         handle: SaveHandle[T] = SaveHandle(step)
-        staged = _Staged(leaves, self.pool)
+        staged = _Staged(leaves, self.pool, specs)
         streaming = self.pool.limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > self.pool.limit
         plan: SavePlan | None = None
         if streaming:  # the writer starts now, and the copy follows the order in which it writes

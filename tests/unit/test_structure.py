@@ -164,6 +164,7 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "array values": lambda state: state["array"].__setitem__(0, 99),
     "array dtype": _set(("array",), lambda: np.arange(4, dtype=np.int64)),
     "array byte order": _set(("array",), lambda: np.arange(4, dtype=">i4")),
+    "tensor now requires grad": _set(("weights", "w2"), lambda: torch.ones(3, 4, requires_grad=True)),
     "parameter values": lambda state: state["grad"].data.fill_(3.0),
     "parameter data swapped": lambda state: setattr(state["grad"], "data", torch.zeros(2, 2, dtype=torch.float64)),
 }
@@ -274,6 +275,15 @@ def test_an_invalid_value_still_raises_the_encoders_error() -> None:
     cache.encode(state)
     state["n"] = {True: 2}  # equal to 1, and refused: bool keys would load as ints
     with pytest.raises(safepoint.InvalidStateError, match="dict keys"):
+        cache.encode(state)
+
+
+def test_a_tensor_moved_to_the_meta_device_is_refused_not_served() -> None:
+    cache = StructureCache()
+    state = base_state()
+    cache.encode(state)
+    state["weights"]["w1"] = torch.empty(3, 4, device="meta")
+    with pytest.raises(safepoint.InvalidStateError, match="meta"):
         cache.encode(state)
 
 
