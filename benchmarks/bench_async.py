@@ -115,8 +115,9 @@ class Saver:
     def target(self, workload: Workload, method: str) -> Path:
         return self.scratch / f"{workload.name}-{method.replace('.', '_')}"
 
-    def run(self, workload: Workload, method: str) -> tuple[float, float, int]:
-        """(blocking s, durable s, peak extra RSS bytes during the call)."""
+    def run(self, workload: Workload, method: str) -> tuple[float, float, int, float]:
+        """(blocking s, durable s, peak extra RSS bytes during the call, CPU s of the calling thread while it
+        blocked: unlike the wall time, not lengthened by other processes taking the core away)."""
         target = self.target(workload, method)
         remove(target)
         os.sync()
@@ -124,16 +125,16 @@ class Saver:
         baseline = _proc_status_kib("VmRSS")
         with contextlib.suppress(OSError):
             Path("/proc/self/clear_refs").write_text("5")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         returned = self._call(workload, method, target)
-        blocking = time.perf_counter() - start
+        blocking, cpu = time.perf_counter() - start, time.thread_time() - cpu
         self._finish(method, returned, target)
         durable = time.perf_counter() - start
         extra = (_proc_status_kib("VmHWM") - baseline) * 1024
         remove(target)
         if method == "safepoint.async":
             shutil.rmtree(self.managers[workload.name].directory, ignore_errors=True)
-        return blocking, durable, extra
+        return blocking, durable, extra, cpu
 
     def _call(self, workload: Workload, method: str, target: Path) -> Any:
         state = workload.state
@@ -307,7 +308,7 @@ def _dcp_done(returned: Any) -> Callable[[], bool]:
 # reporting
 
 
-Times = dict[str, dict[str, list[tuple[float, float, int]]]]
+Times = dict[str, dict[str, list[tuple[float, float, int, float]]]]
 
 
 def paired_ratio(a: list[float], b: list[float]) -> float:
@@ -319,10 +320,11 @@ def save_rows(workloads: Sequence[Workload], times: Times, first: Mapping[str, M
     rows = []
     for workload in workloads:
         measured = times[workload.name]
-        raw = [d for _, d, _ in measured.get("raw", [])]
-        memcpy = [d for _, d, _ in measured.get("memcpy", [])]
+        raw = [r[1] for r in measured.get("raw", [])]
+        memcpy = [r[1] for r in measured.get("memcpy", [])]
+        memcpy_cpu = [r[3] for r in measured.get("memcpy", [])]
         for method, runs in measured.items():
-            blocking, durable, extra = ([r[i] for r in runs] for i in range(3))
+            blocking, durable, extra, cpu = ([r[i] for r in runs] for i in range(4))
             held = saver.managers[workload.name]._saver.background.pool.held if method == "safepoint.async" else 0
             rows.append([
                 f"{workload.name} ({_human(workload.nbytes)})",
@@ -333,6 +335,7 @@ def save_rows(workloads: Sequence[Workload], times: Times, first: Mapping[str, M
                 _fmt(workload.nbytes / _median(durable) / 1e9, 2),
                 _fmt(paired_ratio(raw, durable), 2) if raw and method != "memcpy" else "-",
                 _fmt(paired_ratio(blocking, memcpy), 2) if memcpy and method != "raw" else "-",
+                _fmt(paired_ratio(cpu, memcpy_cpu), 2) if memcpy and method != "raw" else "-",
                 _fmt(first.get(workload.name, {}).get(method, (None,))[0]),
                 _fmt(statistics.median(extra) / MIB, 0),
                 _fmt(held / MIB, 0) if held else "-",
@@ -378,8 +381,8 @@ def plot(workloads: Sequence[Workload], times: Times, path: Path) -> None:
     for axis, workload in zip(axes[0], workloads, strict=True):
         measured = times[workload.name]
         methods = list(measured)
-        durable = [_median([d for _, d, _ in measured[m]]) for m in methods]
-        blocking = [_median([b for b, _, _ in measured[m]]) for m in methods]
+        durable = [_median([r[1] for r in measured[m]]) for m in methods]
+        blocking = [_median([r[0] for r in measured[m]]) for m in methods]
         positions = range(len(methods))
         axis.barh(positions, durable, color="#9ecae1", label="until durable")
         axis.barh(positions, blocking, color="#08519c", height=0.45, label="blocking (training stalled)")
@@ -400,9 +403,9 @@ def plot(workloads: Sequence[Workload], times: Times, path: Path) -> None:
 
 
 def measure_saves(workloads: Sequence[Workload], methods: list[str], saver: Saver, repeats: int,
-                  began: float) -> tuple[Times, dict[str, dict[str, tuple[float, float, int]]]]:  # fmt: skip
+                  began: float) -> tuple[Times, dict[str, dict[str, tuple[float, float, int, float]]]]:  # fmt: skip
     times: Times = {w.name: {m: [] for m in methods} for w in workloads}
-    first: dict[str, dict[str, tuple[float, float, int]]] = {w.name: {} for w in workloads}
+    first: dict[str, dict[str, tuple[float, float, int, float]]] = {w.name: {} for w in workloads}
     for round_index in range(1 + repeats):  # round 0: first calls in this process, kept apart
         shift = round_index % len(methods)
         order = methods[shift:] + methods[:shift]
@@ -422,9 +425,10 @@ def build_blocks(workloads: Sequence[Workload], times: Times, first: Mapping[str
                  batch: int) -> list[tuple[str, list[str], list[list[str]]]]:  # fmt: skip
     blocks = [(
         "Saves: blocking = until the call returns; durable = until data and directory are fsynced "
-        "(x limit = raw s / durable s, x memcpy = blocking s / memcpy s; paired medians)",
+        "(x limit = raw s / durable s, x memcpy = blocking s / memcpy s; x memcpy (cpu): the same with the "
+        "calling thread's CPU time, which other processes on a shared machine do not lengthen; paired medians)",
         ["workload", "method", "blocking s", "durable s", "min durable s", "GB/s", "x limit", "x memcpy",
-         "first-call s", "extra RSS MiB", "staging held MiB"],
+         "x memcpy (cpu)", "first-call s", "extra RSS MiB", "staging held MiB"],
         save_rows(workloads, times, first, saver),
     )]  # fmt: skip
     if loads:

@@ -133,12 +133,12 @@ def adamw_workload(param_bytes: int, generator: torch.Generator) -> Workload:
     return Workload("adamw", description, {"model": model, "optimizer": optimizer})
 
 
-def build_workload(name: str, size: int, small_count: int, seed: int) -> Workload:
+def build_workload(name: str, size: int, small_count: int, seed: int, large_count: int = 4) -> Workload:
     generator = torch.Generator().manual_seed(seed)
     if name == "large_f32":
-        return large_workload(size, torch.float32, 4, generator)
+        return large_workload(size, torch.float32, large_count, generator)
     if name == "large_bf16":
-        return large_workload(size, torch.bfloat16, 4, generator)
+        return large_workload(size, torch.bfloat16, large_count, generator)
     if name == "small_f32":
         return small_workload(size, small_count, generator)
     if name == "adamw":
@@ -318,7 +318,7 @@ def _proc_status_kib(field_name: str) -> int:
 def child_rss(args: argparse.Namespace) -> None:
     """Child mode: build one workload, save it once with one method, print the peak RSS above the baseline."""
     size = args.size_mib * MIB
-    workload = build_workload(args.child_workload, size, args.small_count, seed=1)
+    workload = build_workload(args.child_workload, size, args.small_count, seed=1, large_count=args.large_count)
     scratch = Path(args.dir)
     runner = Runner([workload], scratch)
     del runner.copy_target
@@ -340,6 +340,7 @@ def measure_rss(args: argparse.Namespace, workload: str, method: str, scratch: P
     command = [
         sys.executable, __file__, "--child-workload", workload, "--child-method", method,
         "--size-mib", str(args.size_mib), "--small-count", str(args.small_count), "--dir", str(scratch),
+        "--large-count", str(args.large_count),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -699,8 +700,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5; quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 1; quick 0)")
     parser.add_argument("--small-count", type=int, default=10_000, help="tensors in the small_f32 workload")
+    parser.add_argument("--large-count", type=int, default=4, help="tensors in the large_f32 and large_bf16 workloads")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
     parser.add_argument("--methods", default=",".join((*WRITE_METHODS, *REFERENCES)), help="subset of methods")
+    parser.add_argument("--busy-core", action="store_true",
+                        help="keep one core busy in another process during the runs (a data loader)")  # fmt: skip
     parser.add_argument("--dir", default=None, help="scratch directory for outputs (default benchmarks/out/scratch)")
     parser.add_argument("--out", default=str(ROOT / "out"), help="where the JSON and markdown results go")
     parser.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
@@ -792,11 +796,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown workloads or methods: {sorted(unknown)}")
     began = time.perf_counter()
     print(f"building workloads of {args.size_mib} MiB: {', '.join(names)}", flush=True)
-    workloads = [build_workload(name, args.size_mib * MIB, args.small_count, seed=i) for i, name in enumerate(names)]
+    workloads = [build_workload(name, args.size_mib * MIB, args.small_count, seed=i, large_count=args.large_count)
+                 for i, name in enumerate(names)]  # fmt: skip
     for workload in workloads:
         print(f"  {workload.name}: {workload.description}; {len(workload.tensors)} tensors, "
               f"{_human(workload.nbytes)}", flush=True)  # fmt: skip
     env = environment(scratch)
+    busy = start_busy_core() if args.busy_core else None
+    env["busy core"] = "a separate process spins on one core during the runs" if busy else "no"
+    try:
+        return run_all(args, argv, names=names, methods=methods, workloads=workloads, env=env, scratch=scratch,
+                       began=began)  # fmt: skip
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+
+
+def start_busy_core() -> subprocess.Popen[bytes]:
+    """A process that keeps one core busy (as a data loader does on a training machine), until killed."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def run_all(args: argparse.Namespace, argv: Sequence[str] | None, *, names: list[str], methods: list[str],
+            workloads: list[Workload], env: dict[str, Any], scratch: Path, began: float) -> int:  # fmt: skip
+    out = Path(args.out)
     runner = Runner(workloads, scratch)
     # warm the disk: the first writes to fresh blocks (and fresh page-cache pages) are much slower
     for _ in range(3):

@@ -65,7 +65,7 @@ import types
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -83,12 +83,15 @@ __all__ = [
     "TYPED",
     "Encoded",
     "Leaf",
+    "LeafOrigin",
     "Pickled",
     "PickledPayload",
     "Stateful",
     "TypedKind",
+    "array_tensor",
     "decode_tree",
     "encode_state",
+    "encode_traced",
     "float_to_json",
     "is_stateful",
     "key_path",
@@ -151,8 +154,7 @@ class Pickled:
         return f"Pickled({self.value!r})"
 
 
-@dataclass(frozen=True)
-class Leaf:
+class Leaf(NamedTuple):  # a NamedTuple: one per tensor, built ~5x faster than a frozen dataclass
     key: str
     kind: LeafKind
     tensor: torch.Tensor  # on any device; ndarray and pickle leaves are CPU tensors viewing their bytes
@@ -163,6 +165,10 @@ class Leaf:
 class Encoded:
     tree: dict[str, Any]
     leaves: list[Leaf]
+    #: the structure this encoding came from (see safepoint.structure): plans of the same structure are reused
+    structure: Any = dataclasses.field(default=None, compare=False, repr=False)
+    #: each leaf's (dtype, shape), where the structure already knows them (None: read them from the leaves)
+    specs: Sequence[tuple[torch.dtype, torch.Size]] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def key_path(parts: Sequence[str | int]) -> str:
@@ -325,11 +331,27 @@ def _typed_name(value: Any) -> str | None:
 # -- encoding ---------------------------------------------------------------------------------------------------
 def encode_state(state: Mapping[str, Any]) -> Encoded:
     """Encode ``state`` into a JSON tree and its leaves, or raise InvalidStateError naming the bad key."""
+    return encode_traced(state, {})[0]
+
+
+#: Where a leaf's tensor comes from, in terms of the tensor slots of the tree (in tree order): a slot's own
+#: tensor (its index), or a span ``(first slot, start, length)`` of the storage that several slots share.
+LeafOrigin = int | tuple[int, int, int]
+
+
+def encode_traced(
+    state: Mapping[str, Any], resolved: dict[int, list[Any]]
+) -> tuple[Encoded, list[LeafOrigin], list[_Slot]]:
+    """:func:`encode_state`, also saying where each leaf comes from (for :mod:`safepoint.structure`).
+
+    ``resolved`` maps ``id(obj)`` to the ``state_dict()`` results already taken of ``obj``, in tree order: they
+    are used instead of calling ``state_dict()`` again, so the encoding is of exactly the values already seen."""
     if not isinstance(state, Mapping):
         raise InvalidStateError(f"the state must be a dict of named entries, not {type(state).__name__}")
-    encoder = _Encoder()
+    encoder = _Encoder(resolved)
     tree = encoder.node(state, [], set(), 0)
-    return Encoded(tree, encoder.finish())
+    leaves = encoder.finish()
+    return Encoded(tree, leaves), encoder.origins, encoder.slots
 
 
 @dataclass
@@ -344,8 +366,10 @@ class _Slot:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, resolved: dict[int, list[Any]] | None = None) -> None:
         self.slots: list[_Slot] = []
+        self.origins: list[LeafOrigin] = []
+        self.resolved = resolved or {}
 
     def leaf(self, kind: LeafKind, tensor: torch.Tensor, path: list[str | int], scalar: bool = False) -> dict[str, Any]:
         node: dict[str, Any] = {"k": kind, "e": -1}
@@ -362,10 +386,12 @@ class _Encoder:
             if span is None:
                 slot.node["e"] = len(leaves)
                 leaves.append(Leaf(key_path(slot.path), slot.kind, slot.tensor, slot.scalar))
+                self.origins.append(index)
                 continue
             if id(span) not in base_leaf:  # the first tensor of the storage, in tree order, names the entry
                 base_leaf[id(span)] = len(leaves)
                 leaves.append(Leaf(key_path(slot.path), "tensor", span.base))
+                self.origins.append((index, span.start, span.base.numel()))
             tensor = slot.tensor
             slot.node.clear()
             slot.node.update(
@@ -476,7 +502,8 @@ class _Encoder:
         )
 
     def stateful(self, value: Any, path: list[str | int], active: set[int], depth: int) -> dict[str, Any]:
-        state = value.state_dict()
+        taken = self.resolved.get(id(value))
+        state = taken.pop(0) if taken else value.state_dict()
         if len(path) > 1 and isinstance(state, Mapping) and not state:
             raise _invalid(
                 f"{_type_name(value)} has an empty state_dict(): it would load as {{}} and nothing could rebuild "
@@ -487,19 +514,23 @@ class _Encoder:
         return {"k": "object", "type": _type_name(value), "v": self.node(state, path, active, depth + 1)}
 
     def array(self, value: np.ndarray[Any, Any], path: list[str | int], *, scalar: bool) -> dict[str, Any]:
-        if value.dtype.hasobject or value.dtype.kind not in "biufc":
-            raise _invalid(f"numpy dtype {value.dtype} cannot be checkpointed", path)
-        # ascontiguousarray returns at least one dimension: the reshape keeps 0-d arrays and numpy scalars 0-d
-        native = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False)).reshape(value.shape)
-        try:
-            with warnings.catch_warnings():
-                # a read-only array (np.frombuffer, a read-only memmap) is only ever read through this tensor
-                warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
-                tensor = torch.from_numpy(native)
-        except TypeError as err:
-            raise _invalid(f"numpy dtype {value.dtype} cannot be checkpointed", path) from err
-        _check_tensor(tensor, path)
-        return self.leaf("ndarray", tensor, path, scalar)
+        return self.leaf("ndarray", array_tensor(value, path), path, scalar)
+
+
+def array_tensor(value: np.ndarray[Any, Any], path: list[str | int]) -> torch.Tensor:
+    """The tensor an ndarray leaf is written from: its elements in native byte order, contiguous."""
+    if value.dtype.hasobject or value.dtype.kind not in "biufc":
+        raise _invalid(f"numpy dtype {value.dtype} cannot be checkpointed", path)
+    # ascontiguousarray returns at least one dimension: the reshape keeps 0-d arrays and numpy scalars 0-d
+    native = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False)).reshape(value.shape)
+    try:
+        with warnings.catch_warnings():
+            # a read-only array (np.frombuffer, a read-only memmap) is only ever read through this tensor
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            tensor = torch.from_numpy(native)
+    except TypeError as err:
+        raise _invalid(f"numpy dtype {value.dtype} cannot be checkpointed", path) from err
+    return _check_tensor(tensor, path)
 
 
 def _json_order(node: dict[str, Any]) -> str:

@@ -106,6 +106,39 @@ def plan_save(
     name (a distributed save names the writing rank there)."""
     non_negative_int("step", step)
     save_id = save_id or new_save_id()
+    layout = _cached_layout(encoded, shard_bytes, file_prefix)
+    files = tuple(PlannedFile(f"{save_id}/{planned.path}", planned.header, planned.tensors) for planned in layout[0])
+    entries = layout[1]
+    return SavePlan(
+        checkpoint=checkpoint,
+        step=step,
+        save_id=save_id,
+        files=files,
+        entries=entries,
+        tree=encoded.tree,
+        metrics=check_metrics(metrics or {}),
+        state_version=state_version,
+    )
+
+
+_Layout = tuple[tuple[PlannedFile, ...], tuple[EntryRecord, ...]]
+
+
+def _cached_layout(encoded: Encoded, shard_bytes: int, file_prefix: str) -> _Layout:
+    """The files (paths relative to the attempt directory) and entries of ``encoded``: computed once per
+    structure and shard size when the encoding came from a :class:`~safepoint.structure.StructureCache` (the
+    layout depends only on the leaves' keys, kinds, dtypes and shapes, which the structure fixes)."""
+    plans = getattr(encoded.structure, "plans", None)
+    if plans is None:
+        return _layout(encoded, shard_bytes, file_prefix)
+    key = (shard_bytes, file_prefix)
+    layout: _Layout | None = plans.get(key)
+    if layout is None:
+        layout = plans[key] = _layout(encoded, shard_bytes, file_prefix)
+    return layout
+
+
+def _layout(encoded: Encoded, shard_bytes: int, file_prefix: str) -> _Layout:
     names = _unique_names([leaf.key for leaf in encoded.leaves])
     # A new file starts at a new top-level entry once the current file is sizeable, so that each file's read
     # buffer backs one object's tensors after a restore (an optimizer keeps views of its own file, not the
@@ -125,23 +158,14 @@ def plan_save(
     entries: list[EntryRecord | None] = [None] * len(encoded.leaves)
     for file_index, group in enumerate(g for g in groups if g):
         items = [(i, names[i], encoded.leaves[i].tensor) for i in group]
-        planned = plan_file(f"{save_id}/{file_prefix}{file_index:05d}.safetensors", items)
+        planned = plan_file(f"{file_prefix}{file_index:05d}.safetensors", items)
         files.append(planned)
         for item in planned.tensors:
             leaf = encoded.leaves[item.leaf]
             entries[item.leaf] = EntryRecord(
                 leaf.key, leaf.kind, item.dtype, item.shape, file_index, item.name, leaf.scalar
             )
-    return SavePlan(
-        checkpoint=checkpoint,
-        step=step,
-        save_id=save_id,
-        files=tuple(files),
-        entries=tuple(e for e in entries if e is not None),
-        tree=encoded.tree,
-        metrics=check_metrics(metrics or {}),
-        state_version=state_version,
-    )
+    return tuple(files), tuple(e for e in entries if e is not None)
 
 
 def _unique_names(keys: list[str]) -> list[str]:

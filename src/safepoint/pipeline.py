@@ -76,6 +76,7 @@ from .reader import read_manifest, verify_checkpoint
 from .resolve import Kind, resolve, step_dirs
 from .retention import RetentionPolicy, steps_to_keep
 from .storage import AttemptLock, Storage, open_storage
+from .structure import StructureCache
 from .validate import non_negative_int
 from .writer import BackgroundWriter, SaveHandle
 
@@ -151,6 +152,10 @@ def gc_paused() -> Iterator[None]:
 
 
 # -- snapshot -----------------------------------------------------------------------------------------------------
+#: One cache for the replicated entries, one for this rank's PerRank entries (see :mod:`safepoint.structure`).
+Structures = tuple[StructureCache, StructureCache]
+
+
 @dataclass(frozen=True)
 class _Part:
     """The replicated or the own entries of a snapshot: their tree, and where their leaves lie in the snapshot's."""
@@ -159,6 +164,7 @@ class _Part:
     tree: dict[str, Any]
     start: int
     stop: int
+    structure: Any = None  # the StructureCache's structure the encoding came from: its plan is reused
 
 
 @dataclass(frozen=True)
@@ -173,11 +179,15 @@ class Snapshot:
     specs: tuple[tuple[torch.dtype, torch.Size], ...] = ()  # dtype and shape of every leaf: enough to plan
 
     @classmethod
-    def take(cls, state: Mapping[str, Any], rank: int, *, ranked: bool) -> tuple[Snapshot, list[Leaf]]:
-        """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage."""
+    def take(
+        cls, state: Mapping[str, Any], rank: int, *, ranked: bool, structures: Structures | None = None
+    ) -> tuple[Snapshot, list[Leaf]]:
+        """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage. With
+        ``structures``, a state of the structure saved last is not encoded (nor planned) again."""
         replicated = {key: value for key, value in state.items() if not isinstance(value, PerRank)}
         own = {key: {rank: value.value} for key, value in state.items() if isinstance(value, PerRank)}
         leaves: list[Leaf] = []
+        specs: list[tuple[torch.dtype, torch.Size]] = []
         parts: list[_Part | None] = []
         wanted = (
             (replicated if rank == 0 or SPLIT_REPLICATED else None, "rep-" if ranked else ""),
@@ -187,12 +197,13 @@ class Snapshot:
             if entries is None:
                 parts.append(None)
                 continue
-            encoded = encode_state(entries)
-            parts.append(_Part(prefix, encoded.tree, len(leaves), len(leaves) + len(encoded.leaves)))
+            encoded = structures[prefix == "own-"].encode(entries) if structures else encode_state(entries)
+            start = len(leaves)
+            parts.append(_Part(prefix, encoded.tree, start, start + len(encoded.leaves), encoded.structure))
             leaves += encoded.leaves
+            specs += encoded.specs or [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves]
         keys = tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
-        specs = tuple((leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves)
-        return cls(parts[0], parts[1], keys, ranked, specs), leaves
+        return cls(parts[0], parts[1], keys, ranked, tuple(specs)), leaves
 
     def shapes(self) -> list[torch.Tensor]:
         """Data-less (meta) tensors of the leaves' dtypes and shapes: a plan made from them is the plan of the
@@ -201,7 +212,7 @@ class Snapshot:
 
     def encoded(self, part: _Part, tensors: Sequence[torch.Tensor]) -> Encoded:
         leaves = [Leaf(*self.keys[i][:2], tensors[i], self.keys[i][2]) for i in range(part.start, part.stop)]
-        return Encoded(part.tree, leaves)
+        return Encoded(part.tree, leaves, structure=part.structure)
 
 
 class _Shifted(Sequence[torch.Tensor]):
@@ -559,9 +570,10 @@ def save_to(
     state_version: int,
     coordinator: Coordinator | None = None,
     retain: Callable[[int], None] | None = None,
+    structures: Structures | None = None,
 ) -> CheckpointInfo:
     """Save ``state`` as ``checkpoint`` on the caller's thread, borrowing the live tensors; on a step already
-    committed, verify it and say so (CheckpointExistsError)."""
+    committed, verify it and say so (CheckpointExistsError). ``structures``: see :meth:`Snapshot.take`."""
     coordinator = coordinator or LocalCoordinator()
     ranked = coordinator.world_size > 1 or has_per_rank(state)
     with gc_paused():
@@ -570,7 +582,7 @@ def save_to(
         snapshot, leaves = Snapshot(None, None, (), ranked), list[Leaf]()
         try:
             checked = check_metrics(metrics or {})
-            snapshot, leaves = Snapshot.take(state, coordinator.rank, ranked=ranked)
+            snapshot, leaves = Snapshot.take(state, coordinator.rank, ranked=ranked, structures=structures)
         except Exception as error:
             if coordinator.world_size == 1:
                 raise  # nobody else waits: the error as it is, before anything is touched
@@ -597,6 +609,7 @@ class Saver:
         self._storage, self._coordinator, self._state_version = storage, coordinator, state_version
         self._retain = retain
         self.background = background
+        self._structures = (StructureCache(), StructureCache())  # replicated and per-rank entries
 
     def wait(self) -> None:
         """Wait until every background save is durable (or failed); raise a failure not reported yet, once."""
@@ -626,7 +639,7 @@ class Saver:
         if blocking:
             return save_to(
                 self._storage, checkpoint, step, state, metrics=metrics, state_version=self._state_version,
-                coordinator=self._coordinator, retain=self._retain,
+                coordinator=self._coordinator, retain=self._retain, structures=self._structures,
             )  # fmt: skip
         return self._save_in_background(checkpoint, step, state, metrics)
 
@@ -639,7 +652,7 @@ class Saver:
         with gc_paused():
             try:
                 checked = check_metrics(metrics or {})
-                snapshot, leaves = Snapshot.take(state, coordinator.rank, ranked=ranked)
+                snapshot, leaves = Snapshot.take(state, coordinator.rank, ranked=ranked, structures=self._structures)
             except Exception as error:
                 if coordinator.world_size > 1:  # the others wait for this rank: tell them why it cannot save
                     failed = SaveAttempt(self._storage, operation, SaveRequest(checkpoint, step, {}, 0), _EMPTY)
@@ -666,7 +679,7 @@ class Saver:
             def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
                 return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
 
-            return self.background.submit(step, leaves, job, order)
+            return self.background.submit(step, leaves, job, order, specs=snapshot.specs)
 
 
 _EMPTY = Snapshot(None, None, (), True)

@@ -36,7 +36,6 @@ import torch
 
 from .codec import Leaf
 from .errors import BackgroundSaveError, SafepointError, attach_note
-from .payload import is_dense_on_cpu
 from .staging import StagingPool
 from .validate import positive_int
 
@@ -121,8 +120,10 @@ class _Staged(Sequence[torch.Tensor]):
     """The snapshot's leaves as the writer sees them: ``[i]`` waits until leaf ``i`` is copied, then returns a
     view of its staging segment. Only dtypes and shapes of the live leaves are kept, never the live tensors."""
 
-    def __init__(self, leaves: Sequence[Leaf], pool: StagingPool) -> None:
-        self._specs = [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
+    def __init__(
+        self, leaves: Sequence[Leaf], pool: StagingPool, specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None
+    ) -> None:
+        self._specs = specs if specs is not None else [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
         self._segment_of: list[_Segment | None] = [None] * len(leaves)
         self._offset = [0] * len(leaves)
         self._direct: dict[int, torch.Tensor] = {}
@@ -276,12 +277,14 @@ class BackgroundWriter:
         leaves: list[Leaf],
         job: Job[T],
         order: Callable[[], list[int]],
+        specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
     ) -> SaveHandle[T]:
         """Copy ``leaves`` into staging buffers and start ``job`` on them on a thread; returns once the copy is
         complete. ``order`` is the order in which ``job`` reads the leaves (asked only when the staging budget
-        is smaller than the state, so that the copy can follow the writer)."""
+        is smaller than the state, so that the copy can follow the writer). ``specs``: each leaf's dtype and
+        shape, where the caller knows them already."""
         handle: SaveHandle[T] = SaveHandle(step)
-        staged = _Staged(leaves, self.pool)
+        staged = _Staged(leaves, self.pool, specs)
         streaming = self.pool.limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > self.pool.limit
         if streaming:  # the writer starts now, and the copy follows the order in which it writes
             sequence = order()
@@ -347,23 +350,28 @@ def _copy(leaves: list[Leaf], order: list[int], staged: _Staged, pool: StagingPo
     """Copy the leaves, in ``order``, into staging segments of at most ``limit`` bytes (or one larger leaf).
 
     Dense CPU tensors are copied with one memmove each; others with ``copy_``: from a GPU into pinned memory,
-    asynchronously, every copy having landed when this returns."""
-    position = 0
-    while position < len(order):
+    asynchronously, every copy having landed when this returns. The loops are the stall of a background save
+    with many small tensors: each attribute of each tensor is read once."""
+    position, count = 0, len(order)
+    while position < count:
         members: list[tuple[int, int]] = []
+        pieces: list[tuple[torch.Tensor, int, int]] = []
         size, device = 0, None
-        while position < len(order):
+        while position < count:
             index = order[position]
-            source = leaves[index].tensor
-            if leaves[index].kind == "pickle" or source.numel() == 0:  # a private copy already, or nothing
-                staged.put(index, source if source.numel() else torch.empty(source.shape, dtype=source.dtype))
+            leaf = leaves[index]
+            source = leaf.tensor
+            nbytes = source.nbytes
+            if leaf.kind == "pickle" or nbytes == 0:  # a private copy already, or nothing
+                staged.put(index, source if nbytes else torch.empty(source.shape, dtype=source.dtype))
                 position += 1
                 continue
-            where = source.device if source.device.type == "cuda" else None  # other devices: plain memory
-            if members and (size + _nbytes(source) > limit or where != device):
+            where = source.device if source.is_cuda else None  # other devices: plain memory
+            if members and (size + nbytes > limit or where != device):
                 break
             members.append((index, size))
-            size += -(-_nbytes(source) // _ALIGN) * _ALIGN
+            pieces.append((source, size, nbytes))
+            size += -(-nbytes // _ALIGN) * _ALIGN
             device = where
             position += 1
         if not members:
@@ -371,17 +379,17 @@ def _copy(leaves: list[Leaf], order: list[int], staged: _Staged, pool: StagingPo
         buffer = pool.acquire(size, pinned=device is not None, cancelled=staged.cancelled)
         if staged.cancelled.is_set():
             return
-        _fill(buffer, [(leaves[index].tensor, offset) for index, offset in members], device is not None)
+        _fill(buffer, pieces, device is not None)
         staged.add_segment(buffer, members, torch.cuda.current_stream(device) if device is not None else None)
     staged.synchronize()
 
 
-def _fill(buffer: torch.Tensor, pieces: list[tuple[torch.Tensor, int]], asynchronous: bool) -> None:
+def _fill(buffer: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int]], asynchronous: bool) -> None:
     base = buffer.data_ptr()
-    for source, offset in pieces:
-        nbytes = _nbytes(source)
-        if is_dense_on_cpu(source):
-            ctypes.memmove(base + offset, source.data_ptr(), nbytes)  # torch's copy_ costs ~10x more per call
+    memmove = ctypes.memmove  # torch's copy_ costs ~10x more per call
+    for source, offset, nbytes in pieces:
+        if source.is_cpu and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
+            memmove(base + offset, source.data_ptr(), nbytes)
         else:
             view = buffer[offset : offset + nbytes].view(source.dtype).view(source.shape)
             view.copy_(source, non_blocking=asynchronous)
