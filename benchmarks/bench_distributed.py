@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed.checkpoint as dcp
 
     import safepoint
-    from safepoint import pipeline
+    from safepoint import _pipeline as pipeline
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=600))

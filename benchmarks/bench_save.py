@@ -391,14 +391,14 @@ def cpu_phases(workload: Workload, repeats: int) -> dict[str, dict[str, float]]:
     Uses safepoint's internal API (encode_state, plan_save, write_file, Manifest): if that changed, the error is
     reported instead. 'payload' is write_file into a sink that drops the bytes: tensor views, coalescing copies
     and the checksum."""
-    from safepoint.codec import encode_state
-    from safepoint.commit import plan_save
-    from safepoint.manifest import FileRecord, Manifest
-    from safepoint.payload import WRITE_BUFFER_BYTES, write_file
+    from safepoint._codec import encode_state
+    from safepoint._commit import plan_save
+    from safepoint._manifest import FileRecord, Manifest
+    from safepoint._payload import WRITE_BUFFER_BYTES, write_file
 
     extra: tuple[Any, ...] = ()
     if "budget" in inspect.signature(write_file).parameters:  # since the parallel writers: a copy budget
-        from safepoint.budget import ByteBudget
+        from safepoint._budget import ByteBudget
 
         extra = (ByteBudget(1 << 30),)
     results: dict[str, dict[str, float]] = {}

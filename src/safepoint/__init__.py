@@ -6,10 +6,10 @@ safe from any state. Start with :class:`CheckpointManager`, or :func:`save` / :f
 
 from __future__ import annotations
 
-from .api import load, restore, save, verify
-from .codec import Pickled
-from .distributed import PerRank
-from .errors import (
+from ._api import load, restore, save, verify
+from ._codec import Pickled
+from ._distributed import PerRank
+from ._errors import (
     AmbiguousCommitError,
     BackgroundSaveError,
     CheckpointExistsError,
@@ -29,15 +29,15 @@ from .errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from .gc import GcReport
-from .interop import ImportReport, export_checkpoint, import_checkpoint
-from .manager import CheckpointInfo, CheckpointManager
-from .manifest import FORMAT_VERSION
-from .migrations import Migrations, move_key, remove_key, rename_key, set_default
-from .restore import Replace, RestoreReport, SkippedCheckpoint
-from .rng import RNGState
-from .verify import CheckpointStatus, VerifyReport
-from .writer import SaveHandle
+from ._gc import GcReport
+from ._interop import ImportReport, export_checkpoint, import_checkpoint
+from ._manager import CheckpointInfo, CheckpointManager
+from ._manifest import FORMAT_VERSION
+from ._migrations import Migrations, move_key, remove_key, rename_key, set_default
+from ._restore import Replace, RestoreReport, SkippedCheckpoint
+from ._rng import RNGState
+from ._verify import CheckpointStatus, VerifyReport
+from ._writer import SaveHandle
 
 __all__ = [
     "FORMAT_VERSION",

@@ -11,7 +11,7 @@ The state covers every node kind of the format: tensors of every persisted dtype
 numpy arrays and scalars, objects saved through state_dict (a module, an optimizer with int-keyed state), dicts
 with str and int keys, lists, tuples, every scalar kind (NaN, infinities, big ints, bytes, None, unicode) and a
 Pickled entry; from format 2 on, tensors sharing one storage (view nodes; ``expected.json`` lists which keys
-must share storage after a load) and every typed value of ``safepoint.codec.TYPED`` (typed nodes).
+must share storage after a load) and every typed value of ``safepoint._codec.TYPED`` (typed nodes).
 It is small: a few KB.
 """
 

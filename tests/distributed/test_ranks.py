@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.faults import POINTS
+from safepoint._faults import POINTS
 from tests.distributed.group import RankResult, run_group
 from tests.distributed.worker import TIMEOUT, build, tensors
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 import safepoint
-from safepoint import faults
+from safepoint import _faults as faults
 
 TIMEOUT = 5.0  # seconds a rank waits for the others in these tests
 

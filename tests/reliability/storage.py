@@ -1,6 +1,6 @@
 """Storage wrappers for the reliability suite: a power-loss model and an I/O-error injector.
 
-Both wrap a real backend (usually :class:`safepoint.storage.LocalStorage`) through the public ``Storage``
+Both wrap a real backend (usually :class:`safepoint._storage.LocalStorage`) through the public ``Storage``
 protocol and are handed to ``CheckpointManager`` as its storage; nothing private is patched.
 
 ``PowerLossStorage`` follows RocksDB's FaultInjectionTestFS: it records which file data was made durable
@@ -28,9 +28,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from safepoint.checksum import Hasher
-from safepoint.errors import StorageError
-from safepoint.storage import AttemptLock, FileSink, Storage
+from safepoint._checksum import Hasher
+from safepoint._errors import StorageError
+from safepoint._storage import AttemptLock, FileSink, Storage
 
 __all__ = [
     "KINDS",

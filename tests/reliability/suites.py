@@ -30,10 +30,10 @@ import torch
 
 import safepoint
 from safepoint import CheckpointExistsError, CheckpointManager, faults
-from safepoint.errors import AmbiguousCommitError, SafepointError
-from safepoint.faults import FaultSpec
-from safepoint.layout import MANIFEST_NAME, step_dir
-from safepoint.storage import LocalStorage, Storage
+from safepoint._errors import AmbiguousCommitError, SafepointError
+from safepoint._faults import FaultSpec
+from safepoint._layout import MANIFEST_NAME, step_dir
+from safepoint._storage import LocalStorage, Storage
 from tests.reliability.storage import (
     KINDS,
     FaultyStorage,

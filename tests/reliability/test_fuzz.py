@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import safepoint
 from safepoint import SafepointError
-from safepoint.manifest import Manifest
+from safepoint._manifest import Manifest
 from tests.helpers import join_safetensors, payload_paths, read_manifest, reseal_files, seal, split_safetensors
 
 EXAMPLES = int(os.environ.get("SAFEPOINT_FUZZ_EXAMPLES", "300"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from safepoint.storage import LocalStorage
+from safepoint._storage import LocalStorage
 from tests.reliability.storage import PowerLossStorage, SimulatedCrash
 
 

@@ -13,13 +13,13 @@ from typing import Any
 import torch
 
 import safepoint
-from safepoint.errors import SafepointError
-from safepoint.gc import attempt_ids
-from safepoint.layout import MANIFEST_NAME
-from safepoint.reader import read_manifest
-from safepoint.resolve import step_dirs
-from safepoint.storage import LocalStorage
-from safepoint.verify import verify_storage
+from safepoint._errors import SafepointError
+from safepoint._gc import attempt_ids
+from safepoint._layout import MANIFEST_NAME
+from safepoint._reader import read_manifest
+from safepoint._resolve import step_dirs
+from safepoint._storage import LocalStorage
+from safepoint._verify import verify_storage
 
 __all__ = ["check_directory", "leftovers", "state_for"]
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from safepoint.storage import Storage, open_storage
+from safepoint._storage import Storage, open_storage
 
 BUCKET = "safepoint-tests"
 _DUMMY_ENV = {

@@ -14,9 +14,9 @@ import time
 import pytest
 import xxhash
 
-from safepoint.errors import StorageError, UnsafeCheckpointError
-from safepoint.storage import Storage
-from safepoint.storage.base import SequentialReads
+from safepoint._errors import StorageError, UnsafeCheckpointError
+from safepoint._storage import Storage
+from safepoint._storage.base import SequentialReads
 
 from .conftest import Backend
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from safepoint.errors import ConfigError, StorageError
-from safepoint.storage import FsspecStorage, LocalStorage, open_storage
+from safepoint._errors import ConfigError, StorageError
+from safepoint._storage import FsspecStorage, LocalStorage, open_storage
 
 from .conftest import Backend, S3Server
 from .test_conformance import put, race_to_publish

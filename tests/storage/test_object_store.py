@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import safepoint
-from safepoint import faults
-from safepoint.cli import main
-from safepoint.gc import collect
-from safepoint.storage import open_storage
+from safepoint import _faults as faults
+from safepoint._cli import main
+from safepoint._gc import collect
+from safepoint._storage import open_storage
 
 from ..conftest import fresh_state, make_state, tensors_of
 from .conftest import Backend, S3Server

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import safepoint
-from safepoint import faults
+from safepoint import _faults as faults
 from tests.conftest import make_state, tensors_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -407,7 +407,7 @@ def test_every_kind_of_leaf_round_trips_through_staging(tmp_path: Path) -> None:
 def test_background_writers_yield_the_cpu_and_the_caller_keeps_its_priority(tmp_path: Path) -> None:
     import os
 
-    from safepoint.writer import BACKGROUND_NICENESS
+    from safepoint._writer import BACKGROUND_NICENESS
 
     seen: list[int] = []
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import safepoint
-from safepoint import faults
-from safepoint.cli import main
-from safepoint.storage import open_storage
+from safepoint import _faults as faults
+from safepoint._cli import main
+from safepoint._storage import open_storage
 
 STEPS = (100, 200, 300)
 LOSS = {100: 0.125, 200: 0.0625, 300: 0.03125}
@@ -587,14 +587,14 @@ def test_the_module_runs_as_a_program_without_tracebacks(tmp_path: Path) -> None
     flip_last_byte(payload(tmp_path / "run", 300))
     env = dict(os.environ, COLUMNS="300")
     bad = subprocess.run(
-        [sys.executable, "-m", "safepoint.cli", "verify", str(tmp_path / "run")],
+        [sys.executable, "-m", "safepoint._cli", "verify", str(tmp_path / "run")],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 1, bad.stderr
     assert "INVALID step 300" in bad.stdout
     assert "Traceback" not in bad.stderr
     missing = subprocess.run(
-        [sys.executable, "-m", "safepoint.cli", "ls", str(tmp_path / "missing")],
+        [sys.executable, "-m", "safepoint._cli", "ls", str(tmp_path / "missing")],
         capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert missing.returncode == 2

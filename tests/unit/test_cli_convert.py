@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import safepoint
-from safepoint.cli import main
+from safepoint._cli import main
 from tests.helpers import assert_same
 
 MIGRATIONS = textwrap.dedent(

@@ -12,8 +12,8 @@ import torch
 
 import safepoint
 from safepoint import diff as diff_module
-from safepoint.cli import main
-from safepoint.diff import compare_tensors, diff_trees
+from safepoint._cli import main
+from safepoint._diff import compare_tensors, diff_trees
 
 
 class RefusesToUnpickle:

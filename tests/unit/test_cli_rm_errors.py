@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.layout import step_dir
+from safepoint._layout import step_dir
 
 DEAD_ID = "0123456789abcdef0123456789abcdef"
 
@@ -24,7 +24,7 @@ def make_run(root: Path) -> None:
 
 
 def rm(root: Path, *prefix: str) -> subprocess.CompletedProcess[str]:
-    command = [*prefix, sys.executable, "-m", "safepoint.cli", "rm", str(root), "--step", "1", "--yes"]
+    command = [*prefix, sys.executable, "-m", "safepoint._cli", "rm", str(root), "--step", "1", "--yes"]
     return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 

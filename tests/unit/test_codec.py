@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint.codec import MAX_INT_BITS, MAX_TREE_DEPTH
+from safepoint._codec import MAX_INT_BITS, MAX_TREE_DEPTH
 from tests.helpers import assert_same, edit_manifest, read_manifest, tensor_bits
 
 SETTINGS = settings(

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import safepoint
-from safepoint import faults
-from safepoint.layout import step_dir
-from safepoint.storage import LocalStorage
+from safepoint import _faults as faults
+from safepoint._layout import step_dir
+from safepoint._storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[2]
 PUBLISH = faults.POINTS.index("commit.publish.after")
@@ -196,7 +196,7 @@ def test_gc_never_touches_save_id_lookalikes_outside_step_directories(tmp_path: 
     (precious / "x").write_text("precious")
     with safepoint.CheckpointManager(tmp_path) as manager:
         manager.gc()
-    from safepoint.gc import collect
+    from safepoint._gc import collect
 
     collect(LocalStorage(tmp_path))
     assert (precious / "x").read_text() == "precious"
@@ -208,7 +208,7 @@ def test_gc_collects_a_crashed_standalone_save(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c")], env=env, cwd=ROOT, timeout=120)
     assert result.returncode == -9
     assert len(list((tmp_path / "c").iterdir())) == 2  # the attempt and its lock file
-    from safepoint.gc import collect
+    from safepoint._gc import collect
 
     report = collect(LocalStorage(tmp_path / "c"))
     assert len(report.removed) == 1

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.gc import EMPTY_DIR_GRACE_S, collect
-from safepoint.layout import MANIFEST_NAME, step_dir
-from safepoint.storage import LocalStorage
+from safepoint._gc import EMPTY_DIR_GRACE_S, collect
+from safepoint._layout import MANIFEST_NAME, step_dir
+from safepoint._storage import LocalStorage
 from tests.reliability.storage import FaultyStorage
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.cli import main
-from safepoint.demo import MARKER
+from safepoint._cli import main
+from safepoint._demo import MARKER
 
 
 def _tensors(value: object, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -30,7 +30,7 @@ def test_demo_kills_resumes_and_ends_bitwise_identical(tmp_path: Path) -> None:
     safepoint.save(root / "final" / "reference", {"stale": torch.zeros(1)})
 
     result = subprocess.run(
-        [sys.executable, "-m", "safepoint.cli", "demo", "--dir", str(root)],
+        [sys.executable, "-m", "safepoint._cli", "demo", "--dir", str(root)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
 

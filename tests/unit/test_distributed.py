@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 import safepoint
-from safepoint.distributed import Operation, Post, TorchCoordinator, first_failure, require_all
-from safepoint.messages import Json
+from safepoint._distributed import Operation, Post, TorchCoordinator, first_failure, require_all
+from safepoint._messages import Json
 
 TIMEOUT = 0.5
 
@@ -287,8 +287,8 @@ def test_a_nested_per_rank_is_refused_naming_its_key(tmp_path: Path) -> None:
 
 # -- the messages between ranks -----------------------------------------------------------------------------------
 def test_a_rank_part_survives_its_json_form() -> None:
-    from safepoint.manifest import EntryRecord, FileRecord
-    from safepoint.messages import OwnPart, RankPart, ReplicatedPart, ReplicatedPlan
+    from safepoint._manifest import EntryRecord, FileRecord
+    from safepoint._messages import OwnPart, RankPart, ReplicatedPart, ReplicatedPlan
 
     entry = EntryRecord("model/w", "tensor", "F32", (2, 3), 0, "model/w", False)
     plan = ReplicatedPlan(("s/r00000-rep-00000.safetensors",), (entry,), {"k": "dict", "v": []}, {"loss": 0.5})
@@ -304,7 +304,7 @@ def test_a_rank_part_survives_its_json_form() -> None:
 
 
 def test_a_malformed_message_is_a_coordination_error() -> None:
-    from safepoint.messages import Check, SaveBegin
+    from safepoint._messages import Check, SaveBegin
 
     with pytest.raises(safepoint.CoordinationError, match="lacks 'keys'"):
         SaveBegin.from_json({"step": 3})

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.errors import ConfigError
-from safepoint.layout import step_dir
+from safepoint._errors import ConfigError
+from safepoint._layout import step_dir
 from tests.conftest import assert_same_tensors, fresh_state, make_state, tensors_of
 
 
@@ -294,7 +294,7 @@ def test_a_manifest_moved_to_another_step_is_detected(tmp_path: Path) -> None:
 
 
 def test_a_newer_format_is_refused_not_skipped(tmp_path: Path) -> None:
-    from safepoint.manifest import _body_checksum
+    from safepoint._manifest import _body_checksum
 
     with safepoint.CheckpointManager(tmp_path) as manager:
         manager.save(1, {"x": torch.ones(2)})

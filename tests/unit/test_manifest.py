@@ -26,8 +26,8 @@ from hypothesis import strategies as st
 
 import safepoint
 from safepoint import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
-from safepoint.codec import MAX_TREE_DEPTH
-from safepoint.manifest import FORMAT_VERSION, EntryRecord, FileRecord, Manifest
+from safepoint._codec import MAX_TREE_DEPTH
+from safepoint._manifest import FORMAT_VERSION, EntryRecord, FileRecord, Manifest
 from tests.helpers import canonical, seal, xxh3
 
 SOURCE = "/somewhere/step-000000000007/manifest.json"

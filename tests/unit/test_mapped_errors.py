@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from safepoint.errors import (
+from safepoint._errors import (
     CheckpointNotFoundError,
     StorageError,
     UnsafeCheckpointError,

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import safepoint
-from safepoint import faults
-from safepoint.budget import ByteBudget
-from safepoint.codec import encode_state
-from safepoint.commit import plan_save
-from safepoint.pipeline import save_to
-from safepoint.storage import LocalStorage
+from safepoint import _faults as faults
+from safepoint._budget import ByteBudget
+from safepoint._codec import encode_state
+from safepoint._commit import plan_save
+from safepoint._pipeline import save_to
+from safepoint._storage import LocalStorage
 
 
 def save_sharded(path: Path, state: dict[str, torch.Tensor], shard_bytes: int) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import safepoint
+import safepoint.integrations
 
 EXPECTED = [
     "FORMAT_VERSION",
@@ -179,3 +180,17 @@ def test_the_readme_check_catches_private_imports() -> None:
         "import safepoint.gc",
         "safepoint.resolve",
     ]
+
+
+def test_every_module_but_the_public_surface_is_private() -> None:
+    """Users and the integrations import from ``safepoint`` and ``safepoint.integrations`` only: every other
+    module's name starts with an underscore, so nothing else reads as supported API."""
+    import pkgutil
+
+    public = {info.name for info in pkgutil.iter_modules(safepoint.__path__) if not info.name.startswith("_")}
+    assert public == {"integrations"}
+    integrations = {
+        info.name
+        for info in pkgutil.iter_modules(safepoint.integrations.__path__)  # type: ignore[attr-defined]
+    }
+    assert integrations == {"accelerate", "lightning", "transformers"}

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import safepoint
-from safepoint.pipeline import save_to
-from safepoint.reader import read_checkpoint
-from safepoint.storage import LocalStorage
-from safepoint.storage.base import SequentialReads
+from safepoint._pipeline import save_to
+from safepoint._reader import read_checkpoint
+from safepoint._storage import LocalStorage
+from safepoint._storage.base import SequentialReads
 from tests.helpers import assert_same, join_safetensors, payload_paths, reseal_files, split_safetensors
 from tests.reliability.storage import FaultyStorage
 
@@ -327,7 +327,7 @@ def test_loading_from_an_object_store_gives_owned_tensors() -> None:
 
 def test_object_store_reads_split_values_across_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     # ranged requests of 1000 bytes: most values, and the header, straddle two or more of them
-    monkeypatch.setattr(safepoint.storage.fsspec, "_READ_CHUNK", 1000)
+    monkeypatch.setattr(safepoint._storage.fsspec, "_READ_CHUNK", 1000)
     state = _mixed()
     url = "memory://read-path/split"
     safepoint.save(url, state)

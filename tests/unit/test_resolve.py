@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 import safepoint
-from safepoint.layout import MANIFEST_NAME, step_dir
-from safepoint.resolve import Kind, committed_steps, is_committed, resolve, step_dirs
-from safepoint.storage import LocalStorage
+from safepoint._layout import MANIFEST_NAME, step_dir
+from safepoint._resolve import Kind, committed_steps, is_committed, resolve, step_dirs
+from safepoint._storage import LocalStorage
 
 LOCK = "0123456789abcdef0123456789abcdef.lock"
 

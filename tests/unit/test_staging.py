@@ -7,7 +7,7 @@ import threading
 import pytest
 
 import safepoint
-from safepoint.staging import StagingPool, check_staging_bytes
+from safepoint._staging import StagingPool, check_staging_bytes
 
 
 def test_a_released_buffer_is_handed_out_again() -> None:

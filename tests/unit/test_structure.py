@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import safepoint
-from safepoint.codec import Encoded, decode_tree, encode_state
-from safepoint.commit import plan_save
-from safepoint.structure import StructureCache
+from safepoint._codec import Encoded, decode_tree, encode_state
+from safepoint._commit import plan_save
+from safepoint._structure import StructureCache
 from tests.conftest import make_state
 
 

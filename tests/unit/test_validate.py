@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import safepoint
-from safepoint.validate import non_negative_int, non_negative_seconds, positive_int, positive_seconds
+from safepoint._validate import non_negative_int, non_negative_seconds, positive_int, positive_seconds
 
 
 @pytest.mark.parametrize("bad", [-1, True, 1.0, "1", None])

@@ -19,7 +19,7 @@ import time
 import torch
 
 import safepoint
-from safepoint import faults
+from safepoint import _faults as faults
 
 PAUSE_SECONDS = 0.3
 

@@ -1,0 +1,443 @@
+"""Coordinating the ranks of a torch.distributed job: who decides, what every rank learns, and how long it waits.
+
+A save or a restore is an :class:`Operation` (``coordinator.operation(kind)``, taken on the caller's thread in
+program order, so the n-th operation of every rank is the same one). Its only verb is
+:meth:`~Operation.exchange`: every rank posts a typed message (:mod:`safepoint._messages`) or the error its own work
+raised; rank 0 gathers the posts, runs a decision on them and broadcasts the outcome; every rank returns the same
+message or raises the same error type with the same message. An exchange is keyed by its operation's number and
+its place within the operation, never by a global count: the exchanges of a background save, made on its own
+thread, cannot meet those of the next save or restore made meanwhile on the caller's thread.
+
+Two implementations:
+
+- :class:`LocalCoordinator`, with no process group: the decision runs on the one post, nothing waits. Code and
+  tests that never touch torch.distributed behave exactly as before.
+- :class:`TorchCoordinator`, with a default process group: posts and outcomes travel through the process
+  group's key-value store (the TCPStore of ``torchrun`` and ``env://``), not through collectives. That choice is
+  deliberate: a store wait has its own timeout and, when it expires, every waiting rank can still ask the store
+  which ranks never posted, and name them; the store survives the failure, so the group is still usable for the
+  next save; a dead rank cannot leave a half-finished collective behind; and it works the same whatever the
+  default backend is (nccl included), without creating a group. Nothing but small JSON records passes through
+  the store. Waits poll the store (``check``) rather than block in ``wait``: one store client serves the
+  caller's thread and the background saves' threads, and a blocking wait would hold it for the others. Rank 0
+  returns from an exchange only once every rank that posted has read the outcome (then removes the records):
+  rank 0 usually hosts the store, and a rank 0 that exits right after its last save would otherwise take the
+  outcome away from ranks that have not looked yet.
+
+Errors cross ranks as (type name, message, a few attributes): a SafepointError subclass is rebuilt as the same
+type; anything else becomes a :class:`~safepoint._errors.CoordinationError` naming the rank and the original type.
+Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+import torch.distributed as dist
+
+from . import _errors as errors
+from ._errors import ConfigError, CoordinationError, SafepointError
+from ._validate import positive_seconds
+
+if TYPE_CHECKING:  # messages imports the manifest, which imports the codec, which imports PerRank from here
+    from ._messages import Message
+
+Json = Any  # a value json.dumps accepts
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "Coordinator",
+    "LocalCoordinator",
+    "Operation",
+    "PerRank",
+    "Post",
+    "TorchCoordinator",
+    "check_timeout",
+    "default_coordinator",
+    "first_failure",
+    "require_all",
+]
+
+#: Seconds a rank waits for the others at each exchange of a save or restore, unless the manager is told otherwise.
+DEFAULT_TIMEOUT = 600.0
+
+P = TypeVar("P", bound="Message")
+R = TypeVar("R", bound="Message")
+
+
+class PerRank:
+    """Marks a top-level state entry as this rank's own: every rank saves and restores its own value (RNG state,
+    data-loader position, rank-local shards). Unmarked entries are replicated: identical on every rank, written
+    once. Restoring per-rank entries needs the world size they were saved with.
+
+    >>> state = {"model": model, "rng": safepoint.PerRank(safepoint.RNGState())}   # doctest: +SKIP
+    """
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerRank({self.value!r})"
+
+
+@dataclass(frozen=True)
+class Post(Generic[P]):
+    """What one rank contributes to an exchange: a message, or the error its own work raised."""
+
+    value: P | None = None
+    error: BaseException | None = None
+
+    def message(self) -> P:
+        """The message of a post that carries no error."""
+        assert self.value is not None, "a post without an error carries a message"
+        return self.value
+
+
+class _Exchanges(Protocol):
+    rank: int
+    world_size: int
+    timeout: float
+
+    def exchange_at(
+        self,
+        key: str,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R: ...
+
+
+class Operation:
+    """One save or restore across the ranks. Its exchanges are numbered within it: an operation's exchanges
+    run one after the other on one thread, and every rank's n-th operation makes the same ones."""
+
+    def __init__(self, coordinator: _Exchanges, key: str, kind: str) -> None:
+        self.rank, self.world_size, self.timeout = coordinator.rank, coordinator.world_size, coordinator.timeout
+        self.kind = kind
+        self._coordinator = coordinator
+        self._key = key
+        self._count = 0
+
+    def exchange(
+        self,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        *,
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R:
+        """Post, let rank 0 decide on every rank's post (None: a rank that never posted), and return (or raise)
+        the decision on every rank. ``reads`` parse a post and an outcome from their JSON."""
+        self._count += 1
+        return self._coordinator.exchange_at(f"{self._key}.{self._count}", phase, post, decide, reads)
+
+
+class Coordinator(Protocol):
+    rank: int
+    world_size: int
+    timeout: float
+
+    def operation(self, kind: str) -> Operation:
+        """A new save or restore; called on the caller's thread, in the same order on every rank."""
+
+
+def check_timeout(value: object) -> float:
+    return positive_seconds("timeout", value)
+
+
+def default_coordinator(timeout: float, *, distributed: bool = True) -> Coordinator:
+    """The coordinator for this process: torch.distributed's default group if one is initialised (and
+    ``distributed``), else this process alone."""
+    if distributed is not True and distributed is not False:
+        raise ConfigError(f"distributed must be True or False, not {distributed!r}")
+    if distributed and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # _get_default_store is the store the group was built on (torchrun's TCPStore); there is no public getter
+        store = dist.distributed_c10d._get_default_store()
+        # every rank creates its managers in the same order, so the n-th manager of each rank shares a namespace
+        namespace = f"safepoint/{next(_instances)}/"
+        return TorchCoordinator(store, dist.get_rank(), dist.get_world_size(), namespace=namespace, timeout=timeout)
+    return LocalCoordinator(timeout)
+
+
+def require_all(op: str, posts: Sequence[Post[P] | None], timeout: float) -> list[Post[P]]:
+    """The posts, or a CoordinationError naming every rank that did not post in time."""
+    missing = [rank for rank, post in enumerate(posts) if post is None]
+    if missing:
+        raise CoordinationError(
+            f"{_ranks(missing)} did not join {op} within {timeout:g} s (crashed, stopped, or not calling it)"
+            + _consequence(op),
+            ranks=tuple(missing),
+        )
+    return [post for post in posts if post is not None]
+
+
+def first_failure(posts: Sequence[Post[P]]) -> None:
+    """Raise the error of the lowest failing rank, as every rank will see it; None if no rank failed."""
+    failed = [(rank, post.error) for rank, post in enumerate(posts) if post.error is not None]
+    if not failed:
+        return
+    rank, error = failed[0]
+    if len(posts) == 1:
+        raise error
+    others = f" (ranks {', '.join(str(r) for r, _ in failed)} failed; the first is shown)" if len(failed) > 1 else ""
+    raise rebuild(describe(error, prefix=f"rank {rank}: ", suffix=others), rank=rank) from error
+
+
+# -- errors across ranks -----------------------------------------------------------------------------------------
+_ATTRIBUTES = ("errno", "path", "step", "verified", "key", "missing", "unexpected", "mismatched", "ranks")
+
+
+def describe(error: BaseException, *, prefix: str = "", suffix: str = "") -> dict[str, Json]:
+    """An error as JSON: its type name, message and the attributes our error types carry."""
+    message = str(error.args[0]) if isinstance(error, SafepointError) and error.args else str(error)
+    if not isinstance(error, SafepointError):
+        message = f"{type(error).__name__}: {error}"
+    attrs = {name: _jsonable(getattr(error, name)) for name in _ATTRIBUTES if hasattr(error, name)}
+    name = type(error).__name__ if isinstance(error, SafepointError) else ""
+    return {"type": name, "message": f"{prefix}{message}{suffix}", "attrs": attrs}
+
+
+def _jsonable(value: Any) -> Json:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def rebuild(described: dict[str, Json], *, rank: int) -> SafepointError:
+    """The error ``describe`` described, as the same SafepointError subclass; anything else as CoordinationError."""
+    cls = getattr(errors, str(described.get("type")), None)
+    message = str(described.get("message", "unknown error"))
+    attrs = described.get("attrs") or {}
+    if not (isinstance(cls, type) and issubclass(cls, SafepointError)):
+        return CoordinationError(message, ranks=(rank,))
+    accepted = {
+        name
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in attrs.items() if k in accepted}
+    try:
+        return cls(message, **kwargs)
+    except TypeError:  # pragma: no cover - every error type in errors.py takes its own attributes
+        return CoordinationError(message, ranks=(rank,))
+
+
+def _consequence(op: str) -> str:
+    return "; nothing was committed" if op.startswith("save.") else ""
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+
+
+# -- the single-process coordinator ------------------------------------------------------------------------------
+class LocalCoordinator:
+    """One process, no process group: the decision runs on the one post, and nothing ever waits."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.timeout = timeout
+
+    def operation(self, kind: str) -> Operation:
+        return Operation(self, "", kind)
+
+    def exchange_at(
+        self,
+        key: str,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R:
+        return decide([post])
+
+
+# -- the torch.distributed coordinator ---------------------------------------------------------------------------
+_instances = itertools.count()
+
+
+#: The first and the longest pause between two looks at the store while waiting for the other ranks.
+_POLL_FIRST, _POLL_MAX = 0.0002, 0.005
+
+
+class TorchCoordinator:
+    """Exchanges through the default process group's store; see the module docstring for why not collectives.
+
+    Every rank must create its coordinators (its managers) in the same order, and start the same operations in
+    the same order, as with any collective: operations are numbered, and the numbers must meet.
+    """
+
+    def __init__(
+        self,
+        store: dist.distributed_c10d.Store,
+        rank: int,
+        world_size: int,
+        *,
+        namespace: str,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.timeout = timeout
+        self.rank = rank
+        self.world_size = world_size
+        self._store = dist.distributed_c10d.PrefixStore(namespace, store)
+        self._operations = itertools.count(1)
+        # the caller's thread and the background saves' threads share the store client: one call at a time
+        self._lock = threading.Lock()
+
+    def operation(self, kind: str) -> Operation:
+        return Operation(self, str(next(self._operations)), kind)
+
+    def exchange_at(
+        self,
+        key: str,
+        phase: str,
+        post: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        reads: tuple[Callable[[Json], P], Callable[[Json], R]],
+    ) -> R:
+        record: dict[str, Json] = {"op": phase}
+        if self.rank != 0:  # rank 0 decides on its own post in memory; its record only says it has arrived
+            value = None if post.value is None else post.value.to_json()
+            record.update(value=value, error=None if post.error is None else describe(post.error))
+        with self._store_errors(phase):
+            self._call(self._store.set, f"{key}/{self.rank}", json.dumps(record))
+        if self.rank == 0:
+            return self._lead(key, phase, post, decide, reads[0])
+        return self._follow(key, phase, post, reads[1])
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        with self._lock:
+            return method(*args)
+
+    def _lead(
+        self,
+        key: str,
+        phase: str,
+        own: Post[P],
+        decide: Callable[[list[Post[P] | None]], R],
+        read: Callable[[Json], P],
+    ) -> R:
+        posts: list[Post[P] | None] = [own]
+        with self._store_errors(phase):
+            present = self._wait_for([f"{key}/{r}" for r in range(1, self.world_size)], self.timeout)
+            for rank in range(1, self.world_size):
+                posts.append(self._read_post(key, rank, phase, read) if present[rank - 1] else None)
+        readers = sum(post is not None for post in posts) - 1
+        try:
+            value = decide(posts)
+        except BaseException as error:
+            self._publish(key, phase, {"error": describe(error)}, readers)
+            raise
+        self._publish(key, phase, {"value": value.to_json()}, readers)
+        return value
+
+    def _publish(self, key: str, phase: str, outcome: dict[str, Json], readers: int) -> None:
+        with self._store_errors(phase):
+            self._call(self._store.set, f"{key}/outcome", json.dumps(outcome))
+        self._await_readers(key, readers)
+
+    def _await_readers(self, key: str, readers: int) -> None:
+        """Wait (at most the timeout) until ``readers`` ranks have read the outcome, then remove the exchange's
+        records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
+        deadline = time.monotonic() + self.timeout
+        pause = _POLL_FIRST
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            while self._call(self._store.add, f"{key}/read", 0) < readers and time.monotonic() < deadline:
+                time.sleep(pause)
+                pause = min(2 * pause, _POLL_MAX)
+            for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", f"{key}/read"]:
+                self._call(self._store.delete_key, name)
+
+    def _read_post(self, key: str, rank: int, phase: str, read: Callable[[Json], P]) -> Post[P]:
+        record = json.loads(self._call(self._store.get, f"{key}/{rank}"))
+        if record["op"] != phase:
+            error = CoordinationError(
+                f"rank {rank} is in {record['op']} while rank 0 is in {phase}: every rank must make the same "
+                "safepoint calls in the same order",
+                ranks=(rank,),
+            )
+            return Post(error=error)
+        described = record["error"]
+        if described is not None:
+            return Post(error=rebuild(described, rank=rank))
+        try:
+            return Post(read(record["value"]))
+        except (KeyError, TypeError, ValueError) as err:
+            return Post(
+                error=CoordinationError(f"rank {rank} posted a malformed {phase} message: {err}", ranks=(rank,))
+            )
+
+    def _follow(self, key: str, phase: str, own: Post[P], read: Callable[[Json], R]) -> R:
+        with self._store_errors(phase):
+            if not self._wait_for([f"{key}/0"], self.timeout)[0]:
+                raise CoordinationError(
+                    f"rank 0 (the coordinator) did not join {phase} within {self.timeout:g} s" + _consequence(phase),
+                    ranks=(0,),
+                )
+            # rank 0 waits up to the timeout for the others, then decides (writing a manifest at most)
+            if not self._wait_for([f"{key}/outcome"], 2 * self.timeout)[0]:
+                keys = [f"{key}/{r}" for r in range(self.world_size)]
+                missing = [r for r, name in enumerate(keys) if not self._call(self._store.check, [name])]
+                raise CoordinationError(
+                    f"rank 0 did not announce the outcome of {phase} within {2 * self.timeout:g} s"
+                    + (f"; {_ranks(missing)} never joined" if missing else "")
+                    + "; this rank cannot know how the operation ended: a new run's restore() finds what was committed",
+                    ranks=tuple(missing) or (0,),
+                )
+            outcome = json.loads(self._call(self._store.get, f"{key}/outcome"))
+        self._read_by_one_more(key)
+        if "error" in outcome:
+            error = rebuild(outcome["error"], rank=0)
+            if own.error is not None:
+                raise error from own.error
+            raise error
+        return read(outcome["value"])
+
+    def _read_by_one_more(self, key: str) -> None:
+        """Tell rank 0 this rank has read the outcome. The outcome is known: a store gone now changes nothing."""
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            self._call(self._store.add, f"{key}/read", 1)
+
+    def _wait_for(self, keys: list[str], timeout: float) -> list[bool]:
+        """Which of ``keys`` were set within ``timeout`` seconds of the last one seen arriving (so every rank
+        that arrived a little after this one has also waited ``timeout`` for the missing ones), and at most
+        1.25 ``timeout`` in all: the ranks waiting for the outcome give up at twice the timeout."""
+        start = time.monotonic()
+        deadline, cap = start + timeout, start + 1.25 * timeout
+        pause = _POLL_FIRST
+        waiting = list(keys)
+        while waiting:
+            still = [key for key in waiting if not self._call(self._store.check, [key])]
+            now = time.monotonic()
+            if len(still) < len(waiting):
+                deadline = min(max(deadline, now + timeout), cap)
+                pause = _POLL_FIRST
+            waiting = still
+            if not waiting or now >= deadline:
+                break
+            time.sleep(min(pause, max(0.0, deadline - now)))
+            pause = min(2 * pause, _POLL_MAX)
+        return [key not in waiting for key in keys]
+
+    @contextlib.contextmanager
+    def _store_errors(self, phase: str) -> Iterator[None]:
+        try:
+            yield
+        except SafepointError:
+            raise
+        except (RuntimeError, OSError, ValueError) as err:  # DistError, DistNetworkError, a torn record
+            raise CoordinationError(
+                f"lost contact with the other ranks during {phase} ({type(err).__name__}: {err}); the store of the "
+                "process group (hosted by rank 0, or by torchrun's agent) is gone or unreadable, so this rank "
+                "cannot know how the operation ended: a new run's restore() finds what was committed",
+                ranks=(0,),
+            ) from err

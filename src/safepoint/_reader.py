@@ -1,0 +1,114 @@
+"""Reading committed checkpoints: the manifest first, then every payload file verified against it.
+
+Nothing read here reaches a live object: callers get verified plain values and decide what to apply.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError
+from ._layout import MANIFEST_NAME, join
+from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest
+from ._payload import read_file
+from ._storage import Storage
+
+__all__ = ["LoadedCheckpoint", "read_checkpoint", "read_leaves", "read_manifest", "verify_checkpoint"]
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    checkpoint: str  # relative to the storage root
+    manifest: Manifest
+    leaves: list[Any]  # entry index -> verified value (tensor, ndarray, PickledPayload)
+
+
+def read_manifest(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:
+    """The parsed manifest of a committed checkpoint; CheckpointNotFoundError if it is not committed.
+
+    With ``step``, a manifest for another step (moved or copied from another checkpoint) is corrupt, and is
+    reported as the bad file before any payload is read."""
+    path = join(checkpoint, MANIFEST_NAME)
+    where = storage.describe(path)
+    try:
+        data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError as err:
+        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.describe(checkpoint)}") from err
+    manifest = Manifest.from_json(data, where)
+    if step is not None and manifest.step != step:
+        raise CorruptCheckpointError(
+            f"{where} is the manifest of step {manifest.step}, not of step {step} (a file was moved or copied)",
+            path=where,
+        )
+    return manifest
+
+
+def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
+    grouped: dict[int, list[tuple[int, EntryRecord]]] = defaultdict(list)
+    for index, entry in enumerate(manifest.entries):
+        grouped[entry.file].append((index, entry))
+    return grouped
+
+
+#: Files read at once: reads, waits for the disk and checksums of large buffers release the interpreter.
+READER_THREADS = 4
+
+
+def read_checkpoint(
+    storage: Storage, checkpoint: str, *, step: int | None = None, mmap: bool = False
+) -> LoadedCheckpoint:
+    """Read and verify every byte of a checkpoint, several files at once; raise CorruptCheckpointError naming
+    the first bad file (in manifest order). ``mmap``: see :func:`~safepoint._payload.read_file`."""
+    manifest = read_manifest(storage, checkpoint, step=step)
+    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap))
+
+
+def read_leaves(
+    storage: Storage,
+    checkpoint: str,
+    manifest: Manifest,
+    only: Collection[int] | None = None,
+    *,
+    mmap: bool = False,
+) -> list[Any]:
+    """The verified value of every entry (of the entries in ``only``; the others stay None), several files at
+    once. A file holding none of the wanted entries is not read at all."""
+    leaves: list[Any] = [None] * len(manifest.entries)
+    grouped = _by_file(manifest)
+    wanted_files = [
+        index
+        for index in range(len(manifest.files))
+        if only is None or any(entry in only for entry, _ in grouped.get(index, []))
+    ]  # a file holding none of the wanted entries is not read at all
+
+    def read(file_index: int) -> dict[int, Any]:
+        record = manifest.files[file_index]
+        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap)
+
+    if len(wanted_files) <= 1:
+        results = [read(i) for i in wanted_files]
+    else:
+        with ThreadPoolExecutor(min(READER_THREADS, len(wanted_files)), thread_name_prefix="safepoint-read") as pool:
+            results = list(pool.map(read, wanted_files))  # raises the first failure in file order
+    for values in results:
+        for index, value in values.items():
+            leaves[index] = value
+    wanted = range(len(leaves)) if only is None else only
+    # the parser guarantees every entry has a file
+    if any(leaves[index] is None for index in wanted):  # pragma: no cover
+        raise CorruptCheckpointError(f"{storage.describe(checkpoint)}: an entry has no data")
+    return leaves
+
+
+def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:
+    """Check every byte of a checkpoint and every file's header against the manifest, one file at a time; the
+    bytes go through a small reused buffer, so no value is built and memory stays bounded."""
+    manifest = read_manifest(storage, checkpoint, step=step)
+    grouped = _by_file(manifest)
+    for file_index, record in enumerate(manifest.files):
+        read_file(storage, checkpoint, record, grouped.get(file_index, []), keep=False)
+    return manifest

@@ -1,0 +1,887 @@
+"""Applying a verified checkpoint to live objects, totally or not at all, and the RestoreReport.
+
+Order: the checkpoint is read and every byte verified (:mod:`safepoint._reader`); when the caller gives the code's
+``state_version``, the plain loaded values are upgraded by the migration chain (:mod:`safepoint._migrations`),
+so a failing migration has touched nothing live; the loaded values are then matched against the live state
+(keys, types, shapes, dtypes) into a plan; only if the whole match is valid is anything applied, in two phases:
+
+1. Objects' ``load_state_dict``, then a check that every tensor they were given is what their ``state_dict()``
+   now returns, so an object that silently ignores data is caught instead of training on from its initial
+   weights. Objects other than modules are backed up just before they are applied (cheap when resuming: a fresh
+   optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
+   (every key, shape and dtype) beforehand and not copied: a backup would double the memory of the model.
+2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
+from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
+from ._migrations import Migrations, upgrade_state
+from ._reader import LoadedCheckpoint
+
+__all__ = [
+    "PreparedRestore",
+    "Replace",
+    "RestoreReport",
+    "SkippedCheckpoint",
+    "apply_checkpoint",
+    "load_values",
+    "none_verifies",
+    "plain_values",
+    "prepare_checkpoint",
+]
+
+logger = logging.getLogger("safepoint")
+
+
+@dataclass(frozen=True)
+class SkippedCheckpoint:
+    """A committed checkpoint that restore passed over, and why."""
+
+    step: int
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore did. Every field is filled from the checkpoint actually applied.
+
+    ``restored`` lists only what was applied, as the fewest key paths that cover it: a top-level entry when all
+    of it was applied; otherwise the sub-paths that were (``model/0.weight``), and nothing of an entry of which
+    nothing was applied. An entry whose checkpoint and live state are both empty counts as applied. An object
+    other than a module (an optimizer, a scheduler) is applied whole by its own ``load_state_dict``, which gets
+    the saved state_dict: it is listed once that ran, and the keys in which the saved state_dict differed from
+    its ``state_dict()`` are still listed under ``missing``/``unexpected``.
+
+    What was not applied is under ``missing`` (in the live state, not in the checkpoint: left as it was) or
+    ``unexpected`` (in the checkpoint, not in the live state: not applied), each with a line in ``reasons``
+    (which also names a recognised cause, such as torch.compile's ``_orig_mod.`` prefix). ``cast`` lists the
+    tensors converted to the live dtype, only ever with ``cast_dtypes=True``. A :class:`Replace` entry is
+    listed as restored: its contents were replaced whole.
+
+    From :meth:`~safepoint.CheckpointManager.load`, which applies nothing, ``restored`` is every top-level
+    entry of the values returned.
+    """
+
+    step: int
+    path: str  # the checkpoint's own directory
+    save_id: str
+    restored: tuple[str, ...]  # key paths wholly applied (see above)
+    missing: tuple[str, ...] = ()  # in the live state, not in the checkpoint (left as they were)
+    unexpected: tuple[str, ...] = ()  # in the checkpoint, not in the live state (not applied)
+    skipped: tuple[SkippedCheckpoint, ...] = ()  # newer checkpoints passed over as invalid
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    checksums_verified: bool = True
+    state_version: int = 1  # the checkpoint's, as saved
+    format_version: int = 1
+    nbytes: int = 0
+    created: float = 0.0
+    migrations: tuple[str, ...] = ()  # applied before matching, in order: "name (1 -> 2)"
+    reasons: Mapping[str, str] = field(default_factory=dict)  # missing or unexpected key path -> why
+    cast: tuple[str, ...] = ()  # "model/0.weight: torch.float32 -> torch.bfloat16", with cast_dtypes=True
+
+
+class Replace:
+    """Restore a dict or list whose keys (or length) are data, such as a loss history, per-key counters or a
+    data loader's state_dict, by replacing its contents wholesale.
+
+    Saved as the wrapped value (``safepoint.load`` returns it plain). On restore the live container is kept
+    (the same object) and its contents become exactly the saved ones, instead of being matched key by key, so
+    keys the live one lacks are added and keys the checkpoint lacks are removed. Only the contents of this one
+    container are replaced: the checkpoint's values are new objects, never applied into live tensors.
+
+    >>> history: dict[str, list[float]] = {}
+    >>> state = {"model": model, "history": safepoint.Replace(history)}   # doctest: +SKIP
+    """
+
+    def __init__(self, value: MutableMapping[Any, Any] | list[Any]) -> None:
+        if not isinstance(value, (MutableMapping, list)):
+            raise ConfigError(f"safepoint.Replace wraps a dict or a list, not {type(value).__name__}")
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Replace({self.value!r})"
+
+    def state_dict(self) -> MutableMapping[Any, Any] | list[Any]:
+        return self.value
+
+    def load_state_dict(self, state: Any, /) -> None:
+        """Make the wrapped container's contents exactly ``state`` (a mapping for a dict, a sequence for a list)."""
+        if isinstance(self.value, MutableMapping):
+            if not isinstance(state, Mapping):
+                raise ConfigError(f"a Replace of a dict needs a mapping, not {type(state).__name__}")
+            self.value.clear()
+            self.value.update(state)
+        else:
+            if not isinstance(state, (list, tuple)):
+                raise ConfigError(f"a Replace of a list needs a list, not {type(state).__name__}")
+            self.value[:] = list(state)
+
+
+Replace.__module__ = "safepoint"  # the class name a manifest records: the public one
+
+
+def plain_values(loaded: LoadedCheckpoint, allow_pickle: Iterable[str] | bool = False) -> dict[str, Any]:
+    """The checkpoint as nested plain values; pickled entries are unpickled only where ``allow_pickle`` says."""
+    leaves: list[Any] = []
+    allow = allow_pickle if isinstance(allow_pickle, bool) else frozenset(allow_pickle)
+    for value in loaded.leaves:
+        if not isinstance(value, PickledPayload):
+            leaves.append(value)
+            continue
+        if not pickle_allowed(value.key, allow):
+            raise UnsafeCheckpointError(
+                f"entry {value.key!r} is pickled and loading it could run arbitrary code; pass "
+                f"allow_pickle=[{value.key!r}] only if you trust where this checkpoint came from"
+            )
+        leaves.append(value.unpickle())
+    result = decode_tree(loaded.manifest.tree, leaves)
+    assert isinstance(result, dict)
+    return result
+
+
+# -- matching ---------------------------------------------------------------------------------------------------
+Path = tuple[Any, ...]  # key path parts, as the tree has them (str or int)
+
+
+@dataclass
+class _Plan:
+    strict: bool
+    cast_dtypes: bool = False
+    actions: list[Callable[[], None]] = field(default_factory=list)  # cannot fail once matched
+    objects: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, live object, state_dict)
+    checks: list[tuple[str, Any, Any]] = field(default_factory=list)  # (key, live object, its saved state_dict)
+    applied: list[Path] = field(default_factory=list)  # what will be applied, or containers matched
+    units: list[Path] = field(default_factory=list)  # objects applied whole by their own load_state_dict
+    missing: list[Path] = field(default_factory=list)
+    unexpected: list[Path] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+    hints: dict[Path, str] = field(default_factory=dict)  # object path -> a recognised cause of its mismatch
+    cast: list[str] = field(default_factory=list)
+    castable: bool = False  # a mismatch that cast_dtypes=True would accept
+
+
+def _is_tensor(value: object) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _is_scalar(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, bytes, np.generic, *REPLACED_WHOLE))
+
+
+def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
+    key = key_path(path)
+    if isinstance(live, Pickled):
+        _match_pickled(plan, live, saved, path)
+    elif isinstance(live, torch.Tensor):
+        _match_tensor(plan, live, saved, path)
+    elif isinstance(live, np.ndarray):
+        _match_array(plan, live, saved, path)
+    elif isinstance(live, Replace):
+        _match_replace(plan, live, saved, path)
+    elif is_stateful(live):
+        _match_object(plan, live, saved, path)
+    elif isinstance(live, MutableMapping):
+        _match_dict(plan, live, saved, path)
+    elif isinstance(live, (list, tuple)):
+        _match_sequence(plan, live, saved, path, assign)
+    elif _is_scalar(live) and assign is not None:
+        if isinstance(saved, PickledPayload):
+            plan.mismatched.append(f"{key}: the checkpoint holds a pickled value; restore into a safepoint.Pickled")
+        elif live is None or _is_scalar(saved):
+            plan.actions.append(lambda: assign(saved))
+            plan.applied.append(tuple(path))
+        else:
+            plan.mismatched.append(f"{key}: live value is {type(live).__name__}, checkpoint has {type(saved).__name__}")
+    else:
+        plan.mismatched.append(f"{key}: cannot restore into a live {type(live).__name__}")
+
+
+def _match_pickled(plan: _Plan, live: Pickled, saved: Any, path: list[str | int]) -> None:
+    if isinstance(saved, PickledPayload):
+        payload = saved  # the live Pickled wrapper is this entry's explicit opt-in
+
+        def unpickle() -> None:
+            live.value = payload.unpickle()
+
+        plan.objects.append((key_path(path), _PickledTarget(live, unpickle), None))
+    elif _is_tensor(saved) or isinstance(saved, (dict, list, tuple)) or _is_scalar(saved):
+        plan.actions.append(lambda: setattr(live, "value", saved))
+    else:  # pragma: no cover - decode_tree yields nothing else
+        plan.mismatched.append(f"{key_path(path)}: unexpected value")
+        return
+    plan.applied.append(tuple(path))
+
+
+class _PickledTarget:
+    """Lets unpickling run in the fallible phase, where a failure rolls back what was applied before."""
+
+    def __init__(self, wrapper: Pickled, run: Callable[[], None]) -> None:
+        self.wrapper, self.run = wrapper, run
+
+
+def _is_castable(live: torch.Tensor, saved: torch.Tensor) -> bool:
+    return live.shape == saved.shape and live.dtype.is_floating_point and saved.dtype.is_floating_point
+
+
+def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, key: str) -> bool:
+    """Whether ``saved`` cannot go into ``live`` as it is: recorded as a mismatch, or, with cast_dtypes, as a
+    cast to the live dtype (floating point to floating point only)."""
+    if live.shape == saved.shape and live.dtype == saved.dtype:
+        return False
+    if live.dtype != saved.dtype and _is_castable(live, saved):
+        if plan.cast_dtypes:
+            plan.cast.append(f"{key}: {saved.dtype} -> {live.dtype}")
+            return False
+        plan.castable = True
+    plan.mismatched.append(
+        f"{key}: live tensor is {live.dtype} {list(live.shape)}, checkpoint has {saved.dtype} {list(saved.shape)}"
+    )
+    return True
+
+
+def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | int]) -> None:
+    key = key_path(path)
+    if not isinstance(saved, torch.Tensor):
+        plan.mismatched.append(f"{key}: live value is a tensor, checkpoint has {type(saved).__name__}")
+        return
+    if _dtype_mismatch(plan, live, saved, key):
+        return
+
+    def copy_tensor() -> None:
+        live.copy_(saved)  # casts, where cast_dtypes allowed it; under the no_grad of _apply's phase 2
+
+    plan.actions.append(copy_tensor)
+    plan.applied.append(tuple(path))
+
+
+def _match_array(plan: _Plan, live: np.ndarray[Any, Any], saved: Any, path: list[str | int]) -> None:
+    key = key_path(path)
+    # byte order is not part of the value: np.copyto swaps it
+    same_dtype = isinstance(saved, np.ndarray) and saved.dtype.newbyteorder("=") == live.dtype.newbyteorder("=")
+    if not isinstance(saved, np.ndarray) or saved.shape != live.shape or not same_dtype:
+        what = f"{saved.dtype} {list(saved.shape)}" if isinstance(saved, np.ndarray) else type(saved).__name__
+        plan.mismatched.append(f"{key}: live array is {live.dtype} {list(live.shape)}, checkpoint has {what}")
+        return
+    if not live.flags.writeable:
+        plan.mismatched.append(f"{key}: the live array is read-only")
+        return
+    plan.actions.append(lambda: np.copyto(live, saved))
+    plan.applied.append(tuple(path))
+
+
+def _holds_pickled(value: Any) -> bool:
+    if isinstance(value, PickledPayload):
+        return True
+    if isinstance(value, Mapping):
+        return any(_holds_pickled(v) for v in value.values())
+    return isinstance(value, (list, tuple)) and any(_holds_pickled(v) for v in value)
+
+
+def _match_replace(plan: _Plan, live: Replace, saved: Any, path: list[str | int]) -> None:
+    key = key_path(path)
+    wanted = "dict" if isinstance(live.value, MutableMapping) else "list"
+    fits = isinstance(saved, Mapping) if wanted == "dict" else isinstance(saved, (list, tuple))
+    if not fits:
+        plan.mismatched.append(f"{key}: live value is a Replace of a {wanted}, checkpoint has {type(saved).__name__}")
+        return
+    if _holds_pickled(saved):
+        plan.mismatched.append(f"{key}: the checkpoint holds pickled values here; read them with load(allow_pickle=)")
+        return
+    plan.actions.append(lambda: live.load_state_dict(saved))
+    plan.applied.append(tuple(path))
+
+
+def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> None:
+    key = key_path(path)
+    if not isinstance(saved, Mapping):
+        plan.mismatched.append(f"{key}: live {type(live).__name__} needs a state_dict, checkpoint has "
+                               f"{type(saved).__name__}")  # fmt: skip
+        return
+    state = dict(saved)
+    if _is_loader(live):
+        # not observed before its load_state_dict: see _is_loader; its keys are its own load_state_dict's to judge
+        plan.units.append(tuple(path))
+        plan.objects.append((key, live, state))
+        plan.checks.append((key, live, state))
+        return
+    current = live.state_dict()
+    if isinstance(live, torch.nn.Module):
+        state = _match_module_state(plan, current, state, path)
+    else:
+        if isinstance(current, Mapping):
+            _compare_keys(plan, current, saved, path)
+            if isinstance(live, torch.optim.Optimizer):
+                _match_param_groups(plan, current, saved, key)
+        plan.units.append(tuple(path))
+    plan.objects.append((key, live, state))
+    plan.checks.append((key, live, state))
+
+
+def _match_module_state(
+    plan: _Plan, current: Mapping[str, Any], saved: dict[Any, Any], path: list[str | int]
+) -> dict[Any, Any]:
+    """Match a module's state_dict key by key; the state to give its load_state_dict (without strict, only the
+    keys it has; with cast_dtypes, tensors cast to the live dtypes)."""
+    _compare_keys(plan, current, saved, path)
+    hint = _prefix_hint(current, saved, f"state[{path[0]!r}]" if len(path) == 1 else "the entry's dict")
+    if hint:
+        plan.hints[tuple(path)] = hint
+    plan.applied.append(tuple(path))  # the module itself matched, whatever its keys
+    state = {}
+    for name, value in saved.items():
+        if name not in current:
+            continue  # unexpected: strict matching has refused it already, and without strict it is not given
+        live_value = current[name]
+        if isinstance(live_value, torch.Tensor) and isinstance(value, torch.Tensor):
+            if _dtype_mismatch(plan, live_value, value, key_path([*path, name])):
+                continue
+            if value.dtype != live_value.dtype:  # cast_dtypes: the post-apply check compares the cast values
+                state[name] = value.to(live_value.dtype)
+                plan.applied.append((*path, name))
+                continue
+        state[name] = value
+        plan.applied.append((*path, name))
+    return state
+
+
+#: State-dict key prefixes that wrappers add, and what adds them.
+_WRAPPER_PREFIXES = {
+    "_orig_mod.": "torch.compile",
+    "module.": "DistributedDataParallel / DataParallel",
+}
+
+
+def _prefix_hint(current: Mapping[Any, Any], saved: Mapping[Any, Any], entry: str) -> str:
+    """Say how to fix a module whose keys differ only by a wrapper's prefix, on either side. ``entry`` names
+    the module's saved dict in a migration."""
+    live_only = [k for k in current if k not in saved and isinstance(k, str)]
+    saved_only = [k for k in saved if k not in current and isinstance(k, str)]
+    for prefix, wrapper in _WRAPPER_PREFIXES.items():
+        if _differ_by(saved_only, live_only, prefix):
+            return _checkpoint_has_prefix(prefix, wrapper, entry)
+        if _differ_by(live_only, saved_only, prefix):
+            return _live_has_prefix(prefix, wrapper)
+    return ""
+
+
+def _differ_by(extra: list[str], lacking: list[str], prefix: str) -> bool:
+    """``extra`` keys all carry ``prefix`` somewhere in a leading run of wrapper prefixes, and without it they
+    are keys of the other side."""
+    if not extra or any(_strip_prefix(k, prefix) == k for k in extra):
+        return False
+    others = set(lacking)
+    return any(_strip_prefix(k, prefix) in others for k in extra)
+
+
+def _strip_prefix(name: str, prefix: str) -> str:
+    """``name`` without ``prefix`` in its leading run of wrapper prefixes (``module._orig_mod.x`` -> ``module.x``)."""
+    head = 0
+    while True:
+        if name.startswith(prefix, head):
+            return name[:head] + name[head + len(prefix) :]
+        for other in _WRAPPER_PREFIXES:
+            if name.startswith(other, head):
+                head += len(other)
+                break
+        else:
+            return name
+
+
+def _checkpoint_has_prefix(prefix: str, wrapper: str, entry: str) -> str:
+    if prefix == "_orig_mod.":
+        fix = (
+            "restore into the compiled module (call torch.compile before restoring), or from now on save "
+            "model._orig_mod, the module it wraps"
+        )
+    else:
+        fix = "restore into the wrapped model (wrap it before restoring), or from now on save model.module"
+    return (
+        f"the checkpoint's keys start with {prefix!r} ({wrapper} added it when it was saved) and the live "
+        f"module's do not: {fix}; to convert existing checkpoints, a safepoint.Migrations step can rename the "
+        f"keys (e.g. {{k.removeprefix({prefix!r}): v for k, v in {entry}.items()}})"
+    )
+
+
+def _live_has_prefix(prefix: str, wrapper: str) -> str:
+    inner = "model._orig_mod" if prefix == "_orig_mod." else "model.module"
+    return (
+        f"the live module's keys start with {prefix!r} (it is wrapped by {wrapper}) and the checkpoint's do not: "
+        f"put the module it wraps, {inner}, in the state instead (it shares the wrapper's parameters)"
+    )
+
+
+def _compare_keys(plan: _Plan, current: Mapping[Any, Any], saved: Mapping[Any, Any], path: list[str | int]) -> None:
+    plan.missing.extend((*path, k) for k in current if k not in saved)
+    plan.unexpected.extend((*path, k) for k in saved if k not in current)
+
+
+def _match_param_groups(plan: _Plan, current: Mapping[str, Any], saved: Mapping[Any, Any], key: str) -> None:
+    live_groups, saved_groups = current.get("param_groups"), saved.get("param_groups")
+    if not isinstance(live_groups, list) or not isinstance(saved_groups, (list, tuple)):
+        plan.mismatched.append(f"{key}: the checkpoint has no param_groups list")
+        return
+    live_sizes = [len(g.get("params", ())) for g in live_groups]
+    saved_sizes = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in saved_groups]
+    if live_sizes != saved_sizes:
+        plan.mismatched.append(
+            f"{key}: the optimizer has parameter groups of sizes {live_sizes}, the checkpoint {saved_sizes}"
+        )
+
+
+def _match_dict(plan: _Plan, live: MutableMapping[Any, Any], saved: Any, path: list[str | int]) -> None:
+    key = key_path(path)
+    if not isinstance(saved, Mapping):
+        plan.mismatched.append(f"{key or 'state'}: live value is a dict, checkpoint has {type(saved).__name__}")
+        return
+    _compare_keys(plan, live, saved, path)
+    plan.applied.append(tuple(path))
+    for name in list(live):
+        if name in saved:
+            _match(plan, live[name], saved[name], [*path, name], _setter(live, name))
+
+
+def _setter(container: Any, name: Any) -> Callable[[Any], None]:
+    def assign(value: Any) -> None:
+        container[name] = value
+
+    return assign
+
+
+def _holds_live_objects(value: Any) -> bool:
+    if _is_tensor(value) or is_stateful(value) or isinstance(value, (Pickled, Replace, Mapping)):
+        return True
+    return isinstance(value, (list, tuple)) and any(_holds_live_objects(v) for v in value)
+
+
+def _match_sequence(
+    plan: _Plan,
+    live: list[Any] | tuple[Any, ...],
+    saved: Any,
+    path: list[str | int],
+    assign: Callable[[Any], None] | None,
+) -> None:
+    key = key_path(path)
+    if not isinstance(saved, (list, tuple)):
+        plan.mismatched.append(f"{key}: live value is a {type(live).__name__}, checkpoint has {type(saved).__name__}")
+        return
+    if len(live) != len(saved):
+        if _holds_live_objects(live) or _holds_live_objects(saved) or assign is None:
+            plan.mismatched.append(f"{key}: live sequence has {len(live)} items, checkpoint has {len(saved)}")
+            return
+        if isinstance(live, list):
+            plan.actions.append(lambda: live.__setitem__(slice(None), list(saved)))
+        else:
+            plan.actions.append(lambda: assign(_same_tuple_type(live, saved)))
+        plan.applied.append(tuple(path))
+        return
+    plan.applied.append(tuple(path))
+    if isinstance(live, list):
+        for i, item in enumerate(live):
+            _match(plan, item, saved[i], [*path, i], _setter(live, i))
+        return
+    # tuples are rebuilt: items restored in place stay the same objects, the others are replaced
+    slots = list(live)
+    for i, item in enumerate(live):
+        _match(plan, item, saved[i], [*path, i], _setter(slots, i))
+    if assign is not None:
+        plan.actions.append(lambda: assign(_same_tuple_type(live, slots)))
+
+
+def _same_tuple_type(template: tuple[Any, ...], items: Iterable[Any]) -> tuple[Any, ...]:
+    if hasattr(template, "_fields"):  # a namedtuple
+        return type(template)(*items)
+    if type(template) is torch.Size:
+        return torch.Size(items)
+    return tuple(items)
+
+
+# -- the report ---------------------------------------------------------------------------------------------------
+@dataclass
+class _Node:
+    children: dict[Any, _Node] = field(default_factory=dict)
+    unit: bool = False  # applied whole by an object's load_state_dict
+    has_applied: bool = False  # in this subtree
+    has_bad: bool = False  # missing or unexpected in this subtree
+
+    def walk(self, path: Path) -> Iterable[_Node]:
+        node = self
+        for part in path:
+            node = node.children.setdefault(part, _Node())
+            yield node
+
+
+def _restored(plan: _Plan, top_level: Iterable[Any]) -> tuple[str, ...]:
+    """The fewest key paths covering what is applied and nothing that is not (see RestoreReport)."""
+    root = _Node()
+    for name in top_level:  # the live state's order
+        root.children[name] = _Node()
+    for path in plan.applied:
+        for node in root.walk(path):
+            node.has_applied = True
+    for path in plan.units:
+        nodes = list(root.walk(path))
+        for node in nodes:
+            node.has_applied = True
+        nodes[-1].unit = True
+    for path in [*plan.missing, *plan.unexpected]:
+        for node in root.walk(path):
+            node.has_bad = True
+    found: list[str] = []
+
+    def cover(node: _Node, path: list[Any]) -> None:
+        if not node.has_applied:
+            return
+        if node.unit or not node.has_bad:
+            found.append(key_path(path))
+            return
+        for part, child in node.children.items():
+            cover(child, [*path, part])
+
+    for part, child in root.children.items():
+        cover(child, [part])
+    return tuple(found)
+
+
+def _reasons(plan: _Plan) -> dict[str, str]:
+    def hint(path: Path) -> str:
+        for length in range(len(path) - 1, -1, -1):
+            found = plan.hints.get(path[:length])
+            if found:
+                return f"; {found}"
+        return ""
+
+    reasons = {key_path(p): "in the live state, not in the checkpoint: left as it was" + hint(p) for p in plan.missing}
+    for p in plan.unexpected:
+        reasons[key_path(p)] = "in the checkpoint, not in the live state: not applied" + hint(p)
+    return reasons
+
+
+def _tensors_in(value: Any, path: list[Any]) -> Iterable[tuple[list[Any], torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _tensors_in(v, [*path, k])
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _tensors_in(v, [*path, i])
+
+
+def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckpointError:
+    """The error of a resume that found committed checkpoints and none that verifies."""
+    reasons = "\n".join(f"  step {s.step}: {s.reason}" for s in skipped)
+    return CorruptCheckpointError(
+        f"{where} has {len(skipped)} committed checkpoint(s) and none verifies; refusing to "
+        f"start from scratch over them:\n{reasons}"
+    )
+
+
+# -- applying ---------------------------------------------------------------------------------------------------
+def apply_checkpoint(
+    loaded: LoadedCheckpoint,
+    live_state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    path: str,
+    skipped: tuple[SkippedCheckpoint, ...] = (),
+    state_version: int | None = None,
+    migrations: Migrations | None = None,
+    cast_dtypes: bool = False,
+) -> RestoreReport:
+    """Apply a verified checkpoint to ``live_state`` in place. Raises RestoreError with live objects unchanged.
+
+    With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
+    a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
+    ``cast_dtypes`` lets a floating-point tensor of another floating-point dtype be cast to the live one.
+    """
+    prepared = prepare_checkpoint(
+        loaded, live_state, strict=strict, path=path, skipped=skipped, state_version=state_version,
+        migrations=migrations, cast_dtypes=cast_dtypes,
+    )  # fmt: skip
+    return prepared.apply()
+
+
+@dataclass(frozen=True)
+class PreparedRestore:
+    """A checkpoint matched against the live state, nothing applied yet: every rank of a distributed restore
+    prepares first, and applies only once all ranks have prepared."""
+
+    plan: _Plan
+    report: RestoreReport
+
+    def apply(self) -> RestoreReport:
+        """Apply the plan; the report, with the casts objects' own load_state_dict made (cast_dtypes=True)."""
+        _apply(self.plan, self.report.step)
+        return dataclasses.replace(self.report, cast=tuple(self.plan.cast))
+
+
+def _saved_values(
+    loaded: LoadedCheckpoint, path: str, state_version: int | None, migrations: Migrations | None
+) -> tuple[Any, tuple[str, ...]]:
+    saved = decode_tree(loaded.manifest.tree, loaded.leaves)
+    if state_version is None:
+        return saved, ()
+    saved_version = loaded.manifest.state_version
+    return upgrade_state(saved, migrations, saved_version=saved_version, state_version=state_version, where=path)
+
+
+def _report(
+    loaded: LoadedCheckpoint, path: str, skipped: tuple[SkippedCheckpoint, ...], migrations: tuple[str, ...]
+) -> RestoreReport:
+    manifest = loaded.manifest
+    return RestoreReport(
+        step=manifest.step,
+        path=path,
+        save_id=manifest.save_id,
+        restored=(),
+        skipped=skipped,
+        metrics=dict(manifest.metrics),
+        state_version=manifest.state_version,
+        format_version=manifest.format_version,
+        nbytes=manifest.nbytes,
+        created=manifest.created,
+        migrations=migrations,
+    )
+
+
+def prepare_checkpoint(
+    loaded: LoadedCheckpoint,
+    live_state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    path: str,
+    skipped: tuple[SkippedCheckpoint, ...] = (),
+    state_version: int | None = None,
+    migrations: Migrations | None = None,
+    cast_dtypes: bool = False,
+) -> PreparedRestore:
+    """Match a verified (and, with ``state_version``, migrated) checkpoint against ``live_state``; RestoreError
+    if it does not fit. Changes nothing."""
+    if not isinstance(live_state, MutableMapping):
+        raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
+    saved, applied = _saved_values(loaded, path, state_version, migrations)
+    plan = _Plan(strict, cast_dtypes)
+    _match(plan, live_state, saved, [], None)
+    step = loaded.manifest.step
+    if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
+        raise _restore_error(plan, step, path, strict)
+    report = dataclasses.replace(
+        _report(loaded, path, skipped, applied),
+        restored=_restored(plan, live_state),
+        missing=tuple(key_path(p) for p in plan.missing),
+        unexpected=tuple(key_path(p) for p in plan.unexpected),
+        reasons=_reasons(plan),
+        cast=tuple(plan.cast),
+    )
+    return PreparedRestore(plan, report)
+
+
+def load_values(
+    loaded: LoadedCheckpoint,
+    *,
+    path: str,
+    skipped: tuple[SkippedCheckpoint, ...] = (),
+    state_version: int | None = None,
+    migrations: Migrations | None = None,
+    allow_pickle: Iterable[str] | bool = False,
+) -> tuple[dict[str, Any], RestoreReport]:
+    """A verified checkpoint as plain values, migrated like a restore, and the report of what it holds.
+
+    Pickled entries are migrated as unopened payloads, then unpickled only where ``allow_pickle`` says."""
+    saved, applied = _saved_values(loaded, path, state_version, migrations)
+    allow = allow_pickle if isinstance(allow_pickle, bool) else frozenset(allow_pickle)
+    values = _unpickle(saved, allow)
+    assert isinstance(values, dict)
+    report = _report(loaded, path, skipped, applied)
+    return values, dataclasses.replace(report, restored=tuple(key_path([k]) for k in values))
+
+
+def _unpickle(value: Any, allow: frozenset[str] | bool) -> Any:
+    if isinstance(value, PickledPayload):
+        if not pickle_allowed(value.key, allow):
+            raise UnsafeCheckpointError(
+                f"entry {value.key!r} is pickled and loading it could run arbitrary code; pass "
+                f"allow_pickle=[{value.key!r}] only if you trust where this checkpoint came from"
+            )
+        return value.unpickle()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            value[key] = _unpickle(item, allow)
+    elif isinstance(value, list):
+        value[:] = [_unpickle(item, allow) for item in value]
+    elif isinstance(value, tuple):
+        return _same_tuple_type(value, [_unpickle(item, allow) for item in value])
+    return value
+
+
+def _restore_error(plan: _Plan, step: int, path: str, strict: bool) -> RestoreError:
+    missing = [key_path(p) for p in plan.missing]
+    unexpected = [key_path(p) for p in plan.unexpected]
+    lines = [f"checkpoint step {step} at {path} does not fit the live state; nothing was changed"]
+    lines += [f"  mismatched: {m}" for m in plan.mismatched[:20]]
+    if strict:
+        lines += [f"  missing from the checkpoint: {m}" for m in missing[:20]]
+        lines += [f"  unexpected in the checkpoint: {u}" for u in unexpected[:20]]
+        if missing or unexpected:
+            lines.append("  (strict=False restores what matches and reports the rest)")
+    lines += [f"  hint for {key_path(p)!r}: {hint}" for p, hint in plan.hints.items()]
+    if plan.castable:
+        lines.append(
+            "  (floating-point tensors saved in another dtype: restore(..., cast_dtypes=True) casts them to the "
+            "live dtypes and lists each cast in the report)"
+        )
+    return RestoreError(
+        "\n".join(lines),
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        mismatched=tuple(plan.mismatched),
+    )
+
+
+def _apply(plan: _Plan, step: int) -> None:
+    # Phase 1, which may fail: objects' load_state_dict (others first, each backed up; modules, matched exactly,
+    # last), then the check that every tensor they were given took effect. A failure rolls phase 1 back.
+    # Phase 2 cannot fail once matched: plain tensor copies and assignments into dicts, lists and tuples.
+    # others (backed up) first, then data loaders (not observed beforehand, so not backed up), then modules
+    order = sorted(plan.objects, key=lambda item: 2 if isinstance(item[1], torch.nn.Module) else _is_loader(item[1]))
+    undo: list[Callable[[], None]] = []
+    try:
+        for key, target, state in order:
+            try:
+                undo.append(_load_object(target, state, plan.strict))
+            except Exception as err:
+                raise RestoreError(
+                    f"restoring {key!r} from step {step} failed in its load_state_dict: {err!r}; "
+                    "objects restored before it were rolled back and nothing else was changed"
+                ) from err
+        _check_applied(plan, step)
+    except BaseException as err:
+        _roll_back(undo, err)
+        raise
+    with torch.no_grad():  # once for all: entering it per tensor cost more than copying 10 000 small ones
+        for action in plan.actions:
+            action()
+
+
+def _roll_back(undo: list[Callable[[], None]], err: BaseException) -> None:
+    for rollback in reversed(undo):
+        try:
+            rollback()
+        except Exception as rollback_error:
+            note = f"safepoint: rolling back after the failed restore also failed: {rollback_error!r}"
+            attach_note(err, note)
+
+
+def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
+    if isinstance(target, _PickledTarget):
+        previous = target.wrapper.value
+        target.run()
+        return lambda: setattr(target.wrapper, "value", previous)
+    if isinstance(target, torch.nn.Module):
+        target.load_state_dict(state, strict=strict)
+        return lambda: None  # matched exactly beforehand; a backup would double the memory of the model
+    if _is_loader(target):
+        target.load_state_dict(state)
+        return _cannot_roll_back(target)
+    backup = copy.deepcopy(target.state_dict())
+    target.load_state_dict(state)
+    return lambda: target.load_state_dict(backup)
+
+
+def _is_loader(value: Any) -> bool:
+    """A data loader's state_dict() is not an observation: on a loader with no iterator yet, torchdata's
+    StatefulDataLoader starts one, which draws the workers' base seed from the loader's generator. Called before
+    load_state_dict (to compare keys, or for a backup), it shifted that generator, and a resumed run's workers
+    were seeded differently from the run that never stopped. So restore calls a loader's load_state_dict without
+    looking at it first, after every object it can roll back and before the modules."""
+    return isinstance(value, torch.utils.data.DataLoader)
+
+
+def _cannot_roll_back(loader: Any) -> Callable[[], None]:
+    def roll_back() -> None:
+        raise RestoreError(
+            f"the {type(loader).__name__} keeps the state it was given: its state_dict() is not read before a "
+            "restore, so there is no backup to roll it back to; rebuild it before training on"
+        )
+
+    return roll_back
+
+
+def _check_applied(plan: _Plan, step: int) -> None:
+    wrong: list[str] = []
+    for key, live, saved in plan.checks:
+        try:
+            current = live.state_dict()  # once per object: the checks walk it
+        except Exception as err:
+            raise RestoreError(
+                f"restoring {key!r} from step {step}: its state_dict() failed after its load_state_dict, so what "
+                f"it took cannot be checked: {err!r}; the restored objects were rolled back and nothing else "
+                "was changed"
+            ) from err
+        for sub_path, tensor in _tensors_in(saved, []):
+            where = f"{key}/{key_path(sub_path)}"
+            node = current
+            try:
+                for part in sub_path:
+                    node = node[part]
+            except (KeyError, IndexError, TypeError):
+                wrong.append(f"{where}: missing after load_state_dict")
+                continue
+            if _bitwise_equal(node, tensor):
+                continue
+            if _cast_on_load(node, tensor):
+                if plan.cast_dtypes:
+                    plan.cast.append(f"{where}: {tensor.dtype} -> {node.dtype} (by its load_state_dict)")
+                    continue
+                wrong.append(
+                    f"{where}: its load_state_dict cast it from {tensor.dtype} to {node.dtype} "
+                    "(cast_dtypes=True accepts that)"
+                )
+                continue
+            wrong.append(f"{where}: differs from the checkpoint after load_state_dict")
+    if wrong:
+        raise RestoreError(
+            f"restoring step {step} did not take effect: "
+            + "; ".join(wrong[:10])
+            + " (a load_state_dict that ignores data?); "
+            "the restored objects were rolled back and nothing else was changed",
+            mismatched=tuple(wrong),
+        )
+
+
+def _cast_on_load(live: torch.Tensor, saved: torch.Tensor) -> bool:
+    """Whether an object's load_state_dict cast a floating-point tensor to another floating-point dtype (an
+    optimizer casts its state to its parameters' dtype): the live value is exactly the saved one, cast."""
+    if not _is_castable(live, saved) or live.dtype == saved.dtype:
+        return False
+    return _bitwise_equal(live, saved.to(live.dtype))
+
+
+def _bitwise_equal(live: Any, saved: Any) -> bool:
+    if not isinstance(live, torch.Tensor) or not isinstance(saved, torch.Tensor):
+        return False
+    if live.shape != saved.shape:
+        return False
+    if live.dtype != saved.dtype:  # an optimizer casts state to its parameter's dtype
+        return bool(torch.equal(live.detach().cpu().to(saved.dtype), saved))
+    live_cpu = live.detach().cpu().contiguous()
+    if live_cpu.numel() == 0:
+        return True
+    return bool(torch.equal(_as_bits(live_cpu), _as_bits(saved.contiguous())))
+
+
+def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1).view(torch.uint8)

@@ -1,0 +1,438 @@
+"""Background saves: a snapshot into host staging buffers, then writing, checksums and commit on a thread.
+
+``submit`` encodes the state and copies every tensor into a staging buffer (:mod:`safepoint._staging`) before it
+returns, so the caller may change its tensors at once and the checkpoint holds the values of the moment of the
+call. A background thread then runs the ordinary commit protocol on the copies: nothing it writes is visible
+until the manifest is published, exactly as in a synchronous save.
+
+When the staging budget is smaller than the state, the writer starts at once and the snapshot is copied in the
+order the writer consumes it: each staging buffer goes back to the pool as soon as its bytes are written, and
+``submit`` waits only for the room it needs. When the state fits, the writer starts only after the snapshot is
+complete, so the copy has the CPU and the memory bandwidth to itself and the stall is as short as it can be.
+
+Errors: a failure in the background is kept on the :class:`SaveHandle` and raised exactly once, by the
+handle's ``result()`` or else by the owner's next ``raise_failures()`` as :class:`BackgroundSaveError` with the
+failure as its cause. At interpreter exit, saves still in flight are finished (a hook that runs before
+``concurrent.futures`` refuses new work), and a warning says that nobody waited for them.
+
+This module never decides what is written, retained or what a step is called: the caller passes the ``job``
+(:mod:`safepoint._pipeline`'s save attempt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar, overload
+
+import torch
+
+from ._codec import Leaf
+from ._errors import BackgroundSaveError, SafepointError, attach_note
+from ._staging import StagingPool
+from ._validate import positive_int
+
+__all__ = ["BackgroundWriter", "Job", "SaveHandle", "check_in_flight"]
+
+logger = logging.getLogger("safepoint")
+
+T = TypeVar("T")
+
+#: A background save's work on its thread: write and commit the staged leaves (``leaves[i]`` waits until leaf
+#: ``i`` is copied), calling ``written(i)`` as each leaf's memory is free again.
+Job = Callable[[Sequence[torch.Tensor], Callable[[int], None]], T]
+
+
+def check_in_flight(value: object) -> int:
+    return positive_int("max_in_flight", value)
+
+
+class SaveHandle(Generic[T]):
+    """A background save. ``result()`` returns its :class:`~safepoint.CheckpointInfo` once durable."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self._future: Future[T] = Future()
+        self._reported = False
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        """True once the save is durable or has failed."""
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> T:
+        """Wait (at most ``timeout`` seconds, then ``TimeoutError``) for the save to be durable.
+
+        A failure is raised here as the original error; it then counts as reported, and the manager does not
+        raise it again."""
+        try:
+            return self._future.result(timeout)
+        except TimeoutError:
+            raise
+        except BaseException:
+            self._mark_reported()
+            raise
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "in flight"
+        return f"SaveHandle(step={self.step}, {state})"
+
+    def _mark_reported(self) -> None:
+        with self._lock:
+            self._reported = True
+
+    def _wait(self) -> None:
+        self._future.exception()  # waits; never raises the save's own error
+
+    def _take_error(self) -> BaseException | None:
+        """The failure, if any and not reported yet; marks it reported."""
+        if not self._future.done():
+            return None
+        error = self._future.exception()
+        with self._lock:
+            if error is None or self._reported:
+                return None
+            self._reported = True
+        return error
+
+
+#: Staging buffers hold runs of consecutive tensors up to this size (one tensor larger than it gets its own), so
+#: ten thousand small tensors cost a few pool requests, and a writer can free memory before a save is written.
+SEGMENT_BYTES = 64 << 20
+_ALIGN = 64  # every tensor starts at a multiple of this in its segment: any dtype can view it
+
+
+class _Segment:
+    __slots__ = ("buffer", "event", "remaining")
+
+    def __init__(self, buffer: torch.Tensor, remaining: int, event: torch.cuda.Event | None) -> None:
+        self.buffer, self.remaining, self.event = buffer, remaining, event
+
+
+class _Staged(Sequence[torch.Tensor]):
+    """The snapshot's leaves as the writer sees them: ``[i]`` waits until leaf ``i`` is copied, then returns a
+    view of its staging segment. Only dtypes and shapes of the live leaves are kept, never the live tensors."""
+
+    def __init__(
+        self, leaves: Sequence[Leaf], pool: StagingPool, specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None
+    ) -> None:
+        self._specs = specs if specs is not None else [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
+        self._segment_of: list[_Segment | None] = [None] * len(leaves)
+        self._offset = [0] * len(leaves)
+        self._direct: dict[int, torch.Tensor] = {}
+        self._segments: list[_Segment] = []
+        self._pool = pool
+        self._condition = threading.Condition()
+        self.cancelled = threading.Event()  # the writer failed: stop copying
+        self._staging_done = threading.Event()
+        self._failure: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    @overload
+    def __getitem__(self, index: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[torch.Tensor]: ...
+
+    def __getitem__(self, index: int | slice) -> torch.Tensor | Sequence[torch.Tensor]:
+        if isinstance(index, slice):
+            raise TypeError("staged leaves are read one at a time")
+        with self._condition:
+            self._condition.wait_for(lambda: self._ready(index) or self._failure is not None)
+            if not self._ready(index):
+                raise SafepointError("the snapshot of this save was abandoned") from self._failure
+            direct, segment = self._direct.get(index), self._segment_of[index]
+        if direct is not None:
+            return direct
+        assert segment is not None  # _ready
+        if segment.event is not None:
+            segment.event.synchronize()  # the device-to-host copies into this pinned buffer have landed
+        dtype, shape = self._specs[index]
+        start = self._offset[index]
+        nbytes = shape.numel() * dtype.itemsize
+        return segment.buffer[start : start + nbytes].view(dtype).view(shape)
+
+    def _ready(self, index: int) -> bool:
+        return index in self._direct or self._segment_of[index] is not None
+
+    def put(self, index: int, value: torch.Tensor) -> None:
+        """Leaf ``index`` needs no staging buffer (a private copy already, or empty)."""
+        with self._condition:
+            self._direct[index] = value
+            self._condition.notify_all()
+
+    def add_segment(
+        self, buffer: torch.Tensor, members: Sequence[tuple[int, int]], stream: torch.cuda.Stream | None
+    ) -> None:
+        """``members`` (leaf, offset) are copied into ``buffer``; with ``stream``, the copies were queued there
+        and land once an event recorded now says so."""
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            event.record(stream)
+        segment = _Segment(buffer, len(members), event)
+        with self._condition:
+            self._segments.append(segment)
+            for index, offset in members:
+                self._offset[index] = offset
+                self._segment_of[index] = segment
+            self._condition.notify_all()
+
+    def synchronize(self) -> None:
+        """Wait for every device-to-host copy queued so far: the snapshot is then complete."""
+        with self._condition:
+            events = [segment.event for segment in self._segments if segment.event is not None]
+        for event in events:
+            event.synchronize()
+
+    def written(self, index: int) -> None:
+        """Leaf ``index`` is in the file: its segment goes back to the pool once all its leaves are."""
+        with self._condition:
+            segment = self._segment_of[index]
+            if segment is None or segment.remaining == 0:
+                return
+            segment.remaining -= 1
+            if segment.remaining:
+                return
+        self._pool.release(segment.buffer)
+
+    def abandon(self, failure: BaseException) -> None:
+        with self._condition:
+            self._failure = failure
+            self.cancelled.set()
+            self._condition.notify_all()
+
+    def staging_finished(self) -> None:
+        self._staging_done.set()
+
+    def release_all(self) -> None:
+        """After the writer and the copier are both done: every segment still lent goes back to the pool."""
+        self._staging_done.wait()
+        with self._condition:
+            held = [segment for segment in self._segments if segment.remaining]
+            for segment in held:
+                segment.remaining = 0
+        for segment in held:
+            self._pool.release(segment.buffer)
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+class BackgroundWriter:
+    """Background saves of one manager: the staging pool, the saves in flight, and their failures."""
+
+    def __init__(self, max_staging_bytes: int | None, max_in_flight: int) -> None:
+        self.pool = StagingPool(max_staging_bytes)
+        self.max_in_flight = max_in_flight
+        self._pending: list[SaveHandle[Any]] = []
+        self._threads: dict[SaveHandle[Any], threading.Thread] = {}
+
+    def in_flight(self) -> list[SaveHandle[Any]]:
+        return [handle for handle in self._pending if not handle.done()]
+
+    def wait_for_room(self) -> None:
+        """Wait until fewer than ``max_in_flight`` saves are in flight, oldest first."""
+        while len(self.in_flight()) >= self.max_in_flight:
+            self.in_flight()[0]._wait()
+
+    def wait_all(self) -> None:
+        for handle in list(self._pending):
+            handle._wait()
+
+    def raise_failures(self) -> None:
+        """Raise the first failure nobody has seen yet (later ones attached as notes), once; forget finished saves."""
+        finished = [handle for handle in self._pending if handle.done()]
+        self._pending = [handle for handle in self._pending if not handle.done()]
+        for handle in finished:
+            thread = self._threads.pop(handle, None)
+            if thread is not None:
+                thread.join()  # it has set its result and only has to return: none outlives close() (see the exit hook)
+        failures = [(handle.step, error) for handle in finished if (error := handle._take_error()) is not None]
+        if not failures:
+            return
+        step, cause = failures[0]
+        error = BackgroundSaveError(
+            f"the background save of step {step} failed; nothing of it is visible: {cause}",
+            step=step,
+            errno=getattr(cause, "errno", None),
+        )
+        for other_step, other in failures[1:]:
+            attach_note(error, f"safepoint: the background save of step {other_step} failed too: {other!r}")
+        raise error from cause
+
+    def submit(
+        self,
+        step: int,
+        leaves: list[Leaf],
+        job: Job[T],
+        order: Callable[[], list[int]],
+        specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
+    ) -> SaveHandle[T]:
+        """Copy ``leaves`` into staging buffers and start ``job`` on them on a thread; returns once the copy is
+        complete. ``order`` is the order in which ``job`` reads the leaves (asked only when the staging budget
+        is smaller than the state, so that the copy can follow the writer). ``specs``: each leaf's dtype and
+        shape, where the caller knows them already."""
+        handle: SaveHandle[T] = SaveHandle(step)
+        staged = _Staged(leaves, self.pool, specs)
+        streaming = self.pool.limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > self.pool.limit
+        if streaming:  # the writer starts now, and the copy follows the order in which it writes
+            sequence = order()
+            limit = max(1, min(SEGMENT_BYTES, (self.pool.limit or 0) // 4))
+        else:  # the writer starts after the copy, and plans from the copy (planning is not the caller's time)
+            sequence, limit = list(range(len(leaves))), SEGMENT_BYTES
+        thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
+        if streaming:
+            _register_exit_hook(self)
+            thread.start()
+        try:
+            _copy(leaves, sequence, staged, self.pool, limit)
+        except BaseException as err:
+            staged.abandon(err)
+            staged.staging_finished()
+            if streaming:
+                thread.join()  # the writer removes what it wrote: nothing half-written outlives the error
+            else:
+                staged.release_all()
+            handle._mark_reported()
+            raise
+        staged.staging_finished()
+        if staged.cancelled.is_set():  # the writer failed while the snapshot was copied: it is this call's error
+            thread.join()
+            handle._mark_reported()
+            raise handle._future.exception() or SafepointError(f"the background save of step {step} failed")
+        if not streaming:
+            _register_exit_hook(self)
+            thread.start()
+        self._pending.append(handle)
+        self._threads[handle] = thread
+        return handle
+
+
+def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T]) -> None:
+    _yield_cpu()
+    try:
+        result = job(staged, staged.written)
+    except BaseException as err:
+        staged.abandon(err)
+        staged.release_all()
+        handle._future.set_exception(err)
+        return
+    staged.release_all()
+    handle._future.set_result(result)
+
+
+#: The background writer's nice value (Linux: per thread, and inherited by the file writers it starts), so the
+#: training loop keeps the CPU it needs and the save uses what is left. Measured on 2 cores with a CPU-bound
+#: training loop (docs/performance.md): at 0 the steps ran 3.4x slower during a save, at 10 +24 %, at 15 no
+#: measurable slowdown while the save took ~9 s instead of 0.5 s; at 19 it starved (~27 s).
+BACKGROUND_NICENESS = 15
+
+
+def _yield_cpu() -> None:
+    if sys.platform != "linux":  # elsewhere PRIO_PROCESS with a thread id would re-nice the whole process
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
+
+
+def _copy(leaves: list[Leaf], order: list[int], staged: _Staged, pool: StagingPool, limit: int) -> None:
+    """Copy the leaves, in ``order``, into staging segments of at most ``limit`` bytes (or one larger leaf).
+
+    Dense CPU tensors are copied with one memmove each; others with ``copy_``: from a GPU into pinned memory,
+    asynchronously, every copy having landed when this returns. The loops are the stall of a background save
+    with many small tensors: each attribute of each tensor is read once."""
+    position, count = 0, len(order)
+    while position < count:
+        members: list[tuple[int, int]] = []
+        pieces: list[tuple[torch.Tensor, int, int]] = []
+        size, device = 0, None
+        while position < count:
+            index = order[position]
+            leaf = leaves[index]
+            source = leaf.tensor
+            nbytes = source.nbytes
+            if leaf.kind == "pickle" or nbytes == 0:  # a private copy already, or nothing
+                staged.put(index, source if nbytes else torch.empty(source.shape, dtype=source.dtype))
+                position += 1
+                continue
+            where = source.device if source.is_cuda else None  # other devices: plain memory
+            if members and (size + nbytes > limit or where != device):
+                break
+            members.append((index, size))
+            pieces.append((source, size, nbytes))
+            size += -(-nbytes // _ALIGN) * _ALIGN
+            device = where
+            position += 1
+        if not members:
+            continue
+        buffer = pool.acquire(size, pinned=device is not None, cancelled=staged.cancelled)
+        if staged.cancelled.is_set():
+            return
+        _fill(buffer, pieces, device is not None)
+        staged.add_segment(buffer, members, torch.cuda.current_stream(device) if device is not None else None)
+    staged.synchronize()
+
+
+def _fill(buffer: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int]], asynchronous: bool) -> None:
+    base = buffer.data_ptr()
+    memmove = ctypes.memmove  # torch's copy_ costs ~10x more per call
+    for source, offset, nbytes in pieces:
+        if source.is_cpu and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
+            memmove(base + offset, source.data_ptr(), nbytes)
+        else:
+            view = buffer[offset : offset + nbytes].view(source.dtype).view(source.shape)
+            view.copy_(source, non_blocking=asynchronous)
+
+
+_writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+_hook_lock = threading.Lock()
+_hook_registered = False
+
+
+def _register_exit_hook(writer: BackgroundWriter) -> None:
+    """Finish saves in flight at interpreter exit. ``threading._register_atexit`` hooks run, newest first,
+    before non-daemon threads are joined and before concurrent.futures refuses new work (which the writer
+    needs for its parallel files); plain ``atexit`` hooks would run too late for that."""
+    global _hook_registered
+    _writers.add(writer)
+    with _hook_lock:
+        if _hook_registered:
+            return
+        register = getattr(threading, "_register_atexit", None)
+        if register is None:  # pragma: no cover - every CPython since 3.9 has it
+            import atexit
+
+            atexit.register(_drain_at_exit)
+        else:
+            register(_drain_at_exit)
+        _hook_registered = True
+
+
+def _drain_at_exit() -> None:
+    for writer in list(_writers):
+        for handle in writer.in_flight():
+            logger.warning(
+                "safepoint: finishing the background save of step %s at interpreter exit; "
+                "call manager.wait() or close() so its errors reach you",
+                handle.step,
+            )
+            handle._wait()
+        for thread in list(writer._threads.values()):
+            # a save thread still alive during finalization (even one that has set its result) can abort the
+            # interpreter ("terminate called without an active exception") as torch's thread pools are destroyed
+            thread.join()
+        for handle in list(writer._pending):
+            error = handle._take_error()
+            if error is not None:
+                logger.error("safepoint: the background save of step %s failed: %r", handle.step, error)
