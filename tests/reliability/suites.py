@@ -29,7 +29,8 @@ from xml.etree import ElementTree
 import torch
 
 import safepoint
-from safepoint import CheckpointExistsError, CheckpointManager, faults
+from safepoint import CheckpointExistsError, CheckpointManager
+from safepoint import _faults as faults
 from safepoint._errors import AmbiguousCommitError, SafepointError
 from safepoint._faults import FaultSpec
 from safepoint._layout import MANIFEST_NAME, step_dir

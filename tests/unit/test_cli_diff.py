@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import safepoint
-from safepoint import diff as diff_module
+from safepoint import _diff as diff_module
 from safepoint._cli import main
 from safepoint._diff import compare_tensors, diff_trees
 

@@ -141,8 +141,9 @@ class SafepointCheckpointIO(CheckpointIO):
     hyper-parameters): key paths such as ``"hyper_parameters/loss"`` are stored with :class:`safepoint.Pickled`
     and unpickled when loaded. Use it only for checkpoints whose readers trust their writer.
 
-    Only global rank 0 saves in Lightning; a torch.distributed group of more than one process is refused for
-    now (safepoint's manager would wait for the other ranks).
+    With DDP, Lightning saves on global rank 0 only and every rank loads: the managers here are opened with
+    ``distributed=False``, so a save never waits for ranks that do not call it, and each rank verifies what it
+    loads on its own (a file system every rank sees is assumed, as Lightning assumes it).
     """
 
     def __init__(
@@ -175,7 +176,6 @@ class SafepointCheckpointIO(CheckpointIO):
         with self._lock:
             self._wait()
             self._remove_deferred()
-            _refuse_process_group()
             if not isinstance(checkpoint, Mapping):
                 raise safepoint.ConfigError(f"a checkpoint is a dict, not {type(checkpoint).__name__}")
             extra = _check_options(storage_options, "storage_options of this save")
@@ -317,7 +317,11 @@ class SafepointCheckpointIO(CheckpointIO):
 
     def _open(self, where: _Location) -> safepoint.CheckpointManager:
         return safepoint.CheckpointManager(
-            where.url, keep_last=1, storage_options=dict(where.options), max_staging_bytes=self._max_staging_bytes
+            where.url,
+            keep_last=1,
+            storage_options=dict(where.options),
+            max_staging_bytes=self._max_staging_bytes,
+            distributed=False,  # Lightning saves on global rank 0 only: the others never call
         )
 
     def _manager(self, where: _Location) -> safepoint.CheckpointManager:
@@ -376,7 +380,7 @@ class SafepointCheckpointIO(CheckpointIO):
                 f"{where.url} is a file, not a checkpoint written by SafepointCheckpointIO (a torch.save file from "
                 "Lightning's default CheckpointIO?); safepoint never unpickles it"
             )
-        with safepoint.CheckpointManager(where.url, storage_options=dict(where.options)) as manager:
+        with safepoint.CheckpointManager(where.url, storage_options=dict(where.options), distributed=False) as manager:
             checkpoint, report = manager.load(allow_pickle=list(self._pickle_keys))
         for skipped in report.skipped:
             warnings.warn(f"safepoint: {where.url}: skipped {skipped.path}: {skipped.reason}", stacklevel=4)
@@ -395,7 +399,9 @@ class SafepointCheckpointIO(CheckpointIO):
                 continue
             candidate = where.sibling(name)
             try:
-                with safepoint.CheckpointManager(candidate.url, storage_options=dict(where.options)) as manager:
+                with safepoint.CheckpointManager(
+                    candidate.url, storage_options=dict(where.options), distributed=False
+                ) as manager:
                     infos = manager.checkpoints()
             except safepoint.SafepointError as err:  # not one of ours (e.g. a safepoint.save directory)
                 warnings.warn(f"safepoint: skipping {candidate.url}: {err}", stacklevel=4)
@@ -486,15 +492,6 @@ def _check_map_location(value: Any) -> torch.device | None:
     if isinstance(value, (str, torch.device)):
         return torch.device(value)
     raise safepoint.ConfigError(f"map_location must be None, a torch.device or a device name, not {value!r}")
-
-
-def _refuse_process_group() -> None:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        raise safepoint.ConfigError(
-            "SafepointCheckpointIO does not support more than one process yet: Lightning saves on rank 0 "
-            "only, and safepoint's manager would wait for every rank"
-        )
 
 
 def _with_pickled(checkpoint: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

@@ -122,6 +122,7 @@ def train(
     epochs: int = 4,
     plugin: SafepointCheckpointIO | None = None,
     callbacks: tuple[Callback, ...] = (),
+    devices: int = 1,
 ) -> int:
     """Train (or resume) in this process, write the final state to ``out``; the global step it started from."""
     torch.manual_seed(0)
@@ -133,6 +134,8 @@ def train(
             plugins=[plugin or SafepointCheckpointIO()],
             callbacks=[checkpointing, start, *callbacks],
             default_root_dir=directory,
+            devices=devices,
+            strategy="ddp" if devices > 1 else "auto",
         )
     )
     model = TinyModel()
@@ -141,8 +144,10 @@ def train(
         "state_dict": model.state_dict(),
         "optimizer": trainer.optimizers[0].state_dict(),
         "global_step": trainer.global_step,
+        "start_step": start.step,
     }
-    safepoint.save(out, final)
+    if trainer.global_rank == 0:  # with DDP every rank holds the same values
+        safepoint.save(out, final)
     assert start.step is not None
     return start.step
 
@@ -155,6 +160,7 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--background", action="store_true")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--devices", type=int, default=1, help="more than 1: DDP with that many CPU processes")
     args = parser.parse_args()
     plugin: SafepointCheckpointIO
     callbacks: tuple[Callback, ...] = ()
@@ -165,7 +171,10 @@ def main() -> None:
         plugin = SafepointCheckpointIO(blocking=not args.background)
     if "KILL_AFTER_STEP" in os.environ:
         callbacks = (KillAfterStep(int(os.environ["KILL_AFTER_STEP"])),)
-    train(args.dir, args.out, resume=args.resume, epochs=args.epochs, plugin=plugin, callbacks=callbacks)
+    train(
+        args.dir, args.out, resume=args.resume, epochs=args.epochs, plugin=plugin, callbacks=callbacks,
+        devices=args.devices,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":
