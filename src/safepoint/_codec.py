@@ -89,6 +89,7 @@ __all__ = [
     "Stateful",
     "TypedKind",
     "array_tensor",
+    "check_is_state",
     "decode_tree",
     "encode_state",
     "encode_traced",
@@ -169,6 +170,12 @@ class Encoded:
     structure: Any = dataclasses.field(default=None, compare=False, repr=False)
     #: each leaf's (dtype, shape), where the structure already knows them (None: read them from the leaves)
     specs: Sequence[tuple[torch.dtype, torch.Size]] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+
+def check_is_state(state: object) -> None:
+    """InvalidStateError unless ``state`` is a mapping of named entries (what every save takes)."""
+    if not isinstance(state, Mapping):
+        raise InvalidStateError(f"the state must be a dict of named entries, not {type(state).__name__}")
 
 
 def key_path(parts: Sequence[str | int]) -> str:
@@ -346,8 +353,7 @@ def encode_traced(
 
     ``resolved`` maps ``id(obj)`` to the ``state_dict()`` results already taken of ``obj``, in tree order: they
     are used instead of calling ``state_dict()`` again, so the encoding is of exactly the values already seen."""
-    if not isinstance(state, Mapping):
-        raise InvalidStateError(f"the state must be a dict of named entries, not {type(state).__name__}")
+    check_is_state(state)
     encoder = _Encoder(resolved)
     tree = encoder.node(state, [], set(), 0)
     leaves = encoder.finish()

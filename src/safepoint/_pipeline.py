@@ -45,7 +45,7 @@ from typing import Any, overload
 import torch
 
 from . import _faults as faults
-from ._codec import Encoded, Leaf, LeafKind, encode_state
+from ._codec import Encoded, Leaf, LeafKind, check_is_state, encode_state
 from ._commit import (
     SHARD_BYTES,
     SavePlan,
@@ -184,6 +184,7 @@ class Snapshot:
     ) -> tuple[Snapshot, list[Leaf]]:
         """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage. With
         ``structures``, a state of the structure saved last is not encoded (nor planned) again."""
+        check_is_state(state)
         replicated = {key: value for key, value in state.items() if not isinstance(value, PerRank)}
         own = {key: {rank: value.value} for key, value in state.items() if isinstance(value, PerRank)}
         leaves: list[Leaf] = []

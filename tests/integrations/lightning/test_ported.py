@@ -55,6 +55,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 
 import safepoint
 from safepoint.integrations.lightning import SafepointCheckpointIO
+from tests.integrations.lightning.train import quiet
 
 
 class CountingCheckpointIO(SafepointCheckpointIO):
@@ -77,17 +78,6 @@ class CountingCheckpointIO(SafepointCheckpointIO):
     def remove_checkpoint(self, path: Any) -> None:
         self.removes.append(path)
         super().remove_checkpoint(path)
-
-
-def quiet(**overrides: Any) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "accelerator": "cpu",
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-    }
-    options.update(overrides)
-    return options
 
 
 def names(directory: Path) -> set[str]:
