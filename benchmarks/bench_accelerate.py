@@ -35,6 +35,7 @@ from typing import Any
 
 import accelerate
 import torch
+from _durable import fsync_tree
 from accelerate import Accelerator
 
 from safepoint.integrations.accelerate import load_state, save_state
@@ -71,26 +72,6 @@ def build(size_mib: int, *, train: bool = True) -> Accelerator:
     scheduler.step()
     optimizer.zero_grad()
     return accelerator
-
-
-def fsync_tree(root: Path) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(root.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def nbytes(root: Path) -> int:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _durable import fsync_tree
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 from safepoint.integrations.transformers import SafepointTrainerMixin
@@ -49,26 +50,6 @@ class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
-
-
-def fsync_tree(root: str) -> None:
-    for directory, _, names in os.walk(root):
-        for name in names:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fd = os.open(os.path.dirname(root), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Timed:

@@ -14,7 +14,7 @@ from ._manager import CheckpointInfo, check_migrations, save_to
 from ._migrations import Migrations
 from ._reader import read_checkpoint
 from ._resolve import Kind, Location, resolve
-from ._restore import RestoreReport, apply_checkpoint, plain_values
+from ._restore import RestoreReport, plain_values, prepare_checkpoint
 from ._storage import Storage, open_storage
 from ._validate import non_negative_int
 from ._verify import VerifyReport, verify_storage
@@ -69,10 +69,11 @@ def restore(
     chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path, storage_options)
     loaded = read_checkpoint(storage, "")
-    return apply_checkpoint(
+    prepared = prepare_checkpoint(
         loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain,
         cast_dtypes=cast_dtypes,
     )  # fmt: skip
+    return prepared.apply()
 
 
 def load(

@@ -35,7 +35,6 @@ __all__ = [
     "Replace",
     "RestoreReport",
     "SkippedCheckpoint",
-    "apply_checkpoint",
     "load_values",
     "none_verifies",
     "plain_values",
@@ -590,30 +589,6 @@ def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckp
 
 
 # -- applying ---------------------------------------------------------------------------------------------------
-def apply_checkpoint(
-    loaded: LoadedCheckpoint,
-    live_state: MutableMapping[str, Any],
-    *,
-    strict: bool,
-    path: str,
-    skipped: tuple[SkippedCheckpoint, ...] = (),
-    state_version: int | None = None,
-    migrations: Migrations | None = None,
-    cast_dtypes: bool = False,
-) -> RestoreReport:
-    """Apply a verified checkpoint to ``live_state`` in place. Raises RestoreError with live objects unchanged.
-
-    With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
-    a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
-    ``cast_dtypes`` lets a floating-point tensor of another floating-point dtype be cast to the live one.
-    """
-    prepared = prepare_checkpoint(
-        loaded, live_state, strict=strict, path=path, skipped=skipped, state_version=state_version,
-        migrations=migrations, cast_dtypes=cast_dtypes,
-    )  # fmt: skip
-    return prepared.apply()
-
-
 @dataclass(frozen=True)
 class PreparedRestore:
     """A checkpoint matched against the live state, nothing applied yet: every rank of a distributed restore
@@ -669,7 +644,11 @@ def prepare_checkpoint(
     cast_dtypes: bool = False,
 ) -> PreparedRestore:
     """Match a verified (and, with ``state_version``, migrated) checkpoint against ``live_state``; RestoreError
-    if it does not fit. Changes nothing."""
+    if it does not fit. Changes nothing: ``.apply()`` applies it in place, totally or not at all.
+
+    With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
+    a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
+    ``cast_dtypes`` lets a floating-point tensor of another floating-point dtype be cast to the live one."""
     if not isinstance(live_state, MutableMapping):
         raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
     saved, applied = _saved_values(loaded, path, state_version, migrations)
