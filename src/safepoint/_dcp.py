@@ -29,7 +29,7 @@ import re
 import stat
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -388,7 +388,7 @@ class DcpCheckpoint:
     files: tuple[str, ...]  # the file names read
 
 
-def read_dcp(folder: str, progress: Callable[[str], None] | None = None) -> DcpCheckpoint:
+def read_dcp(folder: str) -> DcpCheckpoint:
     """Read the DCP checkpoint in ``folder``; see the module docstring for what is checked."""
     meta_path = os.path.join(folder, METADATA_NAME)
     metadata = _Parser(meta_path).metadata(_unpickle_metadata(meta_path))
@@ -412,8 +412,6 @@ def read_dcp(folder: str, progress: Callable[[str], None] | None = None) -> DcpC
             for dim, (start, size) in enumerate(zip(box.offsets, box.sizes, strict=True)):
                 region = region.narrow(dim, start, size)
             region.copy_(chunk)
-        if progress is not None:
-            progress(name)
     values.update(fulls)
     ordered = {key: values[key] for key in metadata.keys}
     if metadata.paths is None:

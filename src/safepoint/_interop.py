@@ -105,14 +105,14 @@ def import_checkpoint(
     *,
     step: int | None = None,
     state_version: int = 1,
-    progress: Callable[[str], None] | None = None,
 ) -> ImportReport:
     """Convert ``source`` (a ``torch.save`` file, a ``.safetensors`` file, a Transformers ``checkpoint-N`` folder
     or a DCP checkpoint directory) into a new safepoint checkpoint directory ``dest``, keeping its nested structure.
 
     ``step`` defaults to the folder's ``global_step`` (or the N of ``checkpoint-N``), else 0. A top-level value
     that is not a dict is stored under the key ``"value"``. ``dest`` must not exist. A DCP directory's sharded
-    tensors become full tensors; ``progress`` is called with each ``.distcp`` file's name once it is read.
+    tensors become full tensors, its step is Lightning's ``global_step`` (``meta.pt``) or the N of torchtitan's
+    ``step-N``, else 0.
     """
     where = os.path.abspath(os.fspath(source))
     if step is not None:
@@ -123,7 +123,7 @@ def import_checkpoint(
     if kind == "transformers":
         state, found_step = _read_transformers(where, skipped)
     elif kind == "dcp":
-        state, found_step = _read_dcp_folder(where, skipped, progress)
+        state, found_step = _read_dcp_folder(where, skipped)
     else:
         state, found_step = (_load_torch(where) if kind == "torch" else _load_safetensors(where)), None
         if not isinstance(state, Mapping):
@@ -264,12 +264,10 @@ def _read_transformers(folder: str, skipped: list[str]) -> tuple[dict[str, Any],
     return state, _step_of(folder, state.get("trainer_state"))
 
 
-def _read_dcp_folder(
-    folder: str, skipped: list[str], progress: Callable[[str], None] | None
-) -> tuple[dict[str, Any], int | None]:
+def _read_dcp_folder(folder: str, skipped: list[str]) -> tuple[dict[str, Any], int | None]:
     from ._dcp import read_dcp  # the DCP reader uses this module's torch.load helpers
 
-    checkpoint = read_dcp(folder, progress)
+    checkpoint = read_dcp(folder)
     state = dict(checkpoint.state)
     used = {_DCP_METADATA, *checkpoint.files}
     meta: Any = None
