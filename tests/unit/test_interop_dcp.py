@@ -205,8 +205,9 @@ def _hostile(kind: str, canary: Path) -> Any:
     return _Reduce(subprocess.Popen, [sys.executable, "-c", code])
 
 
-@pytest.mark.parametrize(("kind", "refused"), [("os.system", "posix.system"), ("eval", "builtins.eval"),
-                                               ("subprocess", "subprocess.Popen")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("kind", "refused"), [("os.system", "posix.system"), ("eval", "builtins.eval"), ("subprocess", "subprocess.Popen")]
+)
 @pytest.mark.parametrize("where", ["the whole file", "inside real metadata"])
 def test_hostile_metadata_is_refused_and_runs_nothing(
     copied: Path, tmp_path: Path, kind: str, refused: str, where: str
@@ -226,17 +227,24 @@ def test_hostile_metadata_is_refused_and_runs_nothing(
     assert not (tmp_path / "imported").exists()
 
 
+def _size_of_a_string(metadata: Metadata) -> None:
+    tensor_key(metadata, "model.0.weight").size = _Reduce(torch.Size, "touch x")  # type: ignore[assignment]
+
+
+def _metadata_for_a_tensor(metadata: Metadata) -> None:
+    metadata.state_dict_metadata["model.0.weight"] = _Reduce(Metadata, "a", 1, 2)  # type: ignore[assignment]
+
+
+def _storage_data_of_the_wrong_class(metadata: Metadata) -> None:
+    metadata.storage_data = _Reduce(TensorStorageMetadata, 1, 2, 3)
+
+
+def _version_not_a_string(metadata: Metadata) -> None:
+    metadata.version = torch.Size([1])  # type: ignore[assignment]
+
+
 @pytest.mark.parametrize(
-    "change",
-    [
-        pytest.param(lambda m: setattr(tensor_key(m, "model.0.weight"), "size", _Reduce(torch.Size, "touch x")),
-                     id="torch.Size of a string"),  # fmt: skip
-        pytest.param(lambda m: m.state_dict_metadata.__setitem__("model.0.weight", _Reduce(Metadata, "a", 1, 2)),
-                     id="Metadata where a tensor's metadata goes"),  # fmt: skip
-        pytest.param(lambda m: setattr(m, "storage_data", _Reduce(TensorStorageMetadata, 1, 2, 3)),
-                     id="storage_data of the wrong class"),  # fmt: skip
-        pytest.param(lambda m: setattr(m, "version", torch.Size([1])), id="a version that is not a string"),
-    ],
+    "change", [_size_of_a_string, _metadata_for_a_tensor, _storage_data_of_the_wrong_class, _version_not_a_string]
 )
 def test_allowed_classes_built_with_unexpected_arguments_are_corrupt(
     copied: Path, tmp_path: Path, change: Callable[[Metadata], Any]
