@@ -153,8 +153,8 @@ def detect_source(path: str) -> str:
         if names & known:
             return "transformers"
         raise ConversionError(
-            f"{path} is a directory but neither a DCP checkpoint (no {_DCP_METADATA}) nor a Transformers "
-            f"checkpoint folder: it has none of {', '.join(sorted(known))}",
+            f"{path} is a directory but not a Transformers checkpoint folder: it has none of "
+            f"{', '.join(sorted(known))}; nor a DCP checkpoint: it has no {_DCP_METADATA}",
             path=path,
         )
     if not os.path.isfile(path):
