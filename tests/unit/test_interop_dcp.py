@@ -379,3 +379,22 @@ def test_existing_destination_is_refused_and_left_alone(single: tuple[Path, dict
         safepoint.import_checkpoint(single[0], dest)
     assert sorted(p.name for p in dest.iterdir()) == ["keep.txt"]
     assert (dest / "keep.txt").read_text() == "mine"
+
+
+def test_coverage_check_on_grids_of_chunks_as_tensor_parallel_writes_them() -> None:
+    """Row bands (FSDP), a 2-D grid (FSDP + TP) and a grid with one box moved onto another: only the last is
+    refused, whatever order the boxes come in."""
+    from safepoint._dcp import _Box, _check_boxes, _TensorKey
+
+    def key(boxes: list[tuple[tuple[int, int], tuple[int, int]]]) -> _TensorKey:
+        return _TensorKey(torch.float32, (4, 6), tuple(_Box(o, s) for o, s in boxes))
+
+    bands = [((0, 0), (2, 6)), ((2, 0), (2, 6)), ((4, 0), (0, 6))]
+    grid = [((r, c), (2, 3)) for r in (0, 2) for c in (0, 3)]
+    _check_boxes("m", "bands", key(bands))
+    _check_boxes("m", "grid", key(grid[::-1]))
+    moved = [((0, 0), (2, 3)), ((0, 3), (2, 3)), ((2, 0), (2, 3)), ((1, 2), (2, 3))]  # covers 24, overlaps 2
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        _check_boxes("m", "moved", key(moved))
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        _check_boxes("m", "moved", key(moved[::-1]))
