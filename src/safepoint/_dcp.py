@@ -403,9 +403,10 @@ def read_dcp(folder: str) -> DcpCheckpoint:
     metadata = _Parser(meta_path).metadata(_unpickle_metadata(meta_path))
     _check_items(meta_path, metadata)
     values: dict[str, Any] = {}
-    by_file: dict[str, list[tuple[str, tuple[int, ...] | None, _Item]]] = {}
+    by_file: dict[str, list[_Entry]] = {}
     for (key, offsets), item in metadata.items.items():
         by_file.setdefault(item.file, []).append((key, offsets, item))
+    _check_files(folder, by_file)
     fulls = {key: torch.empty(t.shape, dtype=t.dtype) for key, t in metadata.keys.items() if t is not None}
     boxes = {key: {b.offsets: b for b in t.boxes} for key, t in metadata.keys.items() if t is not None}
     for name in sorted(by_file):
@@ -429,37 +430,45 @@ def read_dcp(folder: str) -> DcpCheckpoint:
     return DcpCheckpoint(_unflatten(meta_path, ordered, metadata.paths), False, tuple(sorted(by_file)))
 
 
-def _read_items(
-    folder: str, name: str, items: list[tuple[str, tuple[int, ...] | None, _Item]]
-) -> Iterator[tuple[str, tuple[int, ...] | None, bytes]]:
-    """Each item's bytes, in file order, after checking the file is a regular file in ``folder`` holding them."""
-    key = items[0][0]
-    path = os.path.join(folder, name)
-    if not _FILE_NAME.fullmatch(name) or name in (".", ".."):
-        raise UnsafeCheckpointError(f"{os.path.join(folder, METADATA_NAME)} places {key!r} in {name!r}, which is not "
-                                    "a file name in the checkpoint directory", path=path)  # fmt: skip
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError as err:
-        raise CorruptCheckpointError(f"{path} is missing: the metadata places {key!r} in it", path=path) from err
-    except OSError as err:
-        with mapped_errors("read", path):
-            raise err
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode):
-        raise UnsafeCheckpointError(f"{path} is not a regular file (a symlink or a device); it was not read",
-                                    path=path)  # fmt: skip
-    with mapped_errors("read", path), open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
-        for key, offsets, item in sorted(items, key=lambda entry: entry[2].offset):
-            if item.offset + item.length > size:
+_Entry = tuple[str, tuple[int, ...] | None, _Item]
+
+
+def _check_files(folder: str, by_file: dict[str, list[_Entry]]) -> None:
+    """Before anything is allocated or read: each file a regular file in ``folder`` (a plain name, no symlink), each
+    item inside it and written without storage extensions."""
+    for name, items in sorted(by_file.items()):
+        key = items[0][0]
+        path = os.path.join(folder, name)
+        if not _FILE_NAME.fullmatch(name) or name in (".", ".."):
+            raise UnsafeCheckpointError(f"{os.path.join(folder, METADATA_NAME)} places {key!r} in {name!r}, which is "
+                                        "not a file name in the checkpoint directory", path=path)  # fmt: skip
+        try:
+            with mapped_errors("read", path, FileNotFoundError):
+                info = os.lstat(path)
+        except FileNotFoundError as err:
+            raise CorruptCheckpointError(f"{path} is missing: the metadata places {key!r} in it", path=path) from err
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeCheckpointError(f"{path} is not a regular file (a symlink or a device); it was not read",
+                                        path=path)  # fmt: skip
+        for key, _, item in items:
+            if item.offset + item.length > info.st_size:
                 raise CorruptCheckpointError(
-                    f"{path} is {size} bytes, but the metadata places {key!r} at bytes {item.offset}.."
+                    f"{path} is {info.st_size} bytes, but the metadata places {key!r} at bytes {item.offset}.."
                     f"{item.offset + item.length}: the file is truncated",
                     path=path,
                 )
             if item.transforms:
                 raise ConversionError(f"{path}: {key!r} was written through DCP storage extensions "
                                       f"{list(item.transforms)}, which safepoint does not read", path=path)  # fmt: skip
+
+
+def _read_items(folder: str, name: str, items: list[_Entry]) -> Iterator[tuple[str, tuple[int, ...] | None, bytes]]:
+    """Each item's bytes, in file order (``_check_files`` has checked the file and the ranges)."""
+    path = os.path.join(folder, name)
+    with mapped_errors("read", path, refuse_symlinks=True):
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))  # no symlink swapped in since
+    with mapped_errors("read", path), os.fdopen(descriptor, "rb") as file:
+        for key, offsets, item in sorted(items, key=lambda entry: entry[2].offset):
             file.seek(item.offset)
             data = file.read(item.length)
             if len(data) != item.length:

@@ -371,6 +371,30 @@ def test_chunks_that_do_not_match_the_metadata_are_corrupt(
     assert not (tmp_path / "imported").exists()
 
 
+def _huge_tensor(metadata: Metadata) -> None:
+    tensor = tensor_key(metadata, "model.0.weight")
+    tensor.size = tensor.chunks[0].sizes = torch.Size([1 << 20, 1 << 20])
+
+
+def _huge_item(metadata: Metadata) -> None:
+    _huge_tensor(metadata)
+    info = next(info for index, info in metadata.storage_data.items() if index.fqn == "model.0.weight")
+    info.length = 1 << 42
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [(_huge_tensor, "declared larger than the bytes stored"), (_huge_item, r"\.\.43980465\d+: the file is truncated")],
+)
+def test_declared_sizes_are_bounded_by_the_files_before_anything_is_allocated(
+    copied: Path, tmp_path: Path, change: Callable[[Metadata], None], message: str
+) -> None:
+    rewrite_metadata(copied, change)
+    with pytest.raises(CorruptCheckpointError, match=message) as caught:
+        safepoint.import_checkpoint(copied, tmp_path / "imported")
+    assert "'model.0.weight'" in str(caught.value)
+
+
 def test_existing_destination_is_refused_and_left_alone(single: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     dest = tmp_path / "taken"
     dest.mkdir()
