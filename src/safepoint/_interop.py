@@ -100,11 +100,7 @@ class ImportReport:
 
 # -- import ---------------------------------------------------------------------------------------------------
 def import_checkpoint(
-    source: PathLike,
-    dest: PathLike,
-    *,
-    step: int | None = None,
-    state_version: int = 1,
+    source: PathLike, dest: PathLike, *, step: int | None = None, state_version: int = 1
 ) -> ImportReport:
     """Convert ``source`` (a ``torch.save`` file, a ``.safetensors`` file, a Transformers ``checkpoint-N`` folder
     or a DCP checkpoint directory) into a new safepoint checkpoint directory ``dest``, keeping its nested structure.
