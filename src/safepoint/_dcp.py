@@ -318,6 +318,8 @@ def _describe(value: Any) -> str:
         return f"a {value.global_name}"
     if isinstance(value, type) and issubclass(value, _StandIn):
         return f"the global {value.global_name}"
+    if not isinstance(value, (str, int, float, type(None))):
+        return type(value).__name__  # never the repr of a container: a hostile one may nest 100 000 deep
     text = repr(value)
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 

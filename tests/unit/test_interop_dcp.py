@@ -257,6 +257,12 @@ def test_allowed_classes_built_with_unexpected_arguments_are_corrupt(
     assert not (tmp_path / "imported").exists()
 
 
+def test_metadata_of_lists_nested_100_000_deep_is_corrupt_not_a_recursion_error(copied: Path, tmp_path: Path) -> None:
+    (copied / ".metadata").write_bytes(b"(" * 100_000 + b"l" * 100_000 + b".")  # protocol 0: MARK ... LIST
+    with pytest.raises(CorruptCheckpointError, match="expected a Metadata, found list"):
+        safepoint.import_checkpoint(copied, tmp_path / "imported")
+
+
 def test_bytes_item_that_needs_arbitrary_pickle_is_refused_naming_its_key(tmp_path: Path) -> None:
     canary = tmp_path / "canary"
     _save({"model": {"w": torch.ones(2)}, "extra": {"hook": _hostile("os.system", canary)}}, tmp_path / "source")
