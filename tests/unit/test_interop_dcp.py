@@ -176,6 +176,19 @@ def test_cli_imports_a_dcp_directory_that_then_verifies(
     assert_same(sorted_keys(safepoint.load(dest)), sorted_keys(single[1]))
 
 
+def test_cli_import_of_a_hostile_metadata_exits_1_and_runs_nothing(
+    copied: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    canary = tmp_path / "canary"
+    (copied / ".metadata").write_bytes(pickle.dumps(_hostile("os.system", canary)))
+    assert main(["import", str(copied), str(tmp_path / "imported")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "asks for the global posix.system" in captured.err
+    assert not canary.exists()
+    assert not (tmp_path / "imported").exists()
+
+
 def test_lightning_meta_pt_is_merged_and_gives_the_step(
     single: tuple[Path, dict[str, Any]], copied: Path, tmp_path: Path
 ) -> None:
@@ -212,6 +225,10 @@ def _hostile(kind: str, canary: Path) -> Any:
 def test_hostile_metadata_is_refused_and_runs_nothing(
     copied: Path, tmp_path: Path, kind: str, refused: str, where: str
 ) -> None:
+    live = pickle.loads(pickle.dumps(_hostile(kind, tmp_path / "control")))
+    if isinstance(live, subprocess.Popen):
+        live.wait(timeout=60)
+    assert (tmp_path / "control").exists()  # the payload is live
     canary = tmp_path / "canary"
     evil = _hostile(kind, canary)
     if where == "the whole file":
