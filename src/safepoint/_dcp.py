@@ -479,7 +479,8 @@ def _read_items(folder: str, name: str, items: list[_Entry]) -> Iterator[tuple[s
 
 
 def _torch_load(data: bytes, where: str) -> Any:
-    """``torch.load(weights_only=True)`` of one item; torch.save's zip is checked against its CRC-32s first."""
+    """``torch.load(weights_only=True)`` of one item; torch.save's zip is checked against its CRC-32s first (torch
+    records them unless told not to, but its reader does not check them)."""
     from ._interop import _numpy_globals, _refusal  # _interop imports this module when it imports a DCP folder
 
     if data[:4] != b"PK\x03\x04":
@@ -487,7 +488,9 @@ def _torch_load(data: bytes, where: str) -> Any:
                               "serialization_format=SAFETENSORS or by another storage writer)", path=where)  # fmt: skip
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            damaged = archive.testzip()
+            # all zero: saved under torch.serialization.set_crc32_options(False), which records no CRC-32 to check
+            recorded = any(entry.CRC for entry in archive.infolist())
+            damaged = archive.testzip() if recorded else None
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError) as err:
         raise CorruptCheckpointError(f"{where} is not a readable torch.save stream: {err}", path=where) from err
     if damaged is not None:

@@ -316,6 +316,19 @@ def test_flipped_byte_in_a_chunk_is_found_by_torch_saves_crc(copied: Path, tmp_p
     assert "'model.0.weight'" in str(caught.value)
 
 
+def test_items_saved_without_crc32_still_import(tmp_path: Path) -> None:
+    """torch.serialization.set_crc32_options(False) writes zeros where the CRC-32s go: nothing to check, not damage."""
+    torch.serialization.set_crc32_options(False)
+    try:
+        _save({"w": torch.arange(10.0), "step": 3}, tmp_path / "source")
+    finally:
+        torch.serialization.set_crc32_options(True)  # torch's default
+    safepoint.import_checkpoint(tmp_path / "source", tmp_path / "imported")
+    loaded = safepoint.load(tmp_path / "imported")
+    assert_same(loaded["w"], torch.arange(10.0))
+    assert loaded["step"] == 3
+
+
 def _set_file(name: str) -> Callable[[Metadata], None]:
     def change(metadata: Metadata) -> None:
         for info in metadata.storage_data.values():
