@@ -9,6 +9,11 @@ What DCP's default ``FileSystemWriter`` (torch 2.13) puts on disk, and what this
   ``planner_data`` maps each flattened key to its original path, ``("optim", "state", "0", "exp_avg")``.
 - ``__<rank>_<n>.distcp``: the items one after another, each a complete ``torch.save`` stream: a tensor chunk is
   ``torch.save(local_chunk)``, a bytes item is ``torch.save(value)`` of a non-tensor value (an int, a tuple, ...).
+  (``serialization_format=SAFETENSORS`` and storage extensions such as compression write otherwise: refused.)
+
+torch offers no safe reader for ``.metadata``: DCP unpickles it with plain ``pickle.load``, and
+``torch.load(weights_only=True)`` refuses it even with every DCP class in ``safe_globals`` (its unpickler does not
+know protocol 4's FRAME opcode, which ``pickle.dump`` writes); its allow-list would also call the real classes.
 
 The pickle is never unpickled as such. ``_MetadataUnpickler`` resolves exactly the globals a DCP metadata pickle
 names (``_ALLOWED``) to inert stand-in classes made for each load, which only record the arguments and state the
@@ -16,8 +21,9 @@ pickle gives them; no DCP class, no torch function and nothing else is ever call
 UnsafeCheckpointError naming the file and the global. The recorded values are then parsed strictly into this
 module's own frozen dataclasses, so an allowed class built with unexpected arguments is a CorruptCheckpointError.
 Items are decoded with ``torch.load(weights_only=True)``; a bytes item that needs arbitrary pickle is refused.
-Every chunk is checked against the metadata (inside the global shape, covering each tensor exactly once, byte range
-inside its file, decoded dtype and shape equal to the metadata's) before its tensor is assembled.
+Before anything is allocated, every box must lie inside its tensor and the boxes must cover it exactly once, and
+every byte range must lie inside a regular file of the directory; each item must then match the CRC-32s torch.save
+recorded and decode to the dtype and shape of its box, before it is copied into its full tensor.
 """
 
 from __future__ import annotations
