@@ -201,6 +201,16 @@ def test_lightning_meta_pt_is_merged_and_gives_the_step(
     assert_same(sorted_keys(loaded["model"]), sorted_keys(single[1]["model"]))
 
 
+def test_files_the_metadata_does_not_name_are_listed_as_skipped(copied: Path, tmp_path: Path) -> None:
+    (copied / "__9_0.distcp").write_bytes(b"left by another save")
+    (copied / ".metadata.tmp").write_bytes(b"an unfinished save's metadata")
+    report = safepoint.import_checkpoint(copied, tmp_path / "imported")
+    assert report.skipped == (
+        ".metadata.tmp: not a DCP file",
+        "__9_0.distcp: a .distcp file the metadata does not name",
+    )
+
+
 def test_without_planner_data_the_flat_keys_are_kept_and_said(copied: Path, tmp_path: Path) -> None:
     rewrite_metadata(copied, lambda metadata: setattr(metadata, "planner_data", None))
     report = safepoint.import_checkpoint(copied, tmp_path / "imported")
