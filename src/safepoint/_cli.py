@@ -289,18 +289,23 @@ def _conversion_commands(command: Callable[[str, str, str, str], argparse.Argume
 
     importer = command(
         "import",
-        "Turn a torch.save file, a .safetensors file or a Transformers checkpoint-N folder into a checkpoint.",
+        "Turn a torch.save file, a .safetensors file, a Transformers checkpoint-N folder or a DCP directory into a\n"
+        "checkpoint.",
         "SRC's kind is recognised from its content. torch.save files are loaded with weights_only=True only: a\n"
         "file that needs arbitrary pickle is refused (exit 1) and nothing in it runs. A Transformers folder\n"
         "becomes model (model.safetensors, pytorch_model.bin or their shards), optimizer, scheduler, scaler,\n"
         "rng_state, trainer_state, config and generation_config entries; its step is trainer_state's global_step.\n"
-        "training_args.bin (pickled code) and tokenizer files are listed as skipped, never opened. DEST becomes a\n"
+        "training_args.bin (pickled code) and tokenizer files are listed as skipped, never opened. A\n"
+        "torch.distributed.checkpoint directory (.metadata + *.distcp, as torchtitan and Lightning's FSDP write)\n"
+        "becomes full tensors in its nested structure: .metadata is read by an unpickler that resolves only DCP's\n"
+        "metadata classes, every chunk is checked against it (bounds, exact coverage, byte ranges, CRC-32, dtype,\n"
+        "shape) and decoded with weights_only=True; a Lightning meta.pt is merged in. DEST becomes a\n"
         "new checkpoint directory with the same nested structure; it must not exist, and is removed again if the\n"
         "import fails. Restore it with safepoint.restore() or read it with safepoint.load(); or make DEST a step\n"
         "of a manager directory (runs/exp1/step-000000000500, named after the imported step) to resume there.",
         "safepoint import output/checkpoint-500 runs/imported-500",
     )
-    importer.add_argument("source", metavar="SRC", help="a torch.save, .safetensors file or checkpoint-N folder")
+    importer.add_argument("source", metavar="SRC", help="a torch.save, .safetensors file, checkpoint-N or DCP folder")
     importer.add_argument("dest", metavar="DEST", help="the new checkpoint directory (must not exist)")
     importer.add_argument("--step", type=_step, help="the step to record (default: the source's, else 0)")
     importer.add_argument("--state-version", type=_step, default=1, help="the state_version to record (default 1)")

@@ -1,10 +1,12 @@
-"""Import and export: taking ``torch.save`` files, safetensors files and Transformers ``checkpoint-N`` folders in,
-and handing checkpoints back out as plain files other tools read.
+"""Import and export: taking ``torch.save`` files, safetensors files, Transformers ``checkpoint-N`` folders and
+``torch.distributed.checkpoint`` (DCP) directories in, and handing checkpoints back out as plain files other tools
+read.
 
 Import never runs code from the source: ``torch.save`` files are read with ``torch.load(weights_only=True)``
 (numpy arrays, as in a Trainer's ``rng_state.pth``, are allowed through torch's own allow-list), and a file that
 needs arbitrary pickle is refused with :class:`~safepoint.UnsafeCheckpointError`. A Transformers folder's
-``training_args.bin`` is such a file: it is never opened, only listed as skipped.
+``training_args.bin`` is such a file: it is never opened, only listed as skipped. A DCP directory's pickled
+``.metadata`` is read by ``_dcp``'s restricted unpickler, which resolves only DCP's metadata classes.
 
 Nothing is ever half-written: an import goes through safepoint's own commit protocol into a destination that
 must not exist (removed again if the import fails); an export is written and fsynced under a temporary name in
@@ -78,6 +80,11 @@ _MODEL_FILES = ("model.safetensors", "pytorch_model.bin")  # the Trainer prefers
 _MODEL_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _RNG_FILE = re.compile(r"rng_state(?:_\d+)?\.pth")
 _NEVER_LOADED = {"training_args.bin": "a pickled TrainingArguments object: loading it could run code"}
+_DCP_METADATA = ".metadata"  # what makes a directory a DCP checkpoint (FileSystemWriter's _metadata_fn)
+_DCP_DATA = re.compile(r"__\d+_\d+\.distcp")
+#: Lightning's FSDP and ModelParallel strategies torch.save the rest of the checkpoint (loops, global_step,
+#: callbacks, ...) next to the DCP files; it is merged into the imported state.
+_LIGHTNING_META = "meta.pt"
 
 
 @dataclass(frozen=True)
@@ -85,21 +92,23 @@ class ImportReport:
     """What an import read and wrote."""
 
     source: str
-    kind: str  # "torch", "safetensors" or "transformers"
+    kind: str  # "torch", "safetensors", "transformers" or "dcp"
     checkpoint: CheckpointInfo  # the safepoint checkpoint written
     entries: tuple[str, ...]  # its top-level keys
-    skipped: tuple[str, ...] = ()  # files of a Transformers folder left out, each with the reason
+    skipped: tuple[str, ...] = ()  # files of a Transformers or DCP folder left out, each with the reason
 
 
 # -- import ---------------------------------------------------------------------------------------------------
 def import_checkpoint(
     source: PathLike, dest: PathLike, *, step: int | None = None, state_version: int = 1
 ) -> ImportReport:
-    """Convert ``source`` (a ``torch.save`` file, a ``.safetensors`` file or a Transformers ``checkpoint-N``
-    folder) into a new safepoint checkpoint directory ``dest``, keeping its nested structure.
+    """Convert ``source`` (a ``torch.save`` file, a ``.safetensors`` file, a Transformers ``checkpoint-N`` folder
+    or a DCP checkpoint directory) into a new safepoint checkpoint directory ``dest``, keeping its nested structure.
 
     ``step`` defaults to the folder's ``global_step`` (or the N of ``checkpoint-N``), else 0. A top-level value
-    that is not a dict is stored under the key ``"value"``. ``dest`` must not exist.
+    that is not a dict is stored under the key ``"value"``. ``dest`` must not exist. A DCP directory's sharded
+    tensors become full tensors, its step is Lightning's ``global_step`` (``meta.pt``) or the N of torchtitan's
+    ``step-N``, else 0.
     """
     where = os.path.abspath(os.fspath(source))
     if step is not None:
@@ -109,6 +118,8 @@ def import_checkpoint(
     skipped: list[str] = []
     if kind == "transformers":
         state, found_step = _read_transformers(where, skipped)
+    elif kind == "dcp":
+        state, found_step = _read_dcp_folder(where, skipped)
     else:
         state, found_step = (_load_torch(where) if kind == "torch" else _load_safetensors(where)), None
         if not isinstance(state, Mapping):
@@ -124,7 +135,7 @@ def import_checkpoint(
 
 
 def detect_source(path: str) -> str:
-    """The kind of ``path`` ("torch", "safetensors" or "transformers"), from its content, not its name."""
+    """The kind of ``path`` ("torch", "safetensors", "transformers" or "dcp"), from its content, not its name."""
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"{path} does not exist")
     if os.path.isdir(path):
@@ -132,12 +143,14 @@ def detect_source(path: str) -> str:
         if location.is_committed_checkpoint or location.kind is Kind.MANAGER:
             raise ConversionError(f"{path} is already a safepoint checkpoint; nothing to import", path=path)
         names = set(os.listdir(path))
+        if _DCP_METADATA in names:
+            return "dcp"
         known = {*_MODEL_FILES, *_MODEL_INDEXES, *_TORCH_FILES, "trainer_state.json"}
         if names & known:
             return "transformers"
         raise ConversionError(
             f"{path} is a directory but not a Transformers checkpoint folder: it has none of "
-            f"{', '.join(sorted(known))}",
+            f"{', '.join(sorted(known))}; nor a DCP checkpoint: it has no {_DCP_METADATA}",
             path=path,
         )
     if not os.path.isfile(path):
@@ -245,6 +258,33 @@ def _read_transformers(folder: str, skipped: list[str]) -> tuple[dict[str, Any],
         reason = _NEVER_LOADED.get(name, "not training state (tokenizer, docs or an unknown file)")
         skipped.append(f"{name}: {reason}")
     return state, _step_of(folder, state.get("trainer_state"))
+
+
+def _read_dcp_folder(folder: str, skipped: list[str]) -> tuple[dict[str, Any], int | None]:
+    from ._dcp import read_dcp  # the DCP reader uses this module's torch.load helpers
+
+    checkpoint = read_dcp(folder)
+    state = dict(checkpoint.state)
+    used = {_DCP_METADATA, *checkpoint.files}
+    meta: Any = None
+    if _LIGHTNING_META in os.listdir(folder):
+        path = os.path.join(folder, _LIGHTNING_META)
+        meta = _load_torch(path)
+        if not isinstance(meta, Mapping):
+            raise ConversionError(f"{path} does not hold a dict (Lightning's meta.pt does)", path=path)
+        clash = sorted(str(k) for k in set(meta) & set(state))
+        if clash:
+            raise ConversionError(f"{path} and the DCP files both hold {clash}", path=path)
+        state.update(meta)
+        used.add(_LIGHTNING_META)
+    if checkpoint.flat:
+        skipped.append(f"{_DCP_METADATA}: it has no planner_data, so the keys stay DCP's flattened ones")
+    for name in sorted(set(os.listdir(folder)) - used):
+        reason = "a .distcp file the metadata does not name" if _DCP_DATA.fullmatch(name) else "not a DCP file"
+        skipped.append(f"{name}: {reason}")
+    torchtitan = re.fullmatch(r"step-(\d+)", os.path.basename(folder.rstrip("/")))  # torchtitan's step-N folders
+    found_step = _step_of(folder, meta)
+    return state, found_step if found_step is not None or torchtitan is None else int(torchtitan.group(1))
 
 
 def _read_model(folder: str, names: list[str]) -> tuple[dict[str, Any] | None, list[str]]:
