@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -76,7 +77,7 @@ def dcp_save(directory: Path, step: int, state: State, blocking: bool) -> Callab
         dcp.save(state, checkpoint_id=target)
         return lambda: None
     future = dcp.async_save(state, checkpoint_id=target)
-    return lambda: future.result()  # type: ignore[union-attr]
+    return future.result  # type: ignore[union-attr]
 
 
 def dcp_steps(directory: Path) -> list[int]:
@@ -365,7 +366,9 @@ def save_restored(backend: Backend, directory: Path, source: str, kind: str, nam
     return found
 
 
-def same_world(backend: Backend, directory: Path, name: str, kind: str, *, via: str = "plain", blocking: bool = True) -> dict[str, Any]:
+def same_world(
+    backend: Backend, directory: Path, name: str, kind: str, *, via: str = "plain", blocking: bool = True
+) -> dict[str, Any]:
     saved = save_trained(backend, directory, name, kind, via=via, blocking=blocking)
     _, _, restored = restore_into(backend, directory, name, kind, via=via)
     return {"saved": saved, "restored": restored}
@@ -406,10 +409,14 @@ def killed(backend: Backend, directory: Path, rank: int, world: int) -> dict[str
     """Step 1 saved; the last rank is killed (SIGKILL from safepoint's fault seam) after writing its first data
     file of step 2. Safepoint only: the seam is safepoint's, and DCP promises nothing here."""
     model, optimizer = trained("fsdp")
-    state = plain_state(model, optimizer, {"step": 1})
-    found: dict[str, Any] = {"first": outcome(lambda: backend.save(directory / "killed", 1, state, True)())}
+    state = plain_state(model, optimizer, {"step": 1, "name": "killed"})
+
+    def save(step: int) -> None:
+        backend.save(directory / "killed", step, state, True)()
+
+    found: dict[str, Any] = {"first": outcome(lambda: save(1))}
     with faults.armed({"data.write.after": "kill"} if rank == world - 1 else {}):
-        found["second"] = outcome(lambda: backend.save(directory / "killed", 2, state, True)())
+        found["second"] = outcome(lambda: save(2))
     with safepoint.CheckpointManager(directory / "killed", timeout=TIMEOUT) as manager:
         found["steps"] = manager.steps()
     return found
@@ -419,10 +426,10 @@ def corrupt(backend: Backend, directory: Path, rank: int, world: int) -> dict[st
     """Steps 1 and 2 saved (2 after one more training step); rank 0 flips the last byte of the largest file of
     step 2 other than its manifest (a shard's data); every rank restores. Safepoint only: DCP has no checksums."""
     model, optimizer = trained("fsdp")
-    write_expected(directory, "corrupt1", full_state(model, optimizer))
-    backend.save(directory / "corrupt", 1, plain_state(model, optimizer, {"step": 1}), True)()
+    write_expected(directory, "corrupt", full_state(model, optimizer))  # what the fallback must restore
+    backend.save(directory / "corrupt", 1, plain_state(model, optimizer, {"step": 1, "name": "corrupt"}), True)()
     train(model, optimizer, range(3, 4), sliced=False)
-    backend.save(directory / "corrupt", 2, plain_state(model, optimizer, {"step": 2}), True)()
+    backend.save(directory / "corrupt", 2, plain_state(model, optimizer, {"step": 2, "name": "corrupt"}), True)()
     damaged = ""
     if rank == 0:
         files = [p for p in step_dir(directory / "corrupt", 2).rglob("*") if p.is_file() and p.suffix != ".json"]
@@ -452,8 +459,10 @@ def train_and_kill(backend: Backend, directory: Path, rank: int, world: int) -> 
     model = parallel_model("fsdp", seed=0)
     optimizer = adamw(model)
     train(model, optimizer, range(1, SAVED_AT + 1), sliced=True)
-    write_expected(directory, "train-saved", full_state(model, optimizer))
-    backend.save(directory / "train", SAVED_AT, plain_state(model, optimizer, {"step": SAVED_AT}), True)()
+    write_expected(directory, "train", full_state(model, optimizer))  # the checkpoint's own values
+    backend.save(
+        directory / "train", SAVED_AT, plain_state(model, optimizer, {"step": SAVED_AT, "name": "train"}), True
+    )()
     train(model, optimizer, range(SAVED_AT + 1, SAVED_AT + 2), sliced=True)
     dist.barrier()
     (Path(sys.argv[3]) / f"rank{rank}.json").write_text(json.dumps({"saved_at": SAVED_AT}))
@@ -505,7 +514,13 @@ def main() -> int:
     dist.init_process_group("gloo", init_method="env://", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     start = time.monotonic()
-    found = SCENARIOS[name](BACKENDS[backend], directory, rank, world)
+    try:
+        found = SCENARIOS[name](BACKENDS[backend], directory, rank, world)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # at once: an interpreter exit would tear the process group down and wait for the others
     found["seconds"] = time.monotonic() - start
     (out / f"rank{rank}.json").write_text(json.dumps(found))
     if name != "killed":  # with a rank dead, a barrier would wait for it
