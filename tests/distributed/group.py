@@ -2,9 +2,8 @@
 
 ``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` per rank (``worker`` names another
 module) with the env:// variables torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free
-port), waits for all of them
-within a deadline, kills whatever is still running when it expires or the test fails, and returns each rank's
-exit code, output and JSON results. The package never imports this module.
+port), waits for all of them within a deadline, kills whatever is still running when it expires or the test
+fails, and returns each rank's exit code, output and JSON results. The package never imports this module.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ def training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     runs: dict[str, Any] = {"base": base, "killed": _group("train", backend, 2, base, "out-train")}
     if all(r.returncode == -9 for r in runs["killed"]):
         for world in (2, 3):
-            runs[world] = _group("resume", backend, world, base, f"out-resume{world}")
+            runs[f"resume{world}"] = _group("resume", backend, world, base, f"out-resume{world}")
     return runs
 
 
@@ -195,7 +195,7 @@ def _resumed(training: dict[str, Any], world: int) -> tuple[dict[str, torch.Tens
     killed = training["killed"]
     assert [r.returncode for r in killed] == [-9, -9], killed[0].output[-4000:]  # SIGKILLed after step 4
     assert all(r.results == {"saved_at": worker.SAVED_AT} for r in killed)
-    for observed in _ok(training[world]):
+    for observed in _ok(training[f"resume{world}"]):
         assert observed["step"] == worker.SAVED_AT
         assert observed["extra"] == {"step": worker.SAVED_AT, "name": "train"}
         assert observed["mismatched"] == []  # the restore itself is bitwise on any world size

@@ -33,9 +33,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import format_utils
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save_sync
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -74,9 +76,9 @@ class Backend:
 def dcp_save(directory: Path, step: int, state: State, blocking: bool) -> Callable[[], None]:
     target = step_dir(directory, step)
     if blocking:
-        dcp.save(state, checkpoint_id=target)
+        dcp_save_sync(state, checkpoint_id=target)
         return lambda: None
-    future = dcp.async_save(state, checkpoint_id=target)
+    future = dcp_async_save(state, checkpoint_id=target)
     return future.result  # type: ignore[union-attr]
 
 
@@ -87,7 +89,7 @@ def dcp_steps(directory: Path) -> list[int]:
 
 def dcp_restore(directory: Path, state: State) -> int:
     step = dcp_steps(directory)[-1]
-    dcp.load(state, checkpoint_id=step_dir(directory, step))
+    dcp_load(state, checkpoint_id=step_dir(directory, step))
     return step
 
 
@@ -191,7 +193,7 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: range
     rank, world = (dist.get_rank(), dist.get_world_size()) if sliced else (0, 1)
     for step in steps:
         inputs, targets = batch(step, rank, world)
-        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        torch.autograd.backward(torch.nn.functional.mse_loss(model(inputs), targets))
         optimizer.step()
         optimizer.zero_grad()
 
