@@ -151,10 +151,10 @@ class Methods:
             with safepoint.CheckpointManager(target, timeout=600) as manager:
                 manager.save(step, state)
         else:
-            save(state, checkpoint_id=target / f"step-{step:09d}")
+            save(state, checkpoint_id=target / f"step-{step:012d}")
             dist.barrier()
             if dist.get_rank() == 0:
-                fsync_tree(target / f"step-{step:09d}")
+                fsync_tree(target / f"step-{step:012d}")
 
     def background(self, method: str, target: Path, step: int, state: dict[str, Any]) -> tuple[float, Any]:
         """The blocking time, and a wait that finishes the save (durable)."""
@@ -179,14 +179,14 @@ class Methods:
 
             return stalled, finish
         start = time.perf_counter()
-        future = async_save(state, checkpoint_id=target / f"step-{step:09d}")
+        future = async_save(state, checkpoint_id=target / f"step-{step:012d}")
         stalled = time.perf_counter() - start
 
         def finish_dcp() -> None:
             future.result()
             dist.barrier()
             if dist.get_rank() == 0:
-                fsync_tree(target / f"step-{step:09d}")
+                fsync_tree(target / f"step-{step:012d}")
 
         return stalled, finish_dcp
 

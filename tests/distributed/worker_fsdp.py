@@ -8,7 +8,7 @@ chosen on the command line, behind the same two calls: ``save(directory, step, s
   prove that the scenarios, the comparisons and the tolerances are right.
 - ``safepoint``: ``CheckpointManager.save``/``restore`` on every rank, the code under test.
 
-``DIR`` is shared by the groups of one test: checkpoints go to ``DIR/<name>/`` (one ``step-NNNNNNNNN`` folder per
+``DIR`` is shared by the groups of one test: checkpoints go to ``DIR/<name>/`` (one ``step-<12 digits>`` folder per
 step for both backends) and the expected values to ``DIR/expected-<name>.pt``: the full tensors gathered with
 ``DTensor.full_tensor()`` (a collective, not the code under test) on the run that saved, written with
 ``torch.save``. Restoring runs compare their live state, gathered the same way, with those files. Each rank
@@ -60,7 +60,7 @@ State = dict[str, Any]
 
 # -- the two backends ---------------------------------------------------------------------------------------------
 def step_dir(directory: Path, step: int) -> Path:
-    return directory / f"step-{step:09d}"
+    return directory / f"step-{step:012d}"
 
 
 @dataclass(frozen=True)
