@@ -239,8 +239,9 @@ def test_training_resumed_on_another_world_size_matches_within_a_tolerance(train
 # -- safepoint only: guarantees DCP does not make -------------------------------------------------------------
 @pytest.mark.parametrize("backend", SAFEPOINT_ONLY)
 def test_a_rank_killed_mid_save_of_sharded_state_commits_nothing(tmp_path: Path, backend: str) -> None:
-    """3 ranks save step 1; rank 2 is SIGKILLed writing its first data file of step 2. DCP has no such
-    guarantee (its survivors wait in a collective until the process group's timeout), so safepoint only."""
+    """3 ranks save step 1; rank 2 is SIGKILLed writing its first data file of step 2. Safepoint only: DCP
+    promises nothing here (with gloo on loopback its survivors get a RuntimeError "Connection reset by peer" at
+    once, and the survivors' ``.distcp`` files of the step stay on disk, without ``.metadata``)."""
     ranks = _group("killed", backend, 3, tmp_path, "out")
     assert ranks[2].returncode == -9, ranks[2].output[-4000:]
     for rank in (0, 1):
