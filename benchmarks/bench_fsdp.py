@@ -22,7 +22,8 @@ same state, side by side, interleaved within each repeat in an order rotated per
   ``read_bytes`` (what the rank made the kernel fetch from the disk; readahead included, so it is what the disk
   had to deliver) and ``rchar`` (bytes returned by ``read``-family system calls, whatever the source: page
   cache, and gloo's socket reads if it uses them; pages of a memory-mapped file are not in it). Both against the
-  bytes that rank needs: the sum of its local shards.
+  bytes that rank needs: the sum of its local shards. The ranks share one page cache: bytes two ranks read are in
+  the ``read_bytes`` of the first only, so ``rchar`` is the per-rank figure unless the reader maps its files.
 
 Until safepoint saves sharded state, its methods are dropped after the first attempt with the line
 ``safepoint: sharded state not supported by this build`` and the table shows dcp alone.
