@@ -12,8 +12,9 @@ same state, side by side, interleaved within each repeat in an order rotated per
   checkpoint's parent: ``benchmarks/_durable.py``, the rule of every benchmark here). Timed from a barrier before
   the call to a barrier after it: until every rank is done and the data is durable.
 - ``stall``: the time the training loop is blocked, on each rank: ``safepoint`` with ``blocking=False`` until the
-  call returns, against ``dcp.async_save`` until it returns its future; the slowest rank's time of each repeat.
-  The save is then waited for (and fsynced, for DCP), untimed.
+  call returns (one manager for every repeat, as in training: its staging buffers are reused), against
+  ``dcp.async_save`` until it returns its future; the slowest rank's time of each repeat. The save is then
+  waited for (and fsynced, for DCP), untimed.
 - ``load``: the resharded load: the checkpoints the ``--load-from`` group (default 4 ranks) saved last, restored
   by a ``--load-to`` group (default 2) into a fresh FSDP2 model and optimizer of the same shapes, in place:
   ``manager.restore(state)`` against ``dcp.load(state)``. Before each timed call every rank syncs and drops the
@@ -137,6 +138,7 @@ class Methods:
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.notes: list[str] = []
+        self.background_manager: Any = None  # one for every background save, as in training: staging reused
 
     def unsupported(self, error: Exception) -> None:
         self.names = [n for n in self.names if n != "safepoint"]
@@ -165,20 +167,16 @@ class Methods:
         if method == "safepoint":
             import safepoint
 
-            manager = safepoint.CheckpointManager(target, timeout=600)
+            if self.background_manager is None:
+                self.background_manager = safepoint.CheckpointManager(target, keep_last=1, timeout=600)
             start = time.perf_counter()
             try:
-                handle = manager.save(step, state, blocking=False)
+                handle = self.background_manager.save(step, state, blocking=False)
             except Exception:
-                manager.close()
+                self.close()
                 raise
             stalled = time.perf_counter() - start
-
-            def finish() -> None:
-                with manager:
-                    handle.result(timeout=600)
-
-            return stalled, finish
+            return stalled, functools.partial(handle.result, timeout=600)
         start = time.perf_counter()
         future = async_save(state, checkpoint_id=target / f"step-{step:012d}")
         stalled = time.perf_counter() - start
@@ -190,6 +188,11 @@ class Methods:
                 fsync_tree(target / f"step-{step:012d}")
 
         return stalled, finish_dcp
+
+    def close(self) -> None:
+        if self.background_manager is not None:
+            self.background_manager.close()
+            self.background_manager = None
 
     def load(self, method: str, source: Path, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict_loader import load
@@ -245,14 +248,16 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
     for repeat in range(-args.warmup, args.repeats):
         for method in rotated(methods.names, repeat):
             target = scratch / f"{method}-bg"
-            if rank == 0:
+            if rank == 0 and method == "dcp":  # safepoint's manager keeps the last step only
                 shutil.rmtree(target, ignore_errors=True)
+            if rank == 0:
                 os.sync()
             dist.barrier()
             result: dict[str, Any] = {}
+            step = repeat + args.warmup + 1
 
-            def call(m: str = method, t: Path = target, r: dict[str, Any] = result) -> None:
-                r["stalled"], r["finish"] = methods.background(m, t, 1, state)
+            def call(m: str = method, t: Path = target, r: dict[str, Any] = result, n: int = step) -> None:
+                r["stalled"], r["finish"] = methods.background(m, t, n, state)
 
             ok = guarded(methods, method, call)
             if ok:
@@ -260,6 +265,7 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
             dist.barrier()
             if ok and repeat >= 0:
                 found["stall"].setdefault(method, []).append(result["stalled"])
+    methods.close()
     if world == args.load_from:  # the checkpoints the resharded load reads
         for method in list(methods.names):
             target = Path(args.dir) / "load-sources" / method
