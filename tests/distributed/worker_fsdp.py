@@ -425,8 +425,9 @@ def killed(backend: Backend, directory: Path, rank: int, world: int) -> dict[str
 
 
 def corrupt(backend: Backend, directory: Path, rank: int, world: int) -> dict[str, Any]:
-    """Steps 1 and 2 saved (2 after one more training step); rank 0 flips the last byte of the largest file of
-    step 2 other than its manifest (a shard's data); every rank restores. Safepoint only: DCP has no checksums."""
+    """Steps 1 and 2 saved (2 after one more training step); rank 0 flips the middle and the last byte of the
+    largest file of step 2 other than its manifest (a shard's data, whatever the layout puts first or last);
+    every rank restores. Safepoint only: DCP has no checksums."""
     model, optimizer = trained("fsdp")
     write_expected(directory, "corrupt", full_state(model, optimizer))  # what the fallback must restore
     backend.save(directory / "corrupt", 1, plain_state(model, optimizer, {"step": 1, "name": "corrupt"}), True)()
@@ -437,6 +438,7 @@ def corrupt(backend: Backend, directory: Path, rank: int, world: int) -> dict[st
         files = [p for p in step_dir(directory / "corrupt", 2).rglob("*") if p.is_file() and p.suffix != ".json"]
         target = max(files, key=lambda p: (p.stat().st_size, p.name))
         data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0xFF
         data[-1] ^= 0xFF
         target.write_bytes(bytes(data))
         damaged = target.name
