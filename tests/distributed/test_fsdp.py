@@ -263,7 +263,7 @@ def test_a_rank_killed_mid_save_of_sharded_state_commits_nothing(tmp_path: Path,
 @pytest.mark.parametrize("backend", SAFEPOINT_ONLY)
 def test_a_corrupt_shard_of_the_newest_step_makes_every_rank_fall_back(tmp_path: Path, backend: str) -> None:
     """Two flipped bytes in one shard file of step 2, which one rank reads: every rank restores step 1, bit for
-    bit. Safepoint only: DCP has no checksums (a flipped byte in tensor data loads; see the report of issue 13)."""
+    bit. Safepoint only: DCP has no checksums (a flipped byte in a tensor's data loads without an error)."""
     found = _ok(_group("corrupt", backend, 3, tmp_path, "out"))
     assert found[0]["damaged"] != ""
     for observed in found:
