@@ -90,7 +90,7 @@ def fsdp(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
     """A DCP checkpoint of an FSDP2 model and its AdamW state, saved by a real 2-rank gloo group, and the full
     values that run gathered with full_tensor()."""
     root = tmp_path_factory.mktemp("fsdp")
-    ranks = run_group("", 2, root / "dcp", root / "out", module="tests.workers.dcp_writer", deadline=120)
+    ranks = run_group("", 2, root / "dcp", root / "out", worker="tests.workers.dcp_writer", deadline=120)
     assert [r.returncode for r in ranks] == [0, 0], [r.output[-3000:] for r in ranks]
     expected = torch.load(root / "out" / "expected.pt", weights_only=True)
     return root / "dcp", expected
