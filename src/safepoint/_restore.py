@@ -438,6 +438,18 @@ def _match_param_groups(plan: _Plan, current: Mapping[str, Any], saved: Mapping[
         plan.mismatched.append(
             f"{key}: the optimizer has parameter groups of sizes {live_sizes}, the checkpoint {saved_sizes}"
         )
+        return
+    # torch's load_state_dict keeps a state key that names no saved parameter as it is, without a word: state keyed
+    # by "0" (ids turned into strings, as some converters do) would be restored and never used
+    ids = {i for g in saved_groups if isinstance(g, Mapping) for i in g.get("params", ())}
+    saved_state = saved.get("state")
+    strays = [k for k in saved_state if k not in ids] if isinstance(saved_state, Mapping) else []
+    if strays:
+        plan.mismatched.append(
+            f"{key}/state: keys {strays[:5]!r} name no parameter of the checkpoint's param_groups "
+            f"(ids {sorted(ids, key=repr)[:8]!r}); the optimizer would keep them unused (ids saved as strings? convert "
+            "them back with int())"
+        )
 
 
 def _match_dict(plan: _Plan, live: MutableMapping[Any, Any], saved: Any, path: list[str | int]) -> None:

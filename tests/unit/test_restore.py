@@ -181,6 +181,21 @@ def test_optimizer_with_other_parameter_groups_raises_before_applying(tmp_path: 
     assert_untouched(live, before)
 
 
+def test_optimizer_state_keyed_by_ids_as_strings_is_refused_not_left_unused(tmp_path: Path) -> None:
+    """torch's load_state_dict keeps state keys that name no parameter as they are: the moments keyed "0" were
+    restored, reported, and never used (found on a DCP conversion, which turns parameter ids into strings)."""
+    state = make_state()
+    saved = state["optimizer"].state_dict()
+    assert saved["state"], "the optimizer must have stepped, or there is no state to lose"
+    saved["state"] = {str(k): v for k, v in saved["state"].items()}
+    safepoint.save(tmp_path / "c", {"optimizer": saved})
+    live = fresh_state()
+    before = snapshot(live)
+    with pytest.raises(safepoint.RestoreError, match=r"optimizer/state: keys \['0'.*int\(\)"):
+        safepoint.restore(tmp_path / "c", {"optimizer": live["optimizer"]})
+    assert_untouched(live, before)
+
+
 def test_containers_restore_in_place_and_tuples_are_rebuilt(tmp_path: Path) -> None:
     saved = {
         "hist": [1, 2, 3],
