@@ -15,7 +15,7 @@ from ._migrations import Migrations
 from ._pipeline import gc_paused
 from ._reader import read_checkpoint
 from ._resolve import Kind, Location, resolve
-from ._restore import RestoreReport, plain_values, prepare_checkpoint
+from ._restore import RestoreReport, copied_into, plain_values, prepare_checkpoint
 from ._storage import Storage, open_storage
 from ._validate import non_negative_int
 from ._verify import VerifyReport, verify_storage
@@ -70,7 +70,7 @@ def restore(
     chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path, storage_options)
     with gc_paused():  # like a save, a restore allocates a few objects per entry: see gc_paused
-        loaded = read_checkpoint(storage, "")
+        loaded = read_checkpoint(storage, "", copied=copied_into(state, version))
         prepared = prepare_checkpoint(
             loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain,
             cast_dtypes=cast_dtypes,

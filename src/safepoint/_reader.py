@@ -6,7 +6,7 @@ Nothing read here reaches a live object: callers get verified plain values and d
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -59,12 +59,19 @@ READER_THREADS = 4
 
 
 def read_checkpoint(
-    storage: Storage, checkpoint: str, *, step: int | None = None, mmap: bool = False
+    storage: Storage,
+    checkpoint: str,
+    *,
+    step: int | None = None,
+    mmap: bool = False,
+    copied: Callable[[Manifest], Collection[int]] | None = None,
 ) -> LoadedCheckpoint:
     """Read and verify every byte of a checkpoint, several files at once; raise CorruptCheckpointError naming
-    the first bad file (in manifest order). ``mmap``: see :func:`~safepoint._payload.read_file`."""
+    the first bad file (in manifest order). ``mmap`` and ``copied`` (called with the verified manifest): see
+    :func:`read_leaves`."""
     manifest = read_manifest(storage, checkpoint, step=step)
-    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap))
+    shared = copied(manifest) if copied is not None else ()
+    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap, copied=shared))
 
 
 def read_leaves(
@@ -74,9 +81,14 @@ def read_leaves(
     only: Collection[int] | None = None,
     *,
     mmap: bool = False,
+    copied: Collection[int] = (),
 ) -> list[Any]:
     """The verified value of every entry (of the entries in ``only``; the others stay None), several files at
-    once. A file holding none of the wanted entries is not read at all."""
+    once. A file holding none of the wanted entries is not read at all.
+
+    ``copied``: entries the caller only copies from and then drops (restore's plain tensor copies): their
+    values may share memory with each other, which saves an allocation, a scatter-read buffer and a hash call
+    per value. Every other value owns its memory (see :func:`~safepoint._payload.read_file`)."""
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
     wanted_files = [
@@ -87,7 +99,7 @@ def read_leaves(
 
     def read(file_index: int) -> dict[int, Any]:
         record = manifest.files[file_index]
-        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap)
+        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap, copied=copied)
 
     if len(wanted_files) <= 1:
         results = [read(i) for i in wanted_files]

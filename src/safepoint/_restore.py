@@ -27,6 +27,7 @@ import torch
 
 from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
+from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
 
@@ -35,6 +36,8 @@ __all__ = [
     "Replace",
     "RestoreReport",
     "SkippedCheckpoint",
+    "copied_entries",
+    "copied_into",
     "load_values",
     "none_verifies",
     "plain_values",
@@ -149,6 +152,52 @@ def plain_values(loaded: LoadedCheckpoint, allow_pickle: Iterable[str] | bool = 
     result = decode_tree(loaded.manifest.tree, leaves)
     assert isinstance(result, dict)
     return result
+
+
+# -- entries that are only copied ------------------------------------------------------------------------------
+def copied_entries(tree: Mapping[str, Any], live_state: Any) -> frozenset[int]:
+    """The entries that restoring ``tree`` into ``live_state`` can only copy into a live tensor and drop: each sits
+    in the tree as a plain tensor node, below dicts, lists and tuples only, where the live state holds a plain
+    ``torch.Tensor`` (or ``Parameter``) under plain containers of the same kinds. Matching either copies such an
+    entry with ``copy_`` (see :func:`_match_tensor`) or refuses the whole restore; nothing else ever receives it,
+    so its value need not own its memory (the reader may place many in one buffer). Anything else (objects,
+    ``Replace``, ``Pickled``, tensor subclasses, views of shared storage, ``typed`` nodes) is left out: those
+    values may be kept by what receives them, so they must be owned."""
+    found: set[int] = set()
+    _collect_copied(tree, live_state, found)
+    return frozenset(found)
+
+
+def copied_into(live_state: Any, state_version: int | None) -> Callable[[Manifest], frozenset[int]]:
+    """:func:`copied_entries` of a manifest, none where a migration will run (it may keep any value)."""
+
+    def copied(manifest: Manifest) -> frozenset[int]:
+        if state_version is not None and state_version != manifest.state_version:
+            return frozenset()
+        return copied_entries(manifest.tree, live_state)
+
+    return copied
+
+
+def _is_plain_container(live: Any) -> bool:
+    return not isinstance(live, (Pickled, torch.Tensor, np.ndarray, Replace)) and not is_stateful(live)
+
+
+def _collect_copied(node: Mapping[str, Any], live: Any, found: set[int]) -> None:
+    kind = node["k"]
+    if kind == "tensor":
+        if type(live) in (torch.Tensor, torch.nn.Parameter):  # a subclass's copy_ could keep its source
+            found.add(node["e"])
+    elif kind == "dict":
+        if isinstance(live, MutableMapping) and _is_plain_container(live):
+            for key, child in node["v"]:
+                if key in live:
+                    _collect_copied(child, live[key], found)
+    elif kind in ("list", "tuple") and isinstance(live, (list, tuple)) and _is_plain_container(live):
+        if len(live) != len(node["v"]):
+            return  # restore replaces the list's contents with the saved items, or refuses
+        for item, child in zip(live, node["v"], strict=True):
+            _collect_copied(child, item, found)
 
 
 # -- matching ---------------------------------------------------------------------------------------------------

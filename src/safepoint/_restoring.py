@@ -38,7 +38,15 @@ from ._migrations import Migrations
 from ._pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, gc_paused, has_per_rank
 from ._reader import LoadedCheckpoint, read_checkpoint, read_leaves, read_manifest
 from ._resolve import is_committed, step_dirs
-from ._restore import PreparedRestore, RestoreReport, SkippedCheckpoint, load_values, none_verifies, prepare_checkpoint
+from ._restore import (
+    PreparedRestore,
+    RestoreReport,
+    SkippedCheckpoint,
+    copied_into,
+    load_values,
+    none_verifies,
+    prepare_checkpoint,
+)
 from ._storage import Storage
 from ._validate import non_negative_int
 
@@ -96,7 +104,7 @@ def restore_newest(
 
     def read(path: str, candidate: int) -> LoadedCheckpoint:
         if not ranked:
-            return read_checkpoint(storage, path, step=candidate)
+            return read_checkpoint(storage, path, step=candidate, copied=copied_into(state, state_version))
         return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size)
 
     operation = coordinator.operation("restore")
