@@ -16,7 +16,7 @@ import torch
 
 import safepoint
 from safepoint._pipeline import save_to
-from safepoint._reader import read_manifest
+from safepoint._reader import READER_THREADS, read_checkpoint, read_manifest
 from safepoint._restore import copied_entries
 from safepoint._storage import LocalStorage
 from tests.helpers import payload_paths
@@ -261,3 +261,46 @@ def test_only_plain_tensor_entries_under_plain_containers_are_copied(tmp_path: P
     manifest = read_manifest(LocalStorage(tmp_path / "c"), "")
     copied = {manifest.entries[i].key for i in copied_entries(manifest.tree, live)}
     assert copied == {"plain/w", "plain/deep/0", "plain/deep/1/0", "param/p"}
+
+
+# -- prefetch: the disk starts on the first payload files while the manifest is parsed -------------------------------
+class RecordingStorage(LocalStorage):
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.prefetched: list[str] = []
+
+    def prefetch(self, path: str) -> None:
+        self.prefetched.append(path)
+        super().prefetch(path)
+
+
+def test_the_first_payload_files_are_prefetched_before_they_are_read(tmp_path: Path) -> None:
+    state = {f"e{i}": {"t": torch.full((64,), float(i))} for i in range(6)}
+    files = _save_in_files(tmp_path / "c", state, file_bytes=64)
+    assert len(files) == 6
+    storage = RecordingStorage(tmp_path / "c")
+    loaded = read_checkpoint(storage, "")
+    names = [str(path.relative_to(tmp_path / "c")) for path in files]
+    assert storage.prefetched == names[:READER_THREADS]
+    assert [loaded.manifest.files[i].path for i in range(READER_THREADS)] == storage.prefetched
+    storage.prefetched.clear()
+    read_manifest(storage, "")  # listing checkpoints reads manifests only: no hint
+    assert storage.prefetched == []
+
+
+def test_a_prefetch_of_a_missing_or_odd_file_is_silent(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "dir")
+    for name in ("missing", "dir", "link", "link/x"):
+        storage.prefetch(name)
+
+
+def test_a_missing_payload_file_is_still_reported_by_name(tmp_path: Path) -> None:
+    files = _save_in_files(tmp_path / "c", {"a": {"t": torch.ones(64)}, "b": {"t": torch.ones(64)}}, file_bytes=64)
+    files[0].unlink()
+    live = {"a": {"t": torch.zeros(64)}, "b": {"t": torch.zeros(64)}}
+    with pytest.raises(safepoint.CorruptCheckpointError, match="is missing") as caught:
+        safepoint.restore(tmp_path / "c", live)
+    assert caught.value.path == str(files[0])
+    assert torch.equal(live["b"]["t"], torch.zeros(64))
