@@ -12,9 +12,10 @@ from typing import Any
 from ._errors import CheckpointNotFoundError, ConfigError, StorageError
 from ._manager import CheckpointInfo, check_migrations, save_to
 from ._migrations import Migrations
+from ._pipeline import gc_paused
 from ._reader import read_checkpoint
 from ._resolve import Kind, Location, resolve
-from ._restore import RestoreReport, plain_values, prepare_checkpoint
+from ._restore import RestoreReport, copied_into, plain_values, prepare_checkpoint
 from ._storage import Storage, open_storage
 from ._validate import non_negative_int
 from ._verify import VerifyReport, verify_storage
@@ -68,12 +69,13 @@ def restore(
     version = non_negative_int("state_version", state_version, allow_none=True)
     chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path, storage_options)
-    loaded = read_checkpoint(storage, "")
-    prepared = prepare_checkpoint(
-        loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain,
-        cast_dtypes=cast_dtypes,
-    )  # fmt: skip
-    return prepared.apply()
+    with gc_paused():  # like a save, a restore allocates a few objects per entry: see gc_paused
+        loaded = read_checkpoint(storage, "", copied=copied_into(state, version))
+        prepared = prepare_checkpoint(
+            loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain,
+            cast_dtypes=cast_dtypes,
+        )  # fmt: skip
+        return prepared.apply()
 
 
 def load(
@@ -99,7 +101,8 @@ def load(
     committed checkpoints are never rewritten in place by safepoint.
     """
     storage = _committed(path, storage_options)
-    return plain_values(read_checkpoint(storage, "", mmap=mmap), allow_pickle)
+    with gc_paused():
+        return plain_values(read_checkpoint(storage, "", mmap=mmap), allow_pickle)
 
 
 def verify(path: PathLike, *, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:

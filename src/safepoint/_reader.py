@@ -5,17 +5,20 @@ Nothing read here reaches a live object: callers get verified plain values and d
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError
+from ._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from ._layout import MANIFEST_NAME, join
-from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest
+from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative_path
 from ._payload import read_file
 from ._storage import Storage
+from ._storage.base import Prefetch
 
 __all__ = ["LoadedCheckpoint", "read_checkpoint", "read_leaves", "read_manifest", "verify_checkpoint"]
 
@@ -27,17 +30,20 @@ class LoadedCheckpoint:
     leaves: list[Any]  # entry index -> verified value (tensor, ndarray, PickledPayload)
 
 
-def read_manifest(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:
+def read_manifest(storage: Storage, checkpoint: str, *, step: int | None = None, prefetch: bool = False) -> Manifest:
     """The parsed manifest of a committed checkpoint; CheckpointNotFoundError if it is not committed.
 
     With ``step``, a manifest for another step (moved or copied from another checkpoint) is corrupt, and is
-    reported as the bad file before any payload is read."""
+    reported as the bad file before any payload is read. With ``prefetch``, the first payload files the readers
+    will open are hinted to the storage before the manifest is parsed (see :func:`_prefetch`)."""
     path = join(checkpoint, MANIFEST_NAME)
     where = storage.describe(path)
     try:
         data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError as err:
         raise CheckpointNotFoundError(f"no committed checkpoint at {storage.describe(checkpoint)}") from err
+    if prefetch and isinstance(storage, Prefetch):
+        _prefetch(storage, checkpoint, data)
     manifest = Manifest.from_json(data, where)
     if step is not None and manifest.step != step:
         raise CorruptCheckpointError(
@@ -45,6 +51,25 @@ def read_manifest(storage: Storage, checkpoint: str, *, step: int | None = None)
             path=where,
         )
     return manifest
+
+
+#: The paths of the file records in a manifest's canonical JSON (sorted keys: "checksum", "path", "size"); no
+#: other object in a manifest has a "path" field followed by "size".
+_FILE_PATHS = re.compile(rb'"path":"([^"\\]{1,600})","size":')
+
+
+def _prefetch(storage: Prefetch, checkpoint: str, data: bytes) -> None:
+    """Start the storage on the payload files the readers open first while the manifest is parsed and checked
+    (for 10 000 entries that took 0.2 s, with the disk idle): the files are found in the raw text, before the
+    manifest is verified, so only safe relative names are used, and only as a hint; nothing is read from them
+    here. At most the first READER_THREADS files: a hint for all of a checkpoint larger than memory would push
+    the first files out of the page cache before they are read."""
+    for match in itertools.islice(_FILE_PATHS.finditer(data), READER_THREADS):
+        try:
+            name = check_relative_path(match.group(1).decode("ascii"), checkpoint)
+        except (UnicodeDecodeError, UnsafeCheckpointError):
+            continue
+        storage.prefetch(join(checkpoint, name))
 
 
 def _by_file(manifest: Manifest) -> dict[int, list[tuple[int, EntryRecord]]]:
@@ -59,12 +84,19 @@ READER_THREADS = 4
 
 
 def read_checkpoint(
-    storage: Storage, checkpoint: str, *, step: int | None = None, mmap: bool = False
+    storage: Storage,
+    checkpoint: str,
+    *,
+    step: int | None = None,
+    mmap: bool = False,
+    copied: Callable[[Manifest], Collection[int]] | None = None,
 ) -> LoadedCheckpoint:
     """Read and verify every byte of a checkpoint, several files at once; raise CorruptCheckpointError naming
-    the first bad file (in manifest order). ``mmap``: see :func:`~safepoint._payload.read_file`."""
-    manifest = read_manifest(storage, checkpoint, step=step)
-    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap))
+    the first bad file (in manifest order). ``mmap`` and ``copied`` (called with the verified manifest): see
+    :func:`read_leaves`."""
+    manifest = read_manifest(storage, checkpoint, step=step, prefetch=not mmap)
+    shared = copied(manifest) if copied is not None else ()
+    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap, copied=shared))
 
 
 def read_leaves(
@@ -74,9 +106,14 @@ def read_leaves(
     only: Collection[int] | None = None,
     *,
     mmap: bool = False,
+    copied: Collection[int] = (),
 ) -> list[Any]:
     """The verified value of every entry (of the entries in ``only``; the others stay None), several files at
-    once. A file holding none of the wanted entries is not read at all."""
+    once. A file holding none of the wanted entries is not read at all.
+
+    ``copied``: entries the caller only copies from and then drops (restore's plain tensor copies): their
+    values may share memory with each other, which saves an allocation, a scatter-read buffer and a hash call
+    per value. Every other value owns its memory (see :func:`~safepoint._payload.read_file`)."""
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
     wanted_files = [
@@ -87,7 +124,7 @@ def read_leaves(
 
     def read(file_index: int) -> dict[int, Any]:
         record = manifest.files[file_index]
-        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap)
+        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap, copied=copied)
 
     if len(wanted_files) <= 1:
         results = [read(i) for i in wanted_files]

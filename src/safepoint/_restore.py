@@ -27,6 +27,7 @@ import torch
 
 from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
+from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
 
@@ -35,6 +36,8 @@ __all__ = [
     "Replace",
     "RestoreReport",
     "SkippedCheckpoint",
+    "copied_entries",
+    "copied_into",
     "load_values",
     "none_verifies",
     "plain_values",
@@ -151,6 +154,52 @@ def plain_values(loaded: LoadedCheckpoint, allow_pickle: Iterable[str] | bool = 
     return result
 
 
+# -- entries that are only copied ------------------------------------------------------------------------------
+def copied_entries(tree: Mapping[str, Any], live_state: Any) -> frozenset[int]:
+    """The entries that restoring ``tree`` into ``live_state`` can only copy into a live tensor and drop: each sits
+    in the tree as a plain tensor node, below dicts, lists and tuples only, where the live state holds a plain
+    ``torch.Tensor`` (or ``Parameter``) under plain containers of the same kinds. Matching either copies such an
+    entry with ``copy_`` (see :func:`_match_tensor`) or refuses the whole restore; nothing else ever receives it,
+    so its value need not own its memory (the reader may place many in one buffer). Anything else (objects,
+    ``Replace``, ``Pickled``, tensor subclasses, views of shared storage, ``typed`` nodes) is left out: those
+    values may be kept by what receives them, so they must be owned."""
+    found: set[int] = set()
+    _collect_copied(tree, live_state, found)
+    return frozenset(found)
+
+
+def copied_into(live_state: Any, state_version: int | None) -> Callable[[Manifest], frozenset[int]]:
+    """:func:`copied_entries` of a manifest, none where a migration will run (it may keep any value)."""
+
+    def copied(manifest: Manifest) -> frozenset[int]:
+        if state_version is not None and state_version != manifest.state_version:
+            return frozenset()
+        return copied_entries(manifest.tree, live_state)
+
+    return copied
+
+
+def _is_plain_container(live: Any) -> bool:
+    return not isinstance(live, (Pickled, torch.Tensor, np.ndarray, Replace)) and not is_stateful(live)
+
+
+def _collect_copied(node: Mapping[str, Any], live: Any, found: set[int]) -> None:
+    kind = node["k"]
+    if kind == "tensor":
+        if type(live) in (torch.Tensor, torch.nn.Parameter):  # a subclass's copy_ could keep its source
+            found.add(node["e"])
+    elif kind == "dict":
+        if isinstance(live, MutableMapping) and _is_plain_container(live):
+            for key, child in node["v"]:
+                if key in live:
+                    _collect_copied(child, live[key], found)
+    elif kind in ("list", "tuple") and isinstance(live, (list, tuple)) and _is_plain_container(live):
+        if len(live) != len(node["v"]):
+            return  # restore replaces the list's contents with the saved items, or refuses
+        for item, child in zip(live, node["v"], strict=True):
+            _collect_copied(child, item, found)
+
+
 # -- matching ---------------------------------------------------------------------------------------------------
 Path = tuple[Any, ...]  # key path parts, as the tree has them (str or int)
 
@@ -181,7 +230,6 @@ def _is_scalar(value: object) -> bool:
 
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
-    key = key_path(path)
     if isinstance(live, Pickled):
         _match_pickled(plan, live, saved, path)
     elif isinstance(live, torch.Tensor):
@@ -198,14 +246,18 @@ def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Ca
         _match_sequence(plan, live, saved, path, assign)
     elif _is_scalar(live) and assign is not None:
         if isinstance(saved, PickledPayload):
-            plan.mismatched.append(f"{key}: the checkpoint holds a pickled value; restore into a safepoint.Pickled")
+            plan.mismatched.append(
+                f"{key_path(path)}: the checkpoint holds a pickled value; restore into a safepoint.Pickled"
+            )
         elif live is None or _is_scalar(saved):
             plan.actions.append(lambda: assign(saved))
             plan.applied.append(tuple(path))
         else:
-            plan.mismatched.append(f"{key}: live value is {type(live).__name__}, checkpoint has {type(saved).__name__}")
+            plan.mismatched.append(
+                f"{key_path(path)}: live value is {type(live).__name__}, checkpoint has {type(saved).__name__}"
+            )
     else:
-        plan.mismatched.append(f"{key}: cannot restore into a live {type(live).__name__}")
+        plan.mismatched.append(f"{key_path(path)}: cannot restore into a live {type(live).__name__}")
 
 
 def _match_pickled(plan: _Plan, live: Pickled, saved: Any, path: list[str | int]) -> None:
@@ -235,11 +287,12 @@ def _is_castable(live: torch.Tensor, saved: torch.Tensor) -> bool:
     return live.shape == saved.shape and live.dtype.is_floating_point and saved.dtype.is_floating_point
 
 
-def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, key: str) -> bool:
+def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, path: list[str | int]) -> bool:
     """Whether ``saved`` cannot go into ``live`` as it is: recorded as a mismatch, or, with cast_dtypes, as a
     cast to the live dtype (floating point to floating point only)."""
     if live.shape == saved.shape and live.dtype == saved.dtype:
-        return False
+        return False  # the usual case: no key path is built (it costs more than the rest of a match)
+    key = key_path(path)
     if live.dtype != saved.dtype and _is_castable(live, saved):
         if plan.cast_dtypes:
             plan.cast.append(f"{key}: {saved.dtype} -> {live.dtype}")
@@ -252,11 +305,10 @@ def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, key: s
 
 
 def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | int]) -> None:
-    key = key_path(path)
     if not isinstance(saved, torch.Tensor):
-        plan.mismatched.append(f"{key}: live value is a tensor, checkpoint has {type(saved).__name__}")
+        plan.mismatched.append(f"{key_path(path)}: live value is a tensor, checkpoint has {type(saved).__name__}")
         return
-    if _dtype_mismatch(plan, live, saved, key):
+    if _dtype_mismatch(plan, live, saved, path):
         return
 
     def copy_tensor() -> None:
@@ -345,7 +397,7 @@ def _match_module_state(
             continue  # unexpected: strict matching has refused it already, and without strict it is not given
         live_value = current[name]
         if isinstance(live_value, torch.Tensor) and isinstance(value, torch.Tensor):
-            if _dtype_mismatch(plan, live_value, value, key_path([*path, name])):
+            if _dtype_mismatch(plan, live_value, value, [*path, name]):
                 continue
             if value.dtype != live_value.dtype:  # cast_dtypes: the post-apply check compares the cast values
                 state[name] = value.to(live_value.dtype)
@@ -871,7 +923,16 @@ def _bitwise_equal(live: Any, saved: Any) -> bool:
     live_cpu = live.detach().cpu().contiguous()
     if live_cpu.numel() == 0:
         return True
-    return bool(torch.equal(_as_bits(live_cpu), _as_bits(saved.contiguous())))
+    live_bits, saved_bits = _as_bits(live_cpu), _as_bits(saved.contiguous())
+    for size, dtype in _WORDS:  # the same word size on both sides, the widest both views allow
+        if all(bits.numel() % size == 0 and bits.storage_offset() % size == 0 for bits in (live_bits, saved_bits)):
+            return bool(torch.equal(live_bits.view(dtype), saved_bits.view(dtype)))
+    return bool(torch.equal(live_bits, saved_bits))
+
+
+#: Integer dtypes the bits are compared as, widest first: torch.equal on int64 words ran 2.5x faster here than
+#: on bytes (64 MiB: 0.027 s against 0.062 s), and integer equality is exact (no NaN or -0.0 rule).
+_WORDS = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
 
 
 def _as_bits(tensor: torch.Tensor) -> torch.Tensor:

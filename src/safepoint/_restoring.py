@@ -35,10 +35,18 @@ from ._errors import (
 from ._manifest import Manifest
 from ._messages import Candidates, Check, Done, RestoreBegin, Verdict
 from ._migrations import Migrations
-from ._pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, has_per_rank
+from ._pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, gc_paused, has_per_rank
 from ._reader import LoadedCheckpoint, read_checkpoint, read_leaves, read_manifest
 from ._resolve import is_committed, step_dirs
-from ._restore import PreparedRestore, RestoreReport, SkippedCheckpoint, load_values, none_verifies, prepare_checkpoint
+from ._restore import (
+    PreparedRestore,
+    RestoreReport,
+    SkippedCheckpoint,
+    copied_into,
+    load_values,
+    none_verifies,
+    prepare_checkpoint,
+)
 from ._storage import Storage
 from ._validate import non_negative_int
 
@@ -96,14 +104,15 @@ def restore_newest(
 
     def read(path: str, candidate: int) -> LoadedCheckpoint:
         if not ranked:
-            return read_checkpoint(storage, path, step=candidate)
+            return read_checkpoint(storage, path, step=candidate, copied=copied_into(state, state_version))
         return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size)
 
     operation = coordinator.operation("restore")
-    found = _newest(storage, operation, state, step, committed, step_path, read, prepare)
-    if found is None:
-        return None
-    return _apply_everywhere(operation, found, live if ranked else None, state)
+    with gc_paused():  # like a save, a restore allocates a few objects per entry: see gc_paused
+        found = _newest(storage, operation, state, step, committed, step_path, read, prepare)
+        if found is None:
+            return None
+        return _apply_everywhere(operation, found, live if ranked else None, state)
 
 
 def load_newest(
@@ -135,7 +144,8 @@ def load_newest(
         return read_checkpoint(storage, path, step=candidate, mmap=mmap)
 
     operation = LocalCoordinator().operation("load")
-    found = _newest(storage, operation, None, step, committed, step_path, read, values)
+    with gc_paused():
+        found = _newest(storage, operation, None, step, committed, step_path, read, values)
     if found is None:
         raise CheckpointNotFoundError(f"nothing is committed in {storage.describe('')}: there is no checkpoint to load")
     return found

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from .._checksum import Hasher
 
-__all__ = ["AttemptLock", "FileReader", "FileSink", "SequentialReads", "Storage"]
+__all__ = ["AttemptLock", "FileReader", "FileSink", "Prefetch", "SequentialReads", "Storage"]
 
 
 class FileSink(Protocol):
@@ -57,6 +57,14 @@ class SequentialReads(Protocol):
 
     def open_reader(self, path: str) -> FileReader:
         """Open a regular file for reading; ``FileNotFoundError`` if absent."""
+
+
+@runtime_checkable
+class Prefetch(Protocol):
+    """Optional for a backend: a hint that a file will be read soon, so the device can start on it while the
+    caller does other work (a restore parses a large manifest meanwhile). Never required, never an error."""
+
+    def prefetch(self, path: str) -> None: ...
 
 
 class AttemptLock(Protocol):

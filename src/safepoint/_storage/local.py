@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 
 from .._checksum import Hasher
-from .._errors import StorageError, UnsafeCheckpointError, mapped_errors
+from .._errors import SafepointError, StorageError, UnsafeCheckpointError, mapped_errors
 
 __all__ = ["LocalStorage"]
 
@@ -265,6 +265,14 @@ class LocalStorage:
         where = self._abs(path)
         with self._open_below_root(path) as fd, _mapped("open", where):
             return _LocalReader(os.dup(fd), where)  # the walk's descriptors close here, the file's copy stays open
+
+    def prefetch(self, path: str) -> None:
+        """``posix_fadvise(WILLNEED)``: the kernel starts reading the file into the page cache in the background.
+        A hint only: a file that cannot be opened here is left for the read itself to report."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        with contextlib.suppress(OSError, SafepointError), self._open_below_root(path) as fd:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
 
     def map_file(self, path: str) -> mmap.mmap:
         """A private (copy-on-write) memory map of a file below the root: writes to it never reach the file.
