@@ -230,6 +230,7 @@ def main() -> None:
     for name, (of_medians, of_pairs) in ratios.items():
         print(f"  {name:46s} {of_medians:5.2f}  {of_pairs:5.2f}")
     out = ROOT / "out" / ("bench_read-quick.json" if args.quick else "bench_read.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "times": times,
                                "medians": medians, "ratios": ratios}, indent=1))  # fmt: skip
 
