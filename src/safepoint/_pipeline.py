@@ -206,6 +206,14 @@ class Snapshot:
         keys = tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
         return cls(parts[0], parts[1], keys, ranked, tuple(specs)), leaves
 
+    def structure(self) -> tuple[object, ...] | None:
+        """The structure cache's entries this snapshot was encoded from, one per part (None: a part was encoded
+        afresh). The same entries again mean the same leaves by kind, dtype, shape and device."""
+        parts = (self.rep, self.own)
+        if any(part is not None and part.structure is None for part in parts):
+            return None
+        return tuple(None if part is None else part.structure for part in parts)
+
     def shapes(self) -> list[torch.Tensor]:
         """Data-less (meta) tensors of the leaves' dtypes and shapes: a plan made from them is the plan of the
         leaves, and making it waits for no staged copy (the copy may wait for the writer to free room)."""
@@ -680,7 +688,9 @@ class Saver:
             def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
                 return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
 
-            return self.background.submit(step, leaves, job, order, specs=snapshot.specs)
+            return self.background.submit(
+                step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure()
+            )
 
 
 _EMPTY = Snapshot(None, None, (), True)

@@ -65,13 +65,9 @@ def _device(tensor: torch.Tensor) -> torch.device | bool:
     return True if tensor.is_cpu else tensor.device
 
 
-#: (dtype, shape, layout, is_cpu, requires_grad) of a tensor in one C call
-_DESCRIBE = operator.attrgetter("dtype", "shape", "layout", "is_cpu", "requires_grad")
+_DTYPE, _SHAPE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("shape"), operator.attrgetter("layout")
+_IS_CPU, _REQUIRES_GRAD = operator.attrgetter("is_cpu"), operator.attrgetter("requires_grad")
 _TENSOR_DICT = "a dict of plain CPU tensors"
-
-
-def _plain_cpu(described: tuple[Any, ...]) -> bool:
-    return described[3] is True and described[4] is False and described[2] is torch.strided
 
 
 class _GiveUp(Exception):
@@ -139,12 +135,14 @@ class _Walk:
 
     def tensor_dict(self, items: list[torch.Tensor]) -> bool:
         """A dict of plain CPU tensors (the hot path of a state with many tensors): every attribute read by a C
-        loop (``map``), not by the interpreter, per tensor. False (nothing recorded) when it is not one."""
-        described = list(map(_DESCRIBE, items))
-        if not all(map(_plain_cpu, described)):
+        loop (``map``), not by the interpreter, per tensor, and no object made per tensor but its shape. False
+        (nothing recorded) when it is not one."""
+        if not all(map(_IS_CPU, items)) or any(map(_REQUIRES_GRAD, items)):
             return False
-        self.signature.append(_TENSOR_DICT)  # the tuples below differ in form from those of tensor()
-        self.signature.extend(described)
+        if set(map(_LAYOUT, items)) != {torch.strided}:
+            return False
+        # what tensor() records of each, as two lists; the marker sets them apart from tensor()'s tuples
+        self.signature += (_TENSOR_DICT, list(map(_DTYPE, items)), list(map(_SHAPE, items)))
         self.tensors.extend(items)
         offsets = list(map(torch.Tensor.storage_offset, items))
         pointers = map(torch.Tensor.data_ptr, items)
