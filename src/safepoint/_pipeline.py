@@ -188,6 +188,7 @@ class Snapshot:
         replicated = {key: value for key, value in state.items() if not isinstance(value, PerRank)}
         own = {key: {rank: value.value} for key, value in state.items() if isinstance(value, PerRank)}
         leaves: list[Leaf] = []
+        keys: tuple[tuple[str, LeafKind, bool], ...] = ()
         specs: list[tuple[torch.dtype, torch.Size]] = []
         parts: list[_Part | None] = []
         wanted = (
@@ -202,8 +203,9 @@ class Snapshot:
             start = len(leaves)
             parts.append(_Part(prefix, encoded.tree, start, start + len(encoded.leaves), encoded.structure))
             leaves += encoded.leaves
+            # a cached structure knows its leaves' keys: no tuple made per leaf
+            keys += encoded.structure.keys if encoded.structure is not None else _keys(encoded.leaves)
             specs += encoded.specs or [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves]
-        keys = tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
         return cls(parts[0], parts[1], keys, ranked, tuple(specs)), leaves
 
     def structure(self) -> tuple[object, ...] | None:
@@ -222,6 +224,10 @@ class Snapshot:
     def encoded(self, part: _Part, tensors: Sequence[torch.Tensor]) -> Encoded:
         leaves = [Leaf(*self.keys[i][:2], tensors[i], self.keys[i][2]) for i in range(part.start, part.stop)]
         return Encoded(part.tree, leaves, structure=part.structure)
+
+
+def _keys(leaves: Sequence[Leaf]) -> tuple[tuple[str, LeafKind, bool], ...]:
+    return tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
 
 
 class _Shifted(Sequence[torch.Tensor]):
