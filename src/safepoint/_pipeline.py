@@ -94,6 +94,7 @@ __all__ = [
     "gc_paused",
     "has_per_rank",
     "open_manager_directory",
+    "open_saver",
     "save_to",
 ]
 
@@ -626,6 +627,10 @@ class Saver:
         self.background = background
         self._structures = (StructureCache(), StructureCache())  # replicated and per-rank entries
 
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
     def wait(self) -> None:
         """Wait until every background save is durable (or failed); raise a failure not reported yet, once."""
         self.background.wait_all()
@@ -720,6 +725,28 @@ def open_manager_directory(
         )
     storage.ensure_dir("")
     return storage
+
+
+def open_saver(
+    directory: object,
+    storage_options: Mapping[str, Any] | None,
+    grace_period: float | None,
+    coordinator: Coordinator,
+    *,
+    policy: RetentionPolicy,
+    background: BackgroundWriter,
+    state_version: int,
+) -> Saver:
+    """The saves of a manager directory (see :func:`open_manager_directory`), with ``policy`` applied after each
+    one is durable; on rank 0, what crashed saves left there is removed first."""
+    storage = open_manager_directory(directory, storage_options, grace_period)
+    saver = Saver(
+        storage, coordinator, state_version=state_version, background=background,
+        retain=lambda step: apply_retention(storage, policy, step),
+    )  # fmt: skip
+    if coordinator.rank == 0:
+        collect_leftovers(storage)
+    return saver
 
 
 def collect_leftovers(storage: Storage) -> None:

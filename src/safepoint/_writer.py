@@ -37,7 +37,7 @@ import torch
 
 from ._codec import Leaf
 from ._errors import BackgroundSaveError, SafepointError, attach_note
-from ._staging import StagingPool
+from ._staging import StagingPool, check_staging_bytes
 from ._validate import positive_int
 
 __all__ = ["BackgroundWriter", "Job", "SaveHandle", "check_in_flight"]
@@ -233,9 +233,11 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class BackgroundWriter:
     """Background saves of one manager: the staging pool, the saves in flight, and their failures."""
 
-    def __init__(self, max_staging_bytes: int | None, max_in_flight: int) -> None:
-        self.pool = StagingPool(max_staging_bytes)
-        self.max_in_flight = max_in_flight
+    def __init__(self, max_staging_bytes: object, max_in_flight: object) -> None:
+        """ConfigError naming the option unless ``max_staging_bytes`` is None or a positive number of bytes and
+        ``max_in_flight`` a positive count."""
+        self.pool = StagingPool(check_staging_bytes(max_staging_bytes))
+        self.max_in_flight = check_in_flight(max_in_flight)
         self._pending: list[SaveHandle[Any]] = []
         self._threads: dict[SaveHandle[Any], threading.Thread] = {}
         self._copy_plan: _CopyPlan | None = None  # the last save's (see submit's ``structure``)
