@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import sys
@@ -172,20 +173,20 @@ class _Staged(Sequence[torch.Tensor]):
             self._condition.notify_all()
 
     def add_segment(
-        self, buffer: torch.Tensor, members: Sequence[tuple[int, int]], stream: torch.cuda.Stream | None
+        self, buffer: torch.Tensor, indices: list[int], offsets: list[int], stream: torch.cuda.Stream | None
     ) -> None:
-        """``members`` (leaf, offset) are copied into ``buffer``; with ``stream``, the copies were queued there
-        and land once an event recorded now says so."""
+        """Leaves ``indices`` are copied into ``buffer`` at ``offsets``; with ``stream``, the copies were queued
+        there and land once an event recorded now says so."""
         event = None
         if stream is not None:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
-        segment = _Segment(buffer, len(members), event)
+        segment = _Segment(buffer, len(indices), event)
         with self._condition:
             self._segments.append(segment)
-            for index, offset in members:
-                self._offset[index] = offset
-                self._segment_of[index] = segment
+            # by C loops: one interpreter iteration per leaf is a measurable part of a many-tensor stall
+            collections.deque(map(self._offset.__setitem__, indices, offsets), 0)
+            collections.deque(map(self._segment_of.__setitem__, indices, itertools.repeat(segment)), 0)
             self._condition.notify_all()
 
     def synchronize(self) -> None:
@@ -367,10 +368,10 @@ class _Run:
     """One staging buffer's worth of the copy: its size, its device (None: host memory), its leaves, and where
     each lies in it."""
 
-    __slots__ = ("device", "host", "indices", "members", "offsets", "size", "sizes")
+    __slots__ = ("device", "host", "indices", "offsets", "size", "sizes")
 
     def __init__(self, device: torch.device | None, members: list[tuple[int, int]], sizes: list[int], host: bool):
-        self.device, self.members, self.sizes, self.host = device, members, sizes, host
+        self.device, self.sizes, self.host = device, sizes, host
         self.indices = [index for index, _ in members]
         self.offsets = [offset for _, offset in members]
         self.size = members[-1][1] + -(-sizes[-1] // _ALIGN) * _ALIGN
@@ -434,7 +435,8 @@ def _copy(leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: Stagin
         if staged.cancelled.is_set():
             return
         _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
-        staged.add_segment(buffer, segment.members, torch.cuda.current_stream(segment.device) if pinned else None)
+        stream = torch.cuda.current_stream(segment.device) if pinned else None
+        staged.add_segment(buffer, segment.indices, segment.offsets, stream)
     staged.synchronize()
 
 
