@@ -10,9 +10,9 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
 from ._errors import CheckpointNotFoundError, ConfigError, StorageError
-from ._manager import CheckpointInfo, check_migrations, save_to
-from ._migrations import Migrations
-from ._pipeline import gc_paused
+from ._manager import CheckpointInfo
+from ._migrations import Migrations, check_migrations
+from ._pipeline import gc_paused, save_to
 from ._reader import read_checkpoint
 from ._resolve import Kind, Location, resolve
 from ._restore import RestoreReport, copied_into, plain_values, prepare_checkpoint

@@ -49,9 +49,10 @@ from ._errors import (
     mapped_errors,
 )
 from ._layout import parse_step_dir, step_dir
-from ._manager import CheckpointInfo, save_to
+from ._manager import CheckpointInfo
 from ._migrations import resolve_key
 from ._payload import plan_file, write_file
+from ._pipeline import save_to
 from ._reader import read_checkpoint, read_manifest
 from ._resolve import Kind, committed_steps, resolve
 from ._restore import plain_values

@@ -3,14 +3,9 @@
 Lifecycle: a context manager; ``close()`` is idempotent and safe from any state, including a constructor that
 failed half-way; ``__exit__`` never replaces the ``with`` body's exception (a cleanup error becomes a note).
 
-Resume: ``restore(state)`` walks from the newest committed step to the first one that verifies and fits,
-reporting every step passed over; nothing to restore returns ``None``; committed checkpoints none of which
-verifies raise (starting from scratch over them is the silent failure this library exists to prevent).
-
-Retention runs only after a save is durable, from what is on disk, never removing the newest committed step or
-the one just saved. With a torch.distributed process group every rank makes the same calls. The work is done
-by :mod:`safepoint._pipeline` (saves, retention) and :mod:`safepoint._restoring` (restore, load), the same code for
-one process and for many ranks: this class holds the configuration and the lifecycle.
+This class holds the configuration and the lifecycle, nothing more. The work is done by :mod:`safepoint._pipeline`
+(saves, and retention after each one is durable) and :mod:`safepoint._restoring` (resume, load), the same code
+for one process and for many ranks: with a torch.distributed process group every rank makes the same calls.
 """
 
 from __future__ import annotations
@@ -23,19 +18,16 @@ from typing import Any, Literal, overload
 from ._distributed import DEFAULT_TIMEOUT, check_timeout, default_coordinator
 from ._errors import ManagerClosedError, attach_note
 from ._gc import GcReport, collect
-from ._layout import step_dir
 from ._migrations import Migrations, check_migrations, check_state_version
-from ._pipeline import CheckpointInfo, Saver, apply_retention, collect_leftovers, open_manager_directory, save_to
-from ._resolve import committed_steps
+from ._pipeline import CheckpointInfo, open_saver
 from ._restore import RestoreReport
-from ._restoring import committed_checkpoints, load_newest, restore_newest
+from ._restoring import Restorer
 from ._retention import RetentionPolicy
-from ._staging import check_staging_bytes
 from ._storage import Storage
 from ._verify import VerifyReport, verify_storage
-from ._writer import BackgroundWriter, SaveHandle, check_in_flight
+from ._writer import BackgroundWriter, SaveHandle
 
-__all__ = ["CheckpointInfo", "CheckpointManager", "check_migrations", "check_state_version", "save_to"]
+__all__ = ["CheckpointInfo", "CheckpointManager"]
 
 
 class CheckpointManager:
@@ -73,19 +65,17 @@ class CheckpointManager:
         distributed: bool = True,
     ) -> None:
         policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
-        background = BackgroundWriter(check_staging_bytes(max_staging_bytes), check_in_flight(max_in_flight))
-        self._state_version = check_state_version(state_version)
-        self._migrations = check_migrations(migrations, self._state_version)
+        background = BackgroundWriter(max_staging_bytes, max_in_flight)
+        version = check_state_version(state_version)
+        migrations = check_migrations(migrations, version)
         self._coordinator = default_coordinator(check_timeout(timeout), distributed=distributed)
-        self._storage = open_manager_directory(directory, storage_options, grace_period)
-        self.directory = self._storage.describe("")
-        self._saver = Saver(
-            self._storage, self._coordinator, state_version=self._state_version, background=background,
-            retain=lambda step: apply_retention(self._storage, policy, step),
+        self._saver = open_saver(
+            directory, storage_options, grace_period, self._coordinator,
+            policy=policy, background=background, state_version=version,
         )  # fmt: skip
+        self._reads = Restorer(self._saver.storage, self._coordinator, version, migrations)
+        self.directory = self._saver.storage.describe("")
         self._closed = False
-        if self._coordinator.rank == 0:
-            collect_leftovers(self._storage)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -149,7 +139,7 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending. A committed step has a published manifest; restore() verifies it."""
         self._check_open()
-        return committed_steps(self._storage)
+        return self._reads.steps()
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""
@@ -158,7 +148,7 @@ class CheckpointManager:
     def checkpoints(self) -> list[CheckpointInfo]:
         """Every committed checkpoint whose manifest reads, ascending by step (see :meth:`verify` for the rest)."""
         self._check_open()
-        return committed_checkpoints(self._storage)
+        return self._reads.checkpoints()
 
     # -- restoring -------------------------------------------------------------------------------------------
     def restore(
@@ -173,10 +163,7 @@ class CheckpointManager:
         ``state`` in place, verified, totally or not at all (see :mod:`safepoint._restoring`). ``strict=False``
         reports missing and unexpected entries; ``cast_dtypes=True`` casts floating-point tensors."""
         self._check_open()
-        return restore_newest(
-            self._storage, self._coordinator, state, step=step, committed=self.steps, step_path=step_dir,
-            strict=strict, state_version=self._state_version, migrations=self._migrations, cast_dtypes=cast_dtypes,
-        )  # fmt: skip
+        return self._reads.restore(state, step=step, strict=strict, cast_dtypes=cast_dtypes)
 
     def load(
         self, step: int | None = None, *, mmap: bool = False, allow_pickle: Iterable[str] | bool = False
@@ -185,18 +172,15 @@ class CheckpointManager:
         (see :func:`safepoint.load`); CheckpointNotFoundError if nothing is committed. Entries saved with
         :class:`safepoint.Pickled` are unpickled only where ``allow_pickle`` says. Each rank reads on its own."""
         self._check_open()
-        return load_newest(
-            self._storage, step=step, committed=self.steps, step_path=step_dir, mmap=mmap,
-            state_version=self._state_version, migrations=self._migrations, allow_pickle=allow_pickle,
-        )  # fmt: skip
+        return self._reads.load(step, mmap=mmap, allow_pickle=allow_pickle)
 
     # -- maintenance -----------------------------------------------------------------------------------------
     def verify(self) -> VerifyReport:
         """Check every byte of every committed checkpoint."""
         self._check_open()
-        return verify_storage(self._storage)
+        return verify_storage(self._saver.storage)
 
     def gc(self) -> GcReport:
         """Remove what failed or crashed saves left behind (their writer certainly gone); rank 0 only."""
         self._check_open()
-        return collect(self._storage) if self._coordinator.rank == 0 else GcReport((), ())
+        return collect(self._saver.storage) if self._coordinator.rank == 0 else GcReport((), ())

@@ -94,6 +94,7 @@ __all__ = [
     "gc_paused",
     "has_per_rank",
     "open_manager_directory",
+    "open_saver",
     "save_to",
 ]
 
@@ -188,6 +189,7 @@ class Snapshot:
         replicated = {key: value for key, value in state.items() if not isinstance(value, PerRank)}
         own = {key: {rank: value.value} for key, value in state.items() if isinstance(value, PerRank)}
         leaves: list[Leaf] = []
+        keys: tuple[tuple[str, LeafKind, bool], ...] = ()
         specs: list[tuple[torch.dtype, torch.Size]] = []
         parts: list[_Part | None] = []
         wanted = (
@@ -202,9 +204,18 @@ class Snapshot:
             start = len(leaves)
             parts.append(_Part(prefix, encoded.tree, start, start + len(encoded.leaves), encoded.structure))
             leaves += encoded.leaves
+            # a cached structure knows its leaves' keys: no tuple made per leaf
+            keys += encoded.structure.keys if encoded.structure is not None else _keys(encoded.leaves)
             specs += encoded.specs or [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves]
-        keys = tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
         return cls(parts[0], parts[1], keys, ranked, tuple(specs)), leaves
+
+    def structure(self) -> tuple[object, ...] | None:
+        """The structure cache's entries this snapshot was encoded from, one per part (None: a part was encoded
+        afresh). The same entries again mean the same leaves by kind, dtype, shape and device."""
+        parts = (self.rep, self.own)
+        if any(part is not None and part.structure is None for part in parts):
+            return None
+        return tuple(None if part is None else part.structure for part in parts)
 
     def shapes(self) -> list[torch.Tensor]:
         """Data-less (meta) tensors of the leaves' dtypes and shapes: a plan made from them is the plan of the
@@ -214,6 +225,10 @@ class Snapshot:
     def encoded(self, part: _Part, tensors: Sequence[torch.Tensor]) -> Encoded:
         leaves = [Leaf(*self.keys[i][:2], tensors[i], self.keys[i][2]) for i in range(part.start, part.stop)]
         return Encoded(part.tree, leaves, structure=part.structure)
+
+
+def _keys(leaves: Sequence[Leaf]) -> tuple[tuple[str, LeafKind, bool], ...]:
+    return tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
 
 
 class _Shifted(Sequence[torch.Tensor]):
@@ -612,6 +627,10 @@ class Saver:
         self.background = background
         self._structures = (StructureCache(), StructureCache())  # replicated and per-rank entries
 
+    @property
+    def storage(self) -> Storage:
+        return self._storage
+
     def wait(self) -> None:
         """Wait until every background save is durable (or failed); raise a failure not reported yet, once."""
         self.background.wait_all()
@@ -680,7 +699,9 @@ class Saver:
             def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
                 return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
 
-            return self.background.submit(step, leaves, job, order, specs=snapshot.specs)
+            return self.background.submit(
+                step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure()
+            )
 
 
 _EMPTY = Snapshot(None, None, (), True)
@@ -704,6 +725,28 @@ def open_manager_directory(
         )
     storage.ensure_dir("")
     return storage
+
+
+def open_saver(
+    directory: object,
+    storage_options: Mapping[str, Any] | None,
+    grace_period: float | None,
+    coordinator: Coordinator,
+    *,
+    policy: RetentionPolicy,
+    background: BackgroundWriter,
+    state_version: int,
+) -> Saver:
+    """The saves of a manager directory (see :func:`open_manager_directory`), with ``policy`` applied after each
+    one is durable; on rank 0, what crashed saves left there is removed first."""
+    storage = open_manager_directory(directory, storage_options, grace_period)
+    saver = Saver(
+        storage, coordinator, state_version=state_version, background=background,
+        retain=lambda step: apply_retention(storage, policy, step),
+    )  # fmt: skip
+    if coordinator.rank == 0:
+        collect_leftovers(storage)
+    return saver
 
 
 def collect_leftovers(storage: Storage) -> None:

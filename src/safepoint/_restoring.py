@@ -32,12 +32,13 @@ from ._errors import (
     StorageError,
     attach_note,
 )
+from ._layout import step_dir
 from ._manifest import Manifest
 from ._messages import Candidates, Check, Done, RestoreBegin, Verdict
 from ._migrations import Migrations
 from ._pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, gc_paused, has_per_rank
 from ._reader import LoadedCheckpoint, read_checkpoint, read_leaves, read_manifest
-from ._resolve import is_committed, step_dirs
+from ._resolve import committed_steps, is_committed, step_dirs
 from ._restore import (
     PreparedRestore,
     RestoreReport,
@@ -50,13 +51,46 @@ from ._restore import (
 from ._storage import Storage
 from ._validate import non_negative_int
 
-__all__ = ["committed_checkpoints", "load_newest", "restore_newest"]
+__all__ = ["Restorer", "committed_checkpoints", "load_newest", "restore_newest"]
 
 logger = logging.getLogger("safepoint")
 _T = TypeVar("_T")
 
 #: What a rank does with a candidate once it read it: returns something to apply everywhere, or the result.
 Prepare = Callable[[LoadedCheckpoint, str, tuple[SkippedCheckpoint, ...]], _T]
+
+
+@dataclasses.dataclass(frozen=True)
+class Restorer:
+    """The restores and loads of one manager directory, by step: ``restore`` walks from the newest committed step
+    to the first one that verifies and fits, reporting every step passed over; nothing to restore returns
+    ``None``; committed checkpoints none of which verifies raise (starting from scratch over them is the silent
+    failure this library exists to prevent). Checkpoints of an older ``state_version`` go through ``migrations``."""
+
+    storage: Storage
+    coordinator: Coordinator
+    state_version: int
+    migrations: Migrations | None
+
+    def steps(self) -> list[int]:
+        return committed_steps(self.storage)
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return committed_checkpoints(self.storage)
+
+    def restore(
+        self, state: MutableMapping[str, Any], *, step: int | None, strict: bool, cast_dtypes: bool
+    ) -> RestoreReport | None:
+        return restore_newest(
+            self.storage, self.coordinator, state, step=step, committed=self.steps, step_path=step_dir,
+            strict=strict, state_version=self.state_version, migrations=self.migrations, cast_dtypes=cast_dtypes,
+        )  # fmt: skip
+
+    def load(self, step: int | None, *, mmap: bool, allow_pickle: Any) -> tuple[dict[str, Any], RestoreReport]:
+        return load_newest(
+            self.storage, step=step, committed=self.steps, step_path=step_dir, mmap=mmap,
+            state_version=self.state_version, migrations=self.migrations, allow_pickle=allow_pickle,
+        )  # fmt: skip
 
 
 def committed_checkpoints(storage: Storage) -> list[CheckpointInfo]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import operator
 import threading
@@ -65,13 +66,13 @@ def _device(tensor: torch.Tensor) -> torch.device | bool:
     return True if tensor.is_cpu else tensor.device
 
 
-#: (dtype, shape, layout, is_cpu, requires_grad) of a tensor in one C call
-_DESCRIBE = operator.attrgetter("dtype", "shape", "layout", "is_cpu", "requires_grad")
+_DTYPE, _SHAPE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("shape"), operator.attrgetter("layout")
+_IS_CPU, _REQUIRES_GRAD = operator.attrgetter("is_cpu"), operator.attrgetter("requires_grad")
 _TENSOR_DICT = "a dict of plain CPU tensors"
 
 
-def _plain_cpu(described: tuple[Any, ...]) -> bool:
-    return described[3] is True and described[4] is False and described[2] is torch.strided
+#: ``_LEAF((key, kind, tensor, scalar))`` is ``Leaf(key, kind, tensor, scalar)``, made without Python code
+_LEAF = functools.partial(tuple.__new__, Leaf)
 
 
 class _GiveUp(Exception):
@@ -139,12 +140,14 @@ class _Walk:
 
     def tensor_dict(self, items: list[torch.Tensor]) -> bool:
         """A dict of plain CPU tensors (the hot path of a state with many tensors): every attribute read by a C
-        loop (``map``), not by the interpreter, per tensor. False (nothing recorded) when it is not one."""
-        described = list(map(_DESCRIBE, items))
-        if not all(map(_plain_cpu, described)):
+        loop (``map``), not by the interpreter, per tensor, and no object made per tensor but its shape. False
+        (nothing recorded) when it is not one."""
+        if not all(map(_IS_CPU, items)) or any(map(_REQUIRES_GRAD, items)):
             return False
-        self.signature.append(_TENSOR_DICT)  # the tuples below differ in form from those of tensor()
-        self.signature.extend(described)
+        if set(map(_LAYOUT, items)) != {torch.strided}:
+            return False
+        # what tensor() records of each, as two lists; the marker sets them apart from tensor()'s tuples
+        self.signature += (_TENSOR_DICT, list(map(_DTYPE, items)), list(map(_SHAPE, items)))
         self.tensors.extend(items)
         offsets = list(map(torch.Tensor.storage_offset, items))
         pointers = map(torch.Tensor.data_ptr, items)
@@ -265,7 +268,9 @@ class _Entry:
     scalar_keys: list[Any]
     scalar_paths: list[Path]
     tree: dict[str, Any]
-    leaves: list[tuple[str, LeafKind, bool, int]]  # key, kind, scalar, the slot whose tensor it is (or spans)
+    keys: tuple[tuple[str, LeafKind, bool], ...]  # each leaf's key, kind and scalar flag
+    columns: tuple[list[str], list[LeafKind], list[bool]]  # the same, by column
+    slots: list[int] | None  # the slot whose tensor each leaf is (or spans); None: leaf i is slot i's
     spans: list[tuple[int, tuple[int, int, int]]]  # leaf index, (slot, start, length): a shared storage's span
     eligible: list[int] | None  # slots the encoder groups by storage (non-empty tensors, no conj/neg bit); None: all
     distinct: int  # distinct storage addresses among them
@@ -338,7 +343,10 @@ class StructureCache:
                 tree = _with_scalars(entry, walk)
             except Exception:  # e.g. an int the encoder refuses: a full encode says which
                 return None
-        leaves = [Leaf(key, kind, tensors[slot], scalar) for key, kind, scalar, slot in entry.leaves]
+        picked = tensors if entry.slots is None else map(tensors.__getitem__, entry.slots)
+        # by a C loop: a Leaf per tensor is the one object a hit makes per tensor
+        names, kinds, scalars = entry.columns
+        leaves: list[Leaf] = list(map(_LEAF, zip(names, kinds, picked, scalars, strict=True)))
         for index, (slot, start, length) in entry.spans:
             leaf = leaves[index]
             leaves[index] = Leaf(leaf.key, leaf.kind, tensors[slot].as_strided((length,), (1,), start), leaf.scalar)
@@ -392,20 +400,26 @@ def _make_entry(walk: _Walk, encoded: Encoded, origins: list[LeafOrigin], slots:
         return None
     groups = _groups(keys)
     grouped = [eligible[at] for group in groups for at in group]
-    leaves = []
+    of_leaf = []  # the slot of each leaf
     spans = []
-    for index, (leaf, origin) in enumerate(zip(encoded.leaves, origins, strict=True)):
+    for index, origin in enumerate(origins):
         if isinstance(origin, int):
-            leaves.append((leaf.key, leaf.kind, leaf.scalar, origin))
+            of_leaf.append(origin)
         else:
-            leaves.append((leaf.key, leaf.kind, leaf.scalar, origin[0]))
+            of_leaf.append(origin[0])
             spans.append((index, origin))
     return _Entry(
         signature=walk.signature,
         scalar_keys=walk.scalar_keys,
         scalar_paths=paths,
         tree=encoded.tree,
-        leaves=leaves,
+        keys=tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in encoded.leaves),
+        columns=(
+            [leaf.key for leaf in encoded.leaves],
+            [leaf.kind for leaf in encoded.leaves],
+            [leaf.scalar for leaf in encoded.leaves],
+        ),
+        slots=None if of_leaf == list(range(len(tensors))) else of_leaf,
         spans=spans,
         eligible=None if len(eligible) == len(tensors) else eligible,
         distinct=len(set(keys)),

@@ -21,8 +21,10 @@ This module never decides what is written, retained or what a step is called: th
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
+import itertools
 import logging
 import os
 import sys
@@ -36,7 +38,7 @@ import torch
 
 from ._codec import Leaf
 from ._errors import BackgroundSaveError, SafepointError, attach_note
-from ._staging import StagingPool
+from ._staging import StagingPool, check_staging_bytes
 from ._validate import positive_int
 
 __all__ = ["BackgroundWriter", "Job", "SaveHandle", "check_in_flight"]
@@ -171,20 +173,20 @@ class _Staged(Sequence[torch.Tensor]):
             self._condition.notify_all()
 
     def add_segment(
-        self, buffer: torch.Tensor, members: Sequence[tuple[int, int]], stream: torch.cuda.Stream | None
+        self, buffer: torch.Tensor, indices: list[int], offsets: list[int], stream: torch.cuda.Stream | None
     ) -> None:
-        """``members`` (leaf, offset) are copied into ``buffer``; with ``stream``, the copies were queued there
-        and land once an event recorded now says so."""
+        """Leaves ``indices`` are copied into ``buffer`` at ``offsets``; with ``stream``, the copies were queued
+        there and land once an event recorded now says so."""
         event = None
         if stream is not None:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
-        segment = _Segment(buffer, len(members), event)
+        segment = _Segment(buffer, len(indices), event)
         with self._condition:
             self._segments.append(segment)
-            for index, offset in members:
-                self._offset[index] = offset
-                self._segment_of[index] = segment
+            # by C loops: one interpreter iteration per leaf is a measurable part of a many-tensor stall
+            collections.deque(map(self._offset.__setitem__, indices, offsets), 0)
+            collections.deque(map(self._segment_of.__setitem__, indices, itertools.repeat(segment)), 0)
             self._condition.notify_all()
 
     def synchronize(self) -> None:
@@ -232,11 +234,14 @@ def _nbytes(tensor: torch.Tensor) -> int:
 class BackgroundWriter:
     """Background saves of one manager: the staging pool, the saves in flight, and their failures."""
 
-    def __init__(self, max_staging_bytes: int | None, max_in_flight: int) -> None:
-        self.pool = StagingPool(max_staging_bytes)
-        self.max_in_flight = max_in_flight
+    def __init__(self, max_staging_bytes: object, max_in_flight: object) -> None:
+        """ConfigError naming the option unless ``max_staging_bytes`` is None or a positive number of bytes and
+        ``max_in_flight`` a positive count."""
+        self.pool = StagingPool(check_staging_bytes(max_staging_bytes))
+        self.max_in_flight = check_in_flight(max_in_flight)
         self._pending: list[SaveHandle[Any]] = []
         self._threads: dict[SaveHandle[Any], threading.Thread] = {}
+        self._copy_plan: _CopyPlan | None = None  # the last save's (see submit's ``structure``)
 
     def in_flight(self) -> list[SaveHandle[Any]]:
         return [handle for handle in self._pending if not handle.done()]
@@ -277,26 +282,28 @@ class BackgroundWriter:
         leaves: list[Leaf],
         job: Job[T],
         order: Callable[[], list[int]],
+        *,
         specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
+        structure: tuple[object, ...] | None = None,
     ) -> SaveHandle[T]:
         """Copy ``leaves`` into staging buffers and start ``job`` on them on a thread; returns once the copy is
         complete. ``order`` is the order in which ``job`` reads the leaves (asked only when the staging budget
         is smaller than the state, so that the copy can follow the writer). ``specs``: each leaf's dtype and
-        shape, where the caller knows them already."""
+        shape, where the caller knows them already. ``structure``: objects that are the same (``is``) only when
+        the leaves' kinds, dtypes, shapes and devices are those of the last save with them (the structure cache's
+        entries), so that the copy's plan is reused; None: plan the copy afresh."""
         handle: SaveHandle[T] = SaveHandle(step)
         staged = _Staged(leaves, self.pool, specs)
-        streaming = self.pool.limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > self.pool.limit
-        if streaming:  # the writer starts now, and the copy follows the order in which it writes
-            sequence = order()
-            limit = max(1, min(SEGMENT_BYTES, (self.pool.limit or 0) // 4))
-        else:  # the writer starts after the copy, and plans from the copy (planning is not the caller's time)
-            sequence, limit = list(range(len(leaves))), SEGMENT_BYTES
+        plan = self._copy_plan
+        if plan is None or not plan.serves(structure, self.pool.limit):
+            plan = self._copy_plan = self._plan_copy(leaves, order, structure)
+        streaming = plan.streaming
         thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
         if streaming:
             _register_exit_hook(self)
             thread.start()
         try:
-            _copy(leaves, sequence, staged, self.pool, limit)
+            _copy(leaves, plan, staged, self.pool)
         except BaseException as err:
             staged.abandon(err)
             staged.staging_finished()
@@ -317,6 +324,17 @@ class BackgroundWriter:
         self._pending.append(handle)
         self._threads[handle] = thread
         return handle
+
+    def _plan_copy(
+        self, leaves: Sequence[Leaf], order: Callable[[], list[int]], structure: tuple[object, ...] | None
+    ) -> _CopyPlan:
+        limit = self.pool.limit
+        streaming = limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > limit
+        plan = _CopyPlan(structure, limit, streaming)
+        if streaming:  # the writer starts now, and the copy follows the order in which it writes
+            return _plan_copy(leaves, order(), max(1, min(SEGMENT_BYTES, (limit or 0) // 4)), plan)
+        # the writer starts after the copy, and plans from the copy (planning is not the caller's time)
+        return _plan_copy(leaves, range(len(leaves)), SEGMENT_BYTES, plan)
 
 
 def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T]) -> None:
@@ -346,50 +364,101 @@ def _yield_cpu() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICENESS)
 
 
-def _copy(leaves: list[Leaf], order: list[int], staged: _Staged, pool: StagingPool, limit: int) -> None:
-    """Copy the leaves, in ``order``, into staging segments of at most ``limit`` bytes (or one larger leaf).
+class _Run:
+    """One staging buffer's worth of the copy: its size, its device (None: host memory), its leaves, and where
+    each lies in it."""
 
-    Dense CPU tensors are copied with one memmove each; others with ``copy_``: from a GPU into pinned memory,
-    asynchronously, every copy having landed when this returns. The loops are the stall of a background save
-    with many small tensors: each attribute of each tensor is read once."""
-    position, count = 0, len(order)
-    while position < count:
-        members: list[tuple[int, int]] = []
-        pieces: list[tuple[torch.Tensor, int, int]] = []
-        size, device = 0, None
-        while position < count:
-            index = order[position]
-            leaf = leaves[index]
-            source = leaf.tensor
-            nbytes = source.nbytes
-            if leaf.kind == "pickle" or nbytes == 0:  # a private copy already, or nothing
-                staged.put(index, source if nbytes else torch.empty(source.shape, dtype=source.dtype))
-                position += 1
-                continue
-            where = source.device if source.is_cuda else None  # other devices: plain memory
-            if members and (size + nbytes > limit or where != device):
-                break
-            members.append((index, size))
-            pieces.append((source, size, nbytes))
-            size += -(-nbytes // _ALIGN) * _ALIGN
-            device = where
-            position += 1
-        if not members:
+    __slots__ = ("device", "host", "indices", "offsets", "size", "sizes")
+
+    def __init__(self, device: torch.device | None, members: list[tuple[int, int]], sizes: list[int], host: bool):
+        self.device, self.sizes, self.host = device, sizes, host
+        self.indices = [index for index, _ in members]
+        self.offsets = [offset for _, offset in members]
+        self.size = members[-1][1] + -(-sizes[-1] // _ALIGN) * _ALIGN
+
+
+class _CopyPlan:
+    """How a snapshot is copied: the leaves staged without a buffer, then the segments in copy order. A function
+    of the leaves' kinds, dtypes, shapes and devices, the copy order and the segment limit only: for a state of
+    the structure saved last (the same ``structure`` key), the plan of the last save is the plan of this one."""
+
+    __slots__ = ("direct", "key", "limit", "segments", "streaming")
+
+    def __init__(self, key: tuple[object, ...] | None, limit: int | None, streaming: bool) -> None:
+        self.key, self.limit, self.streaming = key, limit, streaming
+        self.direct: list[int] = []
+        self.segments: list[_Run] = []
+
+    def serves(self, key: tuple[object, ...] | None, limit: int | None) -> bool:
+        return (
+            key is not None and self.key is not None and self.limit == limit and len(key) == len(self.key)
+            and all(a is b for a, b in zip(key, self.key, strict=True))
+        )  # fmt: skip
+
+
+def _plan_copy(leaves: Sequence[Leaf], order: Sequence[int], limit: int, plan: _CopyPlan) -> _CopyPlan:
+    """Group the leaves, in ``order``, into segments of at most ``limit`` bytes (or one larger leaf), each on one
+    device; pickled and empty leaves need no buffer."""
+    members: list[tuple[int, int]] = []
+    sizes: list[int] = []
+    size, device, host = 0, None, True
+    for index in order:
+        leaf = leaves[index]
+        source = leaf.tensor
+        nbytes = source.nbytes
+        if leaf.kind == "pickle" or nbytes == 0:  # a private copy already, or nothing
+            plan.direct.append(index)
             continue
-        buffer = pool.acquire(size, pinned=device is not None, cancelled=staged.cancelled)
+        where = source.device if source.is_cuda else None  # other devices: plain memory
+        if members and (size + nbytes > limit or where != device):
+            plan.segments.append(_Run(device, members, sizes, host))
+            members, sizes, size, host = [], [], 0, True
+        members.append((index, size))
+        sizes.append(nbytes)
+        size += -(-nbytes // _ALIGN) * _ALIGN
+        device = where
+        host = host and source.is_cpu
+    if members:
+        plan.segments.append(_Run(device, members, sizes, host))
+    return plan
+
+
+def _copy(leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: StagingPool) -> None:
+    """Copy the leaves into staging segments as ``plan`` says: from a GPU into pinned memory asynchronously, every
+    copy having landed when this returns. These loops are the stall of a background save with many small tensors."""
+    for index in plan.direct:
+        source = leaves[index].tensor
+        staged.put(index, source if source.nbytes else torch.empty(source.shape, dtype=source.dtype))
+    for segment in plan.segments:
+        pinned = segment.device is not None
+        buffer = pool.acquire(segment.size, pinned=pinned, cancelled=staged.cancelled)
         if staged.cancelled.is_set():
             return
-        _fill(buffer, pieces, device is not None)
-        staged.add_segment(buffer, members, torch.cuda.current_stream(device) if device is not None else None)
+        _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
+        stream = torch.cuda.current_stream(segment.device) if pinned else None
+        staged.add_segment(buffer, segment.indices, segment.offsets, stream)
     staged.synchronize()
 
 
-def _fill(buffer: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int]], asynchronous: bool) -> None:
+_CONTIGUOUS = torch.Tensor.is_contiguous
+_CONJ, _NEG, _DATA_PTR = torch.Tensor.is_conj, torch.Tensor.is_neg, torch.Tensor.data_ptr
+
+
+def _fill(buffer: torch.Tensor, sources: list[torch.Tensor], segment: _Run) -> None:
+    """Copy ``sources`` into ``buffer`` at the segment's offsets. Dense host tensors with one memmove each, driven
+    by ``map`` (no interpreter loop: for many small tensors its per-tensor cost would be the stall); others with
+    ``copy_``: from a GPU asynchronously, into pinned memory. A tensor's bytes are read here, at the call."""
     base = buffer.data_ptr()
-    memmove = ctypes.memmove  # torch's copy_ costs ~10x more per call
-    for source, offset, nbytes in pieces:
+    if segment.host and all(map(_CONTIGUOUS, sources)) and not any(map(_CONJ, sources)) and not any(map(_NEG, sources)):
+        # torch's copy_ costs ~10x more per call; the sizes are the planned ones, which the dtypes and shapes fix
+        collections.deque(
+            map(ctypes.memmove, map(base.__add__, segment.offsets), map(_DATA_PTR, sources), segment.sizes), 0
+        )
+        return
+    asynchronous = segment.device is not None
+    for source, offset, nbytes in zip(sources, segment.offsets, segment.sizes, strict=True):
         if source.is_cpu and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
-            memmove(base + offset, source.data_ptr(), nbytes)
+            ctypes.memmove(base + offset, source.data_ptr(), nbytes)
         else:
             view = buffer[offset : offset + nbytes].view(source.dtype).view(source.shape)
             view.copy_(source, non_blocking=asynchronous)

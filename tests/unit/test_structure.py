@@ -308,3 +308,40 @@ def test_background_saves_of_a_changing_state_load_back_as_it_was(tmp_path: Path
             loaded = encode_state(values)
             got = json.dumps(loaded.tree) + repr([leaf_bytes(leaf.tensor) for leaf in loaded.leaves])
             assert got == want
+
+
+def _scribble(value: Any) -> None:
+    """Change every tensor and array of a state in place: what a training step does right after save() returns."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() and not value.is_conj():
+            with torch.no_grad():
+                value.fill_(-123)
+    elif isinstance(value, np.ndarray):
+        value[...] = 0
+    elif isinstance(value, dict):
+        for item in value.values():
+            _scribble(item)
+    elif isinstance(value, list):
+        for item in value:
+            _scribble(item)
+
+
+def _saved_form(state: dict[str, Any]) -> str:
+    encoded = encode_state(state)
+    return json.dumps(encoded.tree) + repr([leaf_bytes(leaf.tensor) for leaf in encoded.leaves])
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_a_repeat_background_save_holds_the_state_of_its_call_after_any_change(tmp_path: Path, name: str) -> None:
+    """The second background save of a state (its structure cached, and its copy plan) after one change: the
+    checkpoint holds the state as it was when save() returned, though every tensor changes right after."""
+    state = base_state()
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, state, blocking=False).result(timeout=60)
+        MUTATIONS[name](state)
+        want = _saved_form(state)
+        handle = manager.save(2, state, blocking=False)
+        _scribble(state)
+        handle.result(timeout=60)
+        values, _ = manager.load(2)
+    assert _saved_form(values) == want
