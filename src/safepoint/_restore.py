@@ -29,6 +29,7 @@ from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_sta
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
+from ._sharded import ShardedSaved, is_dtensor, slice_like
 
 __all__ = [
     "PreparedRestore",
@@ -182,6 +183,7 @@ def _is_scalar(value: object) -> bool:
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
     key = key_path(path)
+    saved = _fit(plan, live, saved, path)
     if isinstance(live, Pickled):
         _match_pickled(plan, live, saved, path)
     elif isinstance(live, torch.Tensor):
@@ -240,6 +242,8 @@ def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, key: s
     cast to the live dtype (floating point to floating point only)."""
     if live.shape == saved.shape and live.dtype == saved.dtype:
         return False
+    if saved.device.type == "meta":  # a saved DTensor of another shape: _fit reported it, and read nothing
+        return True
     if live.dtype != saved.dtype and _is_castable(live, saved):
         if plan.cast_dtypes:
             plan.cast.append(f"{key}: {saved.dtype} -> {live.dtype}")
@@ -309,14 +313,15 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         plan.mismatched.append(f"{key}: live {type(live).__name__} needs a state_dict, checkpoint has "
                                f"{type(saved).__name__}")  # fmt: skip
         return
-    state = dict(saved)
     if _is_loader(live):
+        state = dict(_fit_tree(plan, None, saved, path))
         # not observed before its load_state_dict: see _is_loader; its keys are its own load_state_dict's to judge
         plan.units.append(tuple(path))
         plan.objects.append((key, live, state))
         plan.checks.append((key, live, state))
         return
     current = live.state_dict()
+    state = dict(_fit_tree(plan, current, saved, path))
     if isinstance(live, torch.nn.Module):
         state = _match_module_state(plan, current, state, path)
     else:
@@ -588,6 +593,53 @@ def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckp
     )
 
 
+# -- sharded tensors ----------------------------------------------------------------------------------------------
+def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
+    """The saved value made to fit a live tensor's layout: a saved DTensor (:class:`ShardedSaved`) becomes a
+    DTensor laid out as a live DTensor (only the parts this rank holds are read), or the full tensor for a live
+    plain tensor; a plain saved tensor becomes a DTensor laid out as a live DTensor (this rank's parts of it).
+    A shape that differs is a mismatch naming the key (nothing is read for it)."""
+    if isinstance(saved, ShardedSaved):
+        if not isinstance(live, torch.Tensor) or tuple(live.shape) != saved.shape:
+            if isinstance(live, torch.Tensor):
+                plan.mismatched.append(
+                    f"{key_path(path)}: live tensor is {live.dtype} {list(live.shape)}, checkpoint has "
+                    f"{saved.dtype} {list(saved.shape)}"
+                )
+            return saved.placeholder()
+        return saved.like(live) if is_dtensor(live) else saved.full()
+    if is_dtensor(live) and isinstance(saved, torch.Tensor) and not is_dtensor(saved):
+        if tuple(saved.shape) == tuple(live.shape) and saved.device.type != "meta":
+            return slice_like(live, saved)
+    return saved
+
+
+def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> Any:
+    """:func:`_fit` over an object's saved state_dict, against its live ``state_dict()`` (None where there is no
+    live counterpart: saved DTensors there become full tensors). Values without a DTensor are returned as they are."""
+    if isinstance(saved, ShardedSaved) or (is_dtensor(current) and isinstance(saved, torch.Tensor)):
+        if current is None:
+            return saved.full() if isinstance(saved, ShardedSaved) else saved
+        fitted = _fit(plan, current, saved, path)
+        return fitted
+    if isinstance(saved, dict):
+        live = current if isinstance(current, Mapping) else {}
+        fitted = {k: _fit_tree(plan, live.get(k), v, [*path, k]) for k, v in saved.items()}
+        if all(fitted[k] is v for k, v in saved.items()):
+            return saved  # nothing sharded below: the value as decoded (its exact dict type kept)
+        if type(saved) is dict:
+            return fitted
+        rebuilt = copy.copy(saved)
+        rebuilt.update(fitted)
+        return rebuilt
+    if isinstance(saved, (list, tuple)):
+        live_items = current if isinstance(current, (list, tuple)) and len(current) == len(saved) else None
+        items = [_fit_tree(plan, None if live_items is None else live_items[i], v, [*path, i])
+                 for i, v in enumerate(saved)]  # fmt: skip
+        return items if isinstance(saved, list) else _same_tuple_type(saved, items)
+    return saved
+
+
 # -- applying ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PreparedRestore:
@@ -606,7 +658,7 @@ class PreparedRestore:
 def _saved_values(
     loaded: LoadedCheckpoint, path: str, state_version: int | None, migrations: Migrations | None
 ) -> tuple[Any, tuple[str, ...]]:
-    saved = decode_tree(loaded.manifest.tree, loaded.leaves)
+    saved = decode_tree(loaded.manifest.tree, loaded.leaves, loaded.sharded)
     if state_version is None:
         return saved, ()
     saved_version = loaded.manifest.state_version
@@ -852,6 +904,10 @@ def _cast_on_load(live: torch.Tensor, saved: torch.Tensor) -> bool:
 def _bitwise_equal(live: Any, saved: Any) -> bool:
     if not isinstance(live, torch.Tensor) or not isinstance(saved, torch.Tensor):
         return False
+    if is_dtensor(live) or is_dtensor(saved):  # each rank compares its own part: no collective
+        if not (is_dtensor(live) and is_dtensor(saved)) or live.placements != saved.placements:
+            return False
+        return live.shape == saved.shape and _bitwise_equal(live.to_local(), saved.to_local())
     if live.shape != saved.shape:
         return False
     if live.dtype != saved.dtype:  # an optimizer casts state to its parameter's dtype

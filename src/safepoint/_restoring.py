@@ -36,7 +36,7 @@ from ._manifest import Manifest
 from ._messages import Candidates, Check, Done, RestoreBegin, Verdict
 from ._migrations import Migrations
 from ._pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, has_per_rank
-from ._reader import LoadedCheckpoint, read_checkpoint, read_leaves, read_manifest
+from ._reader import LoadedCheckpoint, lazy_sharded, read_checkpoint, read_leaves, read_manifest
 from ._resolve import is_committed, step_dirs
 from ._restore import PreparedRestore, RestoreReport, SkippedCheckpoint, load_values, none_verifies, prepare_checkpoint
 from ._storage import Storage
@@ -220,9 +220,11 @@ def _try(
     explicit: bool,
 ) -> tuple[Post[Check], _T | None]:
     """Read a candidate and prepare it on this rank: how it went (or the error that ends the restore), and what
-    was prepared."""
+    was prepared. Preparing reads too (the parts of sharded tensors this rank needs): a corrupt or unreadable
+    byte found there is judged as one found by ``read``."""
     try:
         loaded = read()
+        prepared = use(loaded)
     except FormatVersionError as err:
         return Post(error=err), None  # a newer safepoint wrote it: falling back would silently lose progress
     except (CorruptCheckpointError, StorageError) as err:
@@ -233,12 +235,9 @@ def _try(
         return Post(Check("corrupt", str(err))), None
     except CheckpointNotFoundError:
         return Post(Check("gone")), None
-    except Exception as err:
+    except Exception as err:  # a newer state_version, a failing migration, a mismatch: on every rank, no fallback
         return Post(error=err), None
-    try:  # a newer state_version, a failing migration, a mismatch: raised on every rank, no fallback
-        return Post(Check("ok")), use(loaded)
-    except Exception as err:
-        return Post(error=err), None
+    return Post(Check("ok")), prepared
 
 
 def _judge(operation: Operation, candidate: int, *, explicit: bool) -> Callable[[list[Post[Check] | None]], Verdict]:
@@ -309,7 +308,8 @@ def _read_own_view(  # noqa: PLR0917 - one call site
     manifest = read_manifest(storage, path, step=candidate)
     view = _rank_view(manifest, state, rank, world, storage.describe(path))
     leaves = read_leaves(storage, path, view, only=set(_entries_in(view.tree)))
-    return LoadedCheckpoint(path, view, leaves)
+    # sharded tensors are read later, by the parts this rank's live targets need (see _restore.fit)
+    return LoadedCheckpoint(path, view, leaves, lazy_sharded(storage, path, manifest))
 
 
 def _rank_view(manifest: Manifest, state: Mapping[str, Any], rank: int, world: int, where: str) -> Manifest:
