@@ -615,7 +615,7 @@ def test_a_malformed_manifest_is_corrupt(body: Body, edit: Callable[[Body], None
 def test_format_2_nodes_in_a_format_1_manifest_are_corrupt(tmp_path: Path, state: dict[str, Any], kind: str) -> None:
     safepoint.save(tmp_path / "c", state)
     body = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
-    assert body["format_version"] == 2
+    assert body["format_version"] == FORMAT_VERSION
     parse(seal(body))
     body["format_version"] = 1
     error = refused(seal(body))
