@@ -86,13 +86,13 @@ __all__ = [
     "MAX_TREE_DEPTH",
     "REPLACED_WHOLE",
     "SCALAR_KINDS",
-    "ShardedSlot",
     "TYPED",
     "Encoded",
     "Leaf",
     "LeafOrigin",
     "Pickled",
     "PickledPayload",
+    "ShardedSlot",
     "Stateful",
     "TypedKind",
     "array_tensor",
@@ -174,7 +174,7 @@ class ShardedSlot(NamedTuple):
     """A DTensor of the state: its key path and the DTensor (its sharded node is the ``index``-th in tree order)."""
 
     key: str
-    tensor: torch.Tensor
+    tensor: Any  # a torch.distributed.tensor.DTensor
 
 
 @dataclass(frozen=True)

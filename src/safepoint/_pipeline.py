@@ -394,7 +394,8 @@ class SaveAttempt:
             plan, records, _ = self._write_part(
                 snapshot.shd, tensors, planning, written, replicated=False, chunk_sums=sums
             )
-            shd = ShardedPart(tuple(records), plan.entries, _box_records(plan, snapshot.boxes, sums), snapshot.shd_layout)
+            boxes = _box_records(plan, snapshot.boxes, sums)
+            shd = ShardedPart(tuple(records), plan.entries, boxes, snapshot.shd_layout)
         return RankPart(rep, own, shd)
 
     def _write_part(
@@ -577,7 +578,8 @@ def _with_boxes(
     found: list[list[dict[str, Any]]] = [node["boxes"] for node in shaped]
     layouts = [(rank, part.shd.layout) for rank, part in enumerate(parts) if part.shd is not None]
     if len(layouts) != len(parts) or any(layout != layouts[0][1] for _, layout in layouts):
-        differing = tuple(rank for rank, part in enumerate(parts) if part.shd is None or part.shd.layout != layouts[0][1])
+        head = layouts[0][1] if layouts else ""
+        differing = tuple(rank for rank, part in enumerate(parts) if part.shd is None or part.shd.layout != head)
         raise CoordinationError(
             "the ranks disagree on the DTensors of the state (their keys, dtypes or global shapes); every rank "
             "must save the same DTensors; nothing was committed",

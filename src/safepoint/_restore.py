@@ -608,9 +608,9 @@ def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
                 )
             return saved.placeholder()
         return saved.like(live) if is_dtensor(live) else saved.full()
-    if is_dtensor(live) and isinstance(saved, torch.Tensor) and not is_dtensor(saved):
-        if tuple(saved.shape) == tuple(live.shape) and saved.device.type != "meta":
-            return slice_like(live, saved)
+    plain = isinstance(saved, torch.Tensor) and not is_dtensor(saved) and saved.device.type != "meta"
+    if plain and is_dtensor(live) and tuple(saved.shape) == tuple(live.shape):
+        return slice_like(live, saved)
     return saved
 
 
@@ -901,13 +901,18 @@ def _cast_on_load(live: torch.Tensor, saved: torch.Tensor) -> bool:
     return _bitwise_equal(live, saved.to(live.dtype))
 
 
+def _same_shards(live: Any, saved: Any) -> bool:
+    """DTensors: equal layouts, and this rank's parts bitwise equal (each rank compares its own: no collective)."""
+    if not (is_dtensor(live) and is_dtensor(saved)) or live.placements != saved.placements:
+        return False
+    return bool(live.shape == saved.shape) and _bitwise_equal(live.to_local(), saved.to_local())
+
+
 def _bitwise_equal(live: Any, saved: Any) -> bool:
+    if is_dtensor(live) or is_dtensor(saved):
+        return _same_shards(live, saved)
     if not isinstance(live, torch.Tensor) or not isinstance(saved, torch.Tensor):
         return False
-    if is_dtensor(live) or is_dtensor(saved):  # each rank compares its own part: no collective
-        if not (is_dtensor(live) and is_dtensor(saved)) or live.placements != saved.placements:
-            return False
-        return live.shape == saved.shape and _bitwise_equal(live.to_local(), saved.to_local())
     if live.shape != saved.shape:
         return False
     if live.dtype != saved.dtype:  # an optimizer casts state to its parameter's dtype

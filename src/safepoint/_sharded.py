@@ -350,7 +350,7 @@ class BoxReader:
         nbytes = math.prod(record.sizes) * element
         start, stop = lo * chunk, min(hi * chunk, nbytes)
         buffer = torch.empty(stop - start, dtype=torch.uint8)
-        view = memoryview(buffer.numpy()).cast("B") if buffer.numel() else memoryview(bytearray())
+        view = buffer.numpy().data if buffer.numel() else memoryview(bytearray())
         self._read_range(saved.path, record.at + start, view)
         digits = record.sums[len(CHUNK_ALGORITHM) + 1 :]
         for index in range(lo, hi):
