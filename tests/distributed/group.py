@@ -1,7 +1,7 @@
 """Running a real torch.distributed (gloo) group of worker processes on 127.0.0.1, and always stopping it.
 
-``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` per rank with the env:// variables
-torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), waits for all of them
+``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` (or another worker ``module``)
+per rank with the env:// variables torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), waits for all of them
 within a deadline, kills whatever is still running when it expires or the test fails, and returns each rank's
 exit code, output and JSON results. The package never imports this module.
 """
@@ -62,6 +62,7 @@ def run_group(
     *,
     extra_env: Mapping[int, Mapping[str, str]] | None = None,
     deadline: float = 150.0,
+    module: str = "tests.distributed.worker",
 ) -> list[RankResult]:
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
@@ -74,7 +75,7 @@ def run_group(
             with logs[rank].open("w") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "tests.distributed.worker", scenario, str(directory), str(out)],
+                        [sys.executable, "-m", module, scenario, str(directory), str(out)],
                         cwd=ROOT,
                         env=env,
                         stdout=log,
