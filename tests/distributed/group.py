@@ -1,9 +1,9 @@
 """Running a real torch.distributed (gloo) group of worker processes on 127.0.0.1, and always stopping it.
 
 ``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` (or another worker ``module``)
-per rank with the env:// variables torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), waits for all of them
-within a deadline, kills whatever is still running when it expires or the test fails, and returns each rank's
-exit code, output and JSON results. The package never imports this module.
+per rank with the env:// variables torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free
+port), waits for all of them within a deadline, kills whatever is still running when it expires or the test fails,
+and returns each rank's exit code, output and JSON results. The package never imports this module.
 """
 
 from __future__ import annotations

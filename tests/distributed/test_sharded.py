@@ -10,6 +10,7 @@ size for a single-process load here. The disk is checked independently of the ra
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str
     found = _ok(run_group("save_same_world", 3, base, base / "out", module=MODULE))
     # a plain checkpoint of the same model, written by one process, for the ranks to restore into DTensors
     torch.manual_seed(21)
-    plain = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(SIZES, SIZES[1:], strict=False)])
+    plain = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)])
     with safepoint.CheckpointManager(base / "plain") as manager:
         manager.save(1, {"model": plain})
     torch.save({k: v.detach().clone() for k, v in plain.state_dict().items()}, base / "plain.pt")

@@ -7,6 +7,7 @@ what is right. The package never imports this module.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ SIZES = (1024, 1500, 13, 2)
 
 def build(mesh: DeviceMesh, seed: int, sizes: Sequence[int] = SIZES) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
-    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:], strict=False)]
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
     model = torch.nn.Sequential(*layers)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
@@ -70,8 +71,8 @@ def snapshot(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
 
 def bitwise_equal(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a.view(-1).view(torch.uint8),
-                                                                              b.view(-1).view(torch.uint8)))  # fmt: skip
+        same_bits = torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+        return a.dtype == b.dtype and a.shape == b.shape and bool(same_bits)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(bitwise_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
@@ -192,7 +193,23 @@ def reshard(directory: Path, out: Path, rank: int, world: int) -> dict[str, Any]
     with safepoint.CheckpointManager(source / "run", timeout=TIMEOUT) as manager:
         found["mismatch"] = outcome(lambda: manager.restore({"model": other}, step=2))
     found["mismatch_unchanged"] = bitwise_equal(snapshot(other, other_optimizer), before)
-    # a corrupt shard that only the last rank reads: every rank falls back to step 1
+    found.update(fall_back(directory, source, mesh, rank))
+    # saved on this world size, for a single-process load in the test
+    model, optimizer = build(mesh, seed=12)
+    train(model, optimizer, seed=13)
+    with safepoint.CheckpointManager(directory / "small", timeout=TIMEOUT) as manager:
+        manager.save(5, {"model": model, "optim": optimizer})
+    values = snapshot(model, optimizer)
+    if rank == 0:
+        torch.save(values, out / "step5.pt")
+    dist.barrier()
+    return found
+
+
+def fall_back(directory: Path, source: Path, mesh: DeviceMesh, rank: int) -> dict[str, Any]:
+    """A copy of the checkpoints with a corrupt shard of step 2 that only the last rank reads: every rank falls
+    back to step 1."""
+    found: dict[str, Any] = {}
     corrupt = directory / "corrupt"
     if rank == 0:
         shutil.copytree(source / "run", corrupt)
@@ -215,13 +232,6 @@ def reshard(directory: Path, out: Path, rank: int, world: int) -> dict[str, Any]
     found["fallback_skipped"] = [] if report is None else [(s.step, s.reason) for s in report.skipped]
     expected1 = torch.load(source / "out" / "step1.pt", weights_only=True)
     found["fallback_equal"] = bitwise_equal(snapshot(model, optimizer), expected1)
-    # saved on this world size, for a single-process load in the test
-    with safepoint.CheckpointManager(directory / "small", timeout=TIMEOUT) as manager:
-        manager.save(5, {"model": model, "optim": optimizer})
-    values = snapshot(model, optimizer)
-    if rank == 0:
-        torch.save(values, out / "step5.pt")
-    dist.barrier()
     return found
 
 
