@@ -815,7 +815,7 @@ SHARDED_MALFORMED: list[tuple[str, Callable[[Body], None], str]] = [
     ("unknown-dtype", lambda b: rows_of(b).update(dtype="F128"), "unknown dtype"),
     ("entry", lambda b: rows_of(b)["boxes"][1].update(e=10_000), "does not exist"),
     (
-        "entry-twice",
+        "entry-of-another-box",
         lambda b: rows_of(b)["boxes"][1].update(e=rows_of(b)["boxes"][0]["e"], offsets=[7, 0]),
         "its entry",
     ),
