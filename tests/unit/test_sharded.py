@@ -9,6 +9,8 @@ short or empty).
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,7 +19,9 @@ import xxhash
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
+import safepoint
 from safepoint import CoordinationError, CorruptCheckpointError, InvalidStateError
+from safepoint._cli import main
 from safepoint._manifest import EntryRecord, FileRecord
 from safepoint._messages import RankPart, ShardedPart
 from safepoint._pipeline import _with_boxes
@@ -32,6 +36,7 @@ from safepoint._sharded import (
     chunk_sums,
     pieces_at,
 )
+from tests.helpers import edit_manifest
 
 
 def boxes(shape: tuple[int, ...], mesh: tuple[int, ...], placements: list[Any]) -> list[list[Box]]:
@@ -238,3 +243,49 @@ def test_ranks_that_disagree_on_the_dtensors_are_refused() -> None:
     with pytest.raises(CoordinationError, match="disagree") as info:
         _with_boxes(_tree(), [_part([Box((0, 0), (2, 2))]), _part([Box((2, 0), (2, 2))], layout="other")], [], [])
     assert info.value.ranks == (1,)
+
+
+# -- the format 3 fixture through the CLI and verify -----------------------------------------------------------------
+FIXTURE = Path(__file__).resolve().parents[1] / "compat" / "format_v3" / "run"
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_inspect_shows_each_sharded_tensor_and_how_it_is_split(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _cli(capsys, "inspect", str(FIXTURE))
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("sharded/")}
+    assert rows["sharded/rows"][1:5] == ["sharded", "float32", "[13,", "4]"]
+    assert "2 boxes over 2 ranks" in " ".join(rows["sharded/rows"])
+    assert "1 box over 1 rank" in " ".join(rows["sharded/replicated"])
+    assert "0 boxes over 0 ranks" in " ".join(rows["sharded/empty"])
+
+
+def test_export_writes_the_full_tensors(tmp_path: Path) -> None:
+    # the fixture holds a pickled entry: only the Python call can allow it (export reads the whole state)
+    safepoint.export_checkpoint(FIXTURE, tmp_path / "x.pt", format="torch", key="sharded", allow_pickle=True)
+    exported = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert torch.equal(exported["rows"], torch.arange(52, dtype=torch.float32).reshape(13, 4) / 8)
+    assert torch.equal(exported["cols"], torch.arange(15).reshape(3, 5) - 7)
+    assert exported["empty"].shape == (0, 3)
+
+
+def test_verify_checks_the_chunk_checksums_of_every_box(tmp_path: Path) -> None:
+    run = shutil.copytree(FIXTURE, tmp_path / "run")
+    assert safepoint.verify(run).ok
+    (checkpoint,) = run.iterdir()
+
+    def wrong_sum(body: dict[str, Any]) -> None:
+        rows = next(node for key, node in dict(body["tree"]["v"])["sharded"]["v"] if key == "rows")
+        box = rows["boxes"][1]
+        box["sums"] = box["sums"][:-1] + ("0" if box["sums"][-1] != "0" else "1")
+
+    edit_manifest(checkpoint, wrong_sum)  # the files and their checksums are untouched: only a box's sums differ
+    report = safepoint.verify(run)
+    assert not report.ok
+    (bad,) = report.bad
+    assert bad.error is not None
+    assert "checksum" in bad.error
