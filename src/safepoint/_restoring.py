@@ -30,6 +30,7 @@ from ._errors import (
     RestoreError,
     SafepointError,
     StorageError,
+    UnsafeCheckpointError,
     attach_note,
 )
 from ._manifest import Manifest
@@ -221,23 +222,31 @@ def _try(
 ) -> tuple[Post[Check], _T | None]:
     """Read a candidate and prepare it on this rank: how it went (or the error that ends the restore), and what
     was prepared. Preparing reads too (the parts of sharded tensors this rank needs): a corrupt or unreadable
-    byte found there is judged as one found by ``read``."""
+    byte found there is judged as one found by ``read``; an unpickling opt-in that is missing is not damage."""
     try:
         loaded = read()
-        prepared = use(loaded)
-    except FormatVersionError as err:
-        return Post(error=err), None  # a newer safepoint wrote it: falling back would silently lose progress
-    except (CorruptCheckpointError, StorageError) as err:
-        if explicit:
-            return Post(error=err), None  # the step asked for, or an error: never a fallback
-        if not is_committed(storage, path):
-            return Post(Check("gone")), None  # unpublished while it was read: retention elsewhere removed it
-        return Post(Check("corrupt", str(err))), None
-    except CheckpointNotFoundError:
-        return Post(Check("gone")), None
-    except Exception as err:  # a newer state_version, a failing migration, a mismatch: on every rank, no fallback
+    except Exception as err:
+        return _failure(err, storage=storage, path=path, explicit=explicit), None
+    try:
+        return Post(Check("ok")), use(loaded)
+    except UnsafeCheckpointError as err:
         return Post(error=err), None
-    return Post(Check("ok")), prepared
+    except Exception as err:
+        return _failure(err, storage=storage, path=path, explicit=explicit), None
+
+
+def _failure(err: Exception, *, storage: Storage, path: str, explicit: bool) -> Post[Check]:
+    if isinstance(err, FormatVersionError):
+        return Post(error=err)  # a newer safepoint wrote it: falling back would silently lose progress
+    if isinstance(err, (CorruptCheckpointError, StorageError)):
+        if explicit:
+            return Post(error=err)  # the step asked for, or an error: never a fallback
+        if not is_committed(storage, path):
+            return Post(Check("gone"))  # unpublished while it was read: retention elsewhere removed it
+        return Post(Check("corrupt", str(err)))
+    if isinstance(err, CheckpointNotFoundError):
+        return Post(Check("gone"))
+    return Post(error=err)  # a newer state_version, a failing migration, a mismatch: on every rank, no fallback
 
 
 def _judge(operation: Operation, candidate: int, *, explicit: bool) -> Callable[[list[Post[Check] | None]], Verdict]:
