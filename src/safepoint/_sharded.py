@@ -251,14 +251,18 @@ def check_cover(shape: Sequence[int], boxes: Iterable[Box]) -> str:
         total += box.volume
     if not shape:  # a 0-d tensor: exactly one box
         return "" if len(listed) == 1 else f"{len(listed)} boxes for a 0-d tensor"
-    # sorted by offsets: a box can only overlap later boxes that start before it ends along dimension 0
+    # sweep along the dimension the boxes are split most along (rows for FSDP, columns for tensor parallel):
+    # sorted by their start there, a box can only overlap the boxes that start before it ends there
+    dim = max(range(len(shape)), key=lambda d: len({box.offsets[d] for box in listed}))
+    listed.sort(key=lambda box: box.offsets[dim])
     for index, box in enumerate(listed):
-        end = box.offsets[0] + box.sizes[0]
+        end = box.offsets[dim] + box.sizes[dim]
         for other in itertools.islice(listed, index + 1, None):
-            if other.offsets[0] >= end:
+            if other.offsets[dim] >= end:
                 break
             if box.intersect(other) is not None:
-                return f"boxes at {list(box.offsets)} and {list(other.offsets)} overlap"
+                first, second = sorted((box, other))
+                return f"boxes at {list(first.offsets)} and {list(second.offsets)} overlap"
     if total != math.prod(shape):
         return f"the boxes hold {total} of the tensor's {math.prod(shape)} elements (a gap)"
     return ""
