@@ -1,9 +1,10 @@
 """Running a real torch.distributed (gloo) group of worker processes on 127.0.0.1, and always stopping it.
 
-``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` (or another worker ``module``)
-per rank with the env:// variables torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free
-port), waits for all of them within a deadline, kills whatever is still running when it expires or the test fails,
-and returns each rank's exit code, output and JSON results. The package never imports this module.
+``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` (or ``python -m MODULE DIR OUT`` for
+another worker module and an empty scenario) per rank with the env:// variables
+torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), waits for all of them
+within a deadline, kills whatever is still running when it expires or the test fails, and returns each rank's
+exit code, output and JSON results. The package never imports this module.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def run_group(
             with logs[rank].open("w") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", module, scenario, str(directory), str(out)],
+                        [sys.executable, "-m", module, *([scenario] if scenario else []), str(directory), str(out)],
                         cwd=ROOT,
                         env=env,
                         stdout=log,
