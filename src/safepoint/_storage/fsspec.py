@@ -303,6 +303,9 @@ class FsspecStorage:
         where = self.describe(path)
         view = buffer.cast("B") if buffer.format != "B" else buffer
         done, total = 0, view.nbytes
+        size = self.size(path)
+        if size < offset + total:  # a ranged read past the end is an error of its own on S3: say what it means
+            raise StorageError(f"{where} ended early at byte {size}", errno=errno.EIO, path=where)
         with _mapped("read", where, FileNotFoundError):
             while done < total:
                 end = min(total, done + _READ_CHUNK)
