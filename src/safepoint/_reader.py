@@ -16,8 +16,9 @@ from ._errors import CheckpointNotFoundError, CorruptCheckpointError
 from ._layout import MANIFEST_NAME, join
 from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest
 from ._payload import read_file
-from ._sharded import BoxReader, RangeReads, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
+from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
 from ._storage import Storage
+from ._storage.base import RangeReads
 
 __all__ = [
     "LoadedCheckpoint",

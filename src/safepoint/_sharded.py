@@ -22,7 +22,7 @@ import math
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple
 
 import torch
 import xxhash
@@ -33,7 +33,6 @@ __all__ = [
     "Box",
     "BoxRecord",
     "Piece",
-    "RangeReads",
     "check_cover",
     "chunk_bytes",
     "chunk_sums",
@@ -300,14 +299,6 @@ def check_sums_text(sums: object, nbytes: int, chunk: object) -> str:
 
 
 # -- reading boxes back -------------------------------------------------------------------------------------------
-@runtime_checkable
-class RangeReads(Protocol):
-    """Optional for a backend: reading a byte range of a file (a ranged GET on object stores)."""
-
-    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
-        """Fill ``buffer`` with the file's bytes from ``offset``; StorageError if the file ends first."""
-
-
 def _linear(position: Sequence[int], sizes: Sequence[int]) -> int:
     index = 0
     for p, n in zip(position, sizes, strict=True):

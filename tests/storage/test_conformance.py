@@ -15,9 +15,8 @@ import pytest
 import xxhash
 
 from safepoint._errors import StorageError, UnsafeCheckpointError
-from safepoint._sharded import RangeReads
 from safepoint._storage import Storage
-from safepoint._storage.base import SequentialReads
+from safepoint._storage.base import RangeReads, SequentialReads
 
 from .conftest import Backend
 
