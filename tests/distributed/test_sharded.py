@@ -197,3 +197,25 @@ def test_a_checkpoint_of_another_world_loads_in_one_process(resharded: tuple[int
     assert_same(loaded["optim"]["state"], expected["optim"]["state"])
     body = json.loads((base / "small" / "step-000000000005" / "manifest.json").read_text())
     assert body["world_size"] == world
+
+
+@pytest.mark.slow
+def test_fsdp_over_tensor_parallel_round_trips(tmp_path: Path) -> None:
+    found = _ok(run_group("fsdp_tp", 4, tmp_path, tmp_path / "out", module=MODULE))
+    assert found[0]["placements"]["0.weight"] == ["_StridedShard(dim=0, sf=2)", "Shard(dim=0)"]
+    assert found[0]["placements"]["2.bias"] == ["Shard(dim=0)", "Replicate()"]
+    for rank, observed in enumerate(found):
+        assert observed["restored_step"] == 1, rank
+        assert observed["restored_equal"] is True, rank
+    checkpoint = tmp_path / "run" / "step-000000000001"
+    loaded = safepoint.load(checkpoint)
+    expected = torch.load(tmp_path / "out" / "step1.pt", weights_only=True)
+    assert_same(dict(loaded["model"]), expected["model"])
+    assert_same(loaded["optim"]["state"], expected["optim"]["state"])
+    body = json.loads((checkpoint / "manifest.json").read_text())
+    model = dict(dict(body["tree"]["v"])["model"]["v"]["v"]["v"])
+    # FSDP's _StridedShard over TP's Shard(0): the rows of each TP half are split again by data-parallel rank
+    boxes = model["0.weight"]["boxes"]
+    assert [(b["offsets"][0], b["sizes"][0]) for b in boxes] == [(0, 3), (3, 2), (5, 3), (8, 2)]
+    # the bias replicated over TP is written once per box, by one of its two holders
+    assert len(model["2.bias"]["boxes"]) == 2

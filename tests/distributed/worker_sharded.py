@@ -247,7 +247,37 @@ def _items(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, An
     return [(path, node)]
 
 
-SCENARIOS = {"save_same_world": save_same_world, "reshard": reshard}
+def fsdp_tp(directory: Path, out: Path, rank: int, world: int) -> dict[str, Any]:
+    """FSDP over tensor parallelism on a (2, 2) mesh: ``_StridedShard`` rows (a rank's rows in two runs), Shard(1)
+    columns, a bias replicated over the TP dimension. Save, restore on the same mesh, and save the full tensors."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    found: dict[str, Any] = {}
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6))
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(3, 8)).sum().backward()
+    optimizer.step()
+    found["placements"] = {k: [repr(p) for p in v.placements] for k, v in model.state_dict().items()}
+    expected = snapshot(model, optimizer)
+    with safepoint.CheckpointManager(directory / "run", timeout=TIMEOUT) as manager:
+        manager.save(1, {"model": model, "optim": optimizer})
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.zero_()
+        report = manager.restore({"model": model, "optim": optimizer})
+    found["restored_step"] = None if report is None else report.step
+    found["restored_equal"] = bitwise_equal(snapshot(model, optimizer), expected)
+    if rank == 0:
+        torch.save(expected, out / "step1.pt")
+    dist.barrier()
+    return found
+
+
+SCENARIOS = {"save_same_world": save_same_world, "reshard": reshard, "fsdp_tp": fsdp_tp}
 
 
 def main() -> int:

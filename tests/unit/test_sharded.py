@@ -89,21 +89,29 @@ def test_two_mesh_dims_sharding_one_dim_nest() -> None:
     assert found == [[Box((2 * r, 0), (2, 1))] for r in range(4)]
 
 
-def test_strided_shard_splits_a_rank_into_runs() -> None:
-    # FSDP over TP: rows were split by TP first (in 2), then each TP piece by FSDP: rank (dp, tp) holds rows of
-    # both TP halves, not one contiguous block. Each run of consecutive rows is its own box.
+def test_strided_shard_of_fsdp_over_tp_gives_each_rank_one_run() -> None:
+    # FSDP2 over tensor parallelism: (_StridedShard(0, sf=2), Shard(0)) on (dp, tp): each TP half of the rows is
+    # split again by the data-parallel rank, and every rank's rows are one run
     found = boxes((8, 2), (2, 2), [_StridedShard(0, split_factor=2), Shard(0)])
-    every = sorted(box for rank in found for box in rank)
-    assert check_cover((8, 2), every) == ""
-    assert all(len(rank) >= 1 for rank in found)
-    local_rows = [sum(box.sizes[0] for box in rank) for rank in found]
-    assert local_rows == [2, 2, 2, 2]
+    assert found == [[Box((0, 0), (2, 2))], [Box((4, 0), (2, 2))], [Box((2, 0), (2, 2))], [Box((6, 0), (2, 2))]]
+
+
+def test_strided_shard_whose_rows_are_not_one_run_is_split_into_boxes() -> None:
+    # torch's own example (compute_local_shape_and_global_offset): Shard(0) then _StridedShard(0, sf=2) on 8 rows
+    # gives ranks the rows [0, 2], [1, 3], [4, 6], [5, 7]: each row its own box
+    found = boxes((8, 2), (2, 2), [Shard(0), _StridedShard(0, split_factor=2)])
+    rows = [[(box.offsets[0], box.sizes[0]) for box in rank] for rank in found]
+    assert rows == [[(0, 1), (2, 1)], [(1, 1), (3, 1)], [(4, 1), (6, 1)], [(5, 1), (7, 1)]]
+    pieces = pieces_at((8, 2), (2, 2), [0, 1], [Shard(0), _StridedShard(0, split_factor=2)])
+    assert [piece.local for piece in pieces] == [(0, 0), (1, 0)]  # local row 0 is global row 1, local 1 is 3
 
 
 def test_boxes_of_every_layout_cover_the_tensor_exactly_once() -> None:
     layouts: list[tuple[tuple[int, ...], tuple[int, ...], list[Any]]] = [
         ((13, 4), (3,), [Shard(0)]), ((2, 5), (4,), [Shard(0)]), ((3, 5), (2,), [Shard(1)]),
         ((9, 7), (2, 3), [Shard(0), Shard(1)]), ((7, 2), (2, 3), [Replicate(), Shard(0)]),
+        ((10, 3), (2, 2), [_StridedShard(0, split_factor=2), Shard(0)]),
+        ((11, 3), (2, 2), [Shard(0), _StridedShard(0, split_factor=2)]),
     ]  # fmt: skip
     for shape, mesh, placements in layouts:
         distinct = sorted({box for rank in boxes(shape, mesh, placements) for box in rank})
