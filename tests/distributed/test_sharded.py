@@ -158,6 +158,12 @@ def test_a_resharded_restore_reads_little_more_than_it_needs(resharded: tuple[in
         assert needed <= read <= 1.1 * needed, (world, rank, read, needed)
 
 
+def test_a_sharded_checkpoint_restores_into_plain_tensors(resharded: tuple[int, Path, list[dict[str, Any]]]) -> None:
+    _, _, found = resharded
+    for rank, observed in enumerate(found):
+        assert observed["unsharded_equal"] is True, rank
+
+
 def test_a_plain_checkpoint_restores_into_dtensors(resharded: tuple[int, Path, list[dict[str, Any]]]) -> None:
     _, _, found = resharded
     for rank, observed in enumerate(found):

@@ -180,6 +180,12 @@ def reshard(directory: Path, out: Path, rank: int, world: int) -> dict[str, Any]
     found["needed_bytes"] = local_bytes(model.state_dict()) + local_bytes(optimizer.state_dict())
     expected = torch.load(source / "out" / "step2.pt", weights_only=True)
     found["restored_equal"] = bitwise_equal(snapshot(model, optimizer), expected)
+    # the sharded checkpoint restored into a plain (not sharded) model on every rank: each assembles whole tensors
+    torch.manual_seed(14)
+    unsharded = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)])
+    with safepoint.CheckpointManager(source / "run", timeout=TIMEOUT) as manager:
+        report = manager.restore({"model": unsharded}, step=2)
+    found["unsharded_equal"] = bitwise_equal(full(unsharded.state_dict()), expected["model"])
     # a plain (not sharded) checkpoint written by one process, restored into the DTensors
     plain = torch.load(source / "plain.pt", weights_only=True)
     fresh, _ = build(mesh, seed=9)
