@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -321,7 +321,8 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         plan.checks.append((key, live, state))
         return
     current = live.state_dict()
-    state = dict(_fit_tree(plan, current, saved, path))
+    layouts = _with_parameters(live, current) if isinstance(live, torch.optim.Optimizer) else current
+    state = dict(_fit_tree(plan, layouts, saved, path))
     if isinstance(live, torch.nn.Module):
         state = _match_module_state(plan, current, state, path)
     else:
@@ -614,6 +615,41 @@ def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
     return saved
 
 
+class _LaidOutAs(Mapping[Any, Any]):
+    """The live state of a parameter an optimizer has no state for yet (a fresh optimizer, before its first step):
+    each of its saved tensors is laid out as the parameter (Adam's moments have its shape and sharding)."""
+
+    def __init__(self, parameter: torch.Tensor) -> None:
+        self.parameter = parameter
+
+    def __getitem__(self, name: Any) -> torch.Tensor:
+        return self.parameter
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _with_parameters(optimizer: torch.optim.Optimizer, current: Any) -> Any:
+    """An optimizer's state_dict where every parameter without state stands for its state's layout, so that a
+    saved DTensor restores as a DTensor laid out as the parameter (not as a whole tensor) into a fresh optimizer."""
+    if not isinstance(current, Mapping) or not isinstance(current.get("state"), Mapping):
+        return current
+    groups = current.get("param_groups")
+    if not isinstance(groups, list):
+        return current
+    ids = [pid for group in groups for pid in group.get("params", ())]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(ids) != len(parameters):
+        return current
+    state = dict(current["state"])
+    for pid, parameter in zip(ids, parameters, strict=True):
+        state.setdefault(pid, _LaidOutAs(parameter))
+    return {**current, "state": state}
+
+
 def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> Any:
     """:func:`_fit` over an object's saved state_dict, against its live ``state_dict()`` (None where there is no
     live counterpart: saved DTensors there become full tensors). Values without a DTensor are returned as they are."""
@@ -624,6 +660,10 @@ def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> A
         return fitted
     if isinstance(saved, dict):
         live = current if isinstance(current, Mapping) else {}
+        if isinstance(live, _LaidOutAs):  # only tensors of the parameter's shape take its layout
+            shape = tuple(live.parameter.shape)
+            live = {k: live.parameter for k, v in saved.items() if isinstance(v, torch.Tensor | ShardedSaved)
+                    and tuple(v.shape) == shape}  # fmt: skip
         fitted = {k: _fit_tree(plan, live.get(k), v, [*path, k]) for k, v in saved.items()}
         if all(fitted[k] is v for k, v in saved.items()):
             return saved  # nothing sharded below: the value as decoded (its exact dict type kept)

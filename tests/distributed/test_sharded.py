@@ -189,6 +189,10 @@ def test_a_corrupt_shard_read_by_one_rank_makes_every_rank_fall_back(
     for rank, observed in enumerate(found):
         assert observed["fallback_step"] == 1, rank
         assert observed["fallback_equal"] is True, rank
+        # the restore went into a fresh optimizer (no state yet): its moments come back sharded like its parameters
+        assert observed["fresh_optimizer_state"] == {"step": "Tensor", "exp_avg": "DTensor", "exp_avg_sq": "DTensor"}
+        assert observed["fresh_optimizer_local"] is True, rank
+        assert observed["step_after_restore"]["error"] is None, observed["step_after_restore"]
         ((step, reason),) = observed["fallback_skipped"]
         assert step == 2
         assert f"rank {world - 1}:" in reason  # only the last rank reads the corrupt rows
