@@ -449,6 +449,8 @@ class _Parser:
         if len(shape) > _MAX_NDIM:
             raise self.fail(f"sharded tensor {where[:200]!r} has {len(shape)} dimensions")
         dims = tuple(self.integer(n, "sharded shape") for n in shape)
+        if any(n >= _INT64 for n in dims):
+            raise self.fail(f"sharded tensor {where[:200]!r} has a dimension beyond 64 bits")
         boxes = []
         for index, value in enumerate(self.array(node["boxes"], "sharded boxes")):
             what = f"box {index} of {where[:200]!r}"

@@ -826,6 +826,7 @@ SHARDED_MALFORMED: list[tuple[str, Callable[[Body], None], str]] = [
     ("sums-algorithm", lambda b: rows_of(b)["boxes"][0].update(sums="md5:" + "0" * 16), "xxh3_64"),
     ("box-field", lambda b: rows_of(b)["boxes"][0].update(extra=1), "fields"),
     ("node-field", lambda b: rows_of(b).update(extra=1), "fields"),
+    ("huge-empty", lambda b: node_of(b, "sharded", "empty").update(shape=[0, 2**64]), "beyond 64 bits"),
 ]
 
 
