@@ -353,48 +353,78 @@ class BoxReader:
         """The elements of ``part`` (inside the saved box), as a tensor of ``part``'s sizes."""
         record = saved.record
         element = torch.empty((), dtype=dtype).element_size()
-        local = [o - b for o, b in zip(part.offsets, record.offsets, strict=True)]
-        last = [o + n - 1 for o, n in zip(local, part.sizes, strict=True)]
-        first_byte = _linear(local, record.sizes) * element
-        end_byte = (_linear(last, record.sizes) + 1) * element
+        first_byte, end_byte = _span(record, part, element)
         chunk = record.chunk
         lo, hi = first_byte // chunk, chunk_count(end_byte, chunk)
-        nbytes = math.prod(record.sizes) * element
-        start, stop = lo * chunk, min(hi * chunk, nbytes)
+        start, stop = lo * chunk, min(hi * chunk, math.prod(record.sizes) * element)
         buffer = torch.empty(stop - start, dtype=torch.uint8)
         view = buffer.numpy().data if buffer.numel() else memoryview(bytearray())
         self._read_range(saved.path, record.at + start, view)
-        digits = record.sums[len(CHUNK_ALGORITHM) + 1 :]
-        for index in range(lo, hi):
-            begin = index * chunk - start
-            data = view[begin : min(begin + chunk, stop - start)]
-            expected = digits[index * _DIGEST_CHARS : (index + 1) * _DIGEST_CHARS]
-            if xxhash.xxh3_64_hexdigest(data) != expected:
-                raise CorruptCheckpointError(
-                    f"{saved.where}: bytes {record.at + index * chunk}.. of a box do not match their checksum "
-                    "(corrupted)",
-                    path=saved.where,
-                )
+        _check_chunks(saved, view, start)
         flat = buffer.view(dtype)
         offset = (first_byte - start) // element
         return flat.as_strided(part.sizes, _strides(record.sizes), offset)
+
+    def read_into(self, saved: SavedBox, part: Box, region: torch.Tensor) -> None:
+        """Fill ``region`` (a tensor of ``part``'s sizes) with the elements of ``part``: straight into its memory
+        when the part is whole rows of the box that start and end on chunk boundaries (FSDP row shards whose
+        boxes line up) and ``region`` is one contiguous block, else through a buffer."""
+        record = saved.record
+        element = region.element_size()
+        first_byte, end_byte = _span(record, part, element)
+        chunk, nbytes = record.chunk, math.prod(record.sizes) * element
+        direct = (
+            region.numel() > 0 and region.device.type == "cpu" and region.is_contiguous()
+            and part.sizes[1:] == record.sizes[1:] and first_byte % chunk == 0
+            and (end_byte % chunk == 0 or end_byte == nbytes)
+        )  # fmt: skip
+        if not direct:
+            region.copy_(self.read(saved, part, region.dtype))
+            return
+        view = region.reshape(-1).view(torch.uint8).numpy().data
+        self._read_range(saved.path, record.at + first_byte, view)
+        _check_chunks(saved, view, first_byte)
 
     def verify(self, saved: SavedBox, dtype: torch.dtype) -> None:
         """Check every chunk of a box."""
         self.read(saved, saved.record.box, dtype)
 
 
+def _span(record: BoxRecord, part: Box, element: int) -> tuple[int, int]:
+    """The bytes of the box's entry from ``part``'s first element to its last: the smallest run holding it."""
+    local = [o - b for o, b in zip(part.offsets, record.offsets, strict=True)]
+    last = [o + n - 1 for o, n in zip(local, part.sizes, strict=True)]
+    return _linear(local, record.sizes) * element, (_linear(last, record.sizes) + 1) * element
+
+
+def _check_chunks(saved: SavedBox, view: memoryview, start: int) -> None:
+    """Verify ``view``, the entry's bytes from ``start`` (a chunk boundary) on, whole chunks or up to the box's end,
+    against the box's chunk checksums."""
+    record = saved.record
+    chunk = record.chunk
+    digits = record.sums[len(CHUNK_ALGORITHM) + 1 :]
+    first = start // chunk
+    for offset in range(0, view.nbytes, chunk):
+        index = first + offset // chunk
+        expected = digits[index * _DIGEST_CHARS : (index + 1) * _DIGEST_CHARS]
+        if xxhash.xxh3_64_hexdigest(view[offset : offset + chunk]) != expected:
+            raise CorruptCheckpointError(
+                f"{saved.where}: bytes {record.at + index * chunk}.. of a box do not match their checksum (corrupted)",
+                path=saved.where,
+            )
+
+
 def fill(out: torch.Tensor, target: Box, saved: Sequence[SavedBox], reader: BoxReader) -> None:
-    """Fill ``out`` (the elements of ``target``) from the saved boxes that intersect it."""
+    """Fill ``out`` (a fresh tensor holding the elements of ``target``) from the saved boxes that intersect it;
+    on an error its contents are undefined."""
     for box in saved:
         common = target.intersect(box.record.box)
         if common is None:
             continue
-        values = reader.read(box, common, out.dtype)
         region = out
         for dim, (o, n) in enumerate(zip(common.offsets, common.sizes, strict=True)):
             region = region.narrow(dim, o - target.offsets[dim], n)
-        region.copy_(values)
+        reader.read_into(box, common, region)
 
 
 def boxes_of(node: dict[str, Any]) -> Iterator[BoxRecord]:

@@ -179,6 +179,25 @@ def test_a_row_range_reads_only_the_chunks_that_hold_it() -> None:
     assert needed <= file.read <= needed + 2 * saved.record.chunk
 
 
+def test_rows_on_chunk_boundaries_are_read_straight_into_the_target() -> None:
+    values = torch.arange(1024 * 128, dtype=torch.float32).reshape(1024, 128)  # 512 KiB: 8 chunks of 64 KiB
+    file, saved = _saved(values)
+    out = torch.zeros(512, 128)
+    BoxReader(file).read_into(saved, Box((256, 0), (256, 128)), out[128:384])  # rows 256-511: chunks 2 and 3
+    assert torch.equal(out[128:384], values[256:512])
+    assert not out[:128].any()
+    assert not out[384:].any()
+    assert file.read == 256 * 128 * 4  # exactly the rows: no buffer, no partial chunk
+
+
+def test_a_flipped_byte_read_straight_into_the_target_is_corruption() -> None:
+    values = torch.arange(1024 * 128, dtype=torch.float32).reshape(1024, 128)
+    file, saved = _saved(values)
+    file.data[24 + 300 * 128 * 4] ^= 0x01
+    with pytest.raises(CorruptCheckpointError, match="do not match their checksum"):
+        BoxReader(file).read_into(saved, Box((256, 0), (256, 128)), torch.zeros(256, 128))
+
+
 def test_a_column_range_reads_its_enclosing_run() -> None:
     values = torch.arange(40 * 30, dtype=torch.int64).reshape(40, 30)
     file, saved = _saved(values)
