@@ -960,7 +960,12 @@ def _bitwise_equal(live: Any, saved: Any) -> bool:
     live_cpu = live.detach().cpu().contiguous()
     if live_cpu.numel() == 0:
         return True
-    return bool(torch.equal(_as_bits(live_cpu), _as_bits(saved.contiguous())))
+    a, b = _as_bits(live_cpu), _as_bits(saved.contiguous())
+    for wide in (torch.int64, torch.int32):  # torch.equal of uint8 runs at a fifth of the speed of int64
+        if a.numel() % wide.itemsize == 0 and all(t.data_ptr() % wide.itemsize == 0 for t in (a, b)):
+            a, b = a.view(wide), b.view(wide)
+            break
+    return bool(torch.equal(a, b))
 
 
 def _as_bits(tensor: torch.Tensor) -> torch.Tensor:
