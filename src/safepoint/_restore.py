@@ -656,8 +656,7 @@ def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> A
     if isinstance(saved, ShardedSaved) or (is_dtensor(current) and isinstance(saved, torch.Tensor)):
         if current is None:
             return saved.full() if isinstance(saved, ShardedSaved) else saved
-        fitted = _fit(plan, current, saved, path)
-        return fitted
+        return _fit(plan, current, saved, path)
     if isinstance(saved, dict):
         live = current if isinstance(current, Mapping) else {}
         if isinstance(live, _LaidOutAs):  # only tensors of the parameter's shape take its layout
