@@ -1,10 +1,10 @@
 """Running a real torch.distributed (gloo) group of worker processes on 127.0.0.1, and always stopping it.
 
-``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` (or ``python -m MODULE DIR OUT`` for
-another worker module and an empty scenario) per rank with the env:// variables
-torchrun would set (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), waits for all of them
-within a deadline, kills whatever is still running when it expires or the test fails, and returns each rank's
-exit code, output and JSON results. The package never imports this module.
+``run_group`` starts one ``python -m tests.distributed.worker SCENARIO DIR OUT`` per rank (``worker`` names another
+module; an empty scenario is left out) with the env:// variables torchrun would set (RANK, WORLD_SIZE,
+MASTER_ADDR=127.0.0.1, MASTER_PORT=a free port), waits for all of them within a deadline, kills whatever is still
+running when it expires or the test fails, and returns each rank's exit code, output and JSON results. The package
+never imports this module.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run_group(
     *,
     extra_env: Mapping[int, Mapping[str, str]] | None = None,
     deadline: float = 150.0,
-    module: str = "tests.distributed.worker",
+    worker: str = "tests.distributed.worker",
 ) -> list[RankResult]:
     port = free_port()
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_group(
             with logs[rank].open("w") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", module, *([scenario] if scenario else []), str(directory), str(out)],
+                        [sys.executable, "-m", worker, *([scenario] if scenario else []), str(directory), str(out)],
                         cwd=ROOT,
                         env=env,
                         stdout=log,

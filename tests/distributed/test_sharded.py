@@ -35,7 +35,7 @@ def _ok(ranks: list[RankResult]) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
     base = tmp_path_factory.mktemp("sharded3")
-    found = _ok(run_group("save_same_world", 3, base, base / "out", module=MODULE))
+    found = _ok(run_group("save_same_world", 3, base, base / "out", worker=MODULE))
     # a plain checkpoint of the same model, written by one process, for the ranks to restore into DTensors
     torch.manual_seed(21)
     plain = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in itertools.pairwise(SIZES)])
@@ -53,7 +53,7 @@ def resharded(
     source, _ = saved
     base = tmp_path_factory.mktemp(f"reshard{world}")
     env = {rank: {"SHARDED_SOURCE": str(source)} for rank in range(world)}
-    return world, base, _ok(run_group("reshard", world, base, base / "out", module=MODULE, extra_env=env))
+    return world, base, _ok(run_group("reshard", world, base, base / "out", worker=MODULE, extra_env=env))
 
 
 def _step(base: Path, step: int) -> Path:
@@ -211,7 +211,7 @@ def test_a_checkpoint_of_another_world_loads_in_one_process(resharded: tuple[int
 
 @pytest.mark.slow
 def test_fsdp_over_tensor_parallel_round_trips(tmp_path: Path) -> None:
-    found = _ok(run_group("fsdp_tp", 4, tmp_path, tmp_path / "out", module=MODULE))
+    found = _ok(run_group("fsdp_tp", 4, tmp_path, tmp_path / "out", worker=MODULE))
     assert found[0]["placements"]["0.weight"] == ["_StridedShard(dim=0, sf=2)", "Shard(dim=0)"]
     assert found[0]["placements"]["2.bias"] == ["Shard(dim=0)", "Replicate()"]
     for rank, observed in enumerate(found):
