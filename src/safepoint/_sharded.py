@@ -222,24 +222,52 @@ def local_pieces(dtensor: Any, key: str = "") -> list[Piece]:
 
 def owned_pieces(dtensor: Any, key: str, world_size: int) -> list[Piece]:
     """The boxes of this rank's local tensor that this rank writes: all of them, except boxes it holds as one of
-    several replicas (a Replicate mesh dimension), which one replica writes, chosen from ``key``."""
+    several replicas, which one replica writes, chosen from ``key``. Replicas are the ranks along the DTensor's
+    ``Replicate`` mesh dimensions and, for a DTensor on a sub-mesh (FSDP's data-parallel mesh under FSDP + TP), the
+    copies of that sub-mesh in its root mesh (the other tensor-parallel ranks hold the same shards)."""
     mesh = dtensor.device_mesh
-    if mesh.size() != world_size:
-        raise InvalidStateError(
-            f"state entry {key!r}: the DTensor's device mesh has {mesh.size()} ranks, the process group "
-            f"{world_size}; save a state whose DTensors span every rank (a mesh over the whole group)",
-            key=key,
-        )
     coordinate = _coordinate(dtensor, key)
     replicated = [d for d, placement in enumerate(dtensor.placements) if placement.is_replicate()]
     holders = math.prod(mesh.shape[d] for d in replicated)
     mine = 0
     for d in replicated:
         mine = mine * mesh.shape[d] + coordinate[d]
+    copies, copy = _sub_mesh_copy(mesh, key, world_size)
+    holders, mine = holders * copies, mine * copies + copy
     pieces = local_pieces(dtensor, key)
     if holders == 1:
         return pieces
     return [p for p in pieces if zlib.crc32(f"{key}@{p.box.offsets}".encode()) % holders == mine]
+
+
+def _sub_mesh_copy(mesh: Any, key: str, world_size: int) -> tuple[int, int]:
+    """How many copies of ``mesh`` its root mesh holds (1 for a mesh over the whole group), and which one this
+    rank's is: the coordinate along the root's other named dimensions."""
+    if mesh.size() == world_size:
+        return 1, 0
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else None
+    names, root_names = mesh.mesh_dim_names, getattr(root, "mesh_dim_names", None)
+    if (
+        root is None
+        or root is mesh
+        or root.size() != world_size
+        or not names
+        or not root_names
+        or any(name not in root_names for name in names)
+    ):
+        raise InvalidStateError(
+            f"state entry {key!r}: the DTensor's device mesh has {mesh.size()} ranks, the process group "
+            f"{world_size}, and it is not a named slice of a mesh over the whole group; save a state whose "
+            "DTensors live on a mesh over every rank, or on a named slice of one (mesh['dp'])",
+            key=key,
+        )
+    root_coordinate = root.get_coordinate()
+    copies, copy = 1, 0
+    for d, name in enumerate(root_names):
+        if name not in names:
+            copies *= root.shape[d]
+            copy = copy * root.shape[d] + root_coordinate[d]
+    return copies, copy
 
 
 def view_of(local: torch.Tensor, piece: Piece) -> torch.Tensor:
