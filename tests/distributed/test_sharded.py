@@ -229,3 +229,6 @@ def test_fsdp_over_tensor_parallel_round_trips(tmp_path: Path) -> None:
     assert [(b["offsets"][0], b["sizes"][0]) for b in boxes] == [(0, 3), (3, 2), (5, 3), (8, 2)]
     # the bias replicated over TP is written once per box, by one of its two holders
     assert len(model["2.bias"]["boxes"]) == 2
+    # the layer TP does not split lives on the dp slice: its two shards are each written once, by one TP rank
+    assert found[0]["placements"]["3.weight"] == ["Shard(dim=0)"]
+    assert [(b["offsets"], b["sizes"]) for b in model["3.weight"]["boxes"]] == [([0, 0], [3, 6]), ([3, 0], [2, 6])]

@@ -260,16 +260,17 @@ def _items(node: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, An
 
 
 def fsdp_tp(directory: Path, out: Path, rank: int, world: int) -> dict[str, Any]:
-    """FSDP over tensor parallelism on a (2, 2) mesh: ``_StridedShard`` rows (a rank's rows in two runs), Shard(1)
-    columns, a bias replicated over the TP dimension. Save, restore on the same mesh, and save the full tensors."""
+    """FSDP over tensor parallelism on a (2, 2) mesh: ``_StridedShard`` rows, Shard(1) columns, a bias replicated over
+    the TP dimension, and a layer FSDP alone shards (on the dp slice of the mesh, the same shards on both TP ranks).
+    Save, restore on the same mesh, and save the full tensors."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     found: dict[str, Any] = {}
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.ReLU(), torch.nn.Linear(10, 6), torch.nn.Linear(6, 5))
     parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
-    fully_shard(model, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])  # layer 3 is not split by TP: a DTensor on the dp slice, copied over tp
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(3, 8)).sum().backward()
     optimizer.step()
