@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import sys
 from collections import Counter
@@ -629,6 +630,9 @@ def _entry_rows(manifest: Manifest) -> list[_EntryRow]:
         if kind in _SCALAR_KINDS:
             rows.append(_EntryRow(key, kind, value=_scalar_text(node)))
             continue
+        if kind == "sharded":
+            rows.append(_sharded_row(key, node, manifest))
+            continue
         children = tree_children(path, node)
         if path and not children:
             rows.append(_EntryRow(key, kind, value=_EMPTY.get(kind, "(empty)")))
@@ -649,6 +653,21 @@ def _leaf_row(key: str, kind: str, node: Mapping[str, Any], entry: EntryRecord) 
     if key != entry.key:  # a view of another entry's storage (tied weights): its bytes are counted there
         return _EntryRow(key, kind, dtype, text, "-", f"shares storage with {entry.key}")
     return _EntryRow(key, kind, dtype, text, str(entry.nbytes))
+
+
+def _sharded_row(key: str, node: Mapping[str, Any], manifest: Manifest) -> _EntryRow:
+    """A DTensor: its global dtype and shape, its bytes, and how it is split (boxes, and the ranks that wrote them:
+    the ``r<rank>-`` prefix of their files)."""
+    boxes = node["boxes"]
+    files = [manifest.files[manifest.entries[box["e"]].file].path.rsplit("/", 1)[-1] for box in boxes]
+    writers = {name.split("-", 1)[0] if re.fullmatch(r"r\d{5}-.*", name) else name for name in files}
+    nbytes = sum(manifest.entries[box["e"]].nbytes for box in boxes)
+    dims = "[" + ", ".join(map(str, node["shape"])) + "]"
+    dtype = str(DTYPE_NAMES[node["dtype"]]).removeprefix("torch.")
+    split = (
+        f"{len(boxes)} box{'es' if len(boxes) != 1 else ''} over {len(writers)} rank{'s' if len(writers) != 1 else ''}"
+    )
+    return _EntryRow(key, "sharded", dtype, dims, str(nbytes), split)
 
 
 def _scalar_text(node: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ Refused, with what to do (see ``_refusal``):
   name. Store ``.value`` or ``.name``.
 - dataclass instances and namedtuples: the same; a namedtuple would load as a plain tuple. Store
   ``dataclasses.asdict(x)`` / ``x._asdict()``, or wrap in :class:`Pickled`.
-- tensors other than plain dense ones: ``DTensor`` (until sharded states are supported), ``FakeTensor``,
+- tensors other than plain dense ones (a ``DTensor`` is saved as a ``sharded`` node, see below): ``FakeTensor``,
   ``FunctionalTensor``, any other ``torch.Tensor`` subclass, nested, quantized, sparse and meta tensors.
   Only plain dense tensors may be read by address.
 - an object with ``state_dict()`` nested inside a container whose state_dict is empty (a loss module in
@@ -46,6 +46,11 @@ Node shapes (``k`` is the kind)::
     format 2:
     {"k": "view", "e": leaf index, "offset": 0, "shape": [...], "stride": [...]}   (offset and strides in elements)
     {"k": "typed", "t": "collections.OrderedDict", "v": node}   (t is a name in TYPED, v its inner node kind)
+    format 3:
+    {"k": "sharded", "dtype": "F32", "shape": [13, 4], "boxes": [box, ...]}   (a DTensor: its global dtype and
+        shape, and the boxes that cover it exactly once, each {"offsets", "sizes", "e", "at", "chunk", "sums"}:
+        see safepoint._sharded. The encoder leaves "boxes" empty; the save pipeline fills them in from every
+        rank's writes, and the tensor is not one of the encoding's leaves but one of its ``sharded`` slots.)
 """
 
 from __future__ import annotations
@@ -73,6 +78,7 @@ from torch.nn.parameter import UninitializedBuffer, UninitializedParameter
 
 from ._distributed import PerRank
 from ._errors import InvalidStateError, SafepointError
+from ._sharded import is_dtensor
 
 __all__ = [
     "DTYPES",
@@ -86,9 +92,11 @@ __all__ = [
     "LeafOrigin",
     "Pickled",
     "PickledPayload",
+    "ShardedSlot",
     "Stateful",
     "TypedKind",
     "array_tensor",
+    "assemble",
     "check_is_state",
     "decode_tree",
     "encode_state",
@@ -162,10 +170,19 @@ class Leaf(NamedTuple):  # a NamedTuple: one per tensor, built ~5x faster than a
     scalar: bool = False  # an ndarray leaf that was a numpy scalar
 
 
+class ShardedSlot(NamedTuple):
+    """A DTensor of the state: its key path and the DTensor (its sharded node is the ``index``-th in tree order)."""
+
+    key: str
+    tensor: Any  # a torch.distributed.tensor.DTensor
+
+
 @dataclass(frozen=True)
 class Encoded:
     tree: dict[str, Any]
     leaves: list[Leaf]
+    #: the DTensors of the state, in tree order (each a "sharded" node of the tree, not a leaf)
+    sharded: Sequence[ShardedSlot] = ()
     #: the structure this encoding came from (see safepoint._structure): plans of the same structure are reused
     structure: Any = dataclasses.field(default=None, compare=False, repr=False)
     #: each leaf's (dtype, shape), where the structure already knows them (None: read them from the leaves)
@@ -357,7 +374,7 @@ def encode_traced(
     encoder = _Encoder(resolved)
     tree = encoder.node(state, [], set(), 0)
     leaves = encoder.finish()
-    return Encoded(tree, leaves), encoder.origins, encoder.slots
+    return Encoded(tree, leaves, sharded=tuple(encoder.sharded)), encoder.origins, encoder.slots
 
 
 @dataclass
@@ -374,6 +391,7 @@ class _Slot:
 class _Encoder:
     def __init__(self, resolved: dict[int, list[Any]] | None = None) -> None:
         self.slots: list[_Slot] = []
+        self.sharded: list[ShardedSlot] = []
         self.origins: list[LeafOrigin] = []
         self.resolved = resolved or {}
 
@@ -432,6 +450,8 @@ class _Encoder:
         if cls is bytes:
             return {"k": "bytes", "v": base64.b64encode(value).decode("ascii")}
         if isinstance(value, torch.Tensor):
+            if is_dtensor(value):
+                return self.dtensor(value, path)
             return self.leaf("tensor", _check_tensor(value, path), path)
         if cls is np.ndarray:
             return self.array(value, path, scalar=False)
@@ -442,6 +462,14 @@ class _Encoder:
                 raise _invalid(f"cannot pickle {type(value.value).__name__}: {err}", path) from err
             return self.leaf("pickle", torch.frombuffer(bytearray(data), dtype=torch.uint8), path)
         return self.container(value, path, active, depth)
+
+    def dtensor(self, value: Any, path: list[str | int]) -> dict[str, Any]:
+        """A DTensor: a sharded node of its global dtype and shape; its boxes are the save pipeline's to fill."""
+        _check_tensor(value.to_local(), path)
+        if value.dtype not in DTYPES:
+            raise _invalid(f"tensors of dtype {value.dtype} cannot be checkpointed", path)
+        self.sharded.append(ShardedSlot(key_path(path), value.detach()))
+        return {"k": "sharded", "dtype": DTYPES[value.dtype], "shape": list(value.shape), "boxes": []}
 
     def container(self, value: Any, path: list[str | int], active: set[int], depth: int) -> dict[str, Any]:
         if id(value) in active:
@@ -609,12 +637,6 @@ def _check_tensor(tensor: torch.Tensor, path: list[str | int]) -> torch.Tensor:
 
 def _tensor_subclass(cls: type) -> str:
     name = f"{cls.__module__}.{cls.__qualname__}"
-    if any(c.__name__ == "DTensor" and c.__module__.startswith("torch.distributed") for c in cls.__mro__):
-        return (
-            "a DTensor (a sharded tensor, e.g. from FSDP2) cannot be checkpointed yet: sharded states are "
-            "supported in a later release; save dtensor.full_tensor() (the whole tensor) or "
-            "safepoint.PerRank(dtensor.to_local()) (this rank's shard)"
-        )
     if issubclass(cls, (UninitializedParameter, UninitializedBuffer)):
         return (
             f"an uninitialized parameter or buffer of a lazy module ({name}) has no data yet; run a forward pass first"
@@ -707,32 +729,49 @@ class PickledPayload:
         return pickle.loads(self.data)
 
 
-def decode_tree(tree: Mapping[str, Any], leaves: Sequence[Any]) -> Any:
+#: How a decoder turns a sharded node into a value (default: :func:`assemble`, the full tensor from the leaves).
+Sharded = Callable[[Mapping[str, Any], Sequence[Any]], Any]
+
+
+def assemble(node: Mapping[str, Any], leaves: Sequence[Any]) -> torch.Tensor:
+    """The full tensor of a (parsed) sharded node, from the loaded tensors of its boxes."""
+    full = torch.empty(node["shape"], dtype=DTYPE_NAMES[node["dtype"]])
+    for box in node["boxes"]:
+        region = full
+        for dim, (offset, size) in enumerate(zip(box["offsets"], box["sizes"], strict=True)):
+            region = region.narrow(dim, offset, size)
+        region.copy_(leaves[box["e"]])
+    return full
+
+
+def decode_tree(tree: Mapping[str, Any], leaves: Sequence[Any], sharded: Sharded = assemble) -> Any:
     """Build plain values from a validated tree; ``leaves[i]`` is the loaded value of leaf ``i``.
 
     View nodes become ``as_strided`` views of their (1-D, contiguous) leaf, so tensors that shared storage when
     saved share it again. A typed value that cannot be rebuilt here (its package is not installed, a path of
-    another system) raises SafepointError naming its key."""
-    return _decode(tree, leaves, [])
+    another system) raises SafepointError naming its key. Sharded nodes become ``sharded(node, leaves)``."""
+    return _decode(tree, leaves, [], sharded)
 
 
-def _decode(node: Mapping[str, Any], leaves: Sequence[Any], path: list[str | int]) -> Any:
+def _decode(node: Mapping[str, Any], leaves: Sequence[Any], path: list[str | int], sharded: Sharded) -> Any:
     kind = node["k"]
     if kind == "dict":
-        return {k: _decode(v, leaves, [*path, k]) for k, v in node["v"]}
+        return {k: _decode(v, leaves, [*path, k], sharded) for k, v in node["v"]}
     if kind in ("list", "tuple"):
-        items = [_decode(v, leaves, [*path, i]) for i, v in enumerate(node["v"])]
+        items = [_decode(v, leaves, [*path, i], sharded) for i, v in enumerate(node["v"])]
         return tuple(items) if kind == "tuple" else items
     if kind == "object":
-        return _decode(node["v"], leaves, path)
+        return _decode(node["v"], leaves, path, sharded)
     if kind in ("tensor", "ndarray", "pickle"):
         return leaves[node["e"]]
+    if kind == "sharded":
+        return sharded(node, leaves)
     if kind == "view":
         base = leaves[node["e"]]
         # as_strided's offset counts from the start of the storage, which the loaded leaf may not start at
         return base.as_strided(node["shape"], node["stride"], base.storage_offset() + node["offset"])
     if kind == "typed":
-        inner = _decode(node["v"], leaves, path)
+        inner = _decode(node["v"], leaves, path, sharded)
         try:
             return TYPED[node["t"]].rebuild(inner)
         except SafepointError as err:

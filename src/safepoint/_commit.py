@@ -267,16 +267,21 @@ def write_files(
     plan: SavePlan,
     leaves: Sequence[torch.Tensor],
     written: Callable[[int], None] | None = None,
+    *,
+    chunk_sums: dict[int, str] | None = None,
 ) -> list[FileRecord]:
     """Write every payload file, several at once: while one thread waits in write() or fsync(), which release the
-    interpreter, another hashes and copies, and the disk flushes one file while the next is being written."""
+    interpreter, another hashes and copies, and the disk flushes one file while the next is being written.
+    ``chunk_sums``: see :func:`~safepoint._payload.write_file`."""
     workers = min(len(plan.files), WRITER_THREADS)
     budget = ByteBudget(COPY_BUDGET_BYTES)
 
     def write_one(planned: PlannedFile) -> FileRecord:
         # sized to what this file coalesces: a file of large tensors needs only its header buffered
         buffer = bytearray(planned.buffer_bytes)
-        return _write_one(storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget, written=written)
+        return _write_one(
+            storage, plan, planned, leaves=leaves, buffer=buffer, budget=budget, written=written, sums=chunk_sums
+        )
 
     if workers <= 1:
         return [write_one(planned) for planned in plan.files]
@@ -302,11 +307,12 @@ def _write_one(
     buffer: bytearray,
     budget: ByteBudget,
     written: Callable[[int], None] | None,
+    sums: dict[int, str] | None = None,
 ) -> FileRecord:
     faults.point("data.write.before")
     sink = storage.create(join(plan.checkpoint, planned.path))
     try:
-        checksum = write_file(sink, planned, leaves, buffer, budget, written=written)
+        checksum = write_file(sink, planned, leaves, buffer, budget, written=written, chunk_sums=sums)
         faults.point("data.write.after")
         faults.point("data.fsync.before")
         sink.finish()

@@ -14,6 +14,11 @@ entry (a 1-D tensor entry; offset, sizes and strides non-negative 64-bit ints), 
 whatever memory follows; a ``typed`` node must name an entry of :data:`~safepoint._codec.TYPED` and hold the inner
 node that entry is built from (a set: distinct scalars). An entry is referenced by exactly one tensor, ndarray or
 pickle node, or by one or more views; its key is where the tree first references it.
+
+Format 3 adds the ``sharded`` node (a DTensor saved by every rank, see :mod:`safepoint._sharded`): its global
+dtype and shape, and its boxes. Each box names a tensor entry of its dtype whose shape is the box's sizes, where
+that entry's bytes start in its file (inside the file), and checksums of fixed-size chunks of those bytes; the
+boxes lie inside the shape and cover it exactly once (no gap, no overlap), or the manifest is corrupt.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, NamedTuple
 from ._checksum import ChecksumFormatError, format_checksum, new_hasher, parse_checksum
 from ._codec import DTYPE_NAMES, MAX_TREE_DEPTH, SCALAR_KINDS, TYPED, decode_tree, float_to_json, key_path
 from ._errors import CorruptCheckpointError, FormatVersionError, UnsafeCheckpointError
+from ._sharded import Box, check_cover, check_sums_text
 
 __all__ = [
     "FORMAT_VERSION",
@@ -42,8 +48,8 @@ __all__ = [
 
 #: The on-disk format this code writes. Readers accept every version up to this one.
 #: 1: the first release. 2: ``view`` nodes (shared storage written once) and ``typed`` nodes
-#: (:data:`~safepoint._codec.TYPED`).
-FORMAT_VERSION = 2
+#: (:data:`~safepoint._codec.TYPED`). 3: ``sharded`` nodes (DTensors written by every rank, in boxes).
+FORMAT_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 #: Manifests larger than this are refused before they are read (about 2 million entries).
 MAX_MANIFEST_BYTES = 512 << 20
@@ -183,9 +189,11 @@ _NODE_FIELDS = {
     "int": {"k", "v"}, "bool": {"k", "v"}, "str": {"k", "v"}, "float": {"k", "v"}, "bytes": {"k", "v"},
     "none": {"k"},
     "view": {"k", "e", "offset", "shape", "stride"}, "typed": {"k", "t", "v"},
+    "sharded": {"k", "dtype", "shape", "boxes"},
 }  # fmt: skip
+_BOX_FIELDS = {"offsets", "sizes", "e", "at", "chunk", "sums"}
 #: The format version that introduced each node kind: a kind in an older manifest is corruption.
-_NODE_SINCE = {"view": 2, "typed": 2}
+_NODE_SINCE = {"view": 2, "typed": 2, "sharded": 3}
 _INT64 = 1 << 63
 
 
@@ -194,6 +202,7 @@ class _Parser:
         self.source = source
         self.version = FORMAT_VERSION
         self.entries: tuple[EntryRecord, ...] = ()
+        self.files: tuple[FileRecord, ...] = ()
 
     def fail(self, message: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.source}: {message}", path=self.source)
@@ -226,7 +235,7 @@ class _Parser:
         entries = tuple(self.entry(e, i, files) for i, e in enumerate(self.array(body["entries"], "entries")))
         self.names_unique(entries)
         self.version = self.integer(version, "format_version", minimum=1)
-        self.entries = entries
+        self.entries, self.files = entries, files
         referenced: list[tuple[int, str, str]] = []
         tree = self.node(body["tree"], 0, (), referenced)
         if tree["k"] != "dict":
@@ -392,6 +401,8 @@ class _Parser:
             self.node(payload, depth + 1, path, referenced)
         elif kind == "typed":
             self.typed(node, depth, path, referenced)
+        elif kind == "sharded":
+            self.sharded(node, key_path(path), referenced)
         elif kind in ("tensor", "ndarray", "pickle", "view"):
             index = node["e"]
             if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(self.entries):
@@ -428,6 +439,47 @@ class _Parser:
         if name == "torch.Size" and not all(item["k"] == "int" and -_INT64 <= item["v"] < _INT64 for item in items):
             raise self.fail("a torch.Size node must hold 64-bit ints")
 
+    def sharded(self, node: dict[str, Any], where: str, referenced: list[tuple[int, str, str]]) -> None:
+        """A DTensor's boxes: each an entry of the node's dtype and of the box's sizes, inside its file, with
+        well-formed chunk checksums; together they cover the global shape exactly once."""
+        dtype = node["dtype"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_NAMES:
+            raise self.fail(f"sharded tensor {where[:200]!r} has unknown dtype {str(dtype)[:40]!r}")
+        shape = self.array(node["shape"], "sharded shape")
+        if len(shape) > _MAX_NDIM:
+            raise self.fail(f"sharded tensor {where[:200]!r} has {len(shape)} dimensions")
+        dims = tuple(self.integer(n, "sharded shape") for n in shape)
+        if any(n >= _INT64 for n in dims):
+            raise self.fail(f"sharded tensor {where[:200]!r} has a dimension beyond 64 bits")
+        boxes = []
+        for index, value in enumerate(self.array(node["boxes"], "sharded boxes")):
+            what = f"box {index} of {where[:200]!r}"
+            box = self.obj(value, what)
+            if set(box) != _BOX_FIELDS:
+                raise self.fail(f"{what} has fields {sorted(box)[:10]}")
+            offsets = tuple(self.integer(n, f"{what} offsets") for n in self.array(box["offsets"], what))
+            sizes = tuple(self.integer(n, f"{what} sizes") for n in self.array(box["sizes"], what))
+            entry_index = self.integer(box["e"], f"{what} entry")
+            if entry_index >= len(self.entries):
+                raise self.fail(f"{what} references entry {entry_index}, which does not exist")
+            entry = self.entries[entry_index]
+            if entry.kind != "tensor" or entry.dtype != dtype or entry.shape != sizes:
+                raise self.fail(
+                    f"{what} is {dtype} {list(sizes)}, its entry {entry.key[:200]!r} is {entry.kind} {entry.dtype} "
+                    f"{list(entry.shape)}"
+                )
+            at = self.integer(box["at"], f"{what} at", minimum=8)
+            if at + entry.nbytes > self.files[entry.file].size:
+                raise self.fail(f"{what}: bytes {at}..{at + entry.nbytes} lie outside its file")
+            problem = check_sums_text(box["sums"], entry.nbytes, box["chunk"])
+            if problem:
+                raise self.fail(f"{what}: {problem}")
+            referenced.append((entry_index, "sharded", where))
+            boxes.append(Box(offsets, sizes))
+        problem = check_cover(dims, boxes)
+        if problem:
+            raise self.fail(f"the boxes of sharded tensor {where[:200]!r} do not cover it exactly once: {problem}")
+
     def view(self, node: dict[str, Any], base: EntryRecord) -> None:
         """A view must lie inside its entry: ``as_strided`` checks nothing that would stop a read out of bounds."""
         shape, stride = self.array(node["shape"], "view shape"), self.array(node["stride"], "view stride")
@@ -461,7 +513,7 @@ class _Parser:
             raise self.fail("the state tree does not reference every entry exactly once")
         for index, (kind, where) in first.items():
             entry = self.entries[index]
-            if entry.kind != ("tensor" if kind == "view" else kind):
+            if entry.kind != ("tensor" if kind in ("view", "sharded") else kind):
                 raise self.fail(f"entry {entry.key!r} is a {entry.kind}, the tree says {kind}")
             if entry.key != where:
                 raise self.fail(f"entry {entry.key[:200]!r} sits at {where[:200]!r} in the state tree")

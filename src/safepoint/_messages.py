@@ -13,6 +13,7 @@ from typing import Any, Literal, Protocol
 
 from ._errors import CoordinationError
 from ._manifest import EntryRecord, FileRecord
+from ._sharded import BoxRecord
 
 __all__ = [
     "Candidates",
@@ -28,6 +29,7 @@ __all__ = [
     "RestoreBegin",
     "SaveBegin",
     "SaveBegun",
+    "ShardedPart",
     "Verdict",
 ]
 
@@ -184,23 +186,64 @@ class OwnPart:
 
 
 @dataclass(frozen=True)
+class ShardedPart:
+    """The boxes of DTensors a rank wrote: its files and entries, each box (the DTensor's index in tree order,
+    and the box with its entry index among this part's entries), and the digest of every DTensor's key, dtype
+    and shape, which every rank must agree on."""
+
+    files: tuple[FileRecord, ...]
+    entries: tuple[EntryRecord, ...]
+    boxes: tuple[tuple[int, BoxRecord], ...]
+    layout: str
+
+    def to_json(self) -> Json:
+        return {
+            "files": [_file_json(record) for record in self.files],
+            "entries": [_entry_json(entry) for entry in self.entries],
+            "boxes": [[slot, box.to_json()] for slot, box in self.boxes],
+            "layout": self.layout,
+        }
+
+    @classmethod
+    def from_json(cls, value: Json) -> ShardedPart:
+        boxes = []
+        for slot, box in _field(value, "boxes"):
+            checked = {name: _field(box, name) for name in ("offsets", "sizes", "e", "at", "chunk", "sums")}
+            record = BoxRecord(
+                tuple(int(n) for n in checked["offsets"]), tuple(int(n) for n in checked["sizes"]),
+                int(checked["e"]), int(checked["at"]), int(checked["chunk"]), str(checked["sums"]),
+            )  # fmt: skip
+            boxes.append((int(slot), record))
+        return cls(
+            tuple(_file(record) for record in _field(value, "files")),
+            tuple(_entry(item) for item in _field(value, "entries")),
+            tuple(boxes),
+            str(_field(value, "layout")),
+        )
+
+
+@dataclass(frozen=True)
 class RankPart:
     """What one rank wrote into the attempt, every file durable."""
 
     rep: ReplicatedPart | None
     own: OwnPart | None
+    shd: ShardedPart | None = None
 
     def to_json(self) -> Json:
         return {
             "rep": None if self.rep is None else self.rep.to_json(),
             "own": None if self.own is None else self.own.to_json(),
+            "shd": None if self.shd is None else self.shd.to_json(),
         }
 
     @classmethod
     def from_json(cls, value: Json) -> RankPart:
-        rep, own = _field(value, "rep"), _field(value, "own")
+        rep, own, shd = _field(value, "rep"), _field(value, "own"), _field(value, "shd")
         return cls(
-            None if rep is None else ReplicatedPart.from_json(rep), None if own is None else OwnPart.from_json(own)
+            None if rep is None else ReplicatedPart.from_json(rep),
+            None if own is None else OwnPart.from_json(own),
+            None if shd is None else ShardedPart.from_json(shd),
         )
 
 

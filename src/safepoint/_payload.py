@@ -30,6 +30,7 @@ from ._checksum import Hasher, format_checksum, new_hasher
 from ._codec import DTYPE_NAMES, DTYPES, PickledPayload
 from ._errors import ConfigError, CorruptCheckpointError, SafepointError, StorageError
 from ._manifest import EntryRecord, FileRecord, element_size
+from ._sharded import chunk_bytes, chunk_sums
 from ._storage import FileSink, LocalStorage, Storage
 from ._storage.base import FileReader, SequentialReads
 
@@ -113,12 +114,14 @@ def write_file(
     budget: ByteBudget,
     *,
     written: Callable[[int], None] | None = None,
+    chunk_sums: dict[int, str] | None = None,
 ) -> str:
     """Stream one planned file into ``sink``, hashing in the same pass; return the persisted checksum.
 
     Tensors that must be copied first (on a GPU, or not dense) are copied one at a time within ``budget``.
     ``written(leaf)`` is called as soon as nothing points into a leaf's memory any more (its bytes are in the
-    sink or in the write buffer): a background save hands its staging buffer back there."""
+    sink or in the write buffer): a background save hands its staging buffer back there. With ``chunk_sums``,
+    each tensor's bytes are also checksummed in chunks (:func:`safepoint._sharded.chunk_sums`), by leaf index."""
     hasher = new_hasher()
     out = _BufferedWriter(sink, hasher, buffer)
     out.put(memoryview(planned.header))
@@ -128,19 +131,29 @@ def write_file(
         if not is_dense_on_cpu(tensor):
             with budget.hold(nbytes):
                 keep, data = host_bytes(tensor)
+                _chunked(chunk_sums, item, _checked(data, item))
                 out.put(_checked(data, item))
                 out.flush()  # the copy is released with the budget: nothing may still point into it
                 del keep
         elif nbytes < _COALESCE_BYTES:
             if tensor.numel() * tensor.element_size() != nbytes:
                 raise SafepointError(f"tensor {item.name!r} changed size while it was being saved")
+            if chunk_sums is not None:
+                _chunked(chunk_sums, item, host_bytes(tensor)[1])
             out.copy_small(tensor.data_ptr(), nbytes)  # the hot path of many small tensors: one memmove
         else:
-            out.put(_checked(host_bytes(tensor)[1], item))
+            data = _checked(host_bytes(tensor)[1], item)
+            _chunked(chunk_sums, item, data)
+            out.put(data)
         if written is not None:
             written(item.leaf)
     out.flush()
     return format_checksum(hasher)
+
+
+def _chunked(sums: dict[int, str] | None, item: PlannedTensor, data: memoryview) -> None:
+    if sums is not None:
+        sums[item.leaf] = chunk_sums(data, chunk_bytes(data.nbytes))
 
 
 def _checked(data: memoryview, item: PlannedTensor) -> memoryview:

@@ -45,7 +45,7 @@ from typing import Any, overload
 import torch
 
 from . import _faults as faults
-from ._codec import Encoded, Leaf, LeafKind, check_is_state, encode_state
+from ._codec import Encoded, Leaf, LeafKind, ShardedSlot, check_is_state, encode_state
 from ._commit import (
     SHARD_BYTES,
     SavePlan,
@@ -71,10 +71,20 @@ from ._errors import (
 from ._gc import collect, remove_checkpoint
 from ._layout import join, new_save_id, step_dir
 from ._manifest import EntryRecord, FileRecord, Manifest
-from ._messages import Committed, OwnPart, RankPart, ReplicatedPart, ReplicatedPlan, SaveBegin, SaveBegun
+from ._messages import (
+    Committed,
+    OwnPart,
+    RankPart,
+    ReplicatedPart,
+    ReplicatedPlan,
+    SaveBegin,
+    SaveBegun,
+    ShardedPart,
+)
 from ._reader import read_manifest, verify_checkpoint
 from ._resolve import Kind, resolve, step_dirs
 from ._retention import RetentionPolicy, steps_to_keep
+from ._sharded import Box, BoxRecord, check_cover, chunk_bytes, owned_pieces, view_of
 from ._storage import AttemptLock, Storage, open_storage
 from ._structure import StructureCache
 from ._validate import non_negative_int
@@ -178,13 +188,25 @@ class Snapshot:
     keys: tuple[tuple[str, LeafKind, bool], ...]  # key, kind, scalar of every leaf
     ranked: bool  # file names start with the writing rank
     specs: tuple[tuple[torch.dtype, torch.Size], ...] = ()  # dtype and shape of every leaf: enough to plan
+    shd: _Part | None = None  # the boxes of DTensors this rank writes, one leaf each
+    boxes: tuple[tuple[int, Box], ...] = ()  # each shd leaf's DTensor (its index in tree order) and box
+    shd_layout: str = ""  # the digest of every DTensor's key, dtype and shape: equal on every rank
 
     @classmethod
     def take(
-        cls, state: Mapping[str, Any], rank: int, *, ranked: bool, structures: Structures | None = None
+        cls,
+        state: Mapping[str, Any],
+        rank: int,
+        *,
+        ranked: bool,
+        structures: Structures | None = None,
+        world_size: int = 1,
     ) -> tuple[Snapshot, list[Leaf]]:
         """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage. With
-        ``structures``, a state of the structure saved last is not encoded (nor planned) again."""
+        ``structures``, a state of the structure saved last is not encoded (nor planned) again.
+
+        Every rank encodes the replicated entries (to find the DTensors among them), but only the ranks that
+        write them keep their leaves; every rank keeps the boxes of DTensors it writes (see _sharded)."""
         check_is_state(state)
         replicated = {key: value for key, value in state.items() if not isinstance(value, PerRank)}
         own = {key: {rank: value.value} for key, value in state.items() if isinstance(value, PerRank)}
@@ -192,28 +214,55 @@ class Snapshot:
         keys: tuple[tuple[str, LeafKind, bool], ...] = ()
         specs: list[tuple[torch.dtype, torch.Size]] = []
         parts: list[_Part | None] = []
+        writes_replicated = rank == 0 or SPLIT_REPLICATED
         wanted = (
-            (replicated if rank == 0 or SPLIT_REPLICATED else None, "rep-" if ranked else ""),
+            (replicated if writes_replicated or world_size > 1 else None, "rep-" if ranked else ""),
             (own or None, "own-"),
         )
+        sharded: Sequence[ShardedSlot] = ()
         for entries, prefix in wanted:
             if entries is None:
                 parts.append(None)
                 continue
             encoded = structures[prefix == "own-"].encode(entries) if structures else encode_state(entries)
+            if prefix == "own-" and encoded.sharded:
+                raise InvalidStateError(
+                    f"state entry {encoded.sharded[0].key!r}: a DTensor inside safepoint.PerRank; a DTensor is "
+                    "saved by every rank already (each its own shards): leave it out of PerRank",
+                    key=encoded.sharded[0].key,
+                )
+            if prefix != "own-":
+                sharded = encoded.sharded
+                if not writes_replicated:
+                    parts.append(None)
+                    continue
             start = len(leaves)
             parts.append(_Part(prefix, encoded.tree, start, start + len(encoded.leaves), encoded.structure))
             leaves += encoded.leaves
             # a cached structure knows its leaves' keys: no tuple made per leaf
             keys += encoded.structure.keys if encoded.structure is not None else _keys(encoded.leaves)
             specs += encoded.specs or [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves]
-        return cls(parts[0], parts[1], keys, ranked, tuple(specs)), leaves
+        shd, boxes, layout = None, [], ""
+        if sharded:
+            start = len(leaves)
+            for index, slot in enumerate(sharded):
+                local = slot.tensor.to_local()
+                for piece in owned_pieces(slot.tensor, slot.key, world_size):
+                    view = view_of(local, piece)
+                    leaves.append(Leaf(slot.key, "tensor", view))
+                    specs.append((view.dtype, view.shape))
+                    boxes.append((index, piece.box))
+            shd = _Part("shd-", {"k": "dict", "v": []}, start, len(leaves))
+            layout = _sharded_digest(sharded)
+            keys += _keys(leaves[start:])
+        return cls(parts[0], parts[1], keys, ranked, tuple(specs), shd, tuple(boxes), layout), leaves
 
     def structure(self) -> tuple[object, ...] | None:
         """The structure cache's entries this snapshot was encoded from, one per part (None: a part was encoded
-        afresh). The same entries again mean the same leaves by kind, dtype, shape and device."""
+        afresh, or the state holds DTensors, whose boxes are found afresh on every save). The same entries again
+        mean the same leaves by kind, dtype, shape and device."""
         parts = (self.rep, self.own)
-        if any(part is not None and part.structure is None for part in parts):
+        if self.shd is not None or any(part is not None and part.structure is None for part in parts):
             return None
         return tuple(None if part is None else part.structure for part in parts)
 
@@ -229,6 +278,13 @@ class Snapshot:
 
 def _keys(leaves: Sequence[Leaf]) -> tuple[tuple[str, LeafKind, bool], ...]:
     return tuple((leaf.key, leaf.kind, leaf.scalar) for leaf in leaves)
+
+
+def _sharded_digest(sharded: Sequence[ShardedSlot]) -> str:
+    digest = hashlib.sha256()
+    for slot in sharded:
+        digest.update(repr((slot.key, str(slot.tensor.dtype), list(slot.tensor.shape))).encode())
+    return digest.hexdigest()
 
 
 class _Shifted(Sequence[torch.Tensor]):
@@ -349,7 +405,15 @@ class SaveAttempt:
         if snapshot.own is not None:
             plan, records, _ = self._write_part(snapshot.own, tensors, planning, written, replicated=False)
             own = OwnPart(tuple(records), plan.entries, plan.tree)
-        return RankPart(rep, own)
+        shd = None
+        if snapshot.shd is not None:
+            sums: dict[int, str] = {}
+            plan, records, _ = self._write_part(
+                snapshot.shd, tensors, planning, written, replicated=False, chunk_sums=sums
+            )
+            boxes = _box_records(plan, snapshot.boxes, sums)
+            shd = ShardedPart(tuple(records), plan.entries, boxes, snapshot.shd_layout)
+        return RankPart(rep, own, shd)
 
     def _write_part(
         self,
@@ -359,6 +423,7 @@ class SaveAttempt:
         written: Written,
         *,
         replicated: bool,
+        chunk_sums: dict[int, str] | None = None,
     ) -> tuple[SavePlan, list[FileRecord], list[int]]:
         request, rank, world = self._request, self._operation.rank, self._operation.world_size
         plan = plan_save(
@@ -375,8 +440,9 @@ class SaveAttempt:
         mine = [index for index, writer in enumerate(writers) if writer == rank]
         own_files = dataclasses.replace(plan, files=tuple(plan.files[i] for i in mine))
         records = write_files(
-            self._storage, own_files, _Shifted(tensors, part), lambda index: written(part.start + index)
-        )
+            self._storage, own_files, _Shifted(tensors, part), lambda index: written(part.start + index),
+            chunk_sums=chunk_sums,
+        )  # fmt: skip
         return plan, records, mine
 
     def seal(self, part: Post[RankPart]) -> CheckpointInfo:
@@ -447,6 +513,20 @@ def _named_by_writer(plan: SavePlan, writers: list[int]) -> SavePlan:
     return dataclasses.replace(plan, files=files)
 
 
+def _box_records(
+    plan: SavePlan, boxes: Sequence[tuple[int, Box]], sums: Mapping[int, str]
+) -> tuple[tuple[int, BoxRecord], ...]:
+    """Each written box: its DTensor, place, entry (the leaf's, in this part), bytes in the file and chunk sums."""
+    found: dict[int, tuple[int, BoxRecord]] = {}
+    for planned in plan.files:
+        for item in planned.tensors:
+            slot, box = boxes[item.leaf]
+            start = len(planned.header) + item.begin
+            chunk = chunk_bytes(item.end - item.begin)
+            found[item.leaf] = (slot, BoxRecord(box.offsets, box.sizes, item.leaf, start, chunk, sums[item.leaf]))
+    return tuple(found[leaf] for leaf in range(len(boxes)))
+
+
 def _layout_digest(plan: SavePlan) -> str:
     """Equal on ranks whose replicated entries have the same names, dtypes and shapes (the file headers)."""
     digest = hashlib.sha256()
@@ -487,18 +567,79 @@ def _merge(attempt: SavePlan, parts: list[RankPart], world: int) -> Manifest:
             per_rank.setdefault(key, []).extend([r, _shift(sub, entry_offset)] for r, sub in node["v"])
     for key, items in per_rank.items():
         tree_items.append([key, {"k": "object", "type": PER_RANK_TYPE, "v": {"k": "dict", "v": items}}])
+    tree: dict[str, Any] = {"k": "dict", "v": tree_items}
+    if any(part.shd is not None for part in parts):
+        tree = _with_boxes(tree, parts, files, entries)
     return Manifest(
         step=attempt.step,
         save_id=attempt.save_id,
         created=time.time(),
         files=tuple(files),
         entries=tuple(entries),
-        tree={"k": "dict", "v": tree_items},
+        tree=tree,
         metrics=dict(lead.metrics),
         state_version=attempt.state_version,
         world_size=world,
         writer=writer_version(),
     )
+
+
+def _with_boxes(
+    tree: dict[str, Any], parts: list[RankPart], files: list[FileRecord], entries: list[EntryRecord]
+) -> dict[str, Any]:
+    """The tree with every rank's boxes in its sharded nodes (their files and entries appended to ``files`` and
+    ``entries``), after checking that the boxes of each DTensor cover it exactly once: a plan that does not
+    (ranks that disagree on a layout, a placement modelled wrongly) is refused before anything is visible."""
+    shaped: list[dict[str, Any]] = []
+    tree = _sharded_nodes(tree, shaped)
+    found: list[list[dict[str, Any]]] = [node["boxes"] for node in shaped]
+    layouts = [(rank, part.shd.layout) for rank, part in enumerate(parts) if part.shd is not None]
+    if len(layouts) != len(parts) or any(layout != layouts[0][1] for _, layout in layouts):
+        head = layouts[0][1] if layouts else ""
+        differing = tuple(rank for rank, part in enumerate(parts) if part.shd is None or part.shd.layout != head)
+        raise CoordinationError(
+            "the ranks disagree on the DTensors of the state (their keys, dtypes or global shapes); every rank "
+            "must save the same DTensors; nothing was committed",
+            ranks=differing,
+        )
+    for part in parts:
+        shd = part.shd
+        assert shd is not None
+        file_offset, entry_offset = len(files), len(entries)
+        files += shd.files
+        entries += [entry._replace(file=entry.file + file_offset) for entry in shd.entries]
+        for slot, box in shd.boxes:
+            if not 0 <= slot < len(found):
+                raise CoordinationError(f"a rank wrote a box of DTensor {slot}, but the state has {len(found)}")
+            found[slot].append(dataclasses.replace(box, entry=box.entry + entry_offset).to_json())
+    for node, boxes in zip(shaped, found, strict=True):
+        boxes.sort(key=lambda box: box["offsets"])
+        problem = check_cover(node["shape"], [Box(tuple(b["offsets"]), tuple(b["sizes"])) for b in boxes])
+        if problem:
+            key = entries[boxes[0]["e"]].key if boxes else "?"
+            raise InvalidStateError(
+                f"state entry {key!r}: the boxes the ranks wrote do not cover the DTensor exactly once "
+                f"({problem}); nothing was committed",
+                key=key,
+            )
+    return tree
+
+
+def _sharded_nodes(node: Any, found: list[dict[str, Any]]) -> Any:
+    """A copy of ``node`` whose sharded nodes are fresh copies with an empty boxes list, appended to ``found`` in
+    tree order (the order the encoder numbered the DTensors in): a cached encoding's tree is never changed."""
+    kind = node["k"]
+    if kind == "sharded":
+        copy = {**node, "boxes": []}
+        found.append(copy)
+        return copy
+    if kind == "dict":
+        return {**node, "v": [[key, _sharded_nodes(child, found)] for key, child in node["v"]]}
+    if kind in ("list", "tuple"):
+        return {**node, "v": [_sharded_nodes(child, found) for child in node["v"]]}
+    if kind in ("object", "typed"):
+        return {**node, "v": _sharded_nodes(node["v"], found)}
+    return node
 
 
 def _shift(node: Any, offset: int) -> Any:
@@ -598,7 +739,9 @@ def save_to(
         snapshot, leaves = Snapshot(None, None, (), ranked), list[Leaf]()
         try:
             checked = check_metrics(metrics or {})
-            snapshot, leaves = Snapshot.take(state, coordinator.rank, ranked=ranked, structures=structures)
+            snapshot, leaves = Snapshot.take(
+                state, coordinator.rank, ranked=ranked, structures=structures, world_size=coordinator.world_size
+            )
         except Exception as error:
             if coordinator.world_size == 1:
                 raise  # nobody else waits: the error as it is, before anything is touched
@@ -672,7 +815,10 @@ class Saver:
         with gc_paused():
             try:
                 checked = check_metrics(metrics or {})
-                snapshot, leaves = Snapshot.take(state, coordinator.rank, ranked=ranked, structures=self._structures)
+                snapshot, leaves = Snapshot.take(
+                    state, coordinator.rank, ranked=ranked, structures=self._structures,
+                    world_size=coordinator.world_size,
+                )  # fmt: skip
             except Exception as error:
                 if coordinator.world_size > 1:  # the others wait for this rank: tell them why it cannot save
                     failed = SaveAttempt(self._storage, operation, SaveRequest(checkpoint, step, {}, 0), _EMPTY)
@@ -686,7 +832,7 @@ class Saver:
             def order() -> list[int]:
                 """The order the writer consumes the leaves in (a provisional plan: plans are deterministic)."""
                 found: list[int] = []
-                for part in (snapshot.rep, snapshot.own):
+                for part in (snapshot.rep, snapshot.own, snapshot.shd):
                     if part is None:
                         continue
                     plan = plan_save(

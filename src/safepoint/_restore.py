@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCh
 from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
+from ._sharded import ShardedSaved, is_dtensor, slice_like
 
 __all__ = [
     "PreparedRestore",
@@ -230,6 +231,7 @@ def _is_scalar(value: object) -> bool:
 
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
+    saved = _fit(plan, live, saved, path)
     if isinstance(live, Pickled):
         _match_pickled(plan, live, saved, path)
     elif isinstance(live, torch.Tensor):
@@ -292,6 +294,8 @@ def _dtype_mismatch(plan: _Plan, live: torch.Tensor, saved: torch.Tensor, path: 
     cast to the live dtype (floating point to floating point only)."""
     if live.shape == saved.shape and live.dtype == saved.dtype:
         return False  # the usual case: no key path is built (it costs more than the rest of a match)
+    if saved.device.type == "meta":  # a saved DTensor of another shape: _fit reported it, and read nothing
+        return True
     key = key_path(path)
     if live.dtype != saved.dtype and _is_castable(live, saved):
         if plan.cast_dtypes:
@@ -361,14 +365,16 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         plan.mismatched.append(f"{key}: live {type(live).__name__} needs a state_dict, checkpoint has "
                                f"{type(saved).__name__}")  # fmt: skip
         return
-    state = dict(saved)
     if _is_loader(live):
+        state = dict(_fit_tree(plan, None, saved, path))
         # not observed before its load_state_dict: see _is_loader; its keys are its own load_state_dict's to judge
         plan.units.append(tuple(path))
         plan.objects.append((key, live, state))
         plan.checks.append((key, live, state))
         return
     current = live.state_dict()
+    layouts = _with_parameters(live, current) if isinstance(live, torch.optim.Optimizer) else current
+    state = dict(_fit_tree(plan, layouts, saved, path))
     if isinstance(live, torch.nn.Module):
         state = _match_module_state(plan, current, state, path)
     else:
@@ -652,6 +658,91 @@ def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckp
     )
 
 
+# -- sharded tensors ----------------------------------------------------------------------------------------------
+def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
+    """The saved value made to fit a live tensor's layout: a saved DTensor (:class:`ShardedSaved`) becomes a
+    DTensor laid out as a live DTensor (only the parts this rank holds are read), or the full tensor for a live
+    plain tensor; a plain saved tensor becomes a DTensor laid out as a live DTensor (this rank's parts of it).
+    A shape that differs is a mismatch naming the key (nothing is read for it)."""
+    if isinstance(saved, ShardedSaved):
+        if not isinstance(live, torch.Tensor) or tuple(live.shape) != saved.shape:
+            if isinstance(live, torch.Tensor):
+                plan.mismatched.append(
+                    f"{key_path(path)}: live tensor is {live.dtype} {list(live.shape)}, checkpoint has "
+                    f"{saved.dtype} {list(saved.shape)}"
+                )
+            return saved.placeholder()
+        return saved.like(live) if is_dtensor(live) else saved.full()
+    plain = isinstance(saved, torch.Tensor) and not is_dtensor(saved) and saved.device.type != "meta"
+    if plain and is_dtensor(live) and tuple(saved.shape) == tuple(live.shape):
+        return slice_like(live, saved)
+    return saved
+
+
+class _LaidOutAs(Mapping[Any, Any]):
+    """The live state of a parameter an optimizer has no state for yet (a fresh optimizer, before its first step):
+    each of its saved tensors is laid out as the parameter (Adam's moments have its shape and sharding)."""
+
+    def __init__(self, parameter: torch.Tensor) -> None:
+        self.parameter = parameter
+
+    def __getitem__(self, name: Any) -> torch.Tensor:
+        return self.parameter
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _with_parameters(optimizer: torch.optim.Optimizer, current: Any) -> Any:
+    """An optimizer's state_dict where every parameter without state stands for its state's layout, so that a
+    saved DTensor restores as a DTensor laid out as the parameter (not as a whole tensor) into a fresh optimizer."""
+    if not isinstance(current, Mapping) or not isinstance(current.get("state"), Mapping):
+        return current
+    groups = current.get("param_groups")
+    if not isinstance(groups, list):
+        return current
+    ids = [pid for group in groups for pid in group.get("params", ())]
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(ids) != len(parameters):
+        return current
+    state = dict(current["state"])
+    for pid, parameter in zip(ids, parameters, strict=True):
+        state.setdefault(pid, _LaidOutAs(parameter))
+    return {**current, "state": state}
+
+
+def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> Any:
+    """:func:`_fit` over an object's saved state_dict, against its live ``state_dict()`` (None where there is no
+    live counterpart: saved DTensors there become full tensors). Values without a DTensor are returned as they are."""
+    if isinstance(saved, ShardedSaved) or (is_dtensor(current) and isinstance(saved, torch.Tensor)):
+        if current is None:
+            return saved.full() if isinstance(saved, ShardedSaved) else saved
+        return _fit(plan, current, saved, path)
+    if isinstance(saved, dict):
+        live = current if isinstance(current, Mapping) else {}
+        if isinstance(live, _LaidOutAs):  # only tensors of the parameter's shape take its layout
+            shape = tuple(live.parameter.shape)
+            live = {k: live.parameter for k, v in saved.items() if isinstance(v, torch.Tensor | ShardedSaved)
+                    and tuple(v.shape) == shape}  # fmt: skip
+        fitted = {k: _fit_tree(plan, live.get(k), v, [*path, k]) for k, v in saved.items()}
+        if all(fitted[k] is v for k, v in saved.items()):
+            return saved  # nothing sharded below: the value as decoded (its exact dict type kept)
+        if type(saved) is dict:
+            return fitted
+        rebuilt = copy.copy(saved)
+        rebuilt.update(fitted)
+        return rebuilt
+    if isinstance(saved, (list, tuple)):
+        live_items = current if isinstance(current, (list, tuple)) and len(current) == len(saved) else None
+        items = [_fit_tree(plan, None if live_items is None else live_items[i], v, [*path, i])
+                 for i, v in enumerate(saved)]  # fmt: skip
+        return items if isinstance(saved, list) else _same_tuple_type(saved, items)
+    return saved
+
+
 # -- applying ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PreparedRestore:
@@ -670,7 +761,7 @@ class PreparedRestore:
 def _saved_values(
     loaded: LoadedCheckpoint, path: str, state_version: int | None, migrations: Migrations | None
 ) -> tuple[Any, tuple[str, ...]]:
-    saved = decode_tree(loaded.manifest.tree, loaded.leaves)
+    saved = decode_tree(loaded.manifest.tree, loaded.leaves, loaded.sharded)
     if state_version is None:
         return saved, ()
     saved_version = loaded.manifest.state_version
@@ -913,7 +1004,16 @@ def _cast_on_load(live: torch.Tensor, saved: torch.Tensor) -> bool:
     return _bitwise_equal(live, saved.to(live.dtype))
 
 
+def _same_shards(live: Any, saved: Any) -> bool:
+    """DTensors: equal layouts, and this rank's parts bitwise equal (each rank compares its own: no collective)."""
+    if not (is_dtensor(live) and is_dtensor(saved)) or live.placements != saved.placements:
+        return False
+    return bool(live.shape == saved.shape) and _bitwise_equal(live.to_local(), saved.to_local())
+
+
 def _bitwise_equal(live: Any, saved: Any) -> bool:
+    if is_dtensor(live) or is_dtensor(saved):
+        return _same_shards(live, saved)
     if not isinstance(live, torch.Tensor) or not isinstance(saved, torch.Tensor):
         return False
     if live.shape != saved.shape:

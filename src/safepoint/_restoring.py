@@ -30,6 +30,7 @@ from ._errors import (
     RestoreError,
     SafepointError,
     StorageError,
+    UnsafeCheckpointError,
     attach_note,
 )
 from ._layout import step_dir
@@ -37,7 +38,7 @@ from ._manifest import Manifest
 from ._messages import Candidates, Check, Done, RestoreBegin, Verdict
 from ._migrations import Migrations
 from ._pipeline import PER_RANK_TYPE, CheckpointInfo, agree, entry_keys, gc_paused, has_per_rank
-from ._reader import LoadedCheckpoint, read_checkpoint, read_leaves, read_manifest
+from ._reader import LoadedCheckpoint, lazy_sharded, read_checkpoint, read_leaves, read_manifest
 from ._resolve import committed_steps, is_committed, step_dirs
 from ._restore import (
     PreparedRestore,
@@ -264,25 +265,32 @@ def _try(
     explicit: bool,
 ) -> tuple[Post[Check], _T | None]:
     """Read a candidate and prepare it on this rank: how it went (or the error that ends the restore), and what
-    was prepared."""
+    was prepared. Preparing reads too (the parts of sharded tensors this rank needs): a corrupt or unreadable
+    byte found there is judged as one found by ``read``; an unpickling opt-in that is missing is not damage."""
     try:
         loaded = read()
-    except FormatVersionError as err:
-        return Post(error=err), None  # a newer safepoint wrote it: falling back would silently lose progress
-    except (CorruptCheckpointError, StorageError) as err:
-        if explicit:
-            return Post(error=err), None  # the step asked for, or an error: never a fallback
-        if not is_committed(storage, path):
-            return Post(Check("gone")), None  # unpublished while it was read: retention elsewhere removed it
-        return Post(Check("corrupt", str(err))), None
-    except CheckpointNotFoundError:
-        return Post(Check("gone")), None
     except Exception as err:
-        return Post(error=err), None
-    try:  # a newer state_version, a failing migration, a mismatch: raised on every rank, no fallback
+        return _failure(err, storage=storage, path=path, explicit=explicit), None
+    try:
         return Post(Check("ok")), use(loaded)
-    except Exception as err:
+    except UnsafeCheckpointError as err:
         return Post(error=err), None
+    except Exception as err:
+        return _failure(err, storage=storage, path=path, explicit=explicit), None
+
+
+def _failure(err: Exception, *, storage: Storage, path: str, explicit: bool) -> Post[Check]:
+    if isinstance(err, FormatVersionError):
+        return Post(error=err)  # a newer safepoint wrote it: falling back would silently lose progress
+    if isinstance(err, (CorruptCheckpointError, StorageError)):
+        if explicit:
+            return Post(error=err)  # the step asked for, or an error: never a fallback
+        if not is_committed(storage, path):
+            return Post(Check("gone"))  # unpublished while it was read: retention elsewhere removed it
+        return Post(Check("corrupt", str(err)))
+    if isinstance(err, CheckpointNotFoundError):
+        return Post(Check("gone"))
+    return Post(error=err)  # a newer state_version, a failing migration, a mismatch: on every rank, no fallback
 
 
 def _judge(operation: Operation, candidate: int, *, explicit: bool) -> Callable[[list[Post[Check] | None]], Verdict]:
@@ -353,7 +361,8 @@ def _read_own_view(  # noqa: PLR0917 - one call site
     manifest = read_manifest(storage, path, step=candidate)
     view = _rank_view(manifest, state, rank, world, storage.describe(path))
     leaves = read_leaves(storage, path, view, only=set(_entries_in(view.tree)))
-    return LoadedCheckpoint(path, view, leaves)
+    # sharded tensors are read later, by the parts this rank's live targets need (see _restore.fit)
+    return LoadedCheckpoint(path, view, leaves, lazy_sharded(storage, path, manifest))
 
 
 def _rank_view(manifest: Manifest, state: Mapping[str, Any], rank: int, world: int, where: str) -> Manifest:

@@ -11,7 +11,10 @@ The state covers every node kind of the format: tensors of every persisted dtype
 numpy arrays and scalars, objects saved through state_dict (a module, an optimizer with int-keyed state), dicts
 with str and int keys, lists, tuples, every scalar kind (NaN, infinities, big ints, bytes, None, unicode) and a
 Pickled entry; from format 2 on, tensors sharing one storage (view nodes; ``expected.json`` lists which keys
-must share storage after a load) and every typed value of ``safepoint._codec.TYPED`` (typed nodes).
+must share storage after a load) and every typed value of ``safepoint._codec.TYPED`` (typed nodes); from
+format 3 on, DTensors (sharded nodes: uneven rows, columns, an empty shard, a replicated and a 0-d tensor, an
+empty tensor), saved by a 2-rank gloo group on 127.0.0.1 that this script starts (``--rank``, internal);
+``expected.json`` holds their full tensors, which is what a single-process load returns.
 It is small: a few KB.
 """
 
@@ -121,6 +124,66 @@ def source_state() -> dict[str, Any]:
     }
 
 
+def sharded_values() -> dict[str, torch.Tensor]:
+    """The full tensors of the format 3 DTensors (each rank saves its shards of them, see ``PLACEMENTS``)."""
+    return {
+        "rows": torch.arange(52, dtype=torch.float32).reshape(13, 4) / 8,  # 7 + 6 rows
+        "cols": torch.arange(15, dtype=torch.int64).reshape(3, 5) - 7,  # 3 + 2 columns
+        "one_row": torch.tensor([[1.5, -2.5]], dtype=torch.bfloat16),  # rank 1's shard is empty
+        "replicated": torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64),  # written by one of the two ranks
+        "zero_d": torch.tensor(7.0),
+        "empty": torch.empty(0, 3),  # no box at all
+    }
+
+
+#: name -> ("shard", dim) or ("replicate",)
+PLACEMENTS = {
+    "rows": ("shard", 0), "cols": ("shard", 1), "one_row": ("shard", 0), "replicated": ("replicate",),
+    "zero_d": ("replicate",), "empty": ("shard", 0),
+}  # fmt: skip
+
+
+def _save_rank(rank: int, world: int, port: int, run: Path) -> None:
+    """One rank of the 2-rank group that saves the format 3 fixture."""
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import safepoint
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = {
+        name: distribute_tensor(
+            value, mesh, [Shard(PLACEMENTS[name][1]) if PLACEMENTS[name][0] == "shard" else Replicate()]
+        )
+        for name, value in sharded_values().items()
+    }
+    state = {**source_state(), "sharded": sharded}
+    with safepoint.CheckpointManager(run) as manager:
+        manager.save(STEP, state, metrics=METRICS)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _save_sharded(run: Path) -> None:
+    import socket
+    import subprocess
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, __file__, "--world", "2", "--port", str(port), "--run", str(run), "--rank"]
+    ranks = [subprocess.Popen([*command, str(rank)]) for rank in range(2)]
+    codes = [process.wait(timeout=300) for process in ranks]
+    if any(codes):
+        raise SystemExit(f"the ranks saving the sharded fixture exited with {codes}")
+
+
 #: Which keys of the state share one storage (format 2 writes it once; a load gives them one storage again).
 SHARED = [["tied/whole", "tied/grid", "tied/tail", "tied/same"]]
 TIED = torch.arange(12, dtype=torch.float32) / 4
@@ -210,10 +273,15 @@ def write(version: int, force: bool) -> Path:
         shutil.rmtree(target)
     target.mkdir(parents=True)
     state = source_state()
+    if version >= 3:
+        state["sharded"] = sharded_values()  # what a single-process load of the DTensors returns
     expected = {"format_version": version, "step": STEP, "metrics": METRICS, "state_version": 1,
                 "shared": SHARED, "state": encode(state)}  # fmt: skip
-    with safepoint.CheckpointManager(target / "run") as manager:
-        manager.save(STEP, state, metrics=METRICS)
+    if version >= 3:
+        _save_sharded(target / "run")
+    else:
+        with safepoint.CheckpointManager(target / "run") as manager:
+            manager.save(STEP, state, metrics=METRICS)
     (target / "expected.json").write_text(json.dumps(expected, indent=1, ensure_ascii=True) + "\n")
     return target
 
@@ -221,7 +289,14 @@ def write(version: int, force: bool) -> Path:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--force", action="store_true", help="replace an existing fixture (unreleased versions only)")
+    parser.add_argument("--rank", type=int, help=argparse.SUPPRESS)  # one rank of the sharded save
+    parser.add_argument("--world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rank is not None:
+        _save_rank(args.rank, args.world, args.port, args.run)
+        return 0
     import safepoint
 
     print(write(safepoint.FORMAT_VERSION, args.force))

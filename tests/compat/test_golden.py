@@ -168,6 +168,8 @@ def live_state(fixture: Path = FIXTURES[0]) -> dict[str, Any]:
     if "tied" in saved:  # format 2
         state["tied"] = {k: torch.zeros_like(v) for k, v in saved["tied"].items()}
         state["typed"] = {k: None for k in saved["typed"]}
+    if "sharded" in saved:  # format 3: DTensors saved by 2 ranks, restored into plain tensors (assembled)
+        state["sharded"] = {k: torch.zeros_like(v) for k, v in saved["sharded"].items()}
     return state
 
 
@@ -189,3 +191,5 @@ def test_a_golden_checkpoint_restores_into_live_objects(fixture: Path, tmp_path:
     if "tied" in expected:
         assert_same(state["tied"], expected["tied"])
         assert_same(state["typed"], expected["typed"])
+    if "sharded" in expected:
+        assert_same(state["sharded"], expected["sharded"])

@@ -23,7 +23,7 @@ import safepoint
 from tests.distributed import worker_fsdp as worker
 from tests.distributed.group import RankResult, run_group
 
-ENGINE_LANDED = False  # the lead sets this to True when the sharded engine (issue 13) merges
+ENGINE_LANDED = True  # the lead sets this to True when the sharded engine (issue 13) merges
 
 NEEDS_ENGINE = [] if ENGINE_LANDED else [pytest.mark.xfail(strict=False, reason="needs the sharded engine (issue 13)")]
 REFERENCE = [pytest.mark.slow] if ENGINE_LANDED else []

@@ -16,7 +16,7 @@ import xxhash
 
 from safepoint._errors import StorageError, UnsafeCheckpointError
 from safepoint._storage import Storage
-from safepoint._storage.base import SequentialReads
+from safepoint._storage.base import RangeReads, SequentialReads
 
 from .conftest import Backend
 
@@ -148,6 +148,22 @@ def test_read_into_a_buffer_longer_than_the_file_is_an_eio(backend: Backend) -> 
         storage.read_into("short.bin", memoryview(bytearray(10)), None)
     assert caught.value.errno == errno.EIO
     assert "short.bin" in str(caught.value)
+
+
+def test_read_range_reads_the_bytes_at_an_offset(backend: Backend) -> None:
+    # what a resharding restore reads of a sharded tensor's box: a byte range, never the whole file
+    storage = backend.open()
+    assert isinstance(storage, RangeReads)
+    data = bytes(range(251)) * 4099
+    put(storage, "f.bin", data)
+    for offset, size in [(0, 10), (12345, 100_000), (len(data) - 7, 7), (5, 0)]:
+        buffer = bytearray(size)
+        storage.read_range("f.bin", offset, memoryview(buffer))
+        assert bytes(buffer) == data[offset : offset + size], (offset, size)
+    with pytest.raises(StorageError) as caught:
+        storage.read_range("f.bin", len(data) - 3, memoryview(bytearray(10)))
+    assert caught.value.errno == errno.EIO
+    assert "f.bin" in str(caught.value)
 
 
 def test_a_reader_fills_many_buffers_in_turn(backend: Backend) -> None:

@@ -615,7 +615,7 @@ def test_a_malformed_manifest_is_corrupt(body: Body, edit: Callable[[Body], None
 def test_format_2_nodes_in_a_format_1_manifest_are_corrupt(tmp_path: Path, state: dict[str, Any], kind: str) -> None:
     safepoint.save(tmp_path / "c", state)
     body = json.loads((tmp_path / "c" / "manifest.json").read_bytes())
-    assert body["format_version"] == 2
+    assert body["format_version"] == FORMAT_VERSION
     parse(seal(body))
     body["format_version"] = 1
     error = refused(seal(body))
@@ -779,3 +779,77 @@ def _container_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, 
 def test_random_sealed_json_documents_are_only_ever_corrupt(document: Any) -> None:
     data = seal(document) if isinstance(document, dict) else json.dumps(document).encode()
     assert _outcome(data) is None
+
+
+# -- format 3: sharded nodes ------------------------------------------------------------------------------------
+V3 = Path(__file__).resolve().parents[1] / "compat" / "format_v3" / "run" / "step-000000000042" / "manifest.json"
+
+
+@pytest.fixture
+def sharded_body() -> Body:
+    """The manifest of the format 3 golden checkpoint (DTensors saved by 2 ranks), to edit."""
+    result: Body = json.loads(V3.read_bytes())
+    return result
+
+
+def rows_of(body: Body) -> dict[str, Any]:
+    """The sharded node of the 13 x 4 tensor split over 2 ranks (rows 0-6 and 7-12)."""
+    node = node_of(body, "sharded", "rows")
+    assert node["k"] == "sharded"
+    return node
+
+
+def test_a_sharded_manifest_parses_and_round_trips() -> None:
+    original = V3.read_bytes()
+    assert parse(original).to_json() == original
+
+
+SHARDED_MALFORMED: list[tuple[str, Callable[[Body], None], str]] = [
+    ("box-sizes", lambda b: rows_of(b)["boxes"][1].update(offsets=[8, 0], sizes=[5, 4]), "its entry"),
+    ("overlap", lambda b: rows_of(b)["boxes"][1].update(offsets=[6, 0]), "overlap"),
+    ("outside", lambda b: rows_of(b)["boxes"][1].update(offsets=[8, 0]), "outside the shape"),
+    ("negative", lambda b: rows_of(b)["boxes"][1].update(offsets=[-1, 0]), "offsets"),
+    ("shape", lambda b: rows_of(b).update(shape=[14, 4]), "a gap"),
+    ("dims", lambda b: rows_of(b).update(shape=[13]), "dimensions"),
+    ("dtype", lambda b: rows_of(b).update(dtype="F64"), "its entry"),
+    ("unknown-dtype", lambda b: rows_of(b).update(dtype="F128"), "unknown dtype"),
+    ("entry", lambda b: rows_of(b)["boxes"][1].update(e=10_000), "does not exist"),
+    (
+        "entry-of-another-box",
+        lambda b: rows_of(b)["boxes"][1].update(e=rows_of(b)["boxes"][0]["e"], offsets=[7, 0]),
+        "its entry",
+    ),
+    ("at", lambda b: rows_of(b)["boxes"][0].update(at=10**9), "outside its file"),
+    ("at-in-header", lambda b: rows_of(b)["boxes"][0].update(at=3), "at must be"),
+    ("chunk", lambda b: rows_of(b)["boxes"][0].update(chunk=65535), "power of two"),
+    ("sums", lambda b: rows_of(b)["boxes"][0].update(sums=rows_of(b)["boxes"][0]["sums"][:-1]), "chunk checksums"),
+    ("sums-algorithm", lambda b: rows_of(b)["boxes"][0].update(sums="md5:" + "0" * 16), "xxh3_64"),
+    ("box-field", lambda b: rows_of(b)["boxes"][0].update(extra=1), "fields"),
+    ("node-field", lambda b: rows_of(b).update(extra=1), "fields"),
+    ("huge-empty", lambda b: node_of(b, "sharded", "empty").update(shape=[0, 2**64]), "beyond 64 bits"),
+]
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [(e, f) for _, e, f in SHARDED_MALFORMED],
+                         ids=[n for n, _, _ in SHARDED_MALFORMED])  # fmt: skip
+def test_a_malformed_sharded_node_is_corrupt(sharded_body: Body, edit: Callable[[Body], None], fragment: str) -> None:
+    edit(sharded_body)
+    error = refused(seal(sharded_body))
+    assert type(error) is CorruptCheckpointError, f"{type(error).__name__}: {error}"
+    assert fragment in str(error), str(error)
+
+
+def test_a_missing_box_is_a_gap(sharded_body: Body) -> None:
+    rows = rows_of(sharded_body)
+    dropped = rows["boxes"].pop()
+    # its entry stays listed but unreferenced: the gap is reported before the reference check
+    error = refused(seal(sharded_body))
+    assert "do not cover it exactly once" in str(error), str(error)
+    assert "a gap" in str(error)
+    assert dropped["sizes"] == [6, 4]
+
+
+def test_a_sharded_node_in_a_format_2_manifest_is_corrupt(sharded_body: Body) -> None:
+    sharded_body["format_version"] = 2
+    error = refused(seal(sharded_body))
+    assert "kind 'sharded' in a manifest of format version 2" in str(error)

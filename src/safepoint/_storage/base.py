@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from .._checksum import Hasher
 
-__all__ = ["AttemptLock", "FileReader", "FileSink", "Prefetch", "SequentialReads", "Storage"]
+__all__ = ["AttemptLock", "FileReader", "FileSink", "Prefetch", "RangeReads", "SequentialReads", "Storage"]
 
 
 class FileSink(Protocol):
@@ -57,6 +57,17 @@ class SequentialReads(Protocol):
 
     def open_reader(self, path: str) -> FileReader:
         """Open a regular file for reading; ``FileNotFoundError`` if absent."""
+
+
+@runtime_checkable
+class RangeReads(Protocol):
+    """Optional for a backend: reading a byte range of a file (``pread``; a ranged GET on object stores), so that a
+    resharding restore reads only the parts of a sharded tensor's boxes it needs. Without it, the reader reads the
+    whole file for each range (correct, not economical)."""
+
+    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset``; ``FileNotFoundError`` if absent, StorageError
+        (EIO) if the file ends first."""
 
 
 @runtime_checkable

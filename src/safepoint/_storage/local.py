@@ -261,6 +261,18 @@ class LocalStorage:
                     hasher.update(chunk[:count])
                 offset += count
 
+    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
+        """Fill ``buffer`` with the file's bytes from ``offset`` (``pread``); StorageError if it ends first."""
+        where = self._abs(path)
+        with self._open_below_root(path) as fd, _mapped("read", where):
+            view = buffer.cast("B") if buffer.format != "B" else buffer
+            done, total = 0, view.nbytes
+            while done < total:
+                count = os.preadv(fd, [view[done : min(total, done + _READ_CHUNK)]], offset + done)
+                if count == 0:
+                    raise StorageError(f"{where} ended early at byte {offset + done}", errno=errno.EIO, path=where)
+                done += count
+
     def open_reader(self, path: str) -> _LocalReader:
         where = self._abs(path)
         with self._open_below_root(path) as fd, _mapped("open", where):
