@@ -33,14 +33,14 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+from _ranks import run_ranks
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent
@@ -184,37 +184,14 @@ def stall_table(results: dict[int, dict[str, dict[str, list[float]]]]) -> str:
 
 
 # -- the launcher -------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def launch(world: int, args: argparse.Namespace, result: Path) -> dict[str, list[float]]:
-    port = free_port()
     command = [sys.executable, __file__, "--worker", "--result", str(result), "--dir", args.dir]
     command += ["--size-mib", str(args.size_mib), "--tensors", str(args.tensors), "--repeats", str(args.repeats)]
     # with one rank there is nothing to split: safepoint-split would time safepoint twice
     methods = [m for m in args.methods if world > 1 or m != "safepoint-split"]
     command += ["--warmup", str(args.warmup), "--methods", ",".join(methods), "--own-mib", str(args.own_mib)]
     command += ["--stall"] if args.stall else []
-    processes = []
-    try:
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-            processes.append(subprocess.Popen(command, env=env))
-        for process in processes:
-            process.wait(timeout=3600)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [p.returncode for p in processes if p.returncode != 0]
-    if failed:
-        raise SystemExit(f"a rank of the {world}-rank group failed (exit codes {failed})")
+    run_ranks(command, world, "group")
     timings: dict[str, list[float]] = json.loads(result.read_text())
     return timings
 

@@ -44,9 +44,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -56,6 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _durable import fsync_tree
+from _ranks import run_ranks
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent
@@ -326,34 +325,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # -- the launcher -------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def launch(world: int, phase: str, args: argparse.Namespace, result: Path) -> list[dict[str, Any]]:
-    port = free_port()
     command = [sys.executable, __file__, "--worker", "--phase", phase, "--result", str(result), "--dir", args.dir]
     command += ["--layers", str(args.layers), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     command += ["--methods", ",".join(args.methods), "--load-from", str(args.load_from)]
-    processes = []
-    try:
-        for rank in range(world):
-            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
-            processes.append(subprocess.Popen(command, env=env))
-        for process in processes:
-            process.wait(timeout=3600)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    failed = [p.returncode for p in processes if p.returncode != 0]
-    if failed:
-        raise SystemExit(f"a rank of the {world}-rank {phase} group failed (exit codes {failed})")
+    run_ranks(command, world, f"{phase} group")
     ranks: list[dict[str, Any]] = json.loads(result.read_text())
     return ranks
 

@@ -45,6 +45,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import safepoint
 from safepoint import _faults as faults
+from tests.distributed.worker import outcome
 
 TIMEOUT = 10.0  # seconds a safepoint rank waits for the others in these tests
 ROWS = 13  # the first layer's rows: 5/5/3 over 3 ranks, 4/4/4/1 over 4, 7/6 over 2 (FSDP only: see TP_PLAN)
@@ -484,20 +485,6 @@ def resume(backend: Backend, directory: Path, rank: int, world: int) -> dict[str
     if rank == 0:
         torch.save(resumed, Path(sys.argv[3]) / "resumed.pt")
     return found
-
-
-def outcome(call: Callable[[], Any]) -> dict[str, Any]:
-    start = time.monotonic()
-    try:
-        call()
-    except safepoint.SafepointError as error:
-        return {
-            "error": type(error).__name__,
-            "message": str(error),
-            "ranks": list(getattr(error, "ranks", ())),
-            "seconds": time.monotonic() - start,
-        }
-    return {"error": None, "seconds": time.monotonic() - start}
 
 
 SCENARIOS: dict[str, Callable[[Backend, Path, int, int], dict[str, Any]]] = {
