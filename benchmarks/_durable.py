@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 
-def _fsync(path: str) -> None:
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync one file or directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -18,6 +19,6 @@ def fsync_tree(root: str | os.PathLike[str]) -> None:
     top = os.fspath(root)
     for directory, _, names in os.walk(top):
         for name in names:
-            _fsync(os.path.join(directory, name))
-        _fsync(directory)
-    _fsync(os.path.dirname(os.path.abspath(top)))
+            fsync_path(os.path.join(directory, name))
+        fsync_path(directory)
+    fsync_path(os.path.dirname(os.path.abspath(top)))

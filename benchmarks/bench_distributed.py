@@ -40,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from _durable import fsync_path
 from _ranks import run_ranks
 
 MIB = 1 << 20
@@ -55,14 +56,6 @@ def build_state(size: int, tensors: int) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(0)  # the same bytes on every rank: the state is replicated
     numel = size // 4 // tensors
     return {"model": {f"layer{i}": torch.randn(numel, generator=generator) for i in range(tensors)}}
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_raw(state: dict[str, Any], target: Path) -> None:
