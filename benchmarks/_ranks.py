@@ -1,0 +1,36 @@
+"""Starting a benchmark's gloo group: one process per rank on 127.0.0.1, with the env:// variables torchrun sets,
+all of them killed if any fails or the caller is interrupted."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def run_ranks(command: list[str], world: int, what: str) -> None:
+    """Run ``command`` once per rank of a ``world``-rank group; SystemExit naming ``what`` if a rank fails."""
+    port = free_port()
+    processes = []
+    try:
+        for rank in range(world):
+            env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+            processes.append(subprocess.Popen(command, env=env))
+        for process in processes:
+            process.wait(timeout=3600)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    failed = [p.returncode for p in processes if p.returncode != 0]
+    if failed:
+        raise SystemExit(f"a rank of the {world}-rank {what} failed (exit codes {failed})")
