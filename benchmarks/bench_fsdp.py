@@ -39,6 +39,7 @@ Medians and ratios are printed and written to ``benchmarks/out/bench_fsdp.md`` (
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
 import os
@@ -232,7 +233,8 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
 
     rank, world = dist.get_rank(), dist.get_world_size()
     scratch = Path(args.dir) / f"world{world}"
-    for repeat in range(-args.warmup, args.repeats):
+    timed = range(0) if args.load_only else range(-args.warmup, args.repeats)
+    for repeat in timed:
         for method in rotated(methods.names, repeat):
             target = scratch / method
             if rank == 0:
@@ -244,7 +246,7 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
             dist.barrier()
             if ok and repeat >= 0:
                 found["save"].setdefault(method, []).append(time.perf_counter() - start)
-    for repeat in range(-args.warmup, args.repeats):
+    for repeat in timed:
         for method in rotated(methods.names, repeat):
             target = scratch / f"{method}-bg"
             if rank == 0 and method == "dcp":  # safepoint's manager keeps the last step only
@@ -284,13 +286,17 @@ def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
     if "safepoint" in methods.names and "safepoint" not in present:
         methods.notes.append(f"{UNSUPPORTED} (no safepoint checkpoint was saved to load)")
     methods.names = present
+    profiler = cProfile.Profile() if args.profile and dist.get_rank() == 0 else None
     for repeat in range(-args.warmup, args.repeats):
         for method in rotated(methods.names, repeat):
             evict(sources / method)
             dist.barrier()
             before = io_counters()
             start = time.perf_counter()
-            methods.load(method, sources / method, state)
+            if profiler is not None and method == "safepoint" and repeat >= 0:
+                profiler.runcall(methods.load, method, sources / method, state)
+            else:
+                methods.load(method, sources / method, state)
             seconds = time.perf_counter() - start
             after = io_counters()
             dist.barrier()
@@ -299,6 +305,8 @@ def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
                 reads = found["read"].setdefault(method, {"read_bytes": [], "rchar": []})
                 reads["read_bytes"].append(after["read_bytes"] - before["read_bytes"])
                 reads["rchar"].append(after["rchar"] - before["rchar"])
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -329,6 +337,8 @@ def launch(world: int, phase: str, args: argparse.Namespace, result: Path) -> li
     command = [sys.executable, __file__, "--worker", "--phase", phase, "--result", str(result), "--dir", args.dir]
     command += ["--layers", str(args.layers), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     command += ["--methods", ",".join(args.methods), "--load-from", str(args.load_from)]
+    command += ["--load-only"] if args.load_only else []
+    command += ["--profile", args.profile] if args.profile else []
     run_ranks(command, world, f"{phase} group")
     ranks: list[dict[str, Any]] = json.loads(result.read_text())
     return ranks
@@ -394,6 +404,12 @@ def main() -> None:
     parser.add_argument("--methods", default="safepoint,dcp", help="subset of safepoint,dcp")
     parser.add_argument("--dir", default=str(ROOT / "out" / "scratch-fsdp"), help="scratch directory")
     parser.add_argument("--out", default=str(ROOT / "out"), help="where results are written")
+    parser.add_argument(
+        "--load-only",
+        action="store_true",
+        help="time only the resharded load (the --load-from group saves its checkpoints once, untimed)",
+    )
+    parser.add_argument("--profile", help="cProfile rank 0's timed safepoint loads into this file (pstats)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 MiB, 2 repeats, no warmup")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--phase", default="save", help=argparse.SUPPRESS)
@@ -411,13 +427,14 @@ def main() -> None:
     args.layers = max(1, round(args.size_mib * MIB / (3 * 4 * (WIDTH * WIDTH + WIDTH))))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    worlds = [int(w) for w in args.ranks.split(",")]
+    worlds = [] if args.load_only else [int(w) for w in args.ranks.split(",")]
     if args.load_to and args.load_from not in worlds:
         worlds.append(args.load_from)
     total = args.layers * 3 * 4 * (WIDTH * WIDTH + WIDTH) / MIB
     saves: dict[int, list[dict[str, Any]]] = {}
     for world in worlds:
-        print(f"{world} ranks: save and stall, {total:.0f} MiB of FSDP2 state, {args.repeats} repeats ...", flush=True)
+        doing = "the checkpoints to load" if args.load_only else f"save and stall, {args.repeats} repeats"
+        print(f"{world} ranks: {doing}, {total:.0f} MiB of FSDP2 state ...", flush=True)
         saves[world] = launch(world, "save", args, out / f"bench_fsdp-{world}.json")
     loads: list[dict[str, Any]] = []
     if args.load_to:

@@ -27,6 +27,7 @@ import torch
 
 from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
+from ._inplace import InPlace
 from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
@@ -220,6 +221,7 @@ class _Plan:
     hints: dict[Path, str] = field(default_factory=dict)  # object path -> a recognised cause of its mismatch
     cast: list[str] = field(default_factory=list)
     castable: bool = False  # a mismatch that cast_dtypes=True would accept
+    in_place: InPlace = field(default_factory=InPlace)  # live DTensors read into in place, behind backups
 
 
 def _is_tensor(value: object) -> bool:
@@ -231,7 +233,7 @@ def _is_scalar(value: object) -> bool:
 
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
-    saved = _fit(plan, live, saved, path)
+    saved = _fit(plan, live, saved, path, in_place=True)
     if isinstance(live, Pickled):
         _match_pickled(plan, live, saved, path)
     elif isinstance(live, torch.Tensor):
@@ -313,6 +315,9 @@ def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | 
         plan.mismatched.append(f"{key_path(path)}: live value is a tensor, checkpoint has {type(saved).__name__}")
         return
     if _dtype_mismatch(plan, live, saved, path):
+        return
+    if saved is live:  # a DTensor read into in place (see _fit): nothing to copy
+        plan.applied.append(tuple(path))
         return
 
     def copy_tensor() -> None:
@@ -659,11 +664,16 @@ def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckp
 
 
 # -- sharded tensors ----------------------------------------------------------------------------------------------
-def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
+def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int], *, in_place: bool) -> Any:
     """The saved value made to fit a live tensor's layout: a saved DTensor (:class:`ShardedSaved`) becomes a
     DTensor laid out as a live DTensor (only the parts this rank holds are read), or the full tensor for a live
     plain tensor; a plain saved tensor becomes a DTensor laid out as a live DTensor (this rank's parts of it).
-    A shape that differs is a mismatch naming the key (nothing is read for it)."""
+    A shape that differs is a mismatch naming the key (nothing is read for it).
+
+    ``in_place``: the live tensor is one the restore copies into (a plain container's), so a live DTensor's local
+    shard may be read into directly (:meth:`ShardedSaved.like`); not for what an object's load_state_dict gets,
+    whose "live" DTensor may only stand for a layout (:class:`_LaidOutAs`), and whose post-apply check needs the
+    values it was given held apart from the live ones."""
     if isinstance(saved, ShardedSaved):
         if not isinstance(live, torch.Tensor) or tuple(live.shape) != saved.shape:
             if isinstance(live, torch.Tensor):
@@ -672,7 +682,9 @@ def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
                     f"{saved.dtype} {list(saved.shape)}"
                 )
             return saved.placeholder()
-        return saved.like(live) if is_dtensor(live) else saved.full()
+        if not is_dtensor(live):
+            return saved.full()
+        return saved.like(live, plan.in_place if in_place else None)
     plain = isinstance(saved, torch.Tensor) and not is_dtensor(saved) and saved.device.type != "meta"
     if plain and is_dtensor(live) and tuple(saved.shape) == tuple(live.shape):
         return slice_like(live, saved)
@@ -720,7 +732,7 @@ def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> A
     if isinstance(saved, ShardedSaved) or (is_dtensor(current) and isinstance(saved, torch.Tensor)):
         if current is None:
             return saved.full() if isinstance(saved, ShardedSaved) else saved
-        return _fit(plan, current, saved, path)
+        return _fit(plan, current, saved, path, in_place=False)
     if isinstance(saved, dict):
         live = current if isinstance(current, Mapping) else {}
         if isinstance(live, _LaidOutAs):  # only tensors of the parameter's shape take its layout
@@ -756,6 +768,12 @@ class PreparedRestore:
         """Apply the plan; the report, with the casts objects' own load_state_dict made (cast_dtypes=True)."""
         _apply(self.plan, self.report.step)
         return dataclasses.replace(self.report, cast=tuple(self.plan.cast))
+
+    def discard(self, error: BaseException | None = None) -> None:
+        """Not applied after all (another rank found a corrupt file, or failed): put back the live tensors that
+        were read into in place. A failure to do so is a note on ``error`` (the failure being handled), or a
+        RestoreError without one."""
+        self.plan.in_place.restore(error)
 
 
 def _saved_values(
@@ -799,7 +817,10 @@ def prepare_checkpoint(
     cast_dtypes: bool = False,
 ) -> PreparedRestore:
     """Match a verified (and, with ``state_version``, migrated) checkpoint against ``live_state``; RestoreError
-    if it does not fit. Changes nothing: ``.apply()`` applies it in place, totally or not at all.
+    if it does not fit. ``.apply()`` applies it in place, totally or not at all; ``.discard()`` leaves the live
+    state as it was. The local shards of live DTensors in plain containers are read into in place here, once the
+    whole state matched, behind backups (:class:`~safepoint._inplace.InPlace`): every byte verified, and on a
+    failure here, in ``discard`` or in a failed ``apply`` every one of them is put back.
 
     With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
     a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
@@ -812,14 +833,19 @@ def prepare_checkpoint(
     step = loaded.manifest.step
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
         raise _restore_error(plan, step, path, strict)
-    report = dataclasses.replace(
-        _report(loaded, path, skipped, applied),
-        restored=_restored(plan, live_state),
-        missing=tuple(key_path(p) for p in plan.missing),
-        unexpected=tuple(key_path(p) for p in plan.unexpected),
-        reasons=_reasons(plan),
-        cast=tuple(plan.cast),
-    )
+    plan.in_place.run()  # on an error, the live tensors are put back before it propagates
+    try:
+        report = dataclasses.replace(
+            _report(loaded, path, skipped, applied),
+            restored=_restored(plan, live_state),
+            missing=tuple(key_path(p) for p in plan.missing),
+            unexpected=tuple(key_path(p) for p in plan.unexpected),
+            reasons=_reasons(plan),
+            cast=tuple(plan.cast),
+        )
+    except BaseException as err:
+        plan.in_place.restore(err)
+        raise
     return PreparedRestore(plan, report)
 
 
@@ -891,7 +917,7 @@ def _apply(plan: _Plan, step: int) -> None:
     # Phase 2 cannot fail once matched: plain tensor copies and assignments into dicts, lists and tuples.
     # others (backed up) first, then data loaders (not observed beforehand, so not backed up), then modules
     order = sorted(plan.objects, key=lambda item: 2 if isinstance(item[1], torch.nn.Module) else _is_loader(item[1]))
-    undo: list[Callable[[], None]] = []
+    undo: list[Callable[[], None]] = [plan.in_place.restore]  # DTensors already read into in place: last back
     try:
         for key, target, state in order:
             try:
@@ -905,6 +931,7 @@ def _apply(plan: _Plan, step: int) -> None:
     except BaseException as err:
         _roll_back(undo, err)
         raise
+    plan.in_place.release()
     with torch.no_grad():  # once for all: entering it per tensor cost more than copying 10 000 small ones
         for action in plan.actions:
             action()
