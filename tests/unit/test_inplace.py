@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from safepoint._errors import RestoreError
 from safepoint._inplace import SLICE_BYTES, InPlace, Ready, writable
 
 
-def _fill(tensor: torch.Tensor, value: float, *, fail: BaseException | None = None):  # type: ignore[no-untyped-def]
+def _fill(tensor: torch.Tensor, value: float, *, fail: BaseException | None = None) -> Callable[[Ready], None]:
     """A write that fills ``tensor`` region by region (first half, then second half), then raises ``fail``."""
 
     def write(ready: Ready) -> None:
