@@ -4,7 +4,8 @@ A 3-rank gloo group (see worker_inplace.py) restores a checkpoint whose step 2 h
 last rank reads, after the other ranks have already written every shard in place (and the last rank some): asked
 for step 2, every rank raises and every live shard is bitwise what it was; restoring the newest that verifies,
 every rank falls back to step 1, and a tensor step 1 lacks keeps its own values (not step 2's). An object whose
-load_state_dict fails on one rank, after all reads, makes that rank put its shards back.
+load_state_dict fails on one rank, after all reads, makes that rank put its shards back. A module's DTensor
+parameter is read in place too, and a module whose load_state_dict does not keep it is caught and put back.
 """
 
 from __future__ import annotations
@@ -69,3 +70,21 @@ def test_a_clean_restore_fills_the_same_live_tensors(found: list[dict[str, Any]]
         assert observed["clean"]["step"] == 2, rank
         assert _all_true(observed["clean_is_step2"]) == [], rank
         assert observed["clean_same_objects"] is True, rank
+
+
+def test_a_modules_dtensor_parameter_restores_in_place_and_is_checked(found: list[dict[str, Any]]) -> None:
+    for rank, observed in enumerate(found):
+        assert observed["resets=False"]["error"] is None, (rank, observed["resets=False"])
+        assert observed["resets=False same_parameter"] is True, rank
+        assert observed["resets=False is_step1"] is True, rank
+
+
+def test_a_module_that_does_not_keep_what_it_was_given_is_caught_and_put_back(found: list[dict[str, Any]]) -> None:
+    for rank, observed in enumerate(found):
+        failed = observed["resets=True"]
+        assert failed["error"] == "RestoreError", (rank, failed)
+        assert "did not take effect" in failed["message"], (rank, failed)
+        assert "net/weight" in failed["message"], (rank, failed)
+        # the values read in place are put back: the parameter is as it was before the restore, not zeros
+        assert observed["resets=True unchanged"] is True, rank
+        assert observed["resets=True is_step1"] is False, rank

@@ -6,7 +6,9 @@ holds ``m``, ``extra`` (``c``) and ``counter`` (an object). Rank 0 then flips a 
 ``m/b``, which only the last rank reads back (``b`` restores split by rows as it was saved); ``m/a`` and
 ``extra/c`` restore split by columns (a resharded read). So when the last rank finds the corruption, it has
 written ``m/a`` in place, and every other rank has written all three. Each case records plain facts in
-``OUT/rank<N>.json``; the tests decide what is right. The package never imports this module.
+``OUT/rank<N>.json``; the tests decide what is right. Last, a module with a DTensor parameter restores in
+place, and is put back when its own load_state_dict does not keep the values. The package never imports this
+module.
 """
 
 from __future__ import annotations
@@ -97,6 +99,41 @@ class FailsOnRank:
         self.value = state["value"]
 
 
+class Holder(torch.nn.Module):
+    """A module with a DTensor parameter (its state_dict() shares the parameter's local memory); ``resets``: its
+    load_state_dict zeroes the parameter after loading (a load_state_dict that does not keep what it was given)."""
+
+    def __init__(self, weight: DTensor, *, resets: bool = False) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight)
+        self.resets = resets
+
+    def load_state_dict(self, state: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state, strict=strict, assign=assign)
+        if self.resets:
+            self.weight.to_local().detach().zero_()
+        return result
+
+
+def modules(directory: Path, mesh: DeviceMesh) -> dict[str, Any]:
+    """A module's DTensor parameter, saved split by rows, restored split by columns: in place, checked, and put
+    back when the module's load_state_dict does not keep it."""
+    found: dict[str, Any] = {}
+    with safepoint.CheckpointManager(directory / "modules", timeout=TIMEOUT) as manager:
+        manager.save(1, {"net": Holder(distribute_tensor(values(1)["a"], mesh, [Shard(0)]))})
+    expected = distribute_tensor(values(1)["a"], mesh, [Shard(1)]).to_local()
+    for resets in (False, True):
+        net = Holder(distribute_tensor(values(9)["a"], mesh, [Shard(1)]), resets=resets)
+        parameter, before = net.weight, net.weight.to_local().clone()
+        with safepoint.CheckpointManager(directory / "modules", timeout=TIMEOUT) as manager:
+            found[f"resets={resets}"] = outcome(lambda net=net: manager.restore({"net": net}))
+        after = net.weight.to_local()
+        found[f"resets={resets} same_parameter"] = net.weight is parameter
+        found[f"resets={resets} is_step1"] = torch.equal(after.view(torch.int32), expected.view(torch.int32))
+        found[f"resets={resets} unchanged"] = torch.equal(after.view(torch.int32), before.view(torch.int32))
+    return found
+
+
 def outcome(call: Any) -> dict[str, Any]:
     try:
         result = call()
@@ -154,6 +191,7 @@ def run(directory: Path, rank: int, world: int) -> dict[str, Any]:
         found["clean"] = outcome(lambda: manager.restore(state, strict=False))
     found["clean_is_step2"] = same_bits(step2, locals_of(state))
     found["clean_same_objects"] = objects == {key: id(t) for key, t in {**state["m"], **state["extra"]}.items()}
+    found.update(modules(directory, mesh))
     return found
 
 
