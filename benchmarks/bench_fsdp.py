@@ -277,8 +277,11 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
             dist.barrier()
 
 
-def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any], found: dict[str, Any]) -> None:
-    """The resharded load of the ``--load-from`` group's checkpoints into this group's fresh state."""
+def load_phase(
+    args: argparse.Namespace, methods: Methods, state: dict[str, Any], found: dict[str, Any], objects: dict[str, Any]
+) -> None:
+    """The resharded load of the ``--load-from`` group's checkpoints into this group's fresh state (safepoint into
+    ``objects`` instead, the model and optimizer themselves, with ``--into objects``)."""
     import torch.distributed as dist
 
     sources = Path(args.dir) / "load-sources"
@@ -290,13 +293,14 @@ def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
     for repeat in range(-args.warmup, args.repeats):
         for method in rotated(methods.names, repeat):
             evict(sources / method)
+            target = objects if method == "safepoint" and args.into == "objects" else state
             dist.barrier()
             before = io_counters()
             start = time.perf_counter()
             if profiler is not None and method == "safepoint" and repeat >= 0:
-                profiler.runcall(methods.load, method, sources / method, state)
+                profiler.runcall(methods.load, method, sources / method, target)
             else:
-                methods.load(method, sources / method, state)
+                methods.load(method, sources / method, target)
             seconds = time.perf_counter() - start
             after = io_counters()
             dist.barrier()
@@ -323,7 +327,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.phase == "save":
         save_phase(args, methods, state, found)
     else:
-        load_phase(args, methods, state, found)
+        load_phase(args, methods, state, found, {"model": model, "optim": optimizer})
     found["notes"] = methods.notes
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, found)
@@ -338,6 +342,7 @@ def launch(world: int, phase: str, args: argparse.Namespace, result: Path) -> li
     command += ["--layers", str(args.layers), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     command += ["--methods", ",".join(args.methods), "--load-from", str(args.load_from)]
     command += ["--load-only"] if args.load_only else []
+    command += ["--into", args.into]
     command += ["--profile", args.profile] if args.profile else []
     run_ranks(command, world, f"{phase} group")
     ranks: list[dict[str, Any]] = json.loads(result.read_text())
@@ -408,6 +413,12 @@ def main() -> None:
         "--load-only",
         action="store_true",
         help="time only the resharded load (the --load-from group saves its checkpoints once, untimed)",
+    )
+    parser.add_argument(
+        "--into",
+        choices=("state-dicts", "objects"),
+        default="state-dicts",
+        help="what safepoint restores into: the state dicts DCP loads into, or the model and optimizer themselves",
     )
     parser.add_argument("--profile", help="cProfile rank 0's timed safepoint loads into this file (pstats)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 MiB, 2 repeats, no warmup")
