@@ -17,8 +17,11 @@ same state, side by side, interleaved within each repeat in an order rotated per
   waited for (and fsynced, for DCP), untimed.
 - ``load``: the resharded load: the checkpoints the ``--load-from`` group (default 4 ranks) saved last, restored
   by a ``--load-to`` group (default 2) into a fresh FSDP2 model and optimizer of the same shapes, in place:
-  ``manager.restore(state)`` against ``dcp.load(state)``. Before each timed call every rank syncs and drops the
-  checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold.
+  ``manager.restore(state)`` against ``dcp.load(state)`` (with ``--into objects``, safepoint restores
+  ``{"model": model, "optim": optimizer}`` instead). Before each timed call every rank syncs and drops the
+  checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold. ``--load-only`` times only this
+  (the ``--load-from`` group then saves the checkpoints once, untimed); ``--profile FILE`` writes a cProfile of
+  rank 0's timed safepoint loads.
 - ``bytes read``: on each rank of the load, the bytes read during the call, from ``/proc/self/io``:
   ``read_bytes`` (what the rank made the kernel fetch from the disk; readahead included, so it is what the disk
   had to deliver) and ``rchar`` (bytes returned by ``read``-family system calls, whatever the source: page
