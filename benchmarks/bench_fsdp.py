@@ -17,8 +17,11 @@ same state, side by side, interleaved within each repeat in an order rotated per
   waited for (and fsynced, for DCP), untimed.
 - ``load``: the resharded load: the checkpoints the ``--load-from`` group (default 4 ranks) saved last, restored
   by a ``--load-to`` group (default 2) into a fresh FSDP2 model and optimizer of the same shapes, in place:
-  ``manager.restore(state)`` against ``dcp.load(state)``. Before each timed call every rank syncs and drops the
-  checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold.
+  ``manager.restore(state)`` against ``dcp.load(state)`` (with ``--into objects``, safepoint restores
+  ``{"model": model, "optim": optimizer}`` instead). Before each timed call every rank syncs and drops the
+  checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold. ``--load-only`` times only this
+  (the ``--load-from`` group then saves the checkpoints once, untimed); ``--profile FILE`` writes a cProfile of
+  rank 0's timed safepoint loads.
 - ``bytes read``: on each rank of the load, the bytes read during the call, from ``/proc/self/io``:
   ``read_bytes`` (what the rank made the kernel fetch from the disk; readahead included, so it is what the disk
   had to deliver) and ``rchar`` (bytes returned by ``read``-family system calls, whatever the source: page
@@ -39,6 +42,7 @@ Medians and ratios are printed and written to ``benchmarks/out/bench_fsdp.md`` (
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
 import json
 import os
@@ -232,7 +236,8 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
 
     rank, world = dist.get_rank(), dist.get_world_size()
     scratch = Path(args.dir) / f"world{world}"
-    for repeat in range(-args.warmup, args.repeats):
+    timed = range(0) if args.load_only else range(-args.warmup, args.repeats)
+    for repeat in timed:
         for method in rotated(methods.names, repeat):
             target = scratch / method
             if rank == 0:
@@ -244,7 +249,7 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
             dist.barrier()
             if ok and repeat >= 0:
                 found["save"].setdefault(method, []).append(time.perf_counter() - start)
-    for repeat in range(-args.warmup, args.repeats):
+    for repeat in timed:
         for method in rotated(methods.names, repeat):
             target = scratch / f"{method}-bg"
             if rank == 0 and method == "dcp":  # safepoint's manager keeps the last step only
@@ -275,8 +280,11 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
             dist.barrier()
 
 
-def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any], found: dict[str, Any]) -> None:
-    """The resharded load of the ``--load-from`` group's checkpoints into this group's fresh state."""
+def load_phase(
+    args: argparse.Namespace, methods: Methods, state: dict[str, Any], found: dict[str, Any], objects: dict[str, Any]
+) -> None:
+    """The resharded load of the ``--load-from`` group's checkpoints into this group's fresh state (safepoint into
+    ``objects`` instead, the model and optimizer themselves, with ``--into objects``)."""
     import torch.distributed as dist
 
     sources = Path(args.dir) / "load-sources"
@@ -284,13 +292,18 @@ def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
     if "safepoint" in methods.names and "safepoint" not in present:
         methods.notes.append(f"{UNSUPPORTED} (no safepoint checkpoint was saved to load)")
     methods.names = present
+    profiler = cProfile.Profile() if args.profile and dist.get_rank() == 0 else None
     for repeat in range(-args.warmup, args.repeats):
         for method in rotated(methods.names, repeat):
             evict(sources / method)
+            target = objects if method == "safepoint" and args.into == "objects" else state
             dist.barrier()
             before = io_counters()
             start = time.perf_counter()
-            methods.load(method, sources / method, state)
+            if profiler is not None and method == "safepoint" and repeat >= 0:
+                profiler.runcall(methods.load, method, sources / method, target)
+            else:
+                methods.load(method, sources / method, target)
             seconds = time.perf_counter() - start
             after = io_counters()
             dist.barrier()
@@ -299,6 +312,8 @@ def load_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
                 reads = found["read"].setdefault(method, {"read_bytes": [], "rchar": []})
                 reads["read_bytes"].append(after["read_bytes"] - before["read_bytes"])
                 reads["rchar"].append(after["rchar"] - before["rchar"])
+    if profiler is not None:
+        profiler.dump_stats(args.profile)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -315,7 +330,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.phase == "save":
         save_phase(args, methods, state, found)
     else:
-        load_phase(args, methods, state, found)
+        load_phase(args, methods, state, found, {"model": model, "optim": optimizer})
     found["notes"] = methods.notes
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, found)
@@ -329,6 +344,9 @@ def launch(world: int, phase: str, args: argparse.Namespace, result: Path) -> li
     command = [sys.executable, __file__, "--worker", "--phase", phase, "--result", str(result), "--dir", args.dir]
     command += ["--layers", str(args.layers), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     command += ["--methods", ",".join(args.methods), "--load-from", str(args.load_from)]
+    command += ["--load-only"] if args.load_only else []
+    command += ["--into", args.into]
+    command += ["--profile", args.profile] if args.profile else []
     run_ranks(command, world, f"{phase} group")
     ranks: list[dict[str, Any]] = json.loads(result.read_text())
     return ranks
@@ -394,6 +412,18 @@ def main() -> None:
     parser.add_argument("--methods", default="safepoint,dcp", help="subset of safepoint,dcp")
     parser.add_argument("--dir", default=str(ROOT / "out" / "scratch-fsdp"), help="scratch directory")
     parser.add_argument("--out", default=str(ROOT / "out"), help="where results are written")
+    parser.add_argument(
+        "--load-only",
+        action="store_true",
+        help="time only the resharded load (the --load-from group saves its checkpoints once, untimed)",
+    )
+    parser.add_argument(
+        "--into",
+        choices=("state-dicts", "objects"),
+        default="state-dicts",
+        help="what safepoint restores into: the state dicts DCP loads into, or the model and optimizer themselves",
+    )
+    parser.add_argument("--profile", help="cProfile rank 0's timed safepoint loads into this file (pstats)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 MiB, 2 repeats, no warmup")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--phase", default="save", help=argparse.SUPPRESS)
@@ -411,13 +441,14 @@ def main() -> None:
     args.layers = max(1, round(args.size_mib * MIB / (3 * 4 * (WIDTH * WIDTH + WIDTH))))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    worlds = [int(w) for w in args.ranks.split(",")]
+    worlds = [] if args.load_only else [int(w) for w in args.ranks.split(",")]
     if args.load_to and args.load_from not in worlds:
         worlds.append(args.load_from)
     total = args.layers * 3 * 4 * (WIDTH * WIDTH + WIDTH) / MIB
     saves: dict[int, list[dict[str, Any]]] = {}
     for world in worlds:
-        print(f"{world} ranks: save and stall, {total:.0f} MiB of FSDP2 state, {args.repeats} repeats ...", flush=True)
+        doing = "the checkpoints to load" if args.load_only else f"save and stall, {args.repeats} repeats"
+        print(f"{world} ranks: {doing}, {total:.0f} MiB of FSDP2 state ...", flush=True)
         saves[world] = launch(world, "save", args, out / f"bench_fsdp-{world}.json")
     loads: list[dict[str, Any]] = []
     if args.load_to:

@@ -10,6 +10,10 @@ so a failing migration has touched nothing live; the loaded values are then matc
    weights. Objects other than modules are backed up just before they are applied (cheap when resuming: a fresh
    optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
    (every key, shape and dtype) beforehand and not copied: a backup would double the memory of the model.
+   The local shards of live DTensors (in plain containers, and in a module's ``state_dict()``, which shares its
+   parameters' memory) are the exception: they are read into in place while preparing, each behind a backup
+   (:mod:`safepoint._inplace`), and put back by any failure up to the end of phase 1; a module's load_state_dict
+   then gets those same tensors, and its check compares a digest of the bytes read with what it holds after.
 2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
 """
 
@@ -24,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 
 from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
+from ._inplace import InPlace
 from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
@@ -220,6 +226,11 @@ class _Plan:
     hints: dict[Path, str] = field(default_factory=dict)  # object path -> a recognised cause of its mismatch
     cast: list[str] = field(default_factory=list)
     castable: bool = False  # a mismatch that cast_dtypes=True would accept
+    in_place: InPlace = field(default_factory=InPlace)  # live DTensors read into in place, behind backups
+    # a module's state_dict() DTensors read into in place, and each one's local bytes' digest once read (its
+    # post-apply check: the values given to load_state_dict are the live ones, so they cannot be compared)
+    digested: list[Any] = field(default_factory=list)
+    digests: dict[int, int] = field(default_factory=dict)  # id(DTensor) -> xxh3_64 of its local bytes
 
 
 def _is_tensor(value: object) -> bool:
@@ -231,7 +242,7 @@ def _is_scalar(value: object) -> bool:
 
 
 def _match(plan: _Plan, live: Any, saved: Any, path: list[str | int], assign: Callable[[Any], None] | None) -> None:
-    saved = _fit(plan, live, saved, path)
+    saved = _fit(plan, live, saved, path, in_place=True)
     if isinstance(live, Pickled):
         _match_pickled(plan, live, saved, path)
     elif isinstance(live, torch.Tensor):
@@ -314,6 +325,9 @@ def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | 
         return
     if _dtype_mismatch(plan, live, saved, path):
         return
+    if saved is live:  # a DTensor read into in place (see _fit): nothing to copy
+        plan.applied.append(tuple(path))
+        return
 
     def copy_tensor() -> None:
         live.copy_(saved)  # casts, where cast_dtypes allowed it; under the no_grad of _apply's phase 2
@@ -374,8 +388,10 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         return
     current = live.state_dict()
     layouts = _with_parameters(live, current) if isinstance(live, torch.optim.Optimizer) else current
-    state = dict(_fit_tree(plan, layouts, saved, path))
-    if isinstance(live, torch.nn.Module):
+    module = isinstance(live, torch.nn.Module)
+    state = dict(_fit_tree(plan, layouts, saved, path, in_place=module))
+    if module:
+        plan.digested += [v for k, v in state.items() if is_dtensor(v) and current.get(k) is v]  # read in place
         state = _match_module_state(plan, current, state, path)
     else:
         if isinstance(current, Mapping):
@@ -659,11 +675,16 @@ def none_verifies(where: str, skipped: list[SkippedCheckpoint]) -> CorruptCheckp
 
 
 # -- sharded tensors ----------------------------------------------------------------------------------------------
-def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
+def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int], *, in_place: bool) -> Any:
     """The saved value made to fit a live tensor's layout: a saved DTensor (:class:`ShardedSaved`) becomes a
     DTensor laid out as a live DTensor (only the parts this rank holds are read), or the full tensor for a live
     plain tensor; a plain saved tensor becomes a DTensor laid out as a live DTensor (this rank's parts of it).
-    A shape that differs is a mismatch naming the key (nothing is read for it)."""
+    A shape that differs is a mismatch naming the key (nothing is read for it).
+
+    ``in_place``: the live tensor is one the restore copies into (a plain container's), so a live DTensor's local
+    shard may be read into directly (:meth:`ShardedSaved.like`); not for what an object's load_state_dict gets,
+    whose "live" DTensor may only stand for a layout (:class:`_LaidOutAs`), and whose post-apply check needs the
+    values it was given held apart from the live ones."""
     if isinstance(saved, ShardedSaved):
         if not isinstance(live, torch.Tensor) or tuple(live.shape) != saved.shape:
             if isinstance(live, torch.Tensor):
@@ -672,7 +693,9 @@ def _fit(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> Any:
                     f"{saved.dtype} {list(saved.shape)}"
                 )
             return saved.placeholder()
-        return saved.like(live) if is_dtensor(live) else saved.full()
+        if not is_dtensor(live):
+            return saved.full()
+        return saved.like(live, plan.in_place if in_place else None)
     plain = isinstance(saved, torch.Tensor) and not is_dtensor(saved) and saved.device.type != "meta"
     if plain and is_dtensor(live) and tuple(saved.shape) == tuple(live.shape):
         return slice_like(live, saved)
@@ -714,20 +737,20 @@ def _with_parameters(optimizer: torch.optim.Optimizer, current: Any) -> Any:
     return {**current, "state": state}
 
 
-def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> Any:
+def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int], *, in_place: bool = False) -> Any:
     """:func:`_fit` over an object's saved state_dict, against its live ``state_dict()`` (None where there is no
     live counterpart: saved DTensors there become full tensors). Values without a DTensor are returned as they are."""
     if isinstance(saved, ShardedSaved) or (is_dtensor(current) and isinstance(saved, torch.Tensor)):
         if current is None:
             return saved.full() if isinstance(saved, ShardedSaved) else saved
-        return _fit(plan, current, saved, path)
+        return _fit(plan, current, saved, path, in_place=in_place)
     if isinstance(saved, dict):
         live = current if isinstance(current, Mapping) else {}
         if isinstance(live, _LaidOutAs):  # only tensors of the parameter's shape take its layout
             shape = tuple(live.parameter.shape)
             live = {k: live.parameter for k, v in saved.items() if isinstance(v, torch.Tensor | ShardedSaved)
                     and tuple(v.shape) == shape}  # fmt: skip
-        fitted = {k: _fit_tree(plan, live.get(k), v, [*path, k]) for k, v in saved.items()}
+        fitted = {k: _fit_tree(plan, live.get(k), v, [*path, k], in_place=in_place) for k, v in saved.items()}
         if all(fitted[k] is v for k, v in saved.items()):
             return saved  # nothing sharded below: the value as decoded (its exact dict type kept)
         if type(saved) is dict:
@@ -737,7 +760,7 @@ def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int]) -> A
         return rebuilt
     if isinstance(saved, (list, tuple)):
         live_items = current if isinstance(current, (list, tuple)) and len(current) == len(saved) else None
-        items = [_fit_tree(plan, None if live_items is None else live_items[i], v, [*path, i])
+        items = [_fit_tree(plan, None if live_items is None else live_items[i], v, [*path, i], in_place=in_place)
                  for i, v in enumerate(saved)]  # fmt: skip
         return items if isinstance(saved, list) else _same_tuple_type(saved, items)
     return saved
@@ -756,6 +779,12 @@ class PreparedRestore:
         """Apply the plan; the report, with the casts objects' own load_state_dict made (cast_dtypes=True)."""
         _apply(self.plan, self.report.step)
         return dataclasses.replace(self.report, cast=tuple(self.plan.cast))
+
+    def discard(self, error: BaseException | None = None) -> None:
+        """Not applied after all (another rank found a corrupt file, or failed): put back the live tensors that
+        were read into in place. A failure to do so is a note on ``error`` (the failure being handled), or a
+        RestoreError without one."""
+        self.plan.in_place.restore(error)
 
 
 def _saved_values(
@@ -799,7 +828,10 @@ def prepare_checkpoint(
     cast_dtypes: bool = False,
 ) -> PreparedRestore:
     """Match a verified (and, with ``state_version``, migrated) checkpoint against ``live_state``; RestoreError
-    if it does not fit. Changes nothing: ``.apply()`` applies it in place, totally or not at all.
+    if it does not fit. ``.apply()`` applies it in place, totally or not at all; ``.discard()`` leaves the live
+    state as it was. The local shards of live DTensors in plain containers are read into in place here, once the
+    whole state matched, behind backups (:class:`~safepoint._inplace.InPlace`): every byte verified, and on a
+    failure here, in ``discard`` or in a failed ``apply`` every one of them is put back.
 
     With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
     a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
@@ -812,14 +844,20 @@ def prepare_checkpoint(
     step = loaded.manifest.step
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
         raise _restore_error(plan, step, path, strict)
-    report = dataclasses.replace(
-        _report(loaded, path, skipped, applied),
-        restored=_restored(plan, live_state),
-        missing=tuple(key_path(p) for p in plan.missing),
-        unexpected=tuple(key_path(p) for p in plan.unexpected),
-        reasons=_reasons(plan),
-        cast=tuple(plan.cast),
-    )
+    plan.in_place.run()  # on an error, the live tensors are put back before it propagates
+    try:
+        plan.digests.update((id(value), _local_digest(value)) for value in plan.digested)
+        report = dataclasses.replace(
+            _report(loaded, path, skipped, applied),
+            restored=_restored(plan, live_state),
+            missing=tuple(key_path(p) for p in plan.missing),
+            unexpected=tuple(key_path(p) for p in plan.unexpected),
+            reasons=_reasons(plan),
+            cast=tuple(plan.cast),
+        )
+    except BaseException as err:
+        plan.in_place.restore(err)
+        raise
     return PreparedRestore(plan, report)
 
 
@@ -891,7 +929,7 @@ def _apply(plan: _Plan, step: int) -> None:
     # Phase 2 cannot fail once matched: plain tensor copies and assignments into dicts, lists and tuples.
     # others (backed up) first, then data loaders (not observed beforehand, so not backed up), then modules
     order = sorted(plan.objects, key=lambda item: 2 if isinstance(item[1], torch.nn.Module) else _is_loader(item[1]))
-    undo: list[Callable[[], None]] = []
+    undo: list[Callable[[], None]] = [plan.in_place.restore]  # DTensors already read into in place: last back
     try:
         for key, target, state in order:
             try:
@@ -905,6 +943,7 @@ def _apply(plan: _Plan, step: int) -> None:
     except BaseException as err:
         _roll_back(undo, err)
         raise
+    plan.in_place.release()
     with torch.no_grad():  # once for all: entering it per tensor cost more than copying 10 000 small ones
         for action in plan.actions:
             action()
@@ -974,7 +1013,10 @@ def _check_applied(plan: _Plan, step: int) -> None:
             except (KeyError, IndexError, TypeError):
                 wrong.append(f"{where}: missing after load_state_dict")
                 continue
-            if _bitwise_equal(node, tensor):
+            digest = plan.digests.get(id(tensor))
+            if digest is not None and _same_layout(node, tensor) and _local_digest(node) == digest:
+                continue  # read in place: what the module holds now still has the bytes read and verified
+            if digest is None and _bitwise_equal(node, tensor):
                 continue
             if _cast_on_load(node, tensor):
                 if plan.cast_dtypes:
@@ -1002,6 +1044,22 @@ def _cast_on_load(live: torch.Tensor, saved: torch.Tensor) -> bool:
     if not _is_castable(live, saved) or live.dtype == saved.dtype:
         return False
     return _bitwise_equal(live, saved.to(live.dtype))
+
+
+def _same_layout(live: Any, saved: Any) -> bool:
+    """DTensors of one global shape and placements, with local tensors of one shape, dtype and contiguous."""
+    if not (is_dtensor(live) and is_dtensor(saved)) or live.placements != saved.placements or live.shape != saved.shape:
+        return False
+    mine, theirs = live.to_local(), saved.to_local()
+    return bool(mine.shape == theirs.shape and mine.dtype == theirs.dtype and mine.is_contiguous())
+
+
+def _local_digest(dtensor: Any) -> int:
+    """xxh3_64 of a DTensor's (contiguous) local tensor's bytes."""
+    local = dtensor.to_local().detach()
+    if local.numel() == 0:
+        return xxhash.xxh3_64_intdigest(b"")
+    return xxhash.xxh3_64_intdigest(local.reshape(-1).view(torch.uint8).numpy().data)
 
 
 def _same_shards(live: Any, saved: Any) -> bool:

@@ -235,10 +235,16 @@ def _newest(  # noqa: PLR0917 - the loop's own parts
             path=path,
             explicit=step is not None,
         )
-        verdict = operation.exchange(
-            "restore.check", local, _judge(operation, candidate, explicit=step is not None),
-            reads=(Check.from_json, Verdict.from_json),
-        )  # fmt: skip
+        try:
+            verdict = operation.exchange(
+                "restore.check", local, _judge(operation, candidate, explicit=step is not None),
+                reads=(Check.from_json, Verdict.from_json),
+            )  # fmt: skip
+        except BaseException as err:
+            _discard(prepared, err)
+            raise
+        if verdict.verdict != "apply":
+            _discard(prepared, None)  # another rank found this step corrupt, or gone: what was read in goes back
         if verdict.verdict == "gone":
             continue
         if verdict.verdict == "skip":
@@ -250,6 +256,12 @@ def _newest(  # noqa: PLR0917 - the loop's own parts
     if skipped:
         raise none_verifies(where_all, skipped)
     return None
+
+
+def _discard(prepared: object, error: BaseException | None) -> None:
+    """Put back what preparing a candidate read into the live state in place (see PreparedRestore.discard)."""
+    if isinstance(prepared, PreparedRestore):
+        prepared.discard(error)
 
 
 def _use(use: Prepare[_T], loaded: LoadedCheckpoint, *, where: str, skipped: tuple[SkippedCheckpoint, ...]) -> _T:

@@ -34,6 +34,7 @@ import torch
 import xxhash
 
 from ._errors import CorruptCheckpointError, InvalidStateError
+from ._inplace import InPlace, Ready, writable
 
 __all__ = [
     "Box",
@@ -442,9 +443,11 @@ def _check_chunks(saved: SavedBox, view: memoryview, start: int) -> None:
             )
 
 
-def fill(out: torch.Tensor, target: Box, saved: Sequence[SavedBox], reader: BoxReader) -> None:
-    """Fill ``out`` (a fresh tensor holding the elements of ``target``) from the saved boxes that intersect it;
-    on an error its contents are undefined."""
+def fill(
+    out: torch.Tensor, target: Box, saved: Sequence[SavedBox], reader: BoxReader, ready: Ready | None = None
+) -> None:
+    """Fill ``out`` (a tensor holding the elements of ``target``) from the saved boxes that intersect it, calling
+    ``ready(region)`` before writing each region of it; on an error its contents are undefined."""
     for box in saved:
         common = target.intersect(box.record.box)
         if common is None:
@@ -452,6 +455,8 @@ def fill(out: torch.Tensor, target: Box, saved: Sequence[SavedBox], reader: BoxR
         region = out
         for dim, (o, n) in enumerate(zip(common.offsets, common.sizes, strict=True)):
             region = region.narrow(dim, o - target.offsets[dim], n)
+        if ready is not None:
+            ready(region)
         reader.read_into(box, common, region)
 
 
@@ -496,9 +501,24 @@ class ShardedSaved:
         """A data-less tensor of the saved dtype and shape: what a mismatch message describes."""
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
 
-    def like(self, live: Any) -> Any:
+    def like(self, live: Any, into: InPlace | None = None) -> Any:
         """A DTensor of the live DTensor's mesh and placements holding the saved values (in the saved dtype):
-        this rank reads only the parts of the saved boxes its own local tensor covers."""
+        this rank reads only the parts of the saved boxes its own local tensor covers.
+
+        With ``into``, a live DTensor whose local tensor can take the saved bytes as they are (:func:`writable`)
+        is registered there to be read into in place, behind a backup, when ``into.run()`` runs; ``live`` itself
+        is returned (the caller then has nothing to copy)."""
+        if into is not None:
+            local = live.to_local().detach()  # the same memory
+            if writable(local, self.dtype):
+                pieces = local_pieces(live, self.key)
+
+                def write(ready: Ready) -> None:
+                    for piece in pieces:
+                        fill(view_of(local, piece), piece.box, self.boxes, self.reader, ready)
+
+                into.add(local, write)
+                return live
         return shard_like(live, self.dtype, lambda out, box: fill(out, box, self.boxes, self.reader))
 
 

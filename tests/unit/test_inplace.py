@@ -1,0 +1,104 @@
+"""InPlace: live tensors written in place behind backups, put back bitwise on any failure (safepoint._inplace)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from safepoint._errors import RestoreError
+from safepoint._inplace import SLICE_BYTES, InPlace, Ready, writable
+
+
+def _fill(tensor: torch.Tensor, value: float, *, fail: BaseException | None = None) -> Callable[[Ready], None]:
+    """A write that fills ``tensor`` region by region (first half, then second half), then raises ``fail``."""
+
+    def write(ready: Ready) -> None:
+        flat = tensor.view(-1)
+        for region in (flat[: flat.numel() // 2], flat[flat.numel() // 2 :]):
+            ready(region)
+            region.fill_(value)
+        if fail is not None:
+            raise fail
+
+    return write
+
+
+def test_a_failed_write_puts_every_target_back_bitwise_and_the_error_propagates() -> None:
+    first = torch.randn(3 * SLICE_BYTES // 4 + 5)  # several backup slices, the last partial
+    second = torch.randn(17, 3)
+    originals = (first.clone(), second.clone())
+    writes = InPlace()
+    writes.add(first, _fill(first, 1.0))
+    writes.add(second, _fill(second, 2.0, fail=ValueError("corrupt box")))
+    with pytest.raises(ValueError, match="corrupt box"):
+        writes.run()
+    assert torch.equal(first.view(torch.int32), originals[0].view(torch.int32))
+    assert torch.equal(second.view(torch.int32), originals[1].view(torch.int32))
+    assert len(writes) == 0  # the backups are dropped
+
+
+def test_restore_after_a_successful_run_puts_the_values_back_and_release_keeps_them() -> None:
+    kept, undone = torch.arange(10.0), torch.arange(10.0)
+    for tensor, keep in ((kept, True), (undone, False)):
+        writes = InPlace()
+        writes.add(tensor, _fill(tensor, 7.0))
+        writes.run()
+        assert torch.equal(tensor, torch.full((10,), 7.0))  # written in place
+        if keep:
+            writes.release()
+        else:
+            writes.restore()  # another rank failed: put back
+        writes.restore()  # nothing left to put back: a no-op
+    assert torch.equal(kept, torch.full((10,), 7.0))
+    assert torch.equal(undone, torch.arange(10.0))
+
+
+def test_a_tensor_written_twice_comes_back_with_its_first_values() -> None:
+    tensor = torch.randn(2 * SLICE_BYTES // 4)
+    original = tensor.clone()
+    writes = InPlace()
+    writes.add(tensor, _fill(tensor, 1.0))
+    writes.add(tensor, _fill(tensor, 2.0, fail=ValueError("later")))  # the same memory (tied weights)
+    with pytest.raises(ValueError, match="later"):
+        writes.run()
+    assert torch.equal(tensor.view(torch.int32), original.view(torch.int32))
+
+
+def test_a_failure_to_put_back_is_a_note_on_the_original_error_never_instead_of_it() -> None:
+    tensor = torch.randn(64)
+
+    def write(ready: Ready) -> None:
+        ready(tensor)
+        tensor.fill_(3.0)
+        tensor.untyped_storage().resize_(0)  # the memory is gone: copying the backup back must fail
+        raise ValueError("the original failure")
+
+    writes = InPlace()
+    writes.add(tensor, write)
+    with pytest.raises(ValueError, match="the original failure") as caught:
+        writes.run()
+    notes = getattr(caught.value, "__notes__", [])
+    assert any("putting the live tensors back" in note and "partly changed" in note for note in notes), notes
+
+
+def test_a_failure_to_put_back_without_an_error_is_a_restore_error() -> None:
+    tensor = torch.randn(64)
+    writes = InPlace()
+    writes.add(tensor, _fill(tensor, 5.0))
+    writes.run()
+    tensor.untyped_storage().resize_(0)
+    with pytest.raises(RestoreError, match="partly changed"):
+        writes.restore()
+
+
+def test_only_plain_dense_contiguous_cpu_tensors_of_the_saved_dtype_are_written_in_place() -> None:
+    plain = torch.zeros(4, 3)
+    assert writable(plain, torch.float32)
+    assert writable(torch.nn.Parameter(plain), torch.float32)
+    assert not writable(plain, torch.float64)  # a cast: through a staging tensor
+    assert not writable(plain.t(), torch.float32)  # not contiguous
+    assert not writable(torch.zeros(0, 3), torch.float32)
+    assert not writable(torch.zeros(4, 3, dtype=torch.complex64).conj(), torch.complex64)
+    assert not writable(plain.to_sparse(), torch.float32)
