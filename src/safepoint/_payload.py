@@ -441,9 +441,13 @@ class _Pass:
     def _read_direct(self, slot: _Slot, target: torch.Tensor, backups: TensorBackups) -> torch.Tensor:
         """Read ``slot`` straight into the live tensor ``target``, once its bytes are kept in ``backups``."""
         self._skip(slot.begin - self.position)
-        backups.keep(slot.entry.key, target)  # before its first byte is written
+        backup = backups.keep(slot.entry.key, target)
         memory = _bytes_of(target)
+        will_need = getattr(self.reader, "will_need", None)  # a local file's readahead hint
         for start in range(0, memory.nbytes, _SLICE_BYTES):
+            if will_need is not None:  # the device reads this slice and the next while the backup is copied
+                will_need(2 * _SLICE_BYTES)
+            backup.keep_to(start + _SLICE_BYTES)  # every byte is kept before it is written
             self._read([memory[start : start + _SLICE_BYTES]])
         return target
 

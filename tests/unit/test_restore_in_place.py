@@ -146,14 +146,15 @@ def test_a_manager_falls_back_from_the_values_it_started_with(tmp_path: Path) ->
 def test_a_tensor_that_cannot_be_put_back_is_named_and_the_first_error_kept(tmp_path: Path) -> None:
     first, second = torch.full((4,), 1.0), torch.full((4,), 2.0)
     backups = TensorBackups()
-    backups.keep("first", first)
-    backups.keep("second", second)
+    backups.keep("first", first).keep_to(16)
+    backups.keep("second", second).keep_to(16)
     first.fill_(9.0)
     second.fill_(9.0)
-    second.resize_(2)  # its backup no longer fits: copy_ refuses
+    second.set_(torch.zeros(4))  # its memory was replaced: the old address must not be written
     error = safepoint.CorruptCheckpointError("the original failure")
     backups.roll_back(error)
     assert torch.equal(first, torch.full((4,), 1.0))  # the others are still put back
+    assert torch.equal(second, torch.zeros(4))
     notes = getattr(error, "__notes__", [])
     assert len(notes) == 1
     assert "'second'" in notes[0]
@@ -164,9 +165,9 @@ def test_a_tensor_that_cannot_be_put_back_is_named_and_the_first_error_kept(tmp_
 def test_a_tensor_kept_twice_keeps_its_first_backup() -> None:
     live = torch.full((4,), 1.0)
     backups = TensorBackups()
-    backups.keep("t", live)
+    backups.keep("t", live).keep_to(16)
     live.fill_(5.0)
-    backups.keep("t", live)
+    backups.keep("t", live).keep_to(16)
     backups.roll_back(RuntimeError("x"))
     assert torch.equal(live, torch.full((4,), 1.0))
 
@@ -174,12 +175,12 @@ def test_a_tensor_kept_twice_keeps_its_first_backup() -> None:
 def test_an_error_escaping_the_guard_puts_back_and_a_normal_end_forgets() -> None:
     live = torch.full((4,), 1.0)
     with pytest.raises(KeyboardInterrupt), TensorBackups().until_complete() as backups:
-        backups.keep("t", live)
+        backups.keep("t", live).keep_to(16)
         live.fill_(3.0)
         raise KeyboardInterrupt
     assert torch.equal(live, torch.full((4,), 1.0))
     with TensorBackups().until_complete() as backups:
-        backups.keep("t", live)
+        backups.keep("t", live).keep_to(16)
         live.fill_(3.0)
     assert len(backups) == 0
     assert torch.equal(live, torch.full((4,), 3.0))
@@ -248,3 +249,14 @@ def test_a_migration_or_a_mapped_read_writes_nothing_in_place(tmp_path: Path) ->
     read_checkpoint(storage, "", mmap=True, copied=copied_into(live, None), backups=backups)
     assert len(backups) == 0
     assert bits(live["big"]) == bits(originals(1))
+
+
+def test_a_tensor_read_in_part_is_put_back_in_that_part_only() -> None:
+    """A read that stops inside a tensor wrote only what was kept: that part is put back, the rest left alone."""
+    live = torch.arange(8, dtype=torch.int32)
+    backups = TensorBackups()
+    backups.keep("t", live).keep_to(16)  # the first 4 values
+    live[:4] = -1
+    live[4:] = 7  # not kept, as a reader never writes a byte it has not kept: must stay as it is now
+    backups.roll_back(RuntimeError("x"))
+    assert live.tolist() == [0, 1, 2, 3, 7, 7, 7, 7]
