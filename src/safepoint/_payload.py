@@ -21,6 +21,7 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -444,11 +445,17 @@ class _Pass:
         backup = backups.keep(slot.entry.key, target)
         memory = _bytes_of(target)
         will_need = getattr(self.reader, "will_need", None)  # a local file's readahead hint
-        for start in range(0, memory.nbytes, _SLICE_BYTES):
-            if will_need is not None:  # the device reads this slice and the next while the backup is copied
-                will_need(2 * _SLICE_BYTES)
-            backup.keep_to(start + _SLICE_BYTES)  # every byte is kept before it is written
-            self._read([memory[start : start + _SLICE_BYTES]])
+        with ThreadPoolExecutor(1, thread_name_prefix="safepoint-keep") as helper:
+            kept = helper.submit(backup.keep_to, _SLICE_BYTES)
+            try:
+                for start in range(0, memory.nbytes, _SLICE_BYTES):
+                    if will_need is not None:  # the device reads this slice and the next meanwhile
+                        will_need(2 * _SLICE_BYTES)
+                    kept.result()  # every byte is kept before it is written
+                    kept = helper.submit(backup.keep_to, start + 2 * _SLICE_BYTES)  # the next, during this read
+                    self._read([memory[start : start + _SLICE_BYTES]])
+            finally:
+                wait([kept])  # nothing copies into the backup once this returns (a rollback reads it)
         return target
 
     def _read_together(self, slots: list[_Slot], values: dict[int, Any]) -> None:
