@@ -11,6 +11,11 @@ so a failing migration has touched nothing live; the loaded values are then matc
    optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
    (every key, shape and dtype) beforehand and not copied: a backup would double the memory of the model.
 2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
+
+One exception to "nothing live is touched before the apply": large plain tensors that restore only copies into
+(:func:`copied_entries`, :func:`~safepoint._payload.direct_target`) are read straight into the live tensor, after
+their bytes are kept in a :class:`~safepoint._backup.TensorBackups`; their copy is then already done. Every
+failure until the apply completes (a file, the match, phase 1) puts them back before it propagates.
 """
 
 from __future__ import annotations
