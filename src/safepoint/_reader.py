@@ -193,14 +193,12 @@ def _targets(manifest: Manifest, copied: Collection[int]) -> dict[int, torch.Ten
     that two entries would be copied into keeps the copies, in their order)."""
     if not isinstance(copied, Mapping):
         return {}
+    entries = manifest.entries
+    large = {e: t for e, t in copied.items() if t.nbytes >= DIRECT_BYTES and entries[e].nbytes >= DIRECT_BYTES}
     seen: dict[int, int] = {}
-    for tensor in copied.values():
+    for tensor in large.values():
         seen[id(tensor)] = seen.get(id(tensor), 0) + 1
-    return {
-        entry: tensor
-        for entry, tensor in copied.items()
-        if seen[id(tensor)] == 1 and manifest.entries[entry].nbytes >= DIRECT_BYTES
-    }
+    return {entry: tensor for entry, tensor in large.items() if seen[id(tensor)] == 1}
 
 
 def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:
