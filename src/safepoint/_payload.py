@@ -444,13 +444,10 @@ class _Pass:
         self._skip(slot.begin - self.position)
         backup = backups.keep(slot.entry.key, target)
         memory = _bytes_of(target)
-        will_need = getattr(self.reader, "will_need", None)  # a local file's readahead hint
         with ThreadPoolExecutor(1, thread_name_prefix="safepoint-keep") as helper:
             kept = helper.submit(backup.keep_to, _SLICE_BYTES)
             try:
                 for start in range(0, memory.nbytes, _SLICE_BYTES):
-                    if will_need is not None:  # the device reads this slice and the next meanwhile
-                        will_need(2 * _SLICE_BYTES)
                     kept.result()  # every byte is kept before it is written
                     kept = helper.submit(backup.keep_to, start + 2 * _SLICE_BYTES)  # the next, during this read
                     self._read([memory[start : start + _SLICE_BYTES]])

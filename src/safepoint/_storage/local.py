@@ -115,13 +115,6 @@ class _LocalReader:
                     views[first] = views[first][count:]
         self.position += total
 
-    def will_need(self, nbytes: int) -> None:
-        """Start the device on the next ``nbytes`` (``POSIX_FADV_WILLNEED``: asynchronous), so it reads them while
-        the caller does other work before its next read. Only a hint: errors are ignored."""
-        if hasattr(os, "posix_fadvise"):
-            with contextlib.suppress(OSError):
-                os.posix_fadvise(self.fd, self.position, nbytes, os.POSIX_FADV_WILLNEED)
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
