@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
+from ._backup import TensorBackups
 from ._errors import CheckpointNotFoundError, ConfigError, StorageError
 from ._manager import CheckpointInfo
 from ._migrations import Migrations, check_migrations
@@ -69,8 +70,10 @@ def restore(
     version = non_negative_int("state_version", state_version, allow_none=True)
     chain = check_migrations(migrations, version) if version is not None else None
     storage = _committed(path, storage_options)
-    with gc_paused():  # like a save, a restore allocates a few objects per entry: see gc_paused
-        loaded = read_checkpoint(storage, "", copied=copied_into(state, version))
+    # a restore allocates a few objects per entry (see gc_paused); the backups of tensors read in place are put
+    # back if anything fails before the restore is complete
+    with gc_paused(), TensorBackups().until_complete() as backups:
+        loaded = read_checkpoint(storage, "", copied=copied_into(state, version), backups=backups)
         prepared = prepare_checkpoint(
             loaded, state, strict=strict, path=storage.describe(""), state_version=version, migrations=chain,
             cast_dtypes=cast_dtypes,

@@ -18,13 +18,16 @@ import ctypes
 import itertools
 import json
 import struct
+import sys
 import threading
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
+from ._backup import TensorBackups
 from ._budget import ByteBudget
 from ._checksum import Hasher, format_checksum, new_hasher
 from ._codec import DTYPE_NAMES, DTYPES, PickledPayload
@@ -34,7 +37,7 @@ from ._sharded import chunk_bytes, chunk_sums
 from ._storage import FileSink, LocalStorage, Storage
 from ._storage.base import FileReader, SequentialReads
 
-__all__ = ["PlannedFile", "PlannedTensor", "is_dense_on_cpu", "plan_file", "read_file", "write_file"]
+__all__ = ["PlannedFile", "PlannedTensor", "direct_target", "is_dense_on_cpu", "plan_file", "read_file", "write_file"]
 
 #: Headers larger than this are refused before they are parsed.
 MAX_HEADER_BYTES = 256 << 20
@@ -206,6 +209,8 @@ def read_file(
     mmap: bool = False,
     keep: bool = True,
     copied: Collection[int] = (),
+    into: Mapping[int, torch.Tensor] | None = None,
+    backups: TensorBackups | None = None,
 ) -> dict[int, Any]:
     """Read one payload file, check its header against the manifest entries and verify its size and checksum.
 
@@ -224,6 +229,11 @@ def read_file(
     tensors): small ones that lie next to each other in the file become views of one buffer, read with one call
     and hashed once, instead of one allocation, one scatter-read buffer and one hash call each. Never pass an
     entry whose value anything could keep: it would share memory it does not show.
+
+    ``into`` (with ``backups``) names copied entries to read straight into the live tensor they would be copied
+    into (each one a :func:`direct_target`): its bytes are first kept in ``backups``, then the file's bytes are
+    read into the tensor's own memory and hashed there; the value returned is the live tensor itself. On any
+    failure the caller must put ``backups`` back (the file's pass stops at the first error).
     """
     path = f"{base}/{record.path}" if base else record.path
     where = storage.describe(path)
@@ -240,7 +250,7 @@ def read_file(
         if mmap:
             return _read_mapped(storage, path, where, record, entries)
         with contextlib.closing(_open_reader(storage, path, size)) as reader:
-            return _Pass(reader, where, record).run(entries, keep, copied)
+            return _Pass(reader, where, record).run(entries, keep, copied, into or {}, backups)
     except FileNotFoundError as err:
         raise CorruptCheckpointError(f"{where} disappeared while it was read", path=where) from err
 
@@ -321,11 +331,16 @@ class _Pass:
         return CorruptCheckpointError(f"{self.where}: {message}", path=self.where)
 
     def run(
-        self, entries: Sequence[tuple[int, EntryRecord]], keep: bool, copied: Collection[int] = ()
+        self,
+        entries: Sequence[tuple[int, EntryRecord]],
+        keep: bool,
+        copied: Collection[int] = (),
+        into: Mapping[int, torch.Tensor] | None = None,
+        backups: TensorBackups | None = None,
     ) -> dict[int, Any]:
         try:
             slots = _Layout(self.where, self.record.size).slots(self._header(), entries)
-            values = self._values(slots, copied) if keep else {}
+            values = self._values(slots, copied, into if into and backups is not None else {}, backups) if keep else {}
         except CorruptCheckpointError:
             self._skip(self.record.size - self.position)
             self._check()  # damage anywhere is reported as damage; a header that disagrees, only if it is sealed
@@ -366,12 +381,26 @@ class _Pass:
             self._read([scratch[:count]])
             nbytes -= count
 
-    def _values(self, slots: list[_Slot], copied: Collection[int]) -> dict[int, Any]:
+    def _values(
+        self,
+        slots: list[_Slot],
+        copied: Collection[int],
+        into: Mapping[int, torch.Tensor],
+        backups: TensorBackups | None,
+    ) -> dict[int, Any]:
         values: dict[int, Any] = {}
         run: list[memoryview] = []  # the next scatter read: small values, and the padding between them
         run_bytes = padding = 0  # padding: how much of the scratch buffer the run's gaps use
         together: list[_Slot] = []  # the next shared read: small copied values next to each other in the file
         for slot in slots:
+            target = into.get(slot.at)
+            if target is not None and backups is not None and direct_target(target, slot.entry):
+                if run:  # what is gathered before it, first (at most one of the two): the pass reads in order
+                    self._read(run)
+                self._read_together(together, values)
+                run, run_bytes, padding, together = [], 0, 0, []
+                values[slot.at] = self._read_direct(slot, target, backups)
+                continue
             if slot.at in copied and slot.end - slot.begin < _SLICE_BYTES:
                 if run:
                     self._read(run)
@@ -410,9 +439,27 @@ class _Pass:
             self._read_together(together, values)
         return {slot.at: _finish(values[slot.at], slot.entry) for slot in slots}
 
+    def _read_direct(self, slot: _Slot, target: torch.Tensor, backups: TensorBackups) -> torch.Tensor:
+        """Read ``slot`` straight into the live tensor ``target``, once its bytes are kept in ``backups``."""
+        self._skip(slot.begin - self.position)
+        backup = backups.keep(slot.entry.key, target)
+        memory = _bytes_of(target)
+        with ThreadPoolExecutor(1, thread_name_prefix="safepoint-keep") as helper:
+            kept = helper.submit(backup.keep_to, _SLICE_BYTES)
+            try:
+                for start in range(0, memory.nbytes, _SLICE_BYTES):
+                    kept.result()  # every byte is kept before it is written
+                    kept = helper.submit(backup.keep_to, start + 2 * _SLICE_BYTES)  # the next, during this read
+                    self._read([memory[start : start + _SLICE_BYTES]])
+            finally:
+                wait([kept])  # nothing copies into the backup once this returns (a rollback reads it)
+        return target
+
     def _read_together(self, slots: list[_Slot], values: dict[int, Any]) -> None:
         """Read the bytes from the first slot's start to the last one's end (padding included) into one buffer,
         with one call and one hash; each value is a view of it (copied values only: see read_file)."""
+        if not slots:
+            return
         self._skip(slots[0].begin - self.position)
         start = slots[0].begin
         try:
@@ -441,6 +488,41 @@ class _Pass:
             raise StorageError(f"cannot allocate {entry.nbytes} bytes for {entry.key!r} of {self.where}",
                                path=self.where) from err  # fmt: skip
         return tensor, _bytes_of(tensor)
+
+
+#: Values at least this large may be read straight into a live tensor (see :func:`direct_target`); smaller ones
+#: are read many to a call into a shared buffer and copied, which costs less than a backup and a read each.
+DIRECT_BYTES = _SLICE_BYTES
+
+
+def direct_target(live: torch.Tensor, entry: EntryRecord) -> bool:
+    """Whether ``entry``'s bytes, exactly as the file holds them, may be read into ``live``'s own memory: a plain
+    (no subclass), dense, contiguous CPU tensor of the saved dtype and shape (so no cast, no byte swap), not an
+    inference tensor (``copy_`` refuses those outside inference mode), at least :data:`DIRECT_BYTES`, and the only
+    tensor that uses its storage: no view, tie or ``state_dict()`` copy elsewhere sees the bytes change while the
+    restore is not yet complete, or could be written by something else in the same restore."""
+    return (
+        type(live) in (torch.Tensor, torch.nn.Parameter)
+        and entry.kind == "tensor"
+        and sys.byteorder == "little"
+        and live.layout == torch.strided
+        and is_dense_on_cpu(live)
+        and live.dtype == DTYPE_NAMES[entry.dtype]
+        and tuple(live.shape) == tuple(entry.shape)
+        and entry.nbytes >= DIRECT_BYTES
+        and not live.is_inference()
+        and _sole_user(live)
+    )
+
+
+def _sole_user(tensor: torch.Tensor) -> bool:
+    """No other tensor shares ``tensor``'s storage. torch keeps the count of a storage's users (each tensor, and
+    each Python storage object such as the one asked for here); without that count, nothing is assumed."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    if use_count is None:  # pragma: no cover - every torch this project supports has it
+        return False
+    storage = tensor.untyped_storage()
+    return bool(use_count(storage._cdata) == 2)
 
 
 def _finish(value: Any, entry: EntryRecord) -> Any:

@@ -13,13 +13,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from ._backup import TensorBackups
 from ._codec import DTYPE_NAMES, Sharded, assemble
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from ._layout import MANIFEST_NAME, join
 from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative_path
-from ._payload import read_file
+from ._payload import DIRECT_BYTES, read_file
 from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
-from ._storage import Storage
+from ._storage import LocalStorage, Storage
 from ._storage.base import Prefetch, RangeReads
 
 __all__ = [
@@ -41,6 +44,9 @@ class LoadedCheckpoint:
     leaves: list[Any]  # entry index -> verified value (tensor, ndarray, PickledPayload)
     #: how a sharded node becomes a value: by default the full tensor from its (read) boxes' leaves
     sharded: Sharded = assemble
+    #: the live tensors this read wrote in place (its leaves are those tensors), with their bytes from before: the
+    #: restore puts them back if it does not complete (see :func:`read_leaves`)
+    backups: TensorBackups | None = None
 
 
 def read_manifest(storage: Storage, checkpoint: str, *, step: int | None = None, prefetch: bool = False) -> Manifest:
@@ -103,13 +109,15 @@ def read_checkpoint(
     step: int | None = None,
     mmap: bool = False,
     copied: Callable[[Manifest], Collection[int]] | None = None,
+    backups: TensorBackups | None = None,
 ) -> LoadedCheckpoint:
     """Read and verify every byte of a checkpoint, several files at once; raise CorruptCheckpointError naming
-    the first bad file (in manifest order). ``mmap`` and ``copied`` (called with the verified manifest): see
-    :func:`read_leaves`."""
+    the first bad file (in manifest order). ``mmap``, ``copied`` (called with the verified manifest) and
+    ``backups``: see :func:`read_leaves`."""
     manifest = read_manifest(storage, checkpoint, step=step, prefetch=not mmap)
     shared = copied(manifest) if copied is not None else ()
-    return LoadedCheckpoint(checkpoint, manifest, read_leaves(storage, checkpoint, manifest, mmap=mmap, copied=shared))
+    leaves = read_leaves(storage, checkpoint, manifest, mmap=mmap, copied=shared, backups=backups)
+    return LoadedCheckpoint(checkpoint, manifest, leaves, backups=backups)
 
 
 def read_leaves(
@@ -120,15 +128,25 @@ def read_leaves(
     *,
     mmap: bool = False,
     copied: Collection[int] = (),
+    backups: TensorBackups | None = None,
 ) -> list[Any]:
     """The verified value of every entry (of the entries in ``only``; the others stay None), several files at
     once. A file holding none of the wanted entries is not read at all.
 
     ``copied``: entries the caller only copies from and then drops (restore's plain tensor copies): their
     values may share memory with each other, which saves an allocation, a scatter-read buffer and a hash call
-    per value. Every other value owns its memory (see :func:`~safepoint._payload.read_file`)."""
+    per value. Every other value owns its memory (see :func:`~safepoint._payload.read_file`).
+
+    With ``backups``, local storage, and ``copied`` a mapping from those entries to the live tensors they are
+    copied into, the large ones go straight into their live tensor, behind a backup (see
+    :func:`~safepoint._payload.direct_target`): their leaves are the live tensors, already holding the verified
+    bytes. If any file fails, every tensor written is put back before the error propagates, once every reader
+    has stopped; after a success the caller owns ``backups``: it puts them back if the restore does not complete.
+    """
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
+    # local files only: on an object store the network, not a copy, bounds a restore, so the plain path stays
+    into = _targets(manifest, copied) if backups is not None and not mmap and isinstance(storage, LocalStorage) else {}
     wanted_files = [
         index
         for index in range(len(manifest.files))
@@ -137,13 +155,15 @@ def read_leaves(
 
     def read(file_index: int) -> dict[int, Any]:
         record = manifest.files[file_index]
-        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap, copied=copied)
+        return read_file(storage, checkpoint, record, grouped.get(file_index, []), mmap=mmap, copied=copied,
+                         into=into, backups=backups)  # fmt: skip
 
-    if len(wanted_files) <= 1:
-        results = [read(i) for i in wanted_files]
-    else:
-        with ThreadPoolExecutor(min(READER_THREADS, len(wanted_files)), thread_name_prefix="safepoint-read") as pool:
-            results = list(pool.map(read, wanted_files))  # raises the first failure in file order
+    try:
+        results = _read_files(read, wanted_files)
+    except BaseException as err:
+        if backups is not None:  # every reader has stopped: nothing writes into a live tensor any more
+            backups.roll_back(err)
+        raise
     for values in results:
         for index, value in values.items():
             leaves[index] = value
@@ -152,6 +172,33 @@ def read_leaves(
     if any(leaves[index] is None for index in wanted):  # pragma: no cover
         raise CorruptCheckpointError(f"{storage.describe(checkpoint)}: an entry has no data")
     return leaves
+
+
+def _read_files(read: Callable[[int], dict[int, Any]], files: list[int]) -> list[dict[int, Any]]:
+    """``read`` every file, several at once; raise the first failure in file order, only once no read runs."""
+    if len(files) <= 1:
+        return [read(i) for i in files]
+    with ThreadPoolExecutor(min(READER_THREADS, len(files)), thread_name_prefix="safepoint-read") as pool:
+        futures = [pool.submit(read, i) for i in files]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:  # files not started yet are not read; those being read finish first
+                future.cancel()
+            raise
+
+
+def _targets(manifest: Manifest, copied: Collection[int]) -> dict[int, torch.Tensor]:
+    """The live tensors that copied entries large enough to gain may be read into, each tensor at most once (one
+    that two entries would be copied into keeps the copies, in their order)."""
+    if not isinstance(copied, Mapping):
+        return {}
+    entries = manifest.entries
+    large = {e: t for e, t in copied.items() if t.nbytes >= DIRECT_BYTES and entries[e].nbytes >= DIRECT_BYTES}
+    seen: dict[int, int] = {}
+    for tensor in large.values():
+        seen[id(tensor)] = seen.get(id(tensor), 0) + 1
+    return {entry: tensor for entry, tensor in large.items() if seen[id(tensor)] == 1}
 
 
 def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:

@@ -15,6 +15,11 @@ so a failing migration has touched nothing live; the loaded values are then matc
    (:mod:`safepoint._inplace`), and put back by any failure up to the end of phase 1; a module's load_state_dict
    then gets those same tensors, and its check compares a digest of the bytes read with what it holds after.
 2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
+
+One exception to "nothing live is touched before the apply": large plain tensors that restore only copies into
+(:func:`copied_entries`, :func:`~safepoint._payload.direct_target`) are read straight into the live tensor, after
+their bytes are kept in a :class:`~safepoint._backup.TensorBackups`; their copy is then already done. Every
+failure until the apply completes (a file, the match, phase 1) puts them back before it propagates.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from typing import Any
 import numpy as np
 import torch
 import xxhash
+from torch.autograd.graph import increment_version
 
+from ._backup import TensorBackups
 from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
 from ._inplace import InPlace
@@ -162,25 +169,26 @@ def plain_values(loaded: LoadedCheckpoint, allow_pickle: Iterable[str] | bool = 
 
 
 # -- entries that are only copied ------------------------------------------------------------------------------
-def copied_entries(tree: Mapping[str, Any], live_state: Any) -> frozenset[int]:
-    """The entries that restoring ``tree`` into ``live_state`` can only copy into a live tensor and drop: each sits
-    in the tree as a plain tensor node, below dicts, lists and tuples only, where the live state holds a plain
-    ``torch.Tensor`` (or ``Parameter``) under plain containers of the same kinds. Matching either copies such an
-    entry with ``copy_`` (see :func:`_match_tensor`) or refuses the whole restore; nothing else ever receives it,
-    so its value need not own its memory (the reader may place many in one buffer). Anything else (objects,
-    ``Replace``, ``Pickled``, tensor subclasses, views of shared storage, ``typed`` nodes) is left out: those
-    values may be kept by what receives them, so they must be owned."""
-    found: set[int] = set()
+def copied_entries(tree: Mapping[str, Any], live_state: Any) -> dict[int, torch.Tensor]:
+    """The entries that restoring ``tree`` into ``live_state`` can only copy into a live tensor and drop, each with
+    that tensor: each sits in the tree as a plain tensor node, below dicts, lists and tuples only, where the live
+    state holds a plain ``torch.Tensor`` (or ``Parameter``) under plain containers of the same kinds. Matching
+    either copies such an entry with ``copy_`` (see :func:`_match_tensor`) or refuses the whole restore; nothing
+    else ever receives it, so its value need not own its memory (the reader may place many in one buffer, or read
+    it straight into the tensor behind a backup). Anything else (objects, ``Replace``, ``Pickled``, tensor
+    subclasses, views of shared storage, ``typed`` nodes) is left out: those values may be kept by what receives
+    them, so they must be owned."""
+    found: dict[int, torch.Tensor] = {}
     _collect_copied(tree, live_state, found)
-    return frozenset(found)
+    return found
 
 
-def copied_into(live_state: Any, state_version: int | None) -> Callable[[Manifest], frozenset[int]]:
+def copied_into(live_state: Any, state_version: int | None) -> Callable[[Manifest], dict[int, torch.Tensor]]:
     """:func:`copied_entries` of a manifest, none where a migration will run (it may keep any value)."""
 
-    def copied(manifest: Manifest) -> frozenset[int]:
+    def copied(manifest: Manifest) -> dict[int, torch.Tensor]:
         if state_version is not None and state_version != manifest.state_version:
-            return frozenset()
+            return {}
         return copied_entries(manifest.tree, live_state)
 
     return copied
@@ -190,11 +198,11 @@ def _is_plain_container(live: Any) -> bool:
     return not isinstance(live, (Pickled, torch.Tensor, np.ndarray, Replace)) and not is_stateful(live)
 
 
-def _collect_copied(node: Mapping[str, Any], live: Any, found: set[int]) -> None:
+def _collect_copied(node: Mapping[str, Any], live: Any, found: dict[int, torch.Tensor]) -> None:
     kind = node["k"]
     if kind == "tensor":
         if type(live) in (torch.Tensor, torch.nn.Parameter):  # a subclass's copy_ could keep its source
-            found.add(node["e"])
+            found[node["e"]] = live
     elif kind == "dict":
         if isinstance(live, MutableMapping) and _is_plain_container(live):
             for key, child in node["v"]:
@@ -325,7 +333,8 @@ def _match_tensor(plan: _Plan, live: torch.Tensor, saved: Any, path: list[str | 
         return
     if _dtype_mismatch(plan, live, saved, path):
         return
-    if saved is live:  # a DTensor read into in place (see _fit): nothing to copy
+    if saved is live:  # read straight into it behind a backup (read_leaves; a DTensor: _fit): the copy is done
+        plan.actions.append(lambda: increment_version(live))  # as copy_ would: autograd sees the change
         plan.applied.append(tuple(path))
         return
 
@@ -774,10 +783,19 @@ class PreparedRestore:
 
     plan: _Plan
     report: RestoreReport
+    backups: TensorBackups | None = None  # live tensors the read wrote in place (see read_leaves)
 
     def apply(self) -> RestoreReport:
-        """Apply the plan; the report, with the casts objects' own load_state_dict made (cast_dtypes=True)."""
-        _apply(self.plan, self.report.step)
+        """Apply the plan; the report, with the casts objects' own load_state_dict made (cast_dtypes=True). On a
+        failure, the tensors the read wrote in place are put back too; on success their backups are dropped."""
+        try:
+            _apply(self.plan, self.report.step)
+        except BaseException as err:
+            if self.backups is not None:
+                self.backups.roll_back(err)
+            raise
+        if self.backups is not None:
+            self.backups.discard()
         return dataclasses.replace(self.report, cast=tuple(self.plan.cast))
 
     def discard(self, error: BaseException | None = None) -> None:
@@ -835,7 +853,29 @@ def prepare_checkpoint(
 
     With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
     a newer one, or one no chain reaches, raises StateVersionError, and a failing migration MigrationError.
-    ``cast_dtypes`` lets a floating-point tensor of another floating-point dtype be cast to the live one."""
+    ``cast_dtypes`` lets a floating-point tensor of another floating-point dtype be cast to the live one.
+
+    If the read wrote live tensors in place (``loaded.backups``), they are put back when this raises."""
+    try:
+        return _prepare(loaded, live_state, strict=strict, path=path, skipped=skipped, state_version=state_version,
+                        migrations=migrations, cast_dtypes=cast_dtypes)  # fmt: skip
+    except BaseException as err:
+        if loaded.backups is not None:
+            loaded.backups.roll_back(err)
+        raise
+
+
+def _prepare(
+    loaded: LoadedCheckpoint,
+    live_state: MutableMapping[str, Any],
+    *,
+    strict: bool,
+    path: str,
+    skipped: tuple[SkippedCheckpoint, ...],
+    state_version: int | None,
+    migrations: Migrations | None,
+    cast_dtypes: bool,
+) -> PreparedRestore:
     if not isinstance(live_state, MutableMapping):
         raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
     saved, applied = _saved_values(loaded, path, state_version, migrations)
@@ -858,7 +898,7 @@ def prepare_checkpoint(
     except BaseException as err:
         plan.in_place.restore(err)
         raise
-    return PreparedRestore(plan, report)
+    return PreparedRestore(plan, report, loaded.backups)
 
 
 def load_values(

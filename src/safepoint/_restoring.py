@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any, TypeVar
 
+from ._backup import TensorBackups
 from ._distributed import Coordinator, LocalCoordinator, Operation, PerRank, Post, first_failure, require_all
 from ._errors import (
     CheckpointNotFoundError,
@@ -137,13 +138,16 @@ def restore_newest(
             state_version=state_version, migrations=migrations, cast_dtypes=cast_dtypes,
         )  # fmt: skip
 
+    backups = TensorBackups()  # of live tensors a candidate's read writes in place; put back if it is not applied
+
     def read(path: str, candidate: int) -> LoadedCheckpoint:
         if not ranked:
-            return read_checkpoint(storage, path, step=candidate, copied=copied_into(state, state_version))
+            copied = copied_into(state, state_version)
+            return read_checkpoint(storage, path, step=candidate, copied=copied, backups=backups)
         return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size)
 
     operation = coordinator.operation("restore")
-    with gc_paused():  # like a save, a restore allocates a few objects per entry: see gc_paused
+    with gc_paused(), backups.until_complete():  # gc_paused: a restore allocates a few objects per entry
         found = _newest(storage, operation, state, step, committed, step_path, read, prepare)
         if found is None:
             return None
