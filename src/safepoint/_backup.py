@@ -1,10 +1,14 @@
 """Backups of live tensors that a restore writes before it is complete, and putting them back.
 
-A restore is total or nothing. Where it reads a file's bytes straight into a live tensor (no staging buffer, no
-copy afterwards), it first keeps a copy of the tensor's bytes here, slice by slice just ahead of the read; until
-the restore is complete, any failure puts every written tensor back, bitwise, before the error propagates. This
-module only keeps and restores bytes: what may be written in place is decided by the reader
-(:func:`safepoint._payload.direct_target`).
+A restore is total or nothing. Where it reads a checkpoint's bytes straight into a live tensor (no staging
+buffer, no copy afterwards: a large plain tensor read from a local file, or a live DTensor's local shard), it first
+keeps a copy of the tensor's bytes here. The copy is made slice by slice, in order, by one keeper thread that runs
+ahead of the reads (the copy overlaps the reads' I/O), and a writer asks for the bytes it is about to overwrite
+with :meth:`Backup.keep_to` or :meth:`Backup.ready`, which copy whatever the keeper has not reached yet: no byte is
+written before it is kept. Until the restore is complete, any failure puts every written tensor back, bitwise,
+before the error propagates (:meth:`TensorBackups.roll_back`); a success drops the backups
+(:meth:`TensorBackups.discard`). This module only keeps and restores bytes: what may be written in place is
+decided by the reader (:func:`safepoint._payload.direct_target`, :func:`writable`).
 """
 
 from __future__ import annotations
@@ -12,90 +16,174 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch.autograd.graph import increment_version
 
-from ._errors import StorageError, attach_note
+from ._errors import RestoreError, StorageError, attach_note
 
-__all__ = ["Backup", "TensorBackups"]
+__all__ = ["SLICE_BYTES", "Backup", "InPlace", "Ready", "TensorBackups", "writable"]
+
+#: The keeper copies this many bytes at a time: a writer that overtakes it waits for at most one slice.
+SLICE_BYTES = 4 << 20
+
+#: ``ready(region)``: returns once every byte of ``region`` (a view of a tensor being written) is kept.
+Ready = Callable[[torch.Tensor], None]
+
+
+def writable(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``tensor``'s memory can take a checkpoint's bytes of ``dtype`` as they are: a plain dense strided
+    CPU tensor (or Parameter) of that dtype, contiguous, not a lazily conjugated or negated view, not empty."""
+    return (
+        type(tensor) in (torch.Tensor, torch.nn.Parameter)
+        and tensor.device.type == "cpu"
+        and tensor.layout == torch.strided
+        and tensor.dtype == dtype
+        and tensor.is_contiguous()
+        and not tensor.is_conj()
+        and not tensor.is_neg()
+        and tensor.numel() > 0
+    )
 
 
 class Backup:
-    """The bytes of one live tensor from before the restore, copied aside up to :attr:`kept` (the caller writes
-    no byte of the tensor before it is kept)."""
+    """The bytes of one live tensor from before the restore, copied aside in order up to :attr:`kept`."""
 
     def __init__(self, key: str, live: torch.Tensor) -> None:
         self.key, self.live = key, live
         self.address, self.nbytes = live.data_ptr(), live.nbytes
+        self._memory = live.detach().reshape(-1)  # holds the storage: the address stays valid while kept
         try:
             self.copy = torch.empty(self.nbytes, dtype=torch.uint8)
         except RuntimeError as err:
             raise StorageError(f"cannot allocate {self.nbytes} bytes to keep {key!r} before reading into it") from err
         self.kept = 0
+        self.overlapping: list[Backup] = []  # backups of other memory that shares bytes with this one's
+        self._lock = threading.Lock()  # the keeper and a writer never copy the same bytes at once
+        self._stopped = False
 
     def keep_to(self, end: int) -> None:
-        """Copy the live bytes up to ``end`` aside (at most the whole tensor)."""
+        """Before the live bytes up to ``end`` are written: copy them aside (at most the whole tensor), here and in
+        every other backup of memory that overlaps them (a byte is kept by all its backups before it changes)."""
+        self._keep(end)
+        for other in self.overlapping:
+            other._keep(self.address + end - other.address)
+
+    def _keep(self, end: int) -> None:
         end = min(end, self.nbytes)
-        if end > self.kept:  # ctypes.memmove releases the GIL, unlike a copy_ of a view of each part
-            ctypes.memmove(self.copy.data_ptr() + self.kept, self.address + self.kept, end - self.kept)
-            self.kept = end
+        if end <= self.kept:  # read without the lock: it only grows
+            return
+        with self._lock:
+            if end > self.kept:  # ctypes.memmove releases the GIL, unlike a copy_ of a view of each part
+                ctypes.memmove(self.copy.data_ptr() + self.kept, self.address + self.kept, end - self.kept)
+                self.kept = end
+
+    def ready(self, region: torch.Tensor) -> None:
+        """Keep every byte up to the end of ``region``, a view of the tensor that is about to be written."""
+        if region.numel() == 0:
+            return
+        if region.untyped_storage().data_ptr() != self.live.untyped_storage().data_ptr():
+            raise RestoreError(f"a restore wrote outside {self.key!r}, the tensor it kept (a bug in safepoint)")
+        first = region.data_ptr() - self.address
+        if first < 0:
+            raise RestoreError(f"a restore wrote before {self.key!r}, the tensor it kept (a bug in safepoint)")
+        last = sum((size - 1) * stride for size, stride in zip(region.shape, region.stride(), strict=True))
+        self.keep_to(first + (last + 1) * region.element_size())
+
+    def _keep_ahead(self) -> None:
+        """The keeper's work: everything, a slice at a time, until done or stopped."""
+        while self.kept < self.nbytes and not self._stopped:
+            self._keep(self.kept + SLICE_BYTES)
 
     def put_back(self) -> None:
         """Write the kept bytes back; RuntimeError if the tensor no longer has the memory it had (resized, or its
         storage replaced), which is then left alone rather than written at an address it gave up."""
-        if self.live.data_ptr() != self.address or self.live.untyped_storage().nbytes() < self.nbytes:
-            raise RuntimeError("the tensor's memory changed during the restore")
-        if self.kept:
-            ctypes.memmove(self.address, self.copy.data_ptr(), self.kept)
-            increment_version(self.live)  # as copy_ would: a graph that saved the value sees it changed
+        with self._lock:
+            self._stopped = True
+            if self.live.data_ptr() != self.address or self.live.untyped_storage().nbytes() < self.nbytes:
+                raise RuntimeError("the tensor's memory changed during the restore")
+            if self.kept:
+                ctypes.memmove(self.address, self.copy.data_ptr(), self.kept)
+                increment_version(self.live)  # as copy_ would: a graph that saved the value sees it changed
 
 
 class TensorBackups:
     """The previous bytes of every live tensor written in place by one restore, until it completes.
 
     :meth:`keep` is called before a tensor's first byte is written (from any reader thread) and returns its
-    :class:`Backup`; :meth:`roll_back` puts every kept tensor back (newest first) and forgets them; :meth:`discard`
-    forgets them once the restore is complete. A tensor kept twice keeps its first backup: the bytes from before
-    the restore began."""
+    :class:`Backup`; :meth:`roll_back` puts every kept tensor back, newest first, and forgets them; :meth:`discard`
+    forgets them once the restore is complete. The same memory kept twice (tied tensors) keeps its first backup;
+    memory that overlaps another's is kept by every backup of it registered so far before any of their writers
+    changes it (:meth:`Backup.keep_to`), so the oldest backup of a byte holds its value from before the restore,
+    and it is put back last."""
 
     def __init__(self) -> None:
-        self._kept: dict[int, Backup] = {}  # id(live) -> its backup
+        self._kept: dict[tuple[int, int], Backup] = {}  # (address, nbytes) of live memory -> its backup
         self._lock = threading.Lock()
+        self._keeper: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self._kept)
 
-    def keep(self, key: str, live: torch.Tensor) -> Backup:
-        """Register ``live`` (a contiguous CPU tensor); StorageError if there is no memory for its copy. Its
-        bytes are copied aside as the caller asks (:meth:`Backup.keep_to`), always before they are written."""
+    def keep(self, key: str, live: torch.Tensor, *, ahead: bool = True) -> Backup:
+        """Register ``live`` (a contiguous CPU tensor, see :func:`writable`); StorageError if there is no memory
+        for its copy. With ``ahead``, the keeper thread starts copying it aside; the writer still calls
+        :meth:`Backup.keep_to` or :meth:`Backup.ready` before writing each part."""
+        memory = (live.data_ptr(), live.nbytes)
         with self._lock:
-            found = self._kept.get(id(live))
-            if found is not None and found.live is live:
-                return found
+            found = self._kept.get(memory)
+        if found is not None:
+            return found
         backup = Backup(key, live)
         with self._lock:
-            return self._kept.setdefault(id(live), backup)
+            found = self._kept.get(memory)
+            if found is not None:
+                return found
+            for other in self._kept.values():
+                if other.address < backup.address + backup.nbytes and backup.address < other.address + other.nbytes:
+                    other.overlapping.append(backup)
+                    backup.overlapping.append(other)
+            self._kept[memory] = backup
+            if ahead:
+                if self._keeper is None:
+                    self._keeper = ThreadPoolExecutor(1, thread_name_prefix="safepoint-keep")
+                self._keeper.submit(backup._keep_ahead)
+        return backup
 
-    def roll_back(self, error: BaseException) -> None:
-        """Put every kept tensor back as it was; a tensor that cannot be put back is named in a note on
-        ``error`` (never replacing it), and the others are still put back."""
-        with self._lock:
-            kept, self._kept = list(self._kept.values()), {}
+    def roll_back(self, error: BaseException | None) -> None:
+        """Put every kept tensor back as it was. A tensor that cannot be put back is named in a note on ``error``
+        (the failure being handled, never replaced), or, without one, in a RestoreError raised once the others
+        are back."""
+        kept = self._forget()
+        failures = []
         for backup in reversed(kept):
             try:
                 backup.put_back()
             except Exception as failure:
-                attach_note(
-                    error,
+                failures.append(
                     f"safepoint: putting back {backup.key!r} after the failed restore also failed: {failure!r}; "
-                    "that tensor may hold bytes of the checkpoint that were read but not verified: do not train on it",
+                    "that tensor may hold bytes of the checkpoint that were read but not verified: do not train on it"
                 )
+        if failures and error is None:
+            raise RestoreError("; ".join(failures))
+        for note in failures:
+            attach_note(error, note)  # type: ignore[arg-type]  # error is not None here
 
     def discard(self) -> None:
+        """Forget the backups: the restore is complete and the writes stay."""
+        self._forget()
+
+    def _forget(self) -> list[Backup]:
         with self._lock:
-            self._kept = {}
+            kept, self._kept = list(self._kept.values()), {}
+            keeper, self._keeper = self._keeper, None
+        for backup in kept:
+            backup._stopped = True
+        if keeper is not None:
+            keeper.shutdown(wait=True)  # nothing reads a live tensor into a backup any more
+        return kept
 
     @contextlib.contextmanager
     def until_complete(self) -> Iterator[TensorBackups]:
@@ -106,3 +194,32 @@ class TensorBackups:
             self.roll_back(error)
             raise
         self.discard()
+
+
+class InPlace:
+    """Writes into live tensors, registered while a restore is matched and run together once it all matched, each
+    behind its backup in ``backups`` (the restore's: one rollback puts back everything it wrote in place)."""
+
+    def __init__(self, backups: TensorBackups | None = None) -> None:
+        self.backups = backups if backups is not None else TensorBackups()
+        self._writes: list[tuple[str, torch.Tensor, Callable[[Ready], None]]] = []
+
+    def __len__(self) -> int:
+        return len(self._writes)
+
+    def add(self, key: str, tensor: torch.Tensor, write: Callable[[Ready], None]) -> None:
+        """Register ``tensor`` (:func:`writable`), to be filled by ``write(ready)`` when :meth:`run` runs;
+        ``write`` calls ``ready(region)`` before it writes into each region (a view of ``tensor``)."""
+        self._writes.append((key, tensor.detach(), write))
+
+    def run(self) -> None:
+        """Keep and write every registered tensor, in order; on any error, everything kept is put back before
+        the error propagates."""
+        writes, self._writes = self._writes, []
+        try:
+            kept = [self.backups.keep(key, tensor) for key, tensor, _ in writes]
+            for (_, _, write), backup in zip(writes, kept, strict=True):
+                write(backup.ready)
+        except BaseException as err:
+            self.backups.roll_back(err)
+            raise

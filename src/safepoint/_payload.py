@@ -21,13 +21,12 @@ import struct
 import sys
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
-from ._backup import TensorBackups
+from ._backup import TensorBackups, writable
 from ._budget import ByteBudget
 from ._checksum import Hasher, format_checksum, new_hasher
 from ._codec import DTYPE_NAMES, DTYPES, PickledPayload
@@ -442,17 +441,11 @@ class _Pass:
     def _read_direct(self, slot: _Slot, target: torch.Tensor, backups: TensorBackups) -> torch.Tensor:
         """Read ``slot`` straight into the live tensor ``target``, once its bytes are kept in ``backups``."""
         self._skip(slot.begin - self.position)
-        backup = backups.keep(slot.entry.key, target)
+        backup = backups.keep(slot.entry.key, target)  # the keeper thread copies it aside while this reads
         memory = _bytes_of(target)
-        with ThreadPoolExecutor(1, thread_name_prefix="safepoint-keep") as helper:
-            kept = helper.submit(backup.keep_to, _SLICE_BYTES)
-            try:
-                for start in range(0, memory.nbytes, _SLICE_BYTES):
-                    kept.result()  # every byte is kept before it is written
-                    kept = helper.submit(backup.keep_to, start + 2 * _SLICE_BYTES)  # the next, during this read
-                    self._read([memory[start : start + _SLICE_BYTES]])
-            finally:
-                wait([kept])  # nothing copies into the backup once this returns (a rollback reads it)
+        for start in range(0, memory.nbytes, _SLICE_BYTES):
+            backup.keep_to(start + _SLICE_BYTES)  # every byte is kept before it is written
+            self._read([memory[start : start + _SLICE_BYTES]])
         return target
 
     def _read_together(self, slots: list[_Slot], values: dict[int, Any]) -> None:
@@ -502,12 +495,9 @@ def direct_target(live: torch.Tensor, entry: EntryRecord) -> bool:
     tensor that uses its storage: no view, tie or ``state_dict()`` copy elsewhere sees the bytes change while the
     restore is not yet complete, or could be written by something else in the same restore."""
     return (
-        type(live) in (torch.Tensor, torch.nn.Parameter)
-        and entry.kind == "tensor"
+        entry.kind == "tensor"
         and sys.byteorder == "little"
-        and live.layout == torch.strided
-        and is_dense_on_cpu(live)
-        and live.dtype == DTYPE_NAMES[entry.dtype]
+        and writable(live, DTYPE_NAMES[entry.dtype])
         and tuple(live.shape) == tuple(entry.shape)
         and entry.nbytes >= DIRECT_BYTES
         and not live.is_inference()

@@ -10,16 +10,19 @@ so a failing migration has touched nothing live; the loaded values are then matc
    weights. Objects other than modules are backed up just before they are applied (cheap when resuming: a fresh
    optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
    (every key, shape and dtype) beforehand and not copied: a backup would double the memory of the model.
-   The local shards of live DTensors (in plain containers, and in a module's ``state_dict()``, which shares its
-   parameters' memory) are the exception: they are read into in place while preparing, each behind a backup
-   (:mod:`safepoint._inplace`), and put back by any failure up to the end of phase 1; a module's load_state_dict
-   then gets those same tensors, and its check compares a digest of the bytes read with what it holds after.
 2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
 
-One exception to "nothing live is touched before the apply": large plain tensors that restore only copies into
-(:func:`copied_entries`, :func:`~safepoint._payload.direct_target`) are read straight into the live tensor, after
-their bytes are kept in a :class:`~safepoint._backup.TensorBackups`; their copy is then already done. Every
-failure until the apply completes (a file, the match, phase 1) puts them back before it propagates.
+The exception to "nothing live is touched before the apply": some live tensors are read into in place, each
+behind a backup (:mod:`safepoint._backup`), so their copy is already done when the apply comes:
+
+- large plain tensors that restore only copies into (:func:`copied_entries`,
+  :func:`~safepoint._payload.direct_target`), while the files are read;
+- the local shards of live DTensors (in plain containers, and in a module's ``state_dict()``, which shares its
+  parameters' memory), while preparing, once the whole state matched; a module's load_state_dict then gets those
+  same tensors, and its check compares a digest of the bytes read with what it holds after.
+
+One set of backups per restore holds them all; every failure until the apply completes (a file, the match,
+another rank's verdict, phase 1) puts every one of them back before it propagates.
 """
 
 from __future__ import annotations
@@ -36,10 +39,9 @@ import torch
 import xxhash
 from torch.autograd.graph import increment_version
 
-from ._backup import TensorBackups
+from ._backup import InPlace
 from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_stateful, key_path, pickle_allowed
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
-from ._inplace import InPlace
 from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
 from ._reader import LoadedCheckpoint
@@ -783,26 +785,19 @@ class PreparedRestore:
 
     plan: _Plan
     report: RestoreReport
-    backups: TensorBackups | None = None  # live tensors the read wrote in place (see read_leaves)
 
     def apply(self) -> RestoreReport:
         """Apply the plan; the report, with the casts objects' own load_state_dict made (cast_dtypes=True). On a
-        failure, the tensors the read wrote in place are put back too; on success their backups are dropped."""
-        try:
+        failure, the tensors read into in place are put back too (last); on success their backups are dropped."""
+        with self.plan.in_place.backups.until_complete():
             _apply(self.plan, self.report.step)
-        except BaseException as err:
-            if self.backups is not None:
-                self.backups.roll_back(err)
-            raise
-        if self.backups is not None:
-            self.backups.discard()
         return dataclasses.replace(self.report, cast=tuple(self.plan.cast))
 
     def discard(self, error: BaseException | None = None) -> None:
         """Not applied after all (another rank found a corrupt file, or failed): put back the live tensors that
         were read into in place. A failure to do so is a note on ``error`` (the failure being handled), or a
         RestoreError without one."""
-        self.plan.in_place.restore(error)
+        self.plan.in_place.backups.roll_back(error)
 
 
 def _saved_values(
@@ -848,7 +843,7 @@ def prepare_checkpoint(
     """Match a verified (and, with ``state_version``, migrated) checkpoint against ``live_state``; RestoreError
     if it does not fit. ``.apply()`` applies it in place, totally or not at all; ``.discard()`` leaves the live
     state as it was. The local shards of live DTensors in plain containers are read into in place here, once the
-    whole state matched, behind backups (:class:`~safepoint._inplace.InPlace`): every byte verified, and on a
+    whole state matched, behind backups (:class:`~safepoint._backup.InPlace`): every byte verified, and on a
     failure here, in ``discard`` or in a failed ``apply`` every one of them is put back.
 
     With ``state_version`` (the code's), a checkpoint of another version is first upgraded by ``migrations``;
@@ -879,7 +874,8 @@ def _prepare(
     if not isinstance(live_state, MutableMapping):
         raise RestoreError(f"the live state must be a dict, not {type(live_state).__name__}")
     saved, applied = _saved_values(loaded, path, state_version, migrations)
-    plan = _Plan(strict, cast_dtypes)
+    # one set of backups for everything this restore writes in place (the read's, and the DTensors' below)
+    plan = _Plan(strict, cast_dtypes, in_place=InPlace(loaded.backups))
     _match(plan, live_state, saved, [], None)
     step = loaded.manifest.step
     if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
@@ -896,9 +892,9 @@ def _prepare(
             cast=tuple(plan.cast),
         )
     except BaseException as err:
-        plan.in_place.restore(err)
+        plan.in_place.backups.roll_back(err)
         raise
-    return PreparedRestore(plan, report, loaded.backups)
+    return PreparedRestore(plan, report)
 
 
 def load_values(
@@ -969,7 +965,7 @@ def _apply(plan: _Plan, step: int) -> None:
     # Phase 2 cannot fail once matched: plain tensor copies and assignments into dicts, lists and tuples.
     # others (backed up) first, then data loaders (not observed beforehand, so not backed up), then modules
     order = sorted(plan.objects, key=lambda item: 2 if isinstance(item[1], torch.nn.Module) else _is_loader(item[1]))
-    undo: list[Callable[[], None]] = [plan.in_place.restore]  # DTensors already read into in place: last back
+    undo: list[Callable[[], None]] = []
     try:
         for key, target, state in order:
             try:
@@ -983,7 +979,6 @@ def _apply(plan: _Plan, step: int) -> None:
     except BaseException as err:
         _roll_back(undo, err)
         raise
-    plan.in_place.release()
     with torch.no_grad():  # once for all: entering it per tensor cost more than copying 10 000 small ones
         for action in plan.actions:
             action()

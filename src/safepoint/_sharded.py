@@ -33,8 +33,8 @@ from typing import Any, NamedTuple
 import torch
 import xxhash
 
+from ._backup import InPlace, Ready, writable
 from ._errors import CorruptCheckpointError, InvalidStateError
-from ._inplace import InPlace, Ready, writable
 
 __all__ = [
     "Box",
@@ -517,7 +517,7 @@ class ShardedSaved:
                     for piece in pieces:
                         fill(view_of(local, piece), piece.box, self.boxes, self.reader, ready)
 
-                into.add(local, write)
+                into.add(self.key, local, write)
                 return live
         return shard_like(live, self.dtype, lambda out, box: fill(out, box, self.boxes, self.reader))
 

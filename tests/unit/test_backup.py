@@ -1,4 +1,5 @@
-"""InPlace: live tensors written in place behind backups, put back bitwise on any failure (safepoint._inplace)."""
+"""InPlace and TensorBackups: live tensors written in place behind backups, put back bitwise on any failure
+(safepoint._backup)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from safepoint._backup import SLICE_BYTES, InPlace, Ready, TensorBackups, writable
 from safepoint._errors import RestoreError
-from safepoint._inplace import SLICE_BYTES, InPlace, Ready, writable
 
 
 def _fill(tensor: torch.Tensor, value: float, *, fail: BaseException | None = None) -> Callable[[Ready], None]:
@@ -30,27 +31,27 @@ def test_a_failed_write_puts_every_target_back_bitwise_and_the_error_propagates(
     second = torch.randn(17, 3)
     originals = (first.clone(), second.clone())
     writes = InPlace()
-    writes.add(first, _fill(first, 1.0))
-    writes.add(second, _fill(second, 2.0, fail=ValueError("corrupt box")))
+    writes.add("first", first, _fill(first, 1.0))
+    writes.add("second", second, _fill(second, 2.0, fail=ValueError("corrupt box")))
     with pytest.raises(ValueError, match="corrupt box"):
         writes.run()
     assert torch.equal(first.view(torch.int32), originals[0].view(torch.int32))
     assert torch.equal(second.view(torch.int32), originals[1].view(torch.int32))
-    assert len(writes) == 0  # the backups are dropped
+    assert len(writes.backups) == 0  # the backups are dropped
 
 
 def test_restore_after_a_successful_run_puts_the_values_back_and_release_keeps_them() -> None:
     kept, undone = torch.arange(10.0), torch.arange(10.0)
     for tensor, keep in ((kept, True), (undone, False)):
         writes = InPlace()
-        writes.add(tensor, _fill(tensor, 7.0))
+        writes.add("tensor", tensor, _fill(tensor, 7.0))
         writes.run()
         assert torch.equal(tensor, torch.full((10,), 7.0))  # written in place
         if keep:
-            writes.release()
+            writes.backups.discard()
         else:
-            writes.restore()  # another rank failed: put back
-        writes.restore()  # nothing left to put back: a no-op
+            writes.backups.roll_back(None)  # another rank failed: put back
+        writes.backups.roll_back(None)  # nothing left to put back: a no-op
     assert torch.equal(kept, torch.full((10,), 7.0))
     assert torch.equal(undone, torch.arange(10.0))
 
@@ -59,8 +60,8 @@ def test_a_tensor_written_twice_comes_back_with_its_first_values() -> None:
     tensor = torch.randn(2 * SLICE_BYTES // 4)
     original = tensor.clone()
     writes = InPlace()
-    writes.add(tensor, _fill(tensor, 1.0))
-    writes.add(tensor, _fill(tensor, 2.0, fail=ValueError("later")))  # the same memory (tied weights)
+    writes.add("tensor", tensor, _fill(tensor, 1.0))
+    writes.add("tensor", tensor, _fill(tensor, 2.0, fail=ValueError("later")))  # the same memory (tied weights)
     with pytest.raises(ValueError, match="later"):
         writes.run()
     assert torch.equal(tensor.view(torch.int32), original.view(torch.int32))
@@ -76,21 +77,21 @@ def test_a_failure_to_put_back_is_a_note_on_the_original_error_never_instead_of_
         raise ValueError("the original failure")
 
     writes = InPlace()
-    writes.add(tensor, write)
+    writes.add("tensor", tensor, write)
     with pytest.raises(ValueError, match="the original failure") as caught:
         writes.run()
     notes = getattr(caught.value, "__notes__", [])
-    assert any("putting the live tensors back" in note and "partly changed" in note for note in notes), notes
+    assert any("putting back 'tensor'" in note and "do not train on it" in note for note in notes), notes
 
 
 def test_a_failure_to_put_back_without_an_error_is_a_restore_error() -> None:
     tensor = torch.randn(64)
     writes = InPlace()
-    writes.add(tensor, _fill(tensor, 5.0))
+    writes.add("tensor", tensor, _fill(tensor, 5.0))
     writes.run()
     tensor.untyped_storage().resize_(0)
-    with pytest.raises(RestoreError, match="partly changed"):
-        writes.restore()
+    with pytest.raises(RestoreError, match="putting back 'tensor'"):
+        writes.backups.roll_back(None)
 
 
 def test_only_plain_dense_contiguous_cpu_tensors_of_the_saved_dtype_are_written_in_place() -> None:
@@ -102,3 +103,32 @@ def test_only_plain_dense_contiguous_cpu_tensors_of_the_saved_dtype_are_written_
     assert not writable(torch.zeros(0, 3), torch.float32)
     assert not writable(torch.zeros(4, 3, dtype=torch.complex64).conj(), torch.complex64)
     assert not writable(plain.to_sparse(), torch.float32)
+
+
+def test_memory_two_backups_share_is_kept_by_both_before_either_writes_it() -> None:
+    """Two live tensors over overlapping memory: a write through one must not reach the other's backup before that
+    backup has kept those bytes, even when its keeper runs late (here: after the write)."""
+    base = torch.arange(64, dtype=torch.int32)
+    first, second = base[:48], base[16:]  # bytes 64..192 belong to both
+    backups = TensorBackups()
+    early = backups.keep("first", first, ahead=False)
+    late = backups.keep("second", second, ahead=False)
+    early.keep_to(32)
+    first[:8] = -1  # the first tensor's writer wrote only its first 8 values
+    late.keep_to(late.nbytes)
+    second.fill_(-2)  # the second's writer wrote all of it, over bytes the first's keeper had not reached
+    early._keep_ahead()  # the first's keeper, late
+    backups.roll_back(RuntimeError("a later failure"))
+    assert base.tolist() == list(range(64))
+
+
+def test_a_backup_kept_by_the_keeper_thread_is_put_back_bitwise() -> None:
+    tensor = torch.randn(3 * SLICE_BYTES // 4)
+    original = tensor.clone()
+    backups = TensorBackups()
+    backup = backups.keep("t", tensor)  # ahead: the keeper copies it while nothing waits
+    backup.keep_to(SLICE_BYTES)
+    tensor.view(-1)[: SLICE_BYTES // 4].fill_(3.0)
+    backups.roll_back(RuntimeError("x"))
+    assert torch.equal(tensor.view(torch.int32), original.view(torch.int32))
+    assert len(backups) == 0
