@@ -201,9 +201,10 @@ class Snapshot:
         ranked: bool,
         structures: Structures | None = None,
         world_size: int = 1,
-    ) -> tuple[Snapshot, list[Leaf]]:
-        """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage. With
-        ``structures``, a state of the structure saved last is not encoded (nor planned) again.
+    ) -> tuple[Snapshot, list[Leaf], list[int] | None]:
+        """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage, and their
+        ``data_ptr()`` where every leaf is dense (see ``Encoded.pointers``; None: not known). With ``structures``,
+        a state of the structure saved last is not encoded (nor planned) again.
 
         Every rank encodes the replicated entries (to find the DTensors among them), but only the ranks that
         write them keep their leaves; every rank keeps the boxes of DTensors it writes (see _sharded)."""
@@ -220,6 +221,7 @@ class Snapshot:
             (own or None, "own-"),
         )
         sharded: Sequence[ShardedSlot] = ()
+        pointers: list[int] | None = []
         for entries, prefix in wanted:
             if entries is None:
                 parts.append(None)
@@ -242,6 +244,7 @@ class Snapshot:
             # a cached structure knows its leaves' keys: no tuple made per leaf
             keys += encoded.structure.keys if encoded.structure is not None else _keys(encoded.leaves)
             specs += encoded.specs or [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves]
+            pointers = None if pointers is None or encoded.pointers is None else pointers + list(encoded.pointers)
         shd, boxes, layout = None, [], ""
         if sharded:
             start = len(leaves)
@@ -252,10 +255,11 @@ class Snapshot:
                     leaves.append(Leaf(slot.key, "tensor", view))
                     specs.append((view.dtype, view.shape))
                     boxes.append((index, piece.box))
-            shd = _Part("shd-", {"k": "dict", "v": []}, start, len(leaves))
+            shd, pointers = _Part("shd-", {"k": "dict", "v": []}, start, len(leaves)), None
             layout = _sharded_digest(sharded)
             keys += _keys(leaves[start:])
-        return cls(parts[0], parts[1], keys, ranked, tuple(specs), shd, tuple(boxes), layout), leaves
+        snapshot = cls(parts[0], parts[1], keys, ranked, tuple(specs), shd, tuple(boxes), layout)
+        return snapshot, leaves, pointers
 
     def structure(self) -> tuple[object, ...] | None:
         """The structure cache's entries this snapshot was encoded from, one per part (None: a part was encoded
@@ -739,7 +743,7 @@ def save_to(
         snapshot, leaves = Snapshot(None, None, (), ranked), list[Leaf]()
         try:
             checked = check_metrics(metrics or {})
-            snapshot, leaves = Snapshot.take(
+            snapshot, leaves, _ = Snapshot.take(
                 state, coordinator.rank, ranked=ranked, structures=structures, world_size=coordinator.world_size
             )
         except Exception as error:
@@ -815,7 +819,7 @@ class Saver:
         with gc_paused():
             try:
                 checked = check_metrics(metrics or {})
-                snapshot, leaves = Snapshot.take(
+                snapshot, leaves, pointers = Snapshot.take(
                     state, coordinator.rank, ranked=ranked, structures=self._structures,
                     world_size=coordinator.world_size,
                 )  # fmt: skip
@@ -846,7 +850,7 @@ class Saver:
                 return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
 
             return self.background.submit(
-                step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure()
+                step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure(), pointers=pointers
             )
 
 

@@ -66,8 +66,10 @@ def _device(tensor: torch.Tensor) -> torch.device | bool:
     return True if tensor.is_cpu else tensor.device
 
 
-_DTYPE, _SHAPE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("shape"), operator.attrgetter("layout")
-_IS_CPU, _REQUIRES_GRAD = operator.attrgetter("is_cpu"), operator.attrgetter("requires_grad")
+#: what the walk reads of each tensor of a dict of tensors, in one C call per tensor (a read of a tensor attribute
+#: costs ~0.2 us, more with its metadata out of cache: one pass over the tensors reads them all while it is in)
+_META = operator.attrgetter("is_cpu", "requires_grad", "dtype", "shape")
+_IS_CPU, _REQUIRES_GRAD = operator.itemgetter(0), operator.itemgetter(1)
 _TENSOR_DICT = "a dict of plain CPU tensors"
 
 
@@ -82,7 +84,7 @@ class _GiveUp(Exception):
 class _Walk:
     """One pass over a state, recording its signature, its scalars and its tensors in the encoder's order."""
 
-    __slots__ = ("resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
+    __slots__ = ("pointers", "resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
 
     def __init__(self) -> None:
         self.signature: list[Any] = []
@@ -90,6 +92,7 @@ class _Walk:
         self.scalar_keys: list[Any] = []  # the same, compared exactly (floats as hex)
         self.tensors: list[torch.Tensor] = []  # detached, as the encoder keeps them
         self.storages: list[int | torch.SymInt] = []  # storage addresses: how the encoder finds shared storage
+        self.pointers: list[int] = []  # each tensor's data_ptr(), read once: the copy of a hit reuses it
         self.resolved: dict[int, list[Any]] = {}
 
     def node(self, value: Any, depth: int) -> None:
@@ -126,7 +129,9 @@ class _Walk:
         self.signature.append((type(value), value.dtype, value.shape, _device(value), value.layout))
         self.tensors.append(value if type(value) is torch.Tensor and not value.requires_grad else value.detach())
         # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
-        self.storages.append(value.data_ptr() - value.storage_offset() * value.itemsize)
+        pointer = value.data_ptr()
+        self.pointers.append(pointer)
+        self.storages.append(pointer - value.storage_offset() * value.itemsize)
 
     def mapping(self, value: dict[Any, Any], depth: int) -> None:
         keys = list(value)
@@ -140,17 +145,18 @@ class _Walk:
 
     def tensor_dict(self, items: list[torch.Tensor]) -> bool:
         """A dict of plain CPU tensors (the hot path of a state with many tensors): every attribute read by a C
-        loop (``map``), not by the interpreter, per tensor, and no object made per tensor but its shape. False
+        loop (``map``), not by the interpreter, and no object made per tensor but its metadata tuple. False
         (nothing recorded) when it is not one."""
-        if not all(map(_IS_CPU, items)) or any(map(_REQUIRES_GRAD, items)):
+        meta = list(map(_META, items))
+        if not all(map(_IS_CPU, meta)) or any(map(_REQUIRES_GRAD, meta)):
             return False
-        if set(map(_LAYOUT, items)) != {torch.strided}:
-            return False
-        # what tensor() records of each, as two lists; the marker sets them apart from tensor()'s tuples
-        self.signature += (_TENSOR_DICT, list(map(_DTYPE, items)), list(map(_SHAPE, items)))
-        self.tensors.extend(items)
+        # no layout read: only a strided tensor has a data_ptr() (other layouts raise, and the walk gives up)
+        pointers = list(map(torch.Tensor.data_ptr, items))
         offsets = list(map(torch.Tensor.storage_offset, items))
-        pointers = map(torch.Tensor.data_ptr, items)
+        # what tensor() records of each, as one list; the marker sets it apart from tensor()'s tuples
+        self.signature += (_TENSOR_DICT, meta)
+        self.tensors.extend(items)
+        self.pointers += pointers
         if any(offsets):
             sizes = map(torch.Tensor.element_size, items)
             self.storages.extend(p - o * s for p, o, s in zip(pointers, offsets, sizes, strict=True))
@@ -169,6 +175,7 @@ class _Walk:
                 raise _GiveUp from err
             self.signature.append(("ndarray", scalar, array.dtype, array.shape))
             self.tensors.append(tensor)
+            self.pointers.append(tensor.data_ptr())
             self.storages.append(0)  # never grouped
             return
         if isinstance(value, (torch.Tensor, Pickled, np.ndarray)):
@@ -279,6 +286,7 @@ class _Entry:
     group_strides: list[tuple[int, tuple[int, ...], bool, bool]]  # see _strides
     flagged: list[int]  # slots left out of the grouping for their conj or neg bit
     specs: list[tuple[torch.dtype, torch.Size]]  # each leaf's dtype and shape (fixed by the signature)
+    complex: bool  # a tensor of a complex dtype: only those can carry a conj bit (fixed by the signature)
     plans: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)  # see commit.plan_save
 
 
@@ -350,7 +358,21 @@ class StructureCache:
         for index, (slot, start, length) in entry.spans:
             leaf = leaves[index]
             leaves[index] = Leaf(leaf.key, leaf.kind, tensors[slot].as_strided((length,), (1,), start), leaf.scalar)
-        return Encoded(tree, leaves, structure=entry, specs=entry.specs)
+        # leaf i is tensor i: the copy may take the walk's pointers when every leaf's bytes are its pointer's span
+        direct = entry.slots is None and not entry.spans and _dense(tensors, entry.complex)
+        return Encoded(tree, leaves, structure=entry, specs=entry.specs, pointers=walk.pointers if direct else None)
+
+
+_CONTIGUOUS, _NEG, _CONJ = torch.Tensor.is_contiguous, torch.Tensor.is_neg, torch.Tensor.is_conj
+
+
+def _dense(tensors: list[torch.Tensor], complex_dtypes: bool) -> bool:
+    """Every tensor contiguous, without a neg bit (nor a conj bit, which only complex dtypes can carry): its bytes
+    are then ``nbytes`` from its ``data_ptr()``. Read at every save (not part of the signature: a transposed
+    tensor of the same shape is a hit), right after the walk, while the tensors' metadata is still in cache."""
+    if not all(map(_CONTIGUOUS, tensors)) or any(map(_NEG, tensors)):
+        return False
+    return not complex_dtypes or not any(map(_CONJ, tensors))
 
 
 def _with_scalars(entry: _Entry, walk: _Walk) -> dict[str, Any]:
@@ -428,6 +450,7 @@ def _make_entry(walk: _Walk, encoded: Encoded, origins: list[LeafOrigin], slots:
         group_strides=_strides(tensors, grouped),
         flagged=flagged,
         specs=[(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves],
+        complex=any(tensor.is_complex() for tensor in tensors),
     )
 
 

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import operator
 import os
 import sys
 import threading
@@ -285,13 +286,16 @@ class BackgroundWriter:
         *,
         specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
         structure: tuple[object, ...] | None = None,
+        pointers: Sequence[int] | None = None,
     ) -> SaveHandle[T]:
         """Copy ``leaves`` into staging buffers and start ``job`` on them on a thread; returns once the copy is
         complete. ``order`` is the order in which ``job`` reads the leaves (asked only when the staging budget
         is smaller than the state, so that the copy can follow the writer). ``specs``: each leaf's dtype and
         shape, where the caller knows them already. ``structure``: objects that are the same (``is``) only when
         the leaves' kinds, dtypes, shapes and devices are those of the last save with them (the structure cache's
-        entries), so that the copy's plan is reused; None: plan the copy afresh."""
+        entries), so that the copy's plan is reused; None: plan the copy afresh. ``pointers``: each leaf's
+        ``data_ptr()``, read at this call, where every leaf is dense (contiguous, no conj/neg bit): the host
+        copies then read nothing more of the tensors."""
         handle: SaveHandle[T] = SaveHandle(step)
         staged = _Staged(leaves, self.pool, specs)
         plan = self._copy_plan
@@ -303,7 +307,7 @@ class BackgroundWriter:
             _register_exit_hook(self)
             thread.start()
         try:
-            _copy(leaves, plan, staged, self.pool)
+            _copy(leaves, plan, staged, self.pool, pointers)
         except BaseException as err:
             staged.abandon(err)
             staged.staging_finished()
@@ -368,13 +372,19 @@ class _Run:
     """One staging buffer's worth of the copy: its size, its device (None: host memory), its leaves, and where
     each lies in it."""
 
-    __slots__ = ("device", "host", "indices", "offsets", "size", "sizes")
+    __slots__ = ("_pick", "device", "host", "indices", "offsets", "size", "sizes")
 
     def __init__(self, device: torch.device | None, members: list[tuple[int, int]], sizes: list[int], host: bool):
         self.device, self.sizes, self.host = device, sizes, host
         self.indices = [index for index, _ in members]
         self.offsets = [offset for _, offset in members]
         self.size = members[-1][1] + -(-sizes[-1] // _ALIGN) * _ALIGN
+        self._pick = operator.itemgetter(*self.indices)
+
+    def sources(self, pointers: Sequence[int]) -> Sequence[int]:
+        """This segment's entries of ``pointers`` (one per leaf of the snapshot), in one C call."""
+        picked = self._pick(pointers)
+        return picked if len(self.indices) > 1 else (picked,)
 
 
 class _CopyPlan:
@@ -423,9 +433,12 @@ def _plan_copy(leaves: Sequence[Leaf], order: Sequence[int], limit: int, plan: _
     return plan
 
 
-def _copy(leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: StagingPool) -> None:
+def _copy(
+    leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: StagingPool, pointers: Sequence[int] | None
+) -> None:
     """Copy the leaves into staging segments as ``plan`` says: from a GPU into pinned memory asynchronously, every
-    copy having landed when this returns. These loops are the stall of a background save with many small tensors."""
+    copy having landed when this returns. These loops are the stall of a background save with many small tensors.
+    ``pointers``: see :meth:`BackgroundWriter.submit`."""
     for index in plan.direct:
         source = leaves[index].tensor
         staged.put(index, source if source.nbytes else torch.empty(source.shape, dtype=source.dtype))
@@ -434,7 +447,10 @@ def _copy(leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: Stagin
         buffer = pool.acquire(segment.size, pinned=pinned, cancelled=staged.cancelled)
         if staged.cancelled.is_set():
             return
-        _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
+        if pointers is not None and segment.host:
+            _move(buffer, segment.sources(pointers), segment)
+        else:
+            _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
         stream = torch.cuda.current_stream(segment.device) if pinned else None
         staged.add_segment(buffer, segment.indices, segment.offsets, stream)
     staged.synchronize()
@@ -444,17 +460,22 @@ _CONTIGUOUS = torch.Tensor.is_contiguous
 _CONJ, _NEG, _DATA_PTR = torch.Tensor.is_conj, torch.Tensor.is_neg, torch.Tensor.data_ptr
 
 
+def _move(buffer: torch.Tensor, sources: Sequence[int], segment: _Run) -> None:
+    """One memmove per source address into ``buffer`` at the segment's offsets, driven by ``map`` (no interpreter
+    loop: for many small tensors its per-tensor cost would be the stall); the sizes are the planned ones, which
+    the leaves' dtypes and shapes fix. torch's ``copy_`` costs ~10x more per call."""
+    base = buffer.data_ptr()
+    collections.deque(map(ctypes.memmove, map(base.__add__, segment.offsets), sources, segment.sizes), 0)
+
+
 def _fill(buffer: torch.Tensor, sources: list[torch.Tensor], segment: _Run) -> None:
     """Copy ``sources`` into ``buffer`` at the segment's offsets. Dense host tensors with one memmove each, driven
     by ``map`` (no interpreter loop: for many small tensors its per-tensor cost would be the stall); others with
     ``copy_``: from a GPU asynchronously, into pinned memory. A tensor's bytes are read here, at the call."""
-    base = buffer.data_ptr()
     if segment.host and all(map(_CONTIGUOUS, sources)) and not any(map(_CONJ, sources)) and not any(map(_NEG, sources)):
-        # torch's copy_ costs ~10x more per call; the sizes are the planned ones, which the dtypes and shapes fix
-        collections.deque(
-            map(ctypes.memmove, map(base.__add__, segment.offsets), map(_DATA_PTR, sources), segment.sizes), 0
-        )
+        _move(buffer, list(map(_DATA_PTR, sources)), segment)
         return
+    base = buffer.data_ptr()
     asynchronous = segment.device is not None
     for source, offset, nbytes in zip(sources, segment.offsets, segment.sizes, strict=True):
         if source.is_cpu and source.is_contiguous() and not (source.is_conj() or source.is_neg()):
