@@ -813,45 +813,59 @@ class Saver:
     def _save_in_background(
         self, checkpoint: str, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
     ) -> SaveHandle[CheckpointInfo]:
+        operation = self._coordinator.operation("save")  # on the caller's thread: every rank numbers it alike
+        with gc_paused():
+            handle = self._stage(operation, checkpoint, step, state, metrics)
+        # the collector runs again only once the snapshot's per-tensor objects (its leaves) died with _stage's
+        # frame: a collection now, due after the allocations of this save, would scan them on the caller's time
+        return handle
+
+    def _stage(
+        self,
+        operation: Operation,
+        checkpoint: str,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, float] | None,
+    ) -> SaveHandle[CheckpointInfo]:
+        """Snapshot ``state`` into staging buffers and start its save attempt on the writer's thread."""
         coordinator = self._coordinator
         ranked = coordinator.world_size > 1 or has_per_rank(state)
-        operation = coordinator.operation("save")  # on the caller's thread: every rank numbers it alike
-        with gc_paused():
-            try:
-                checked = check_metrics(metrics or {})
-                snapshot, leaves, pointers = Snapshot.take(
-                    state, coordinator.rank, ranked=ranked, structures=self._structures,
-                    world_size=coordinator.world_size,
+        try:
+            checked = check_metrics(metrics or {})
+            snapshot, leaves, pointers = Snapshot.take(
+                state, coordinator.rank, ranked=ranked, structures=self._structures,
+                world_size=coordinator.world_size,
+            )  # fmt: skip
+        except Exception as error:
+            if coordinator.world_size > 1:  # the others wait for this rank: tell them why it cannot save
+                failed = SaveAttempt(self._storage, operation, SaveRequest(checkpoint, step, {}, 0), _EMPTY)
+                with contextlib.suppress(SafepointError):
+                    failed.begin(Post(error=error))
+            raise
+        request = SaveRequest(checkpoint, step, checked, self._state_version)
+        attempt = SaveAttempt(self._storage, operation, request, snapshot, retain=self._retain)
+        opening = _opening(step, state, None)
+
+        def order() -> list[int]:
+            """The order the writer consumes the leaves in (a provisional plan: plans are deterministic)."""
+            found: list[int] = []
+            for part in (snapshot.rep, snapshot.own, snapshot.shd):
+                if part is None:
+                    continue
+                plan = plan_save(
+                    snapshot.encoded(part, [leaf.tensor for leaf in leaves]), checkpoint=checkpoint, step=0,
+                    save_id="provisional", shard_bytes=self._storage.shard_bytes or SHARD_BYTES,
                 )  # fmt: skip
-            except Exception as error:
-                if coordinator.world_size > 1:  # the others wait for this rank: tell them why it cannot save
-                    failed = SaveAttempt(self._storage, operation, SaveRequest(checkpoint, step, {}, 0), _EMPTY)
-                    with contextlib.suppress(SafepointError):
-                        failed.begin(Post(error=error))
-                raise
-            request = SaveRequest(checkpoint, step, checked, self._state_version)
-            attempt = SaveAttempt(self._storage, operation, request, snapshot, retain=self._retain)
-            opening = _opening(step, state, None)
+                found += [part.start + item.leaf for planned in plan.files for item in planned.tensors]
+            return found
 
-            def order() -> list[int]:
-                """The order the writer consumes the leaves in (a provisional plan: plans are deterministic)."""
-                found: list[int] = []
-                for part in (snapshot.rep, snapshot.own, snapshot.shd):
-                    if part is None:
-                        continue
-                    plan = plan_save(
-                        snapshot.encoded(part, [leaf.tensor for leaf in leaves]), checkpoint=checkpoint, step=0,
-                        save_id="provisional", shard_bytes=self._storage.shard_bytes or SHARD_BYTES,
-                    )  # fmt: skip
-                    found += [part.start + item.leaf for planned in plan.files for item in planned.tensors]
-                return found
+        def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
+            return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
 
-            def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
-                return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
-
-            return self.background.submit(
-                step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure(), pointers=pointers
-            )
+        return self.background.submit(
+            step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure(), pointers=pointers
+        )
 
 
 _EMPTY = Snapshot(None, None, (), True)

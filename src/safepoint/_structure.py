@@ -70,6 +70,11 @@ def _device(tensor: torch.Tensor) -> torch.device | bool:
 #: costs ~0.2 us, more with its metadata out of cache: one pass over the tensors reads them all while it is in)
 _META = operator.attrgetter("is_cpu", "requires_grad", "dtype", "shape")
 _IS_CPU, _REQUIRES_GRAD = operator.itemgetter(0), operator.itemgetter(1)
+_DATA_PTR, _STORAGE_OFFSET = torch.Tensor.data_ptr, torch.Tensor.storage_offset
+_CONTIGUOUS, _NEG, _CONJ = torch.Tensor.is_contiguous, torch.Tensor.is_neg, torch.Tensor.is_conj
+#: tensors read in one go by the walk: every read of a run of this many finds their metadata still in cache (a
+#: pass over all 10 000 tensors of a state would not: each read costs a cache miss again)
+_RUN = 512
 _TENSOR_DICT = "a dict of plain CPU tensors"
 
 
@@ -84,7 +89,7 @@ class _GiveUp(Exception):
 class _Walk:
     """One pass over a state, recording its signature, its scalars and its tensors in the encoder's order."""
 
-    __slots__ = ("pointers", "resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
+    __slots__ = ("dense", "pointers", "resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
 
     def __init__(self) -> None:
         self.signature: list[Any] = []
@@ -93,6 +98,7 @@ class _Walk:
         self.tensors: list[torch.Tensor] = []  # detached, as the encoder keeps them
         self.storages: list[int | torch.SymInt] = []  # storage addresses: how the encoder finds shared storage
         self.pointers: list[int] = []  # each tensor's data_ptr(), read once: the copy of a hit reuses it
+        self.dense = True  # every tensor contiguous without a neg bit (conj bits: see _reuse)
         self.resolved: dict[int, list[Any]] = {}
 
     def node(self, value: Any, depth: int) -> None:
@@ -131,6 +137,7 @@ class _Walk:
         # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
         pointer = value.data_ptr()
         self.pointers.append(pointer)
+        self.dense = self.dense and value.is_contiguous() and not value.is_neg()
         self.storages.append(pointer - value.storage_offset() * value.itemsize)
 
     def mapping(self, value: dict[Any, Any], depth: int) -> None:
@@ -147,16 +154,24 @@ class _Walk:
         """A dict of plain CPU tensors (the hot path of a state with many tensors): every attribute read by a C
         loop (``map``), not by the interpreter, and no object made per tensor but its metadata tuple. False
         (nothing recorded) when it is not one."""
-        meta = list(map(_META, items))
+        meta: list[tuple[bool, bool, torch.dtype, torch.Size]] = []
+        pointers: list[int] = []
+        offsets: list[int | torch.SymInt] = []
+        dense = True
+        for start in range(0, len(items), _RUN):
+            run = items[start : start + _RUN]
+            meta += map(_META, run)
+            # no layout read: only a strided tensor has a data_ptr() (other layouts raise, and the walk gives up)
+            pointers += map(_DATA_PTR, run)
+            offsets += map(_STORAGE_OFFSET, run)
+            dense = dense and all(map(_CONTIGUOUS, run)) and not any(map(_NEG, run))
         if not all(map(_IS_CPU, meta)) or any(map(_REQUIRES_GRAD, meta)):
             return False
-        # no layout read: only a strided tensor has a data_ptr() (other layouts raise, and the walk gives up)
-        pointers = list(map(torch.Tensor.data_ptr, items))
-        offsets = list(map(torch.Tensor.storage_offset, items))
         # what tensor() records of each, as one list; the marker sets it apart from tensor()'s tuples
         self.signature += (_TENSOR_DICT, meta)
         self.tensors.extend(items)
         self.pointers += pointers
+        self.dense = self.dense and dense
         if any(offsets):
             sizes = map(torch.Tensor.element_size, items)
             self.storages.extend(p - o * s for p, o, s in zip(pointers, offsets, sizes, strict=True))
@@ -359,20 +374,10 @@ class StructureCache:
             leaf = leaves[index]
             leaves[index] = Leaf(leaf.key, leaf.kind, tensors[slot].as_strided((length,), (1,), start), leaf.scalar)
         # leaf i is tensor i: the copy may take the walk's pointers when every leaf's bytes are its pointer's span
-        direct = entry.slots is None and not entry.spans and _dense(tensors, entry.complex)
+        # (a conj bit needs a complex dtype, which the signature fixes: read only where the entry has one)
+        direct = entry.slots is None and not entry.spans and walk.dense
+        direct = direct and not (entry.complex and any(map(_CONJ, tensors)))
         return Encoded(tree, leaves, structure=entry, specs=entry.specs, pointers=walk.pointers if direct else None)
-
-
-_CONTIGUOUS, _NEG, _CONJ = torch.Tensor.is_contiguous, torch.Tensor.is_neg, torch.Tensor.is_conj
-
-
-def _dense(tensors: list[torch.Tensor], complex_dtypes: bool) -> bool:
-    """Every tensor contiguous, without a neg bit (nor a conj bit, which only complex dtypes can carry): its bytes
-    are then ``nbytes`` from its ``data_ptr()``. Read at every save (not part of the signature: a transposed
-    tensor of the same shape is a hit), right after the walk, while the tensors' metadata is still in cache."""
-    if not all(map(_CONTIGUOUS, tensors)) or any(map(_NEG, tensors)):
-        return False
-    return not complex_dtypes or not any(map(_CONJ, tensors))
 
 
 def _with_scalars(entry: _Entry, walk: _Walk) -> dict[str, Any]:

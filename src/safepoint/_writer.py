@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import itertools
 import logging
 import operator
 import os
@@ -124,11 +123,16 @@ class _Staged(Sequence[torch.Tensor]):
     view of its staging segment. Only dtypes and shapes of the live leaves are kept, never the live tensors."""
 
     def __init__(
-        self, leaves: Sequence[Leaf], pool: StagingPool, specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None
+        self,
+        leaves: Sequence[Leaf],
+        pool: StagingPool,
+        plan: _CopyPlan,
+        specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
     ) -> None:
         self._specs = specs if specs is not None else [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
-        self._segment_of: list[_Segment | None] = [None] * len(leaves)
-        self._offset = [0] * len(leaves)
+        # which segment of the plan, at which offset, each leaf is copied into: fixed by the plan, so adding a
+        # segment costs nothing per leaf (for many small tensors a per-leaf cost is a measurable part of the stall)
+        self._segment_of, self._offset = plan.segment_of, plan.offset_of
         self._direct: dict[int, torch.Tensor] = {}
         self._segments: list[_Segment] = []
         self._pool = pool
@@ -153,10 +157,10 @@ class _Staged(Sequence[torch.Tensor]):
             self._condition.wait_for(lambda: self._ready(index) or self._failure is not None)
             if not self._ready(index):
                 raise SafepointError("the snapshot of this save was abandoned") from self._failure
-            direct, segment = self._direct.get(index), self._segment_of[index]
-        if direct is not None:
-            return direct
-        assert segment is not None  # _ready
+            direct = self._direct.get(index)
+            if direct is not None:
+                return direct
+            segment = self._segments[self._segment_of[index]]
         if segment.event is not None:
             segment.event.synchronize()  # the device-to-host copies into this pinned buffer have landed
         dtype, shape = self._specs[index]
@@ -165,7 +169,7 @@ class _Staged(Sequence[torch.Tensor]):
         return segment.buffer[start : start + nbytes].view(dtype).view(shape)
 
     def _ready(self, index: int) -> bool:
-        return index in self._direct or self._segment_of[index] is not None
+        return index in self._direct or self._segment_of[index] < len(self._segments)
 
     def put(self, index: int, value: torch.Tensor) -> None:
         """Leaf ``index`` needs no staging buffer (a private copy already, or empty)."""
@@ -173,21 +177,15 @@ class _Staged(Sequence[torch.Tensor]):
             self._direct[index] = value
             self._condition.notify_all()
 
-    def add_segment(
-        self, buffer: torch.Tensor, indices: list[int], offsets: list[int], stream: torch.cuda.Stream | None
-    ) -> None:
-        """Leaves ``indices`` are copied into ``buffer`` at ``offsets``; with ``stream``, the copies were queued
-        there and land once an event recorded now says so."""
+    def add_segment(self, buffer: torch.Tensor, leaves: int, stream: torch.cuda.Stream | None) -> None:
+        """The plan's next segment (``leaves`` leaves) is copied into ``buffer``; with ``stream``, the copies were
+        queued there and land once an event recorded now says so."""
         event = None
         if stream is not None:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
-        segment = _Segment(buffer, len(indices), event)
         with self._condition:
-            self._segments.append(segment)
-            # by C loops: one interpreter iteration per leaf is a measurable part of a many-tensor stall
-            collections.deque(map(self._offset.__setitem__, indices, offsets), 0)
-            collections.deque(map(self._segment_of.__setitem__, indices, itertools.repeat(segment)), 0)
+            self._segments.append(_Segment(buffer, leaves, event))
             self._condition.notify_all()
 
     def synchronize(self) -> None:
@@ -200,8 +198,11 @@ class _Staged(Sequence[torch.Tensor]):
     def written(self, index: int) -> None:
         """Leaf ``index`` is in the file: its segment goes back to the pool once all its leaves are."""
         with self._condition:
-            segment = self._segment_of[index]
-            if segment is None or segment.remaining == 0:
+            number = self._segment_of[index]
+            if number >= len(self._segments):
+                return
+            segment = self._segments[number]
+            if segment.remaining == 0:
                 return
             segment.remaining -= 1
             if segment.remaining:
@@ -297,10 +298,10 @@ class BackgroundWriter:
         ``data_ptr()``, read at this call, where every leaf is dense (contiguous, no conj/neg bit): the host
         copies then read nothing more of the tensors."""
         handle: SaveHandle[T] = SaveHandle(step)
-        staged = _Staged(leaves, self.pool, specs)
         plan = self._copy_plan
         if plan is None or not plan.serves(structure, self.pool.limit):
             plan = self._copy_plan = self._plan_copy(leaves, order, structure)
+        staged = _Staged(leaves, self.pool, plan, specs)
         streaming = plan.streaming
         thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
         if streaming:
@@ -334,7 +335,7 @@ class BackgroundWriter:
     ) -> _CopyPlan:
         limit = self.pool.limit
         streaming = limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > limit
-        plan = _CopyPlan(structure, limit, streaming)
+        plan = _CopyPlan(structure, limit, streaming, len(leaves))
         if streaming:  # the writer starts now, and the copy follows the order in which it writes
             return _plan_copy(leaves, order(), max(1, min(SEGMENT_BYTES, (limit or 0) // 4)), plan)
         # the writer starts after the copy, and plans from the copy (planning is not the caller's time)
@@ -392,12 +393,14 @@ class _CopyPlan:
     of the leaves' kinds, dtypes, shapes and devices, the copy order and the segment limit only: for a state of
     the structure saved last (the same ``structure`` key), the plan of the last save is the plan of this one."""
 
-    __slots__ = ("direct", "key", "limit", "segments", "streaming")
+    __slots__ = ("direct", "key", "limit", "offset_of", "segment_of", "segments", "streaming")
 
-    def __init__(self, key: tuple[object, ...] | None, limit: int | None, streaming: bool) -> None:
+    def __init__(self, key: tuple[object, ...] | None, limit: int | None, streaming: bool, leaves: int) -> None:
         self.key, self.limit, self.streaming = key, limit, streaming
         self.direct: list[int] = []
         self.segments: list[_Run] = []
+        self.segment_of = [sys.maxsize] * leaves  # each leaf's segment (its index in ``segments``); direct: none
+        self.offset_of = [0] * leaves  # where in it
 
     def serves(self, key: tuple[object, ...] | None, limit: int | None) -> bool:
         return (
@@ -423,6 +426,7 @@ def _plan_copy(leaves: Sequence[Leaf], order: Sequence[int], limit: int, plan: _
         if members and (size + nbytes > limit or where != device):
             plan.segments.append(_Run(device, members, sizes, host))
             members, sizes, size, host = [], [], 0, True
+        plan.segment_of[index], plan.offset_of[index] = len(plan.segments), size
         members.append((index, size))
         sizes.append(nbytes)
         size += -(-nbytes // _ALIGN) * _ALIGN
@@ -452,7 +456,7 @@ def _copy(
         else:
             _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
         stream = torch.cuda.current_stream(segment.device) if pinned else None
-        staged.add_segment(buffer, segment.indices, segment.offsets, stream)
+        staged.add_segment(buffer, len(segment.indices), stream)
     staged.synchronize()
 
 

@@ -87,8 +87,9 @@ def _delete(path: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
 
 
 def _in_place(state: dict[str, Any]) -> None:
-    for tensor in [*state["weights"].values(), *state["tied"].values()]:
-        tensor.add_(1.0)
+    with torch.no_grad():  # a weight may require grad after "tensor now requires grad"
+        for tensor in [*state["weights"].values(), *state["tied"].values()]:
+            tensor.add_(1.0)
 
 
 def _retie(state: dict[str, Any]) -> None:  # the same shapes, now two storages: no longer tied
@@ -168,6 +169,9 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "tensor now requires grad": _set(("weights", "w2"), lambda: torch.ones(3, 4, requires_grad=True)),
     "parameter values": lambda state: state["grad"].data.fill_(3.0),
     "parameter data swapped": lambda state: setattr(state["grad"], "data", torch.zeros(2, 2, dtype=torch.float64)),
+    # a tensor beside other kinds of values (walked one by one, not as a dict of tensors)
+    "non-contiguous beside a scalar": _set(("complex",), lambda: torch.randn(2, 2, dtype=torch.complex64).t()),
+    "negative view beside a scalar": _set(("odict", "x"), lambda: torch._neg_view(torch.randn(2))),
 }
 
 
