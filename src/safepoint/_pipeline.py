@@ -68,7 +68,7 @@ from ._errors import (
     SafepointError,
     StorageError,
 )
-from ._gc import collect, remove_checkpoint
+from ._gc import GcReport, collect, remove_checkpoint
 from ._layout import join, new_save_id, step_dir
 from ._manifest import EntryRecord, FileRecord, Manifest
 from ._messages import (
@@ -88,6 +88,7 @@ from ._sharded import Box, BoxRecord, check_cover, chunk_bytes, owned_pieces, vi
 from ._storage import AttemptLock, Storage, open_storage
 from ._structure import StructureCache
 from ._validate import non_negative_int
+from ._verify import VerifyReport, verify_storage
 from ._writer import BackgroundWriter, SaveHandle
 
 __all__ = [
@@ -788,6 +789,15 @@ class Saver:
         self.background.wait_all()
         self.background.pool.clear()
         self.background.raise_failures()
+
+    def verify(self) -> VerifyReport:
+        """Check every byte of every committed checkpoint of the directory."""
+        return verify_storage(self._storage)
+
+    def gc(self) -> GcReport:
+        """Remove what failed or crashed saves left behind (their writer certainly gone): on rank 0 only, the
+        others report nothing removed."""
+        return collect(self._storage) if self._coordinator.rank == 0 else GcReport((), ())
 
     def save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None, *, blocking: bool
