@@ -13,8 +13,6 @@ large tensor. The pool never touches storage, and never copies anything itself.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 from collections import defaultdict
 
@@ -24,31 +22,6 @@ from ._errors import StorageError
 from ._validate import positive_int
 
 __all__ = ["StagingPool", "check_staging_bytes"]
-
-
-#: Linux's MADV_HUGEPAGE, and the size of a transparent huge page on x86-64 and arm64 (4 KiB base pages)
-_MADV_HUGEPAGE, _HUGE_PAGE = 14, 2 << 20
-_libc: ctypes.CDLL | None = None
-
-
-def advise_huge_pages(buffer: torch.Tensor) -> bool:
-    """Ask Linux to back a large, not yet touched buffer with transparent huge pages, as numpy does for its large
-    arrays: copying into 4 KiB pages costs a TLB miss every 4 KiB, measured ~5 % of a copy of small tensors into
-    staging (docs/performance.md). Only a hint: False where it is not taken (another OS, THP off, a small buffer);
-    nothing depends on it but speed."""
-    global _libc
-    size = buffer.numel() * buffer.element_size()
-    if sys.platform != "linux" or size < 2 * _HUGE_PAGE:
-        return False
-    start = buffer.data_ptr()
-    first, last = -(-start // _HUGE_PAGE) * _HUGE_PAGE, (start + size) // _HUGE_PAGE * _HUGE_PAGE
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-        return bool(_libc.madvise(first, last - first, _MADV_HUGEPAGE) == 0)
-    except (OSError, AttributeError):
-        return False
 
 
 def check_staging_bytes(value: object) -> int | None:
@@ -92,8 +65,6 @@ class StagingPool:
         except RuntimeError as err:
             self._forget(nbytes)
             raise StorageError(f"cannot allocate a staging buffer of {nbytes} bytes: {err}") from err
-        if not pinned:
-            advise_huge_pages(buffer)
         self.allocations += 1
         return buffer
 
