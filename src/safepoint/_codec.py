@@ -187,6 +187,9 @@ class Encoded:
     structure: Any = dataclasses.field(default=None, compare=False, repr=False)
     #: each leaf's (dtype, shape), where the structure already knows them (None: read them from the leaves)
     specs: Sequence[tuple[torch.dtype, torch.Size]] | None = dataclasses.field(default=None, compare=False, repr=False)
+    #: each leaf's data_ptr(), read at this save, where every leaf is a dense host-or-device tensor whose bytes are
+    #: that span (no conj/neg bit, contiguous): the copy needs no second read (None: read them at the copy)
+    pointers: Sequence[int] | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 def check_is_state(state: object) -> None:

@@ -17,14 +17,14 @@ from typing import Any, Literal, overload
 
 from ._distributed import DEFAULT_TIMEOUT, check_timeout, default_coordinator
 from ._errors import ManagerClosedError, attach_note
-from ._gc import GcReport, collect
+from ._gc import GcReport
 from ._migrations import Migrations, check_migrations, check_state_version
 from ._pipeline import CheckpointInfo, open_saver
 from ._restore import RestoreReport
 from ._restoring import Restorer
 from ._retention import RetentionPolicy
 from ._storage import Storage
-from ._verify import VerifyReport, verify_storage
+from ._verify import VerifyReport
 from ._writer import BackgroundWriter, SaveHandle
 
 __all__ = ["CheckpointInfo", "CheckpointManager"]
@@ -47,23 +47,13 @@ class CheckpointManager:
     _closed = True  # class default: close() works even if __init__ failed before setting anything
 
     def __init__(
-        self,
-        directory: str | os.PathLike[str] | Storage,
-        *,
-        keep_last: int | None = None,
-        keep_best: int | None = None,
-        best_metric: str | None = None,
-        best_mode: str = "min",
-        keep_every: int | None = None,
-        state_version: int = 1,
-        migrations: Migrations | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
-        storage_options: Mapping[str, Any] | None = None,
-        grace_period: float | None = None,
-        max_staging_bytes: int | None = None,
-        max_in_flight: int = 1,
+        self, directory: str | os.PathLike[str] | Storage, *, keep_last: int | None = None,
+        keep_best: int | None = None, best_metric: str | None = None, best_mode: str = "min",
+        keep_every: int | None = None, state_version: int = 1, migrations: Migrations | None = None,
+        timeout: float = DEFAULT_TIMEOUT, storage_options: Mapping[str, Any] | None = None,
+        grace_period: float | None = None, max_staging_bytes: int | None = None, max_in_flight: int = 1,
         distributed: bool = True,
-    ) -> None:
+    ) -> None:  # fmt: skip
         policy = RetentionPolicy(keep_last, keep_best, best_metric, best_mode, keep_every)
         background = BackgroundWriter(max_staging_bytes, max_in_flight)
         version = check_state_version(state_version)
@@ -152,13 +142,9 @@ class CheckpointManager:
 
     # -- restoring -------------------------------------------------------------------------------------------
     def restore(
-        self,
-        state: MutableMapping[str, Any],
-        *,
-        step: int | None = None,
-        strict: bool = True,
+        self, state: MutableMapping[str, Any], *, step: int | None = None, strict: bool = True,
         cast_dtypes: bool = False,
-    ) -> RestoreReport | None:
+    ) -> RestoreReport | None:  # fmt: skip
         """Apply the newest checkpoint that verifies (None if nothing is committed), or exactly ``step``, to
         ``state`` in place, verified, totally or not at all (see :mod:`safepoint._restoring`). ``strict=False``
         reports missing and unexpected entries; ``cast_dtypes=True`` casts floating-point tensors."""
@@ -178,9 +164,9 @@ class CheckpointManager:
     def verify(self) -> VerifyReport:
         """Check every byte of every committed checkpoint."""
         self._check_open()
-        return verify_storage(self._saver.storage)
+        return self._saver.verify()
 
     def gc(self) -> GcReport:
         """Remove what failed or crashed saves left behind (their writer certainly gone); rank 0 only."""
         self._check_open()
-        return collect(self._saver.storage) if self._coordinator.rank == 0 else GcReport((), ())
+        return self._saver.gc()

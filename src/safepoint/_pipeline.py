@@ -68,7 +68,7 @@ from ._errors import (
     SafepointError,
     StorageError,
 )
-from ._gc import collect, remove_checkpoint
+from ._gc import GcReport, collect, remove_checkpoint
 from ._layout import join, new_save_id, step_dir
 from ._manifest import EntryRecord, FileRecord, Manifest
 from ._messages import (
@@ -88,6 +88,7 @@ from ._sharded import Box, BoxRecord, check_cover, chunk_bytes, owned_pieces, vi
 from ._storage import AttemptLock, Storage, open_storage
 from ._structure import StructureCache
 from ._validate import non_negative_int
+from ._verify import VerifyReport, verify_storage
 from ._writer import BackgroundWriter, SaveHandle
 
 __all__ = [
@@ -201,9 +202,10 @@ class Snapshot:
         ranked: bool,
         structures: Structures | None = None,
         world_size: int = 1,
-    ) -> tuple[Snapshot, list[Leaf]]:
-        """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage. With
-        ``structures``, a state of the structure saved last is not encoded (nor planned) again.
+    ) -> tuple[Snapshot, list[Leaf], list[int] | None]:
+        """Encode ``state`` (InvalidStateError naming a bad key); its leaves, to borrow or to stage, and their
+        ``data_ptr()`` where every leaf is dense (see ``Encoded.pointers``; None: not known). With ``structures``,
+        a state of the structure saved last is not encoded (nor planned) again.
 
         Every rank encodes the replicated entries (to find the DTensors among them), but only the ranks that
         write them keep their leaves; every rank keeps the boxes of DTensors it writes (see _sharded)."""
@@ -220,6 +222,7 @@ class Snapshot:
             (own or None, "own-"),
         )
         sharded: Sequence[ShardedSlot] = ()
+        pointers: list[int] | None = []
         for entries, prefix in wanted:
             if entries is None:
                 parts.append(None)
@@ -242,6 +245,7 @@ class Snapshot:
             # a cached structure knows its leaves' keys: no tuple made per leaf
             keys += encoded.structure.keys if encoded.structure is not None else _keys(encoded.leaves)
             specs += encoded.specs or [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves]
+            pointers = None if pointers is None or encoded.pointers is None else pointers + list(encoded.pointers)
         shd, boxes, layout = None, [], ""
         if sharded:
             start = len(leaves)
@@ -252,10 +256,11 @@ class Snapshot:
                     leaves.append(Leaf(slot.key, "tensor", view))
                     specs.append((view.dtype, view.shape))
                     boxes.append((index, piece.box))
-            shd = _Part("shd-", {"k": "dict", "v": []}, start, len(leaves))
+            shd, pointers = _Part("shd-", {"k": "dict", "v": []}, start, len(leaves)), None
             layout = _sharded_digest(sharded)
             keys += _keys(leaves[start:])
-        return cls(parts[0], parts[1], keys, ranked, tuple(specs), shd, tuple(boxes), layout), leaves
+        snapshot = cls(parts[0], parts[1], keys, ranked, tuple(specs), shd, tuple(boxes), layout)
+        return snapshot, leaves, pointers
 
     def structure(self) -> tuple[object, ...] | None:
         """The structure cache's entries this snapshot was encoded from, one per part (None: a part was encoded
@@ -739,7 +744,7 @@ def save_to(
         snapshot, leaves = Snapshot(None, None, (), ranked), list[Leaf]()
         try:
             checked = check_metrics(metrics or {})
-            snapshot, leaves = Snapshot.take(
+            snapshot, leaves, _ = Snapshot.take(
                 state, coordinator.rank, ranked=ranked, structures=structures, world_size=coordinator.world_size
             )
         except Exception as error:
@@ -785,6 +790,15 @@ class Saver:
         self.background.pool.clear()
         self.background.raise_failures()
 
+    def verify(self) -> VerifyReport:
+        """Check every byte of every committed checkpoint of the directory."""
+        return verify_storage(self._storage)
+
+    def gc(self) -> GcReport:
+        """Remove what failed or crashed saves left behind (their writer certainly gone): on rank 0 only, the
+        others report nothing removed."""
+        return collect(self._storage) if self._coordinator.rank == 0 else GcReport((), ())
+
     def save(
         self, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None, *, blocking: bool
     ) -> CheckpointInfo | SaveHandle[CheckpointInfo]:
@@ -809,45 +823,59 @@ class Saver:
     def _save_in_background(
         self, checkpoint: str, step: int, state: Mapping[str, Any], metrics: Mapping[str, float] | None
     ) -> SaveHandle[CheckpointInfo]:
+        operation = self._coordinator.operation("save")  # on the caller's thread: every rank numbers it alike
+        with gc_paused():
+            handle = self._stage(operation, checkpoint, step, state, metrics)
+        # the collector runs again only once the snapshot's per-tensor objects (its leaves) died with _stage's
+        # frame: a collection now, due after the allocations of this save, would scan them on the caller's time
+        return handle
+
+    def _stage(
+        self,
+        operation: Operation,
+        checkpoint: str,
+        step: int,
+        state: Mapping[str, Any],
+        metrics: Mapping[str, float] | None,
+    ) -> SaveHandle[CheckpointInfo]:
+        """Snapshot ``state`` into staging buffers and start its save attempt on the writer's thread."""
         coordinator = self._coordinator
         ranked = coordinator.world_size > 1 or has_per_rank(state)
-        operation = coordinator.operation("save")  # on the caller's thread: every rank numbers it alike
-        with gc_paused():
-            try:
-                checked = check_metrics(metrics or {})
-                snapshot, leaves = Snapshot.take(
-                    state, coordinator.rank, ranked=ranked, structures=self._structures,
-                    world_size=coordinator.world_size,
+        try:
+            checked = check_metrics(metrics or {})
+            snapshot, leaves, pointers = Snapshot.take(
+                state, coordinator.rank, ranked=ranked, structures=self._structures,
+                world_size=coordinator.world_size,
+            )  # fmt: skip
+        except Exception as error:
+            if coordinator.world_size > 1:  # the others wait for this rank: tell them why it cannot save
+                failed = SaveAttempt(self._storage, operation, SaveRequest(checkpoint, step, {}, 0), _EMPTY)
+                with contextlib.suppress(SafepointError):
+                    failed.begin(Post(error=error))
+            raise
+        request = SaveRequest(checkpoint, step, checked, self._state_version)
+        attempt = SaveAttempt(self._storage, operation, request, snapshot, retain=self._retain)
+        opening = _opening(step, state, None)
+
+        def order() -> list[int]:
+            """The order the writer consumes the leaves in (a provisional plan: plans are deterministic)."""
+            found: list[int] = []
+            for part in (snapshot.rep, snapshot.own, snapshot.shd):
+                if part is None:
+                    continue
+                plan = plan_save(
+                    snapshot.encoded(part, [leaf.tensor for leaf in leaves]), checkpoint=checkpoint, step=0,
+                    save_id="provisional", shard_bytes=self._storage.shard_bytes or SHARD_BYTES,
                 )  # fmt: skip
-            except Exception as error:
-                if coordinator.world_size > 1:  # the others wait for this rank: tell them why it cannot save
-                    failed = SaveAttempt(self._storage, operation, SaveRequest(checkpoint, step, {}, 0), _EMPTY)
-                    with contextlib.suppress(SafepointError):
-                        failed.begin(Post(error=error))
-                raise
-            request = SaveRequest(checkpoint, step, checked, self._state_version)
-            attempt = SaveAttempt(self._storage, operation, request, snapshot, retain=self._retain)
-            opening = _opening(step, state, None)
+                found += [part.start + item.leaf for planned in plan.files for item in planned.tensors]
+            return found
 
-            def order() -> list[int]:
-                """The order the writer consumes the leaves in (a provisional plan: plans are deterministic)."""
-                found: list[int] = []
-                for part in (snapshot.rep, snapshot.own, snapshot.shd):
-                    if part is None:
-                        continue
-                    plan = plan_save(
-                        snapshot.encoded(part, [leaf.tensor for leaf in leaves]), checkpoint=checkpoint, step=0,
-                        save_id="provisional", shard_bytes=self._storage.shard_bytes or SHARD_BYTES,
-                    )  # fmt: skip
-                    found += [part.start + item.leaf for planned in plan.files for item in planned.tensors]
-                return found
+        def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
+            return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
 
-            def job(tensors: Sequence[torch.Tensor], written: Written) -> CheckpointInfo:
-                return attempt.run(opening, tensors, written, shapes=snapshot.shapes())
-
-            return self.background.submit(
-                step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure()
-            )
+        return self.background.submit(
+            step, leaves, job, order, specs=snapshot.specs, structure=snapshot.structure(), pointers=pointers
+        )
 
 
 _EMPTY = Snapshot(None, None, (), True)

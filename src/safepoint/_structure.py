@@ -66,8 +66,15 @@ def _device(tensor: torch.Tensor) -> torch.device | bool:
     return True if tensor.is_cpu else tensor.device
 
 
-_DTYPE, _SHAPE, _LAYOUT = operator.attrgetter("dtype"), operator.attrgetter("shape"), operator.attrgetter("layout")
-_IS_CPU, _REQUIRES_GRAD = operator.attrgetter("is_cpu"), operator.attrgetter("requires_grad")
+#: what the walk reads of each tensor of a dict of tensors, in one C call per tensor (a read of a tensor attribute
+#: costs ~0.2 us, more with its metadata out of cache: one pass over the tensors reads them all while it is in)
+_META = operator.attrgetter("is_cpu", "requires_grad", "dtype", "shape")
+_IS_CPU, _REQUIRES_GRAD = operator.itemgetter(0), operator.itemgetter(1)
+_DATA_PTR, _STORAGE_OFFSET = torch.Tensor.data_ptr, torch.Tensor.storage_offset
+_CONTIGUOUS, _NEG, _CONJ = torch.Tensor.is_contiguous, torch.Tensor.is_neg, torch.Tensor.is_conj
+#: tensors read in one go by the walk: every read of a run of this many finds their metadata still in cache (a
+#: pass over all 10 000 tensors of a state would not: each read costs a cache miss again)
+_RUN = 512
 _TENSOR_DICT = "a dict of plain CPU tensors"
 
 
@@ -82,7 +89,7 @@ class _GiveUp(Exception):
 class _Walk:
     """One pass over a state, recording its signature, its scalars and its tensors in the encoder's order."""
 
-    __slots__ = ("resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
+    __slots__ = ("dense", "pointers", "resolved", "scalar_keys", "scalars", "signature", "storages", "tensors")
 
     def __init__(self) -> None:
         self.signature: list[Any] = []
@@ -90,6 +97,8 @@ class _Walk:
         self.scalar_keys: list[Any] = []  # the same, compared exactly (floats as hex)
         self.tensors: list[torch.Tensor] = []  # detached, as the encoder keeps them
         self.storages: list[int | torch.SymInt] = []  # storage addresses: how the encoder finds shared storage
+        self.pointers: list[int] = []  # each tensor's data_ptr(), read once: the copy of a hit reuses it
+        self.dense = True  # every tensor contiguous without a neg bit (conj bits: see _reuse)
         self.resolved: dict[int, list[Any]] = {}
 
     def node(self, value: Any, depth: int) -> None:
@@ -126,7 +135,10 @@ class _Walk:
         self.signature.append((type(value), value.dtype, value.shape, _device(value), value.layout))
         self.tensors.append(value if type(value) is torch.Tensor and not value.requires_grad else value.detach())
         # by arithmetic: cheaper than untyped_storage(), and checked against it when an entry is made
-        self.storages.append(value.data_ptr() - value.storage_offset() * value.itemsize)
+        pointer = value.data_ptr()
+        self.pointers.append(pointer)
+        self.dense = self.dense and value.is_contiguous() and not value.is_neg()
+        self.storages.append(pointer - value.storage_offset() * value.itemsize)
 
     def mapping(self, value: dict[Any, Any], depth: int) -> None:
         keys = list(value)
@@ -140,17 +152,26 @@ class _Walk:
 
     def tensor_dict(self, items: list[torch.Tensor]) -> bool:
         """A dict of plain CPU tensors (the hot path of a state with many tensors): every attribute read by a C
-        loop (``map``), not by the interpreter, per tensor, and no object made per tensor but its shape. False
+        loop (``map``), not by the interpreter, and no object made per tensor but its metadata tuple. False
         (nothing recorded) when it is not one."""
-        if not all(map(_IS_CPU, items)) or any(map(_REQUIRES_GRAD, items)):
+        meta: list[tuple[bool, bool, torch.dtype, torch.Size]] = []
+        pointers: list[int] = []
+        offsets: list[int | torch.SymInt] = []
+        dense = True
+        for start in range(0, len(items), _RUN):
+            run = items[start : start + _RUN]
+            meta += map(_META, run)
+            # no layout read: only a strided tensor has a data_ptr() (other layouts raise, and the walk gives up)
+            pointers += map(_DATA_PTR, run)
+            offsets += map(_STORAGE_OFFSET, run)
+            dense = dense and all(map(_CONTIGUOUS, run)) and not any(map(_NEG, run))
+        if not all(map(_IS_CPU, meta)) or any(map(_REQUIRES_GRAD, meta)):
             return False
-        if set(map(_LAYOUT, items)) != {torch.strided}:
-            return False
-        # what tensor() records of each, as two lists; the marker sets them apart from tensor()'s tuples
-        self.signature += (_TENSOR_DICT, list(map(_DTYPE, items)), list(map(_SHAPE, items)))
+        # what tensor() records of each, as one list; the marker sets it apart from tensor()'s tuples
+        self.signature += (_TENSOR_DICT, meta)
         self.tensors.extend(items)
-        offsets = list(map(torch.Tensor.storage_offset, items))
-        pointers = map(torch.Tensor.data_ptr, items)
+        self.pointers += pointers
+        self.dense = self.dense and dense
         if any(offsets):
             sizes = map(torch.Tensor.element_size, items)
             self.storages.extend(p - o * s for p, o, s in zip(pointers, offsets, sizes, strict=True))
@@ -169,6 +190,7 @@ class _Walk:
                 raise _GiveUp from err
             self.signature.append(("ndarray", scalar, array.dtype, array.shape))
             self.tensors.append(tensor)
+            self.pointers.append(tensor.data_ptr())
             self.storages.append(0)  # never grouped
             return
         if isinstance(value, (torch.Tensor, Pickled, np.ndarray)):
@@ -279,6 +301,7 @@ class _Entry:
     group_strides: list[tuple[int, tuple[int, ...], bool, bool]]  # see _strides
     flagged: list[int]  # slots left out of the grouping for their conj or neg bit
     specs: list[tuple[torch.dtype, torch.Size]]  # each leaf's dtype and shape (fixed by the signature)
+    complex: bool  # a tensor of a complex dtype: only those can carry a conj bit (fixed by the signature)
     plans: dict[tuple[int, str], Any] = dataclasses.field(default_factory=dict)  # see commit.plan_save
 
 
@@ -350,7 +373,11 @@ class StructureCache:
         for index, (slot, start, length) in entry.spans:
             leaf = leaves[index]
             leaves[index] = Leaf(leaf.key, leaf.kind, tensors[slot].as_strided((length,), (1,), start), leaf.scalar)
-        return Encoded(tree, leaves, structure=entry, specs=entry.specs)
+        # leaf i is tensor i: the copy may take the walk's pointers when every leaf's bytes are its pointer's span
+        # (a conj bit needs a complex dtype, which the signature fixes: read only where the entry has one)
+        direct = entry.slots is None and not entry.spans and walk.dense
+        direct = direct and not (entry.complex and any(map(_CONJ, tensors)))
+        return Encoded(tree, leaves, structure=entry, specs=entry.specs, pointers=walk.pointers if direct else None)
 
 
 def _with_scalars(entry: _Entry, walk: _Walk) -> dict[str, Any]:
@@ -428,6 +455,7 @@ def _make_entry(walk: _Walk, encoded: Encoded, origins: list[LeafOrigin], slots:
         group_strides=_strides(tensors, grouped),
         flagged=flagged,
         specs=[(leaf.tensor.dtype, leaf.tensor.shape) for leaf in encoded.leaves],
+        complex=any(tensor.is_complex() for tensor in tensors),
     )
 
 

@@ -24,8 +24,8 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import itertools
 import logging
+import operator
 import os
 import sys
 import threading
@@ -123,11 +123,16 @@ class _Staged(Sequence[torch.Tensor]):
     view of its staging segment. Only dtypes and shapes of the live leaves are kept, never the live tensors."""
 
     def __init__(
-        self, leaves: Sequence[Leaf], pool: StagingPool, specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None
+        self,
+        leaves: Sequence[Leaf],
+        pool: StagingPool,
+        plan: _CopyPlan,
+        specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
     ) -> None:
         self._specs = specs if specs is not None else [(leaf.tensor.dtype, leaf.tensor.shape) for leaf in leaves]
-        self._segment_of: list[_Segment | None] = [None] * len(leaves)
-        self._offset = [0] * len(leaves)
+        # which segment of the plan, at which offset, each leaf is copied into: fixed by the plan, so adding a
+        # segment costs nothing per leaf (for many small tensors a per-leaf cost is a measurable part of the stall)
+        self._segment_of, self._offset = plan.segment_of, plan.offset_of
         self._direct: dict[int, torch.Tensor] = {}
         self._segments: list[_Segment] = []
         self._pool = pool
@@ -152,10 +157,10 @@ class _Staged(Sequence[torch.Tensor]):
             self._condition.wait_for(lambda: self._ready(index) or self._failure is not None)
             if not self._ready(index):
                 raise SafepointError("the snapshot of this save was abandoned") from self._failure
-            direct, segment = self._direct.get(index), self._segment_of[index]
-        if direct is not None:
-            return direct
-        assert segment is not None  # _ready
+            direct = self._direct.get(index)
+            if direct is not None:
+                return direct
+            segment = self._segments[self._segment_of[index]]
         if segment.event is not None:
             segment.event.synchronize()  # the device-to-host copies into this pinned buffer have landed
         dtype, shape = self._specs[index]
@@ -164,7 +169,7 @@ class _Staged(Sequence[torch.Tensor]):
         return segment.buffer[start : start + nbytes].view(dtype).view(shape)
 
     def _ready(self, index: int) -> bool:
-        return index in self._direct or self._segment_of[index] is not None
+        return index in self._direct or self._segment_of[index] < len(self._segments)
 
     def put(self, index: int, value: torch.Tensor) -> None:
         """Leaf ``index`` needs no staging buffer (a private copy already, or empty)."""
@@ -172,21 +177,15 @@ class _Staged(Sequence[torch.Tensor]):
             self._direct[index] = value
             self._condition.notify_all()
 
-    def add_segment(
-        self, buffer: torch.Tensor, indices: list[int], offsets: list[int], stream: torch.cuda.Stream | None
-    ) -> None:
-        """Leaves ``indices`` are copied into ``buffer`` at ``offsets``; with ``stream``, the copies were queued
-        there and land once an event recorded now says so."""
+    def add_segment(self, buffer: torch.Tensor, leaves: int, stream: torch.cuda.Stream | None) -> None:
+        """The plan's next segment (``leaves`` leaves) is copied into ``buffer``; with ``stream``, the copies were
+        queued there and land once an event recorded now says so."""
         event = None
         if stream is not None:
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record(stream)
-        segment = _Segment(buffer, len(indices), event)
         with self._condition:
-            self._segments.append(segment)
-            # by C loops: one interpreter iteration per leaf is a measurable part of a many-tensor stall
-            collections.deque(map(self._offset.__setitem__, indices, offsets), 0)
-            collections.deque(map(self._segment_of.__setitem__, indices, itertools.repeat(segment)), 0)
+            self._segments.append(_Segment(buffer, leaves, event))
             self._condition.notify_all()
 
     def synchronize(self) -> None:
@@ -199,8 +198,11 @@ class _Staged(Sequence[torch.Tensor]):
     def written(self, index: int) -> None:
         """Leaf ``index`` is in the file: its segment goes back to the pool once all its leaves are."""
         with self._condition:
-            segment = self._segment_of[index]
-            if segment is None or segment.remaining == 0:
+            number = self._segment_of[index]
+            if number >= len(self._segments):
+                return
+            segment = self._segments[number]
+            if segment.remaining == 0:
                 return
             segment.remaining -= 1
             if segment.remaining:
@@ -285,25 +287,28 @@ class BackgroundWriter:
         *,
         specs: Sequence[tuple[torch.dtype, torch.Size]] | None = None,
         structure: tuple[object, ...] | None = None,
+        pointers: Sequence[int] | None = None,
     ) -> SaveHandle[T]:
         """Copy ``leaves`` into staging buffers and start ``job`` on them on a thread; returns once the copy is
         complete. ``order`` is the order in which ``job`` reads the leaves (asked only when the staging budget
         is smaller than the state, so that the copy can follow the writer). ``specs``: each leaf's dtype and
         shape, where the caller knows them already. ``structure``: objects that are the same (``is``) only when
         the leaves' kinds, dtypes, shapes and devices are those of the last save with them (the structure cache's
-        entries), so that the copy's plan is reused; None: plan the copy afresh."""
+        entries), so that the copy's plan is reused; None: plan the copy afresh. ``pointers``: each leaf's
+        ``data_ptr()``, read at this call, where every leaf is dense (contiguous, no conj/neg bit): the host
+        copies then read nothing more of the tensors."""
         handle: SaveHandle[T] = SaveHandle(step)
-        staged = _Staged(leaves, self.pool, specs)
         plan = self._copy_plan
         if plan is None or not plan.serves(structure, self.pool.limit):
             plan = self._copy_plan = self._plan_copy(leaves, order, structure)
+        staged = _Staged(leaves, self.pool, plan, specs)
         streaming = plan.streaming
         thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
         if streaming:
             _register_exit_hook(self)
             thread.start()
         try:
-            _copy(leaves, plan, staged, self.pool)
+            _copy(leaves, plan, staged, self.pool, pointers)
         except BaseException as err:
             staged.abandon(err)
             staged.staging_finished()
@@ -330,7 +335,7 @@ class BackgroundWriter:
     ) -> _CopyPlan:
         limit = self.pool.limit
         streaming = limit is not None and sum(_nbytes(leaf.tensor) for leaf in leaves) > limit
-        plan = _CopyPlan(structure, limit, streaming)
+        plan = _CopyPlan(structure, limit, streaming, len(leaves))
         if streaming:  # the writer starts now, and the copy follows the order in which it writes
             return _plan_copy(leaves, order(), max(1, min(SEGMENT_BYTES, (limit or 0) // 4)), plan)
         # the writer starts after the copy, and plans from the copy (planning is not the caller's time)
@@ -368,13 +373,19 @@ class _Run:
     """One staging buffer's worth of the copy: its size, its device (None: host memory), its leaves, and where
     each lies in it."""
 
-    __slots__ = ("device", "host", "indices", "offsets", "size", "sizes")
+    __slots__ = ("_pick", "device", "host", "indices", "offsets", "size", "sizes")
 
     def __init__(self, device: torch.device | None, members: list[tuple[int, int]], sizes: list[int], host: bool):
         self.device, self.sizes, self.host = device, sizes, host
         self.indices = [index for index, _ in members]
         self.offsets = [offset for _, offset in members]
         self.size = members[-1][1] + -(-sizes[-1] // _ALIGN) * _ALIGN
+        self._pick = operator.itemgetter(*self.indices)
+
+    def sources(self, pointers: Sequence[int]) -> Sequence[int]:
+        """This segment's entries of ``pointers`` (one per leaf of the snapshot), in one C call."""
+        picked = self._pick(pointers)
+        return picked if len(self.indices) > 1 else (picked,)
 
 
 class _CopyPlan:
@@ -382,12 +393,14 @@ class _CopyPlan:
     of the leaves' kinds, dtypes, shapes and devices, the copy order and the segment limit only: for a state of
     the structure saved last (the same ``structure`` key), the plan of the last save is the plan of this one."""
 
-    __slots__ = ("direct", "key", "limit", "segments", "streaming")
+    __slots__ = ("direct", "key", "limit", "offset_of", "segment_of", "segments", "streaming")
 
-    def __init__(self, key: tuple[object, ...] | None, limit: int | None, streaming: bool) -> None:
+    def __init__(self, key: tuple[object, ...] | None, limit: int | None, streaming: bool, leaves: int) -> None:
         self.key, self.limit, self.streaming = key, limit, streaming
         self.direct: list[int] = []
         self.segments: list[_Run] = []
+        self.segment_of = [sys.maxsize] * leaves  # each leaf's segment (its index in ``segments``); direct: none
+        self.offset_of = [0] * leaves  # where in it
 
     def serves(self, key: tuple[object, ...] | None, limit: int | None) -> bool:
         return (
@@ -413,6 +426,7 @@ def _plan_copy(leaves: Sequence[Leaf], order: Sequence[int], limit: int, plan: _
         if members and (size + nbytes > limit or where != device):
             plan.segments.append(_Run(device, members, sizes, host))
             members, sizes, size, host = [], [], 0, True
+        plan.segment_of[index], plan.offset_of[index] = len(plan.segments), size
         members.append((index, size))
         sizes.append(nbytes)
         size += -(-nbytes // _ALIGN) * _ALIGN
@@ -423,9 +437,12 @@ def _plan_copy(leaves: Sequence[Leaf], order: Sequence[int], limit: int, plan: _
     return plan
 
 
-def _copy(leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: StagingPool) -> None:
+def _copy(
+    leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: StagingPool, pointers: Sequence[int] | None
+) -> None:
     """Copy the leaves into staging segments as ``plan`` says: from a GPU into pinned memory asynchronously, every
-    copy having landed when this returns. These loops are the stall of a background save with many small tensors."""
+    copy having landed when this returns. These loops are the stall of a background save with many small tensors.
+    ``pointers``: see :meth:`BackgroundWriter.submit`."""
     for index in plan.direct:
         source = leaves[index].tensor
         staged.put(index, source if source.nbytes else torch.empty(source.shape, dtype=source.dtype))
@@ -434,9 +451,12 @@ def _copy(leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: Stagin
         buffer = pool.acquire(segment.size, pinned=pinned, cancelled=staged.cancelled)
         if staged.cancelled.is_set():
             return
-        _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
+        if pointers is not None and segment.host:
+            _move(buffer, segment.sources(pointers), segment)
+        else:
+            _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
         stream = torch.cuda.current_stream(segment.device) if pinned else None
-        staged.add_segment(buffer, segment.indices, segment.offsets, stream)
+        staged.add_segment(buffer, len(segment.indices), stream)
     staged.synchronize()
 
 
@@ -444,17 +464,22 @@ _CONTIGUOUS = torch.Tensor.is_contiguous
 _CONJ, _NEG, _DATA_PTR = torch.Tensor.is_conj, torch.Tensor.is_neg, torch.Tensor.data_ptr
 
 
+def _move(buffer: torch.Tensor, sources: Sequence[int], segment: _Run) -> None:
+    """One memmove per source address into ``buffer`` at the segment's offsets, driven by ``map`` (no interpreter
+    loop: for many small tensors its per-tensor cost would be the stall); the sizes are the planned ones, which
+    the leaves' dtypes and shapes fix. torch's ``copy_`` costs ~10x more per call."""
+    base = buffer.data_ptr()
+    collections.deque(map(ctypes.memmove, map(base.__add__, segment.offsets), sources, segment.sizes), 0)
+
+
 def _fill(buffer: torch.Tensor, sources: list[torch.Tensor], segment: _Run) -> None:
     """Copy ``sources`` into ``buffer`` at the segment's offsets. Dense host tensors with one memmove each, driven
     by ``map`` (no interpreter loop: for many small tensors its per-tensor cost would be the stall); others with
     ``copy_``: from a GPU asynchronously, into pinned memory. A tensor's bytes are read here, at the call."""
-    base = buffer.data_ptr()
     if segment.host and all(map(_CONTIGUOUS, sources)) and not any(map(_CONJ, sources)) and not any(map(_NEG, sources)):
-        # torch's copy_ costs ~10x more per call; the sizes are the planned ones, which the dtypes and shapes fix
-        collections.deque(
-            map(ctypes.memmove, map(base.__add__, segment.offsets), map(_DATA_PTR, sources), segment.sizes), 0
-        )
+        _move(buffer, list(map(_DATA_PTR, sources)), segment)
         return
+    base = buffer.data_ptr()
     asynchronous = segment.device is not None
     for source, offset, nbytes in zip(sources, segment.offsets, segment.sizes, strict=True):
         if source.is_cpu and source.is_contiguous() and not (source.is_conj() or source.is_neg()):

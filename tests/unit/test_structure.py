@@ -42,6 +42,7 @@ def assert_same_encoding(cached: Encoded, fresh: Encoded) -> None:
         assert got.scalar == want.scalar
         assert got.tensor.dtype == want.tensor.dtype
         assert got.tensor.shape == want.tensor.shape
+        assert got.tensor.requires_grad == want.tensor.requires_grad  # leaves are detached, as the encoder's
         assert leaf_bytes(got.tensor) == leaf_bytes(want.tensor)
     cached_plan = plan_save(cached, checkpoint="c", step=1, save_id="s", shard_bytes=4096)
     fresh_plan = plan_save(fresh, checkpoint="c", step=1, save_id="s", shard_bytes=4096)
@@ -86,8 +87,9 @@ def _delete(path: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
 
 
 def _in_place(state: dict[str, Any]) -> None:
-    for tensor in [*state["weights"].values(), *state["tied"].values()]:
-        tensor.add_(1.0)
+    with torch.no_grad():  # a weight may require grad after "tensor now requires grad"
+        for tensor in [*state["weights"].values(), *state["tied"].values()]:
+            tensor.add_(1.0)
 
 
 def _retie(state: dict[str, Any]) -> None:  # the same shapes, now two storages: no longer tied
@@ -167,6 +169,9 @@ MUTATIONS: dict[str, Callable[[dict[str, Any]], None]] = {
     "tensor now requires grad": _set(("weights", "w2"), lambda: torch.ones(3, 4, requires_grad=True)),
     "parameter values": lambda state: state["grad"].data.fill_(3.0),
     "parameter data swapped": lambda state: setattr(state["grad"], "data", torch.zeros(2, 2, dtype=torch.float64)),
+    # a tensor beside other kinds of values (walked one by one, not as a dict of tensors)
+    "non-contiguous beside a scalar": _set(("complex",), lambda: torch.randn(2, 2, dtype=torch.complex64).t()),
+    "negative view beside a scalar": _set(("odict", "x"), lambda: torch._neg_view(torch.randn(2))),
 }
 
 
@@ -179,7 +184,9 @@ def test_a_change_between_saves_is_never_served_from_the_cache(name: str) -> Non
     assert_same_encoding(cache.encode(state), encode_state(state))
 
 
-@pytest.mark.parametrize("name", ["tied tensor becomes a negative view", "conjugate view", "storages tied"])
+@pytest.mark.parametrize(
+    "name", ["tied tensor becomes a negative view", "conjugate view", "storages tied", "tensor now requires grad"]
+)
 def test_a_change_undone_is_seen_too(name: str) -> None:
     cache = StructureCache()
     state = base_state()
@@ -345,3 +352,63 @@ def test_a_repeat_background_save_holds_the_state_of_its_call_after_any_change(t
         handle.result(timeout=60)
         values, _ = manager.load(2)
     assert _saved_form(values) == want
+
+
+def untied_state() -> dict[str, Any]:
+    """base_state() with every tensor in a storage of its own: a hit's copy then takes the walk's pointers."""
+    state = base_state()
+    state["tied"] = {"a": torch.arange(6, dtype=torch.float32), "b": torch.arange(6, 12, dtype=torch.float32)}
+    return state
+
+
+def test_a_hit_carries_the_pointers_the_walk_read_only_while_every_tensor_is_dense() -> None:
+    cache = StructureCache()
+    state = untied_state()
+    assert cache.encode(state).pointers is None  # a miss: the copy reads them itself
+    encoded = cache.encode(state)
+    assert encoded.pointers is not None
+    assert list(encoded.pointers) == [leaf.tensor.data_ptr() for leaf in encoded.leaves]
+    state["weights"]["w2"] = torch.randn(4, 3).t()  # the same signature, not contiguous
+    assert cache.encode(state).pointers is None
+    assert cache.hits == 2
+    state["weights"]["w2"] = torch._neg_view(torch.randn(3, 4))
+    assert cache.encode(state).pointers is None
+    state["weights"]["w2"] = torch.randn(3, 4)
+    state["complex"] = torch.randn(2, 2, dtype=torch.complex64).conj()
+    assert cache.encode(state).pointers is None
+    assert cache.hits == 4
+    tied = base_state()  # a tensor that is a span of a shared storage is not its own pointer's bytes
+    cache.encode(tied)
+    assert cache.encode(tied).pointers is None
+
+
+@pytest.mark.parametrize("name", sorted(MUTATIONS))
+def test_a_repeat_background_save_of_untied_tensors_holds_the_state_of_its_call(tmp_path: Path, name: str) -> None:
+    """As above, for a state whose hits copy from the walk's pointers (no tensor shares a storage)."""
+    state = untied_state()
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        manager.save(1, state, blocking=False).result(timeout=60)
+        MUTATIONS[name](state)
+        want = _saved_form(state)
+        handle = manager.save(2, state, blocking=False)
+        _scribble(state)
+        handle.result(timeout=60)
+        values, _ = manager.load(2)
+        if name == "nothing":
+            assert manager._saver._structures[0].hits == 1
+    assert _saved_form(values) == want
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "mkldnn"])
+def test_a_tensor_of_another_layout_in_a_dict_of_tensors_is_refused_not_served(layout: str) -> None:
+    """The walk reads no layout: only a strided tensor has a data_ptr(), so another layout makes it give up."""
+    cache = StructureCache()
+    state = untied_state()
+    cache.encode(state)
+    dense = torch.randn(3, 4)
+    state["weights"]["w1"] = dense.to_sparse() if layout == "sparse_coo" else dense.to_mkldnn()
+    with pytest.raises(safepoint.InvalidStateError, match="w1"):
+        encode_state(state)
+    with pytest.raises(safepoint.InvalidStateError, match="w1"):
+        cache.encode(state)
+    assert cache.hits == 0
