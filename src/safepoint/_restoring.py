@@ -15,6 +15,7 @@ the values instead of applying them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -50,6 +51,7 @@ from ._restore import (
     prepare_checkpoint,
 )
 from ._storage import Storage
+from ._storage.base import HeldRangeReads, RangeFiles
 from ._validate import non_negative_int
 
 __all__ = ["Restorer", "committed_checkpoints", "load_newest", "restore_newest"]
@@ -137,13 +139,16 @@ def restore_newest(
             state_version=state_version, migrations=migrations, cast_dtypes=cast_dtypes,
         )  # fmt: skip
 
+    files = storage.range_files() if isinstance(storage, HeldRangeReads) else None  # closed when the restore ends
+
     def read(path: str, candidate: int) -> LoadedCheckpoint:
         if not ranked:
             return read_checkpoint(storage, path, step=candidate, copied=copied_into(state, state_version))
-        return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size)
+        return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size, files)
 
     operation = coordinator.operation("restore")
-    with gc_paused():  # like a save, a restore allocates a few objects per entry: see gc_paused
+    # like a save, a restore allocates a few objects per entry: see gc_paused
+    with gc_paused(), contextlib.closing(files) if files is not None else contextlib.nullcontext():
         found = _newest(storage, operation, state, step, committed, step_path, read, prepare)
         if found is None:
             return None
@@ -367,14 +372,15 @@ def _summary(steps: list[int]) -> str:
 
 # -- what one rank reads ------------------------------------------------------------------------------------------
 def _read_own_view(  # noqa: PLR0917 - one call site
-    storage: Storage, path: str, candidate: int, state: Mapping[str, Any], rank: int, world: int
-) -> LoadedCheckpoint:
+    storage: Storage, path: str, candidate: int, state: Mapping[str, Any], rank: int, world: int,
+    files: RangeFiles | None,
+) -> LoadedCheckpoint:  # fmt: skip
     """Read and verify what this rank needs of the checkpoint: the replicated entries and its own."""
     manifest = read_manifest(storage, path, step=candidate)
     view = _rank_view(manifest, state, rank, world, storage.describe(path))
     leaves = read_leaves(storage, path, view, only=set(_entries_in(view.tree)))
     # sharded tensors are read later, by the parts this rank's live targets need (see _restore.fit)
-    return LoadedCheckpoint(path, view, leaves, lazy_sharded(storage, path, manifest))
+    return LoadedCheckpoint(path, view, leaves, lazy_sharded(storage, path, manifest, files))
 
 
 def _rank_view(manifest: Manifest, state: Mapping[str, Any], rank: int, world: int, where: str) -> Manifest:
