@@ -267,15 +267,6 @@ _instances = itertools.count()
 
 #: The first and the longest pause between two looks at the store while waiting for the other ranks.
 _POLL_FIRST, _POLL_MAX = 0.0002, 0.005
-#: For the first _POLL_FAST_FOR seconds of a wait, when the other ranks are most likely a few milliseconds
-#: behind, pauses stop growing at _POLL_FAST_MAX: a restore waits three times, and a rank arriving just after a
-#: 5 ms pause began cost the waiter up to 5 ms each time (0.034 s of sleeping per 252 MiB resharded restore).
-_POLL_FAST_MAX, _POLL_FAST_FOR = 0.001, 0.1
-
-
-def _next_pause(pause: float, waited: float) -> float:
-    """The pause after ``pause``, ``waited`` seconds into a wait."""
-    return min(2 * pause, _POLL_FAST_MAX if waited < _POLL_FAST_FOR else _POLL_MAX)
 
 
 class TorchCoordinator:
@@ -357,13 +348,12 @@ class TorchCoordinator:
     def _await_readers(self, key: str, readers: int) -> None:
         """Wait (at most the timeout) until ``readers`` ranks have read the outcome, then remove the exchange's
         records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
-        start = time.monotonic()
-        deadline = start + self.timeout
+        deadline = time.monotonic() + self.timeout
         pause = _POLL_FIRST
         with contextlib.suppress(RuntimeError, OSError, ValueError):
             while self._call(self._store.add, f"{key}/read", 0) < readers and time.monotonic() < deadline:
                 time.sleep(pause)
-                pause = _next_pause(pause, time.monotonic() - start)
+                pause = min(2 * pause, _POLL_MAX)
             for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", f"{key}/read"]:
                 self._call(self._store.delete_key, name)
 
@@ -435,7 +425,7 @@ class TorchCoordinator:
             if not waiting or now >= deadline:
                 break
             time.sleep(min(pause, max(0.0, deadline - now)))
-            pause = _next_pause(pause, now - start)
+            pause = min(2 * pause, _POLL_MAX)
         return [key not in waiting for key in keys]
 
     @contextlib.contextmanager
