@@ -136,7 +136,7 @@ def _pread(fd: int, where: str, offset: int, buffer: memoryview) -> None:
 class _HeldFiles:
     """Files below the root held open for ranged reads until :meth:`close`: a resharding restore reads many
     ranges of few files, and walking from the root to each file again for every range (an ``openat`` per path
-    component) cost about as much as reading the small ranges."""
+    component) cost ~0.016 s of a 0.2 s restore (252 MiB, 4 -> 2 ranks: 252 opens per rank instead of 12)."""
 
     def __init__(
         self, open_below_root: Callable[[str], contextlib.AbstractContextManager[int]], describe: Callable[[str], str]
