@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from . import _faults as faults
-from ._errors import CheckpointNotFoundError, CorruptCheckpointError, SafepointError, StorageError
+from ._errors import CorruptCheckpointError, SafepointError, StorageError
 from ._layout import MANIFEST_NAME, join, lock_name, parse_attempt
-from ._reader import read_manifest
+from ._manifest import MAX_MANIFEST_BYTES, save_id_of
 from ._resolve import Kind, is_committed, resolve
 from ._storage import AttemptLock, Storage
 
@@ -58,11 +58,15 @@ def collect(storage: Storage) -> GcReport:
 
 
 def _committed_save_id(storage: Storage, checkpoint: str) -> str | None:
-    """The save id the manifest names; None if not committed. Raises if the manifest is unreadable."""
+    """The save id the manifest names; None if not committed. Raises if the manifest is unreadable. Only the save
+    id of a manifest whose checksum matches its text is read (see :func:`save_id_of`): a manager opening collects
+    every checkpoint, and parsing each manifest in full cost as much as the restore's own parse of one."""
+    path = join(checkpoint, MANIFEST_NAME)
     try:
-        return read_manifest(storage, checkpoint).save_id
-    except CheckpointNotFoundError:
+        data = storage.read_bytes(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
         return None
+    return save_id_of(data, storage.describe(path))
 
 
 def attempt_ids(storage: Storage, checkpoint: str, *, locked_only: bool = False) -> set[str]:

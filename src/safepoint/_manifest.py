@@ -149,6 +149,35 @@ class Manifest:
             raise CorruptCheckpointError(f"{source}: nested too deeply to be a manifest", path=source) from err
 
 
+#: A manifest's text as :meth:`Manifest.to_json` writes it: the checksum first, over the canonical rest.
+_ENVELOPE = re.compile(rb'\{"checksum":"([^"\\]{1,200})",')
+
+
+def save_id_of(data: bytes, source: str) -> str:
+    """The save id a manifest names, for the collector, which needs nothing else of it. A manifest whose text
+    is exactly what the writer wrote (its checksum matches the text itself, not a re-serialisation of it) is
+    only decoded, not validated field by field, since its save id is the one the writer committed; any other
+    (damaged, or written otherwise) goes through :meth:`Manifest.from_json`, and its errors, like every reader.
+    A newer format version is a FormatVersionError either way."""
+    envelope = _ENVELOPE.match(data)
+    if envelope is None or not data.endswith(b"}\n"):
+        return Manifest.from_json(data, source).save_id
+    canonical = b"{" + data[envelope.end() : -1]
+    if _checksum_of(canonical) != envelope.group(1).decode("ascii", "replace"):
+        return Manifest.from_json(data, source).save_id  # the error names what is wrong
+    try:
+        body = json.loads(canonical)
+    except (ValueError, RecursionError):  # a checksum is not a signature: crafted text can match one
+        body = None
+    version = body.get("format_version") if isinstance(body, dict) else None
+    save_id = body.get("save_id") if isinstance(body, dict) else None
+    if type(version) is not int or version > FORMAT_VERSION or not isinstance(save_id, str):
+        return Manifest.from_json(data, source).save_id  # FormatVersionError, or a manifest that is not one
+    if not _SAVE_ID.fullmatch(save_id):
+        raise CorruptCheckpointError(f"{source}: save_id {save_id[:80]!r} is malformed", path=source)
+    return save_id
+
+
 def _canonical(body: Mapping[str, Any]) -> bytes:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 

@@ -23,7 +23,7 @@ from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative
 from ._payload import DIRECT_BYTES, read_file
 from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
 from ._storage import LocalStorage, Storage
-from ._storage.base import Prefetch, RangeReads
+from ._storage.base import Prefetch, RangeFiles, RangeReads
 
 __all__ = [
     "LoadedCheckpoint",
@@ -224,9 +224,10 @@ def saved_boxes(storage: Storage, checkpoint: str, manifest: Manifest, node: dic
     return found
 
 
-def lazy_sharded(storage: Storage, checkpoint: str, manifest: Manifest) -> Sharded:
-    """Sharded nodes as :class:`ShardedSaved` values: read later, only where a live target needs them."""
-    reader = BoxReader(range_reader(storage))
+def lazy_sharded(storage: Storage, checkpoint: str, manifest: Manifest, files: RangeFiles | None = None) -> Sharded:
+    """Sharded nodes as :class:`ShardedSaved` values: read later, only where a live target needs them (through
+    ``files``, held open by the caller, where given)."""
+    reader = BoxReader(range_reader(storage, files))
 
     def value(node: Mapping[str, Any], leaves: Sequence[Any]) -> ShardedSaved:
         boxes = saved_boxes(storage, checkpoint, manifest, dict(node))
@@ -236,15 +237,16 @@ def lazy_sharded(storage: Storage, checkpoint: str, manifest: Manifest) -> Shard
     return value
 
 
-def range_reader(storage: Storage) -> ReadRange:
-    """Reads of byte ranges: ranged reads where the backend has them, else the whole file, then the range
-    (correct, not economical). A file that is missing or too short is corrupt."""
+def range_reader(storage: Storage, files: RangeFiles | None = None) -> ReadRange:
+    """Reads of byte ranges: through ``files`` where given, ranged reads where the backend has them, else the
+    whole file, then the range (correct, not economical). A file that is missing or too short is corrupt."""
+    ranged = files if files is not None else storage if isinstance(storage, RangeReads) else None
 
     def read(path: str, offset: int, buffer: memoryview) -> None:
         where = storage.describe(path)
         try:
-            if isinstance(storage, RangeReads):
-                storage.read_range(path, offset, buffer)
+            if ranged is not None:
+                ranged.read_range(path, offset, buffer)
                 return
             whole = bytearray(storage.size(path))
             storage.read_into(path, memoryview(whole), None)

@@ -15,6 +15,7 @@ the values instead of applying them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -51,6 +52,7 @@ from ._restore import (
     prepare_checkpoint,
 )
 from ._storage import Storage
+from ._storage.base import HeldRangeReads, RangeFiles
 from ._validate import non_negative_int
 
 __all__ = ["Restorer", "committed_checkpoints", "load_newest", "restore_newest"]
@@ -139,15 +141,17 @@ def restore_newest(
         )  # fmt: skip
 
     backups = TensorBackups()  # of live tensors a candidate's read writes in place; put back if it is not applied
+    files = storage.range_files() if isinstance(storage, HeldRangeReads) else None  # closed when the restore ends
 
     def read(path: str, candidate: int) -> LoadedCheckpoint:
         if not ranked:
             copied = copied_into(state, state_version)
             return read_checkpoint(storage, path, step=candidate, copied=copied, backups=backups)
-        return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size)
+        return _read_own_view(storage, path, candidate, state, coordinator.rank, coordinator.world_size, files)
 
     operation = coordinator.operation("restore")
-    with gc_paused(), backups.until_complete():  # gc_paused: a restore allocates a few objects per entry
+    held = contextlib.closing(files) if files is not None else contextlib.nullcontext()
+    with gc_paused(), held, backups.until_complete():  # gc_paused: a restore allocates a few objects per entry
         found = _newest(storage, operation, state, step, committed, step_path, read, prepare)
         if found is None:
             return None
@@ -371,14 +375,15 @@ def _summary(steps: list[int]) -> str:
 
 # -- what one rank reads ------------------------------------------------------------------------------------------
 def _read_own_view(  # noqa: PLR0917 - one call site
-    storage: Storage, path: str, candidate: int, state: Mapping[str, Any], rank: int, world: int
-) -> LoadedCheckpoint:
+    storage: Storage, path: str, candidate: int, state: Mapping[str, Any], rank: int, world: int,
+    files: RangeFiles | None,
+) -> LoadedCheckpoint:  # fmt: skip
     """Read and verify what this rank needs of the checkpoint: the replicated entries and its own."""
     manifest = read_manifest(storage, path, step=candidate)
     view = _rank_view(manifest, state, rank, world, storage.describe(path))
     leaves = read_leaves(storage, path, view, only=set(_entries_in(view.tree)))
     # sharded tensors are read later, by the parts this rank's live targets need (see _restore.fit)
-    return LoadedCheckpoint(path, view, leaves, lazy_sharded(storage, path, manifest))
+    return LoadedCheckpoint(path, view, leaves, lazy_sharded(storage, path, manifest, files))
 
 
 def _rank_view(manifest: Manifest, state: Mapping[str, Any], rank: int, world: int, where: str) -> Manifest:

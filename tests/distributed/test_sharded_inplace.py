@@ -88,3 +88,11 @@ def test_a_module_that_does_not_keep_what_it_was_given_is_caught_and_put_back(fo
         # the values read in place are put back: the parameter is as it was before the restore, not zeros
         assert observed["resets=True unchanged"] is True, rank
         assert observed["resets=True is_step1"] is False, rank
+
+
+def test_a_restore_closes_the_files_it_held_open_for_its_reads(found: list[dict[str, Any]]) -> None:
+    # ranged reads go through one descriptor per file, held for the restore: none is left open after one,
+    # whether it applied, fell back, failed on a corrupt box or failed in the apply phase
+    for rank, observed in enumerate(found):
+        for name in ("explicit", "fallback", "apply_fails", "clean"):
+            assert observed[f"open_after_{name}"] == [], (rank, name)

@@ -13,6 +13,7 @@ module.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -134,6 +135,17 @@ def modules(directory: Path, mesh: DeviceMesh) -> dict[str, Any]:
     return found
 
 
+def open_payloads() -> list[str]:
+    """The payload files this process holds open (a restore's ranged reads hold them until it ends)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the listing's own descriptor is gone by now
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.endswith(".safetensors"):
+                found.append(target)
+    return sorted(found)
+
+
 def outcome(call: Any) -> dict[str, Any]:
     try:
         result = call()
@@ -163,6 +175,7 @@ def run(directory: Path, rank: int, world: int) -> dict[str, Any]:
     before = locals_of(state)
     with safepoint.CheckpointManager(directory / "corrupt", timeout=TIMEOUT) as manager:
         found["explicit"] = outcome(lambda: manager.restore(state, step=2, strict=False))
+        found["open_after_explicit"] = open_payloads()
     found["explicit_unchanged"] = same_bits(before, locals_of(state))
 
     # newest first: every rank falls back to step 1; extra/c, which step 1 lacks, keeps its own values
@@ -170,6 +183,7 @@ def run(directory: Path, rank: int, world: int) -> dict[str, Any]:
     before = locals_of(state)
     with safepoint.CheckpointManager(directory / "corrupt", timeout=TIMEOUT) as manager:
         found["fallback"] = outcome(lambda: manager.restore(state, strict=False))
+        found["open_after_fallback"] = open_payloads()
     after = locals_of(state)
     found["fallback_m_is_step1"] = same_bits({k: step1[k] for k in ("m/a", "m/b")}, after)
     found["fallback_extra_unchanged"] = same_bits({"extra/c": before["extra/c"]}, after)
@@ -180,6 +194,7 @@ def run(directory: Path, rank: int, world: int) -> dict[str, Any]:
     before = locals_of({k: v for k, v in state.items() if k != "counter"})
     with safepoint.CheckpointManager(root, timeout=TIMEOUT) as manager:
         found["apply_fails"] = outcome(lambda: manager.restore(state))
+        found["open_after_apply_fails"] = open_payloads()
     after = locals_of({k: v for k, v in state.items() if k != "counter"})
     found["apply_fails_unchanged"] = same_bits(before, after)
     found["apply_fails_is_step2"] = same_bits(step2, after)
@@ -189,6 +204,7 @@ def run(directory: Path, rank: int, world: int) -> dict[str, Any]:
     objects = {key: id(tensor) for key, tensor in {**state["m"], **state["extra"]}.items()}
     with safepoint.CheckpointManager(root, timeout=TIMEOUT) as manager:
         found["clean"] = outcome(lambda: manager.restore(state, strict=False))
+        found["open_after_clean"] = open_payloads()
     found["clean_is_step2"] = same_bits(step2, locals_of(state))
     found["clean_same_objects"] = objects == {key: id(t) for key, t in {**state["m"], **state["extra"]}.items()}
     found.update(modules(directory, mesh))

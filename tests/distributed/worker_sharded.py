@@ -28,6 +28,7 @@ import safepoint
 from safepoint import _pipeline
 from safepoint._sharded import local_pieces
 from safepoint._storage import LocalStorage
+from safepoint._storage.base import RangeFiles
 
 TIMEOUT = 30.0
 #: 1024 -> 1500 is ~6 MB of float32: boxes of MBs, so reading part of one costs whole 64 KiB chunks at its ends.
@@ -100,6 +101,23 @@ class CountingStorage(LocalStorage):
     def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
         super().read_range(path, offset, buffer)
         type(self).range_bytes += buffer.nbytes
+
+    def range_files(self) -> CountingFiles:  # type: ignore[override]
+        return CountingFiles(super().range_files())
+
+
+class CountingFiles:
+    """The files a restore holds open for its ranged reads, counting their bytes with CountingStorage's."""
+
+    def __init__(self, files: RangeFiles) -> None:
+        self.files = files
+
+    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
+        self.files.read_range(path, offset, buffer)
+        CountingStorage.range_bytes += buffer.nbytes
+
+    def close(self) -> None:
+        self.files.close()
 
 
 def outcome(call: Any) -> dict[str, Any]:

@@ -70,6 +70,25 @@ class RangeReads(Protocol):
         (EIO) if the file ends first."""
 
 
+class RangeFiles(Protocol):
+    """Ranged reads that keep each file they read open until :meth:`close` (see :class:`HeldRangeReads`)."""
+
+    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
+        """As :meth:`RangeReads.read_range`."""
+
+    def close(self) -> None:
+        """Close every file opened; a read after this opens its file for that read only."""
+
+
+@runtime_checkable
+class HeldRangeReads(Protocol):
+    """Optional for a backend with :class:`RangeReads`: ranged reads through files held open, so that a resharding
+    restore, which reads many ranges of few files, opens each file once instead of once per range."""
+
+    def range_files(self) -> RangeFiles:
+        """An empty set of held files; the caller closes it, also on errors."""
+
+
 @runtime_checkable
 class Prefetch(Protocol):
     """Optional for a backend: a hint that a file will be read soon, so the device can start on it while the

@@ -20,6 +20,7 @@ import fcntl
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from .._checksum import Hasher
@@ -119,6 +120,49 @@ class _LocalReader:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def _pread(fd: int, where: str, offset: int, buffer: memoryview) -> None:
+    with _mapped("read", where):
+        view = buffer.cast("B") if buffer.format != "B" else buffer
+        done, total = 0, view.nbytes
+        while done < total:
+            count = os.preadv(fd, [view[done : min(total, done + _READ_CHUNK)]], offset + done)
+            if count == 0:
+                raise StorageError(f"{where} ended early at byte {offset + done}", errno=errno.EIO, path=where)
+            done += count
+
+
+class _HeldFiles:
+    """Files below the root held open for ranged reads until :meth:`close`: a resharding restore reads many
+    ranges of few files, and walking from the root to each file again for every range (an ``openat`` per path
+    component) cost ~0.016 s of a 0.2 s restore (252 MiB, 4 -> 2 ranks: 252 opens per rank instead of 12)."""
+
+    def __init__(
+        self, open_below_root: Callable[[str], contextlib.AbstractContextManager[int]], describe: Callable[[str], str]
+    ) -> None:
+        self._open, self._describe = open_below_root, describe
+        self._fds: dict[str, int] | None = {}  # None once closed
+        self._lock = threading.Lock()
+
+    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
+        with self._lock:
+            fd = None if self._fds is None else self._fds.get(path)
+            if fd is None and self._fds is not None:
+                with self._open(path) as opened, _mapped("open", self._describe(path)):
+                    fd = self._fds[path] = os.dup(opened)  # the walk's descriptors close here, the file's copy stays
+        if fd is None:  # closed: a read after the restore opens the file for this read only, holding nothing
+            with self._open(path) as opened:
+                _pread(opened, self._describe(path), offset, buffer)
+            return
+        _pread(fd, self._describe(path), offset, buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list((self._fds or {}).values()), None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class _LocalLock:
@@ -263,15 +307,11 @@ class LocalStorage:
 
     def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the file's bytes from ``offset`` (``pread``); StorageError if it ends first."""
-        where = self._abs(path)
-        with self._open_below_root(path) as fd, _mapped("read", where):
-            view = buffer.cast("B") if buffer.format != "B" else buffer
-            done, total = 0, view.nbytes
-            while done < total:
-                count = os.preadv(fd, [view[done : min(total, done + _READ_CHUNK)]], offset + done)
-                if count == 0:
-                    raise StorageError(f"{where} ended early at byte {offset + done}", errno=errno.EIO, path=where)
-                done += count
+        with self._open_below_root(path) as fd:
+            _pread(fd, self._abs(path), offset, buffer)
+
+    def range_files(self) -> _HeldFiles:
+        return _HeldFiles(self._open_below_root, self._abs)
 
     def open_reader(self, path: str) -> _LocalReader:
         where = self._abs(path)

@@ -1,0 +1,73 @@
+"""LocalStorage.range_files: ranged reads through one descriptor per file, held until closed, then none."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from safepoint._errors import StorageError, UnsafeCheckpointError
+from safepoint._storage import LocalStorage
+
+
+def _held(root: Path) -> list[str]:
+    """The files below ``root`` this process holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)) and os.path.isfile(target):
+            found.append(os.path.relpath(target, root))
+    return sorted(found)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "step").mkdir()
+    (tmp_path / "step" / "a.bin").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "step" / "b.bin").write_bytes(b"b" * 100)
+    return tmp_path
+
+
+def _read(files: object, path: str, offset: int, size: int) -> bytes:
+    buffer = bytearray(size)
+    files.read_range(path, offset, memoryview(buffer))  # type: ignore[attr-defined]
+    return bytes(buffer)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_each_file_is_opened_once_and_closed_at_the_end(root: Path) -> None:
+    files = LocalStorage(str(root)).range_files()
+    assert _read(files, "step/a.bin", 10, 4) == bytes([10, 11, 12, 13])
+    assert _read(files, "step/a.bin", 256 + 255, 2) == bytes([255, 0])
+    assert _read(files, "step/b.bin", 98, 2) == b"bb"
+    assert _held(root) == ["step/a.bin", "step/b.bin"]  # one each, however many ranges were read
+    files.close()
+    assert _held(root) == []
+    # a read after the close still reads, and holds nothing
+    assert _read(files, "step/a.bin", 1, 1) == bytes([1])
+    assert _held(root) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+def test_failed_reads_hold_nothing_after_the_close(root: Path) -> None:
+    files = LocalStorage(str(root)).range_files()
+    with pytest.raises(FileNotFoundError):
+        _read(files, "step/missing.bin", 0, 1)
+    with pytest.raises(StorageError, match=r"b\.bin ended early at byte 100"):
+        _read(files, "step/b.bin", 90, 20)
+    files.close()
+    assert _held(root) == []
+
+
+def test_a_symlink_is_refused_as_by_every_other_read(root: Path) -> None:
+    os.symlink(root / "step" / "b.bin", root / "step" / "link.bin")
+    files = LocalStorage(str(root)).range_files()
+    try:
+        with pytest.raises(UnsafeCheckpointError, match="symlink"):
+            _read(files, "step/link.bin", 0, 1)
+    finally:
+        files.close()
