@@ -438,7 +438,7 @@ class _Pass:
             run_bytes += gap + memory.nbytes
         if run:
             self._read(run)
-        self._read_together(together, values)  # at most one of the two runs is pending
+        self._read_together(together, values)  # at most one of the three is pending
         if in_place and backups is not None:
             self._read_in_place(in_place, values, backups)
         return {slot.at: _finish(values[slot.at], slot.entry) for slot in slots}

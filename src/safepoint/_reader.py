@@ -146,7 +146,7 @@ def read_leaves(
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
     # local files only: on an object store the network, not a copy, bounds a restore, so the plain path stays
-    into = _targets(manifest, copied) if backups is not None and not mmap and isinstance(storage, LocalStorage) else {}
+    into = _targets(copied) if backups is not None and not mmap and isinstance(storage, LocalStorage) else {}
     wanted_files = [
         index
         for index in range(len(manifest.files))
@@ -188,7 +188,7 @@ def _read_files(read: Callable[[int], dict[int, Any]], files: list[int]) -> list
             raise
 
 
-def _targets(manifest: Manifest, copied: Collection[int]) -> dict[int, torch.Tensor]:
+def _targets(copied: Collection[int]) -> dict[int, torch.Tensor]:
     """The live tensors that copied entries may be read into, each tensor at most once (one that two entries would
     be copied into keeps the copies, in their order); the reader checks each one (:func:`direct_target`)."""
     if not isinstance(copied, Mapping):
