@@ -24,7 +24,7 @@ from torch.autograd.graph import increment_version
 
 from ._errors import RestoreError, StorageError, attach_note
 
-__all__ = ["SLICE_BYTES", "Backup", "InPlace", "Ready", "TensorBackups", "writable"]
+__all__ = ["SLICE_BYTES", "Backup", "InPlace", "Ready", "RunBackup", "TensorBackups", "writable"]
 
 #: The keeper copies this many bytes at a time: a writer that overtakes it waits for at most one slice.
 SLICE_BYTES = 4 << 20
@@ -109,6 +109,44 @@ class Backup:
                 increment_version(self.live)  # as copy_ would: a graph that saved the value sees it changed
 
 
+class RunBackup:
+    """The bytes of several small live tensors from before the restore, all copied aside at once into one buffer
+    (one allocation and one copy per tensor, no keeper: a run is at most a few MiB), before any of them is written.
+
+    Only for tensors that are each the sole user of their storage (see :func:`safepoint._payload.direct_target`):
+    no other tensor, and so no other backup, shares a byte with them, and the order they are put back in does not
+    matter."""
+
+    def __init__(self, items: list[tuple[str, torch.Tensor]]) -> None:
+        self.key = items[0][0] if len(items) == 1 else f"{items[0][0]} .. {items[-1][0]}"
+        self.parts = [(key, live, live.data_ptr(), live.nbytes) for key, live in items]
+        self._memory = [live.detach() for _, live in items]  # hold the storages: the addresses stay valid
+        total = sum(nbytes for *_, nbytes in self.parts)
+        try:
+            self.copy = torch.empty(total, dtype=torch.uint8)
+        except RuntimeError as err:
+            raise StorageError(f"cannot allocate {total} bytes to keep {self.key!r} before reading into them") from err
+        at = self.copy.data_ptr()
+        for _, _, address, nbytes in self.parts:  # ctypes.memmove releases the GIL
+            ctypes.memmove(at, address, nbytes)
+            at += nbytes
+
+    def put_back(self) -> None:
+        """Write every tensor's kept bytes back; RuntimeError naming those whose memory changed during the restore
+        (resized, or storage replaced), which are left alone, once the others are back."""
+        moved = []
+        at = self.copy.data_ptr()
+        for key, live, address, nbytes in self.parts:
+            if live.data_ptr() != address or live.untyped_storage().nbytes() < nbytes:
+                moved.append(key)
+            else:
+                ctypes.memmove(address, at, nbytes)
+                increment_version(live)  # as copy_ would: a graph that saved the value sees it changed
+            at += nbytes
+        if moved:
+            raise RuntimeError(f"the memory of {moved[:5]} changed during the restore")
+
+
 class TensorBackups:
     """The previous bytes of every live tensor written in place by one restore, until it completes.
 
@@ -121,11 +159,12 @@ class TensorBackups:
 
     def __init__(self) -> None:
         self._kept: dict[tuple[int, int], Backup] = {}  # (address, nbytes) of live memory -> its backup
+        self._runs: list[RunBackup] = []  # small tensors kept together (they share memory with nothing else)
         self._lock = threading.Lock()
         self._keeper: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
-        return len(self._kept)
+        return len(self._kept) + sum(len(run.parts) for run in self._runs)
 
     def keep(self, key: str, live: torch.Tensor, *, ahead: bool = True) -> Backup:
         """Register ``live`` (a contiguous CPU tensor, see :func:`writable`); StorageError if there is no memory
@@ -152,13 +191,21 @@ class TensorBackups:
                 self._keeper.submit(backup._keep_ahead)
         return backup
 
+    def keep_run(self, items: list[tuple[str, torch.Tensor]]) -> RunBackup:
+        """Copy the bytes of several small ``(key, live tensor)`` aside now, in one buffer (see :class:`RunBackup`:
+        each tensor the sole user of its storage, and in no other backup); StorageError if there is no memory."""
+        run = RunBackup(items)
+        with self._lock:
+            self._runs.append(run)
+        return run
+
     def roll_back(self, error: BaseException | None) -> None:
         """Put every kept tensor back as it was. A tensor that cannot be put back is named in a note on ``error``
         (the failure being handled, never replaced), or, without one, in a RestoreError raised once the others
         are back."""
         kept = self._forget()
         failures = []
-        for backup in reversed(kept):
+        for backup in reversed(kept):  # the runs share no byte with anything else: any order puts them back
             try:
                 backup.put_back()
             except Exception as failure:
@@ -175,15 +222,16 @@ class TensorBackups:
         """Forget the backups: the restore is complete and the writes stay."""
         self._forget()
 
-    def _forget(self) -> list[Backup]:
+    def _forget(self) -> list[Backup | RunBackup]:
         with self._lock:
             kept, self._kept = list(self._kept.values()), {}
+            runs, self._runs = self._runs, []
             keeper, self._keeper = self._keeper, None
         for backup in kept:
             backup._stopped = True
         if keeper is not None:
             keeper.shutdown(wait=True)  # nothing reads a live tensor into a backup any more
-        return kept
+        return [*runs, *kept]
 
     @contextlib.contextmanager
     def until_complete(self) -> Iterator[TensorBackups]:

@@ -391,15 +391,19 @@ class _Pass:
         run: list[memoryview] = []  # the next scatter read: small values, and the padding between them
         run_bytes = padding = 0  # padding: how much of the scratch buffer the run's gaps use
         together: list[_Slot] = []  # the next shared read: small copied values next to each other in the file
+        in_place: list[tuple[_Slot, torch.Tensor]] = []  # the next read in place: small values, live tensors
         for slot in slots:
             target = into.get(slot.at)
             if target is not None and backups is not None and direct_target(target, slot.entry):
-                if run:  # what is gathered before it, first (at most one of the two): the pass reads in order
+                if run:  # what is gathered before it, first (at most one of the three): the pass reads in order
                     self._read(run)
                 self._read_together(together, values)
                 run, run_bytes, padding, together = [], 0, 0, []
-                values[slot.at] = self._read_direct(slot, target, backups)
+                in_place = self._into_live(slot, target, in_place, values, backups)
                 continue
+            if in_place and backups is not None:  # in_place is only filled with backups
+                self._read_in_place(in_place, values, backups)
+                in_place = []
             if slot.at in copied and slot.end - slot.begin < _SLICE_BYTES:
                 if run:
                     self._read(run)
@@ -434,9 +438,51 @@ class _Pass:
             run_bytes += gap + memory.nbytes
         if run:
             self._read(run)
-        if together:
-            self._read_together(together, values)
+        self._read_together(together, values)  # at most one of the three is pending
+        if in_place and backups is not None:
+            self._read_in_place(in_place, values, backups)
         return {slot.at: _finish(values[slot.at], slot.entry) for slot in slots}
+
+    def _into_live(
+        self,
+        slot: _Slot,
+        target: torch.Tensor,
+        pending: list[tuple[_Slot, torch.Tensor]],
+        values: dict[int, Any],
+        backups: TensorBackups,
+    ) -> list[tuple[_Slot, torch.Tensor]]:
+        """Read ``slot`` into its live tensor ``target``: a large value now, alone; a small one joins the
+        ``pending`` run of small values next to each other (read first if it cannot). Returns the pending run."""
+        if slot.end - slot.begin >= DIRECT_BYTES:
+            self._read_in_place(pending, values, backups)
+            values[slot.at] = self._read_direct(slot, target, backups)
+            return []
+        if pending and (slot.begin - pending[-1][0].end > _GAP_BYTES or slot.end - pending[0][0].begin > _SLICE_BYTES):
+            self._read_in_place(pending, values, backups)
+            pending = []
+        pending.append((slot, target))
+        return pending
+
+    def _read_in_place(
+        self, items: list[tuple[_Slot, torch.Tensor]], values: dict[int, Any], backups: TensorBackups
+    ) -> None:
+        """Read small values that lie next to each other in the file straight into their live tensors (each a
+        :func:`direct_target`): all their bytes are kept first in one backup, then one scatter read fills them
+        (the padding between them goes to the scratch buffer), hashed in file order; the values are the tensors."""
+        if not items:
+            return
+        self._skip(items[0][0].begin - self.position)
+        backups.keep_run([(slot.entry.key, target) for slot, target in items])
+        views: list[memoryview] = []
+        scratch, padding, position = _scratch_buffer(), 0, items[0][0].begin
+        for slot, target in items:
+            if slot.begin > position:  # the run spans at most _SLICE_BYTES, the scratch buffer's size
+                views.append(scratch[padding : padding + slot.begin - position])
+                padding += slot.begin - position
+            views.append(_bytes_of(target))
+            position = slot.end
+            values[slot.at] = target
+        self._read(views)
 
     def _read_direct(self, slot: _Slot, target: torch.Tensor, backups: TensorBackups) -> torch.Tensor:
         """Read ``slot`` straight into the live tensor ``target``, once its bytes are kept in ``backups``."""
@@ -483,15 +529,16 @@ class _Pass:
         return tensor, _bytes_of(tensor)
 
 
-#: Values at least this large may be read straight into a live tensor (see :func:`direct_target`); smaller ones
-#: are read many to a call into a shared buffer and copied, which costs less than a backup and a read each.
+#: Values at least this large are read into their live tensor alone, slice by slice, while the keeper thread copies
+#: it aside; smaller ones lie next to each other in runs of up to this size, each kept in one backup and read with one
+#: scatter read.
 DIRECT_BYTES = _SLICE_BYTES
 
 
 def direct_target(live: torch.Tensor, entry: EntryRecord) -> bool:
     """Whether ``entry``'s bytes, exactly as the file holds them, may be read into ``live``'s own memory: a plain
     (no subclass), dense, contiguous CPU tensor of the saved dtype and shape (so no cast, no byte swap), not an
-    inference tensor (``copy_`` refuses those outside inference mode), at least :data:`DIRECT_BYTES`, and the only
+    inference tensor (``copy_`` refuses those outside inference mode), and the only
     tensor that uses its storage: no view, tie or ``state_dict()`` copy elsewhere sees the bytes change while the
     restore is not yet complete, or could be written by something else in the same restore."""
     return (
@@ -499,7 +546,6 @@ def direct_target(live: torch.Tensor, entry: EntryRecord) -> bool:
         and sys.byteorder == "little"
         and writable(live, DTYPE_NAMES[entry.dtype])
         and tuple(live.shape) == tuple(entry.shape)
-        and entry.nbytes >= DIRECT_BYTES
         and not live.is_inference()
         and _sole_user(live)
     )

@@ -20,7 +20,7 @@ from ._codec import DTYPE_NAMES, Sharded, assemble
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from ._layout import MANIFEST_NAME, join
 from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative_path
-from ._payload import DIRECT_BYTES, read_file
+from ._payload import read_file
 from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
 from ._storage import LocalStorage, Storage
 from ._storage.base import Prefetch, RangeFiles, RangeReads
@@ -146,7 +146,7 @@ def read_leaves(
     leaves: list[Any] = [None] * len(manifest.entries)
     grouped = _by_file(manifest)
     # local files only: on an object store the network, not a copy, bounds a restore, so the plain path stays
-    into = _targets(manifest, copied) if backups is not None and not mmap and isinstance(storage, LocalStorage) else {}
+    into = _targets(copied) if backups is not None and not mmap and isinstance(storage, LocalStorage) else {}
     wanted_files = [
         index
         for index in range(len(manifest.files))
@@ -188,17 +188,15 @@ def _read_files(read: Callable[[int], dict[int, Any]], files: list[int]) -> list
             raise
 
 
-def _targets(manifest: Manifest, copied: Collection[int]) -> dict[int, torch.Tensor]:
-    """The live tensors that copied entries large enough to gain may be read into, each tensor at most once (one
-    that two entries would be copied into keeps the copies, in their order)."""
+def _targets(copied: Collection[int]) -> dict[int, torch.Tensor]:
+    """The live tensors that copied entries may be read into, each tensor at most once (one that two entries would
+    be copied into keeps the copies, in their order); the reader checks each one (:func:`direct_target`)."""
     if not isinstance(copied, Mapping):
         return {}
-    entries = manifest.entries
-    large = {e: t for e, t in copied.items() if t.nbytes >= DIRECT_BYTES and entries[e].nbytes >= DIRECT_BYTES}
     seen: dict[int, int] = {}
-    for tensor in large.values():
+    for tensor in copied.values():
         seen[id(tensor)] = seen.get(id(tensor), 0) + 1
-    return {entry: tensor for entry, tensor in large.items() if seen[id(tensor)] == 1}
+    return {entry: tensor for entry, tensor in copied.items() if seen[id(tensor)] == 1}
 
 
 def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = None) -> Manifest:

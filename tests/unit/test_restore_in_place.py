@@ -27,14 +27,18 @@ from tests.helpers import payload_paths, read_manifest
 NUMEL = DIRECT_BYTES // 4  # float32 values at the size that is read in place
 
 
-def large(count: int, seed: int) -> dict[str, torch.Tensor]:
+#: Small float32 values: read many to a call into their live tensors, behind one backup per run.
+SMALL = 1000
+
+
+def large(count: int, seed: int, numel: int = NUMEL) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return {f"t{i}": torch.randn(NUMEL, generator=generator) for i in range(count)}
+    return {f"t{i}": torch.randn(numel, generator=generator) for i in range(count)}
 
 
-def originals(count: int) -> dict[str, torch.Tensor]:
+def originals(count: int, numel: int = NUMEL) -> dict[str, torch.Tensor]:
     """Live tensors with bits a restore must not lose: a NaN payload, -0.0 and values no checkpoint here holds."""
-    live = {f"t{i}": torch.full((NUMEL,), float(i + 100)) for i in range(count)}
+    live = {f"t{i}": torch.full((numel,), float(i + 100)) for i in range(count)}
     for tensor in live.values():
         tensor[0] = -0.0
         tensor.view(torch.int32)[1] = 0x7FC0_1234  # a NaN with a payload: NaN != NaN, bits compare exactly
@@ -74,7 +78,8 @@ def test_large_plain_tensors_are_read_in_place_and_restored_exactly(tmp_path: Pa
     loaded = read_checkpoint(storage, "", copied=copied_into(live, None), backups=backups)
     in_place = [leaf for leaf in loaded.leaves if any(leaf is t for t in live["big"].values())]
     assert len(in_place) == 3  # every large one became its own live tensor
-    assert len(backups) == 3
+    assert loaded.leaves[[e.key for e in loaded.manifest.entries].index("small/s")] is live["small"]["s"]
+    assert len(backups) == 4  # the small one too (since issue 10's round 5)
     backups.discard()
 
     report = safepoint.restore(tmp_path / "c", live)
@@ -84,12 +89,17 @@ def test_large_plain_tensors_are_read_in_place_and_restored_exactly(tmp_path: Pa
     assert torch.equal(live["small"]["s"], torch.arange(5.0))
 
 
-def test_a_damaged_last_file_puts_every_tensor_read_in_place_back(tmp_path: Path) -> None:
-    state = {f"e{i}": large(2, seed=i) for i in range(3)}
-    files = save_in_files(tmp_path / "c", state, file_bytes=2 * DIRECT_BYTES)
+#: (values per tensor, tensors per entry): large ones read alone, small ones in runs behind one backup each
+SIZES = pytest.mark.parametrize(("numel", "count"), [(NUMEL, 2), (SMALL, 300)], ids=["large", "small"])
+
+
+@SIZES
+def test_a_damaged_last_file_puts_every_tensor_read_in_place_back(tmp_path: Path, numel: int, count: int) -> None:
+    state = {f"e{i}": large(count, seed=i, numel=numel) for i in range(3)}
+    files = save_in_files(tmp_path / "c", state, file_bytes=count * numel * 4)
     assert len(files) == 3
     damage(files[-1])  # its bytes are read into live tensors too, and fail only at its end
-    live = {entry: originals(2) for entry in state}
+    live = {entry: originals(count, numel) for entry in state}
     before = {entry: bits(tensors) for entry, tensors in live.items()}
     with pytest.raises(safepoint.CorruptCheckpointError, match="does not match its checksum"):
         safepoint.restore(tmp_path / "c", live)
@@ -97,9 +107,10 @@ def test_a_damaged_last_file_puts_every_tensor_read_in_place_back(tmp_path: Path
         assert bits(tensors) == before[entry], entry
 
 
-def test_a_mismatch_found_after_the_read_puts_every_tensor_back(tmp_path: Path) -> None:
-    safepoint.save(tmp_path / "c", {"big": large(2, seed=1), "b": {"x": torch.ones(3)}})
-    live: dict[str, Any] = {"big": originals(2), "b": {"x": torch.ones(4)}}
+@SIZES
+def test_a_mismatch_found_after_the_read_puts_every_tensor_back(tmp_path: Path, numel: int, count: int) -> None:
+    safepoint.save(tmp_path / "c", {"big": large(count, seed=1, numel=numel), "b": {"x": torch.ones(3)}})
+    live: dict[str, Any] = {"big": originals(count, numel), "b": {"x": torch.ones(4)}}
     before = bits(live["big"])
     with pytest.raises(safepoint.RestoreError, match="b/x"):
         safepoint.restore(tmp_path / "c", live)
@@ -113,11 +124,15 @@ class FailingSGD(torch.optim.SGD):
         raise ValueError("loaded state dict contains a parameter group that doesn't match")
 
 
-def test_an_optimizer_failing_in_its_load_state_dict_puts_every_tensor_back(tmp_path: Path) -> None:
+@SIZES
+def test_an_optimizer_failing_in_its_load_state_dict_puts_every_tensor_back(
+    tmp_path: Path, numel: int, count: int
+) -> None:
     parameter = torch.nn.Parameter(torch.ones(3))
-    saved = {"big": large(2, seed=2), "opt": torch.optim.SGD([parameter], lr=0.1)}
+    saved = {"big": large(count, seed=2, numel=numel), "opt": torch.optim.SGD([parameter], lr=0.1)}
     safepoint.save(tmp_path / "c", saved)
-    live: dict[str, Any] = {"big": originals(2), "opt": FailingSGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)}
+    failing = FailingSGD([torch.nn.Parameter(torch.ones(3))], lr=0.1)
+    live: dict[str, Any] = {"big": originals(count, numel), "opt": failing}
     before = bits(live["big"])
     with pytest.raises(safepoint.RestoreError, match=r"'opt'.*load_state_dict") as caught:
         safepoint.restore(tmp_path / "c", live)
@@ -125,22 +140,63 @@ def test_an_optimizer_failing_in_its_load_state_dict_puts_every_tensor_back(tmp_
     assert bits(live["big"]) == before
 
 
-def test_a_manager_falls_back_from_the_values_it_started_with(tmp_path: Path) -> None:
+@SIZES
+def test_a_manager_falls_back_from_the_values_it_started_with(tmp_path: Path, numel: int, count: int) -> None:
     """Step 2 is read into the live tensors and fails at its end; step 1, which has no ``b``, is then restored:
     ``b`` must hold its own value again, not step 2's."""
     with safepoint.CheckpointManager(tmp_path / "m") as manager:
-        manager.save(1, {"a": large(1, seed=3)})
-        manager.save(2, {"a": large(1, seed=4), "b": large(1, seed=5)})
+        manager.save(1, {"a": large(count, seed=3, numel=numel)})
+        manager.save(2, {"a": large(count, seed=4, numel=numel), "b": large(count, seed=5, numel=numel)})
     damage(file_of(tmp_path / "m" / step_dir(2), "a/t0"))
-    live = {"a": originals(1), "b": originals(1)}
+    live = {"a": originals(count, numel), "b": originals(count, numel)}
     before_b = bits(live["b"])
     with safepoint.CheckpointManager(tmp_path / "m") as manager:
         report = manager.restore(live, strict=False)
     assert report is not None
     assert report.step == 1
     assert [s.step for s in report.skipped] == [2]
-    assert bits(live["a"]) == bits(large(1, seed=3))
+    assert bits(live["a"]) == bits(large(count, seed=3, numel=numel))
     assert bits(live["b"]) == before_b
+
+
+def test_small_tensors_are_read_in_place_in_runs_and_the_others_copied(tmp_path: Path) -> None:
+    saved = large(300, seed=8, numel=SMALL)
+    safepoint.save(tmp_path / "c", {"s": saved})
+    live = originals(300, SMALL)
+    addresses = {key: t.data_ptr() for key, t in live.items()}
+    view = live["t150"][:10]  # a view sees its bytes: t150 is copied after the verify, between two runs
+    backups = TensorBackups()
+    loaded = read_checkpoint(LocalStorage(tmp_path / "c"), "", copied=copied_into({"s": live}, None), backups=backups)
+    keys = [e.key for e in loaded.manifest.entries]
+    assert all(loaded.leaves[keys.index(f"s/{key}")] is live[key] for key in live if key != "t150")
+    assert loaded.leaves[keys.index("s/t150")] is not live["t150"]
+    assert len(backups) == 299
+    assert len(backups._runs) < 10  # many tensors to a backup
+    backups.roll_back(None)
+    assert bits(live) == bits(originals(300, SMALL))
+
+    safepoint.restore(tmp_path / "c", {"s": live})
+    assert bits(live) == bits(saved)
+    assert {key: t.data_ptr() for key, t in live.items()} == addresses
+    assert torch.equal(view, saved["t150"][:10])
+
+
+def test_a_run_with_a_tensor_that_moved_puts_the_others_back_and_names_it() -> None:
+    first, moved, last = torch.full((4,), 1.0), torch.full((4,), 2.0), torch.full((4,), 3.0)
+    backups = TensorBackups()
+    backups.keep_run([("first", first), ("moved", moved), ("last", last)])
+    for tensor in (first, moved, last):
+        tensor.fill_(9.0)
+    moved.set_(torch.zeros(4))  # its memory was replaced: the old address must not be written
+    error = safepoint.CorruptCheckpointError("the original failure")
+    backups.roll_back(error)
+    assert torch.equal(first, torch.full((4,), 1.0))
+    assert torch.equal(moved, torch.zeros(4))
+    assert torch.equal(last, torch.full((4,), 3.0))
+    notes = getattr(error, "__notes__", [])
+    assert len(notes) == 1
+    assert "'moved'" in notes[0]
+    assert len(backups) == 0
 
 
 def test_a_tensor_that_cannot_be_put_back_is_named_and_the_first_error_kept(tmp_path: Path) -> None:
@@ -215,7 +271,8 @@ def test_only_tensors_no_one_else_sees_are_written_in_place() -> None:
     state = module.state_dict()
     assert not direct_target(state["weight"], entry(shape=(4, NUMEL // 4)))  # shares the module's parameter
     assert not direct_target(torch.zeros(NUMEL, dtype=torch.float64), entry())  # a cast
-    assert not direct_target(torch.zeros(NUMEL // 2), entry(shape=(NUMEL // 2,)))  # too small to pay
+    assert direct_target(torch.zeros(3), entry(shape=(3,)))  # small ones too, in runs
+    assert not direct_target(torch.zeros(NUMEL // 2), entry())  # another shape
     assert not direct_target(torch.zeros(2 * NUMEL)[::2], entry())  # not contiguous
     with torch.inference_mode():
         inference = torch.zeros(NUMEL)
