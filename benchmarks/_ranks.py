@@ -4,8 +4,15 @@ all of them killed if any fails or the caller is interrupted."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 def free_port() -> int:
@@ -34,3 +41,18 @@ def run_ranks(command: list[str], world: int, what: str) -> None:
     failed = [p.returncode for p in processes if p.returncode != 0]
     if failed:
         raise SystemExit(f"a rank of the {world}-rank {what} failed (exit codes {failed})")
+
+
+def timed_afresh(target: Path, call: Callable[[], _T]) -> tuple[_T, float]:
+    """Inside a rank of the group: rank 0 removes ``target`` (and syncs), so every round writes anew; ``call`` is
+    then timed between two barriers, so the time is the slowest rank's. Returns its result and the seconds."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        shutil.rmtree(target, ignore_errors=True)
+        os.sync()
+    dist.barrier()
+    start = time.perf_counter()
+    result = call()
+    dist.barrier()
+    return result, time.perf_counter() - start

@@ -29,6 +29,7 @@ Run ``.venv/bin/python benchmarks/bench_distributed.py --help``; medians and rat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from _durable import fsync_path
-from _ranks import run_ranks
+from _ranks import run_ranks, timed_afresh
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent
@@ -108,16 +109,10 @@ def worker(args: argparse.Namespace) -> None:
         order = list(args.methods)
         shift = repeat % len(order)
         for method in order[shift:] + order[:shift]:
-            target = scratch / method
-            if rank == 0:
-                shutil.rmtree(target, ignore_errors=True)
-                os.sync()
-            dist.barrier()
-            start = time.perf_counter()
-            run(method, target, step=repeat + args.warmup)
-            dist.barrier()
+            call = functools.partial(run, method, scratch / method, step=repeat + args.warmup)
+            _, seconds = timed_afresh(scratch / method, call)
             if repeat >= 0:
-                timings[method].append(time.perf_counter() - start)
+                timings[method].append(seconds)
     if rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
         Path(args.result).write_text(json.dumps(timings))

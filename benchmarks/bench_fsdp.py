@@ -58,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _durable import fsync_tree
-from _ranks import run_ranks
+from _ranks import run_ranks, timed_afresh
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent
@@ -239,16 +239,10 @@ def save_phase(args: argparse.Namespace, methods: Methods, state: dict[str, Any]
     timed = range(0) if args.load_only else range(-args.warmup, args.repeats)
     for repeat in timed:
         for method in rotated(methods.names, repeat):
-            target = scratch / method
-            if rank == 0:
-                shutil.rmtree(target, ignore_errors=True)
-                os.sync()
-            dist.barrier()
-            start = time.perf_counter()
-            ok = guarded(methods, method, functools.partial(methods.save, method, target, 1, state))
-            dist.barrier()
+            save = functools.partial(methods.save, method, scratch / method, 1, state)
+            ok, seconds = timed_afresh(scratch / method, functools.partial(guarded, methods, method, save))
             if ok and repeat >= 0:
-                found["save"].setdefault(method, []).append(time.perf_counter() - start)
+                found["save"].setdefault(method, []).append(seconds)
     for repeat in timed:
         for method in rotated(methods.names, repeat):
             target = scratch / f"{method}-bg"
