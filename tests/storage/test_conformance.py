@@ -10,15 +10,17 @@ from __future__ import annotations
 import errno
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import xxhash
 
 from safepoint._errors import StorageError, UnsafeCheckpointError
-from safepoint._storage import Storage
-from safepoint._storage.base import RangeReads, SequentialReads
+from safepoint._storage import Storage, open_storage
+from safepoint._storage.base import HeldRangeReads, RangeReads, SequentialReads
 
-from .conftest import Backend
+from .conftest import Backend, S3Server
 
 
 def put(storage: Storage, path: str, data: bytes) -> None:
@@ -367,3 +369,52 @@ def test_a_live_writer_keeps_its_lock_fresh_past_the_grace_period(object_backend
     finally:
         lock.release(remove=True)
     assert not storage.exists("held.lock")
+
+
+def test_range_files_read_what_read_range_reads(backend: Backend) -> None:
+    # a resharding restore's reads: many ranges of few files, through files held until the restore ends
+    storage = backend.open()
+    assert isinstance(storage, HeldRangeReads)
+    data = bytes(range(251)) * 4099
+    put(storage, "f.bin", data)
+    put(storage, "g.bin", b"g" * 100)
+    files = storage.range_files()
+    try:
+        for path, content, offset, size in [("f.bin", data, 12345, 1000), ("g.bin", b"g" * 100, 98, 2),
+                                            ("f.bin", data, len(data) - 7, 7), ("f.bin", data, 0, 0)]:  # fmt: skip
+            buffer = bytearray(size)
+            files.read_range(path, offset, memoryview(buffer))
+            assert bytes(buffer) == content[offset : offset + size], (path, offset, size)
+        with pytest.raises(StorageError) as caught:
+            files.read_range("f.bin", len(data) - 3, memoryview(bytearray(10)))
+        assert caught.value.errno == errno.EIO
+        assert "f.bin" in str(caught.value)
+        with pytest.raises(FileNotFoundError):
+            files.read_range("missing.bin", 0, memoryview(bytearray(1)))
+    finally:
+        files.close()
+    buffer = bytearray(3)  # a read after the close still reads
+    files.read_range("f.bin", 251, memoryview(buffer))
+    assert bytes(buffer) == bytes([0, 1, 2])
+
+
+def test_range_files_on_s3_ask_each_objects_size_once(s3_server: S3Server, s3_url: Callable[[], str]) -> None:
+    # each size is a HEAD request of its own in front of the ranged GET; counted on the real client's events
+    storage = open_storage(s3_url(), s3_server.options)
+    put(storage, "f.bin", bytes(range(256)) * 64)
+    put(storage, "g.bin", bytes(100))
+    heads: list[str] = []
+    client = storage.fs.s3  # type: ignore[attr-defined]
+
+    def count(**event: Any) -> None:
+        heads.append(event["params"]["url_path"])
+
+    client.meta.events.register("before-call.s3.HeadObject", count)
+    files = storage.range_files()  # type: ignore[attr-defined]
+    try:
+        for offset in range(0, 16384, 1024):
+            files.read_range("f.bin", offset, memoryview(bytearray(1024)))
+        files.read_range("g.bin", 10, memoryview(bytearray(10)))
+    finally:
+        files.close()
+    assert sorted(key.rpartition("/")[2] for key in heads) == ["f.bin", "g.bin"]

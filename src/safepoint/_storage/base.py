@@ -83,7 +83,8 @@ class RangeFiles(Protocol):
 @runtime_checkable
 class HeldRangeReads(Protocol):
     """Optional for a backend with :class:`RangeReads`: ranged reads through files held open, so that a resharding
-    restore, which reads many ranges of few files, opens each file once instead of once per range."""
+    restore, which reads many ranges of few files, opens each file once instead of once per range (locally: one
+    descriptor per file; on object stores: one size request per object)."""
 
     def range_files(self) -> RangeFiles:
         """An empty set of held files; the caller closes it, also on errors."""

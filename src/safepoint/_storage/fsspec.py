@@ -131,6 +131,33 @@ class _ObjectReader:
         pass
 
 
+class _KnownSizes:
+    """Ranged reads that ask each object's size once until :meth:`close`. On an object store the size is a request
+    of its own (a ``HEAD``) in front of each ranged ``GET``, and a resharding restore reads many ranges of few
+    objects: 200 ranges of 16 KiB took 2.0 s against moto on loopback, 0.9 s of them asking the size again.
+    The size only words the error of a range past the end; the ranged reads themselves still fail on a missing
+    object, and the checksums judge the bytes."""
+
+    def __init__(self, storage: FsspecStorage) -> None:
+        self._storage = storage
+        self._sizes: dict[str, int] | None = {}  # None once closed
+        self._lock = threading.Lock()
+
+    def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
+        with self._lock:
+            size = None if self._sizes is None else self._sizes.get(path)
+        if size is None:
+            size = self._storage.size(path)
+            with self._lock:
+                if self._sizes is not None:
+                    self._sizes[path] = size
+        self._storage.read_range_of(path, size, offset, buffer)
+
+    def close(self) -> None:
+        with self._lock:
+            self._sizes = None
+
+
 class _ObjectLock:
     """An attempt's lock object; the writer's copy keeps it fresh from a daemon thread until released."""
 
@@ -300,10 +327,16 @@ class FsspecStorage:
 
     def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
         """Fill ``buffer`` with the object's bytes from ``offset`` (ranged GETs); StorageError if it ends first."""
+        self.read_range_of(path, self.size(path), offset, buffer)
+
+    def range_files(self) -> _KnownSizes:
+        return _KnownSizes(self)
+
+    def read_range_of(self, path: str, size: int, offset: int, buffer: memoryview) -> None:
+        """:meth:`read_range` of an object whose size is known to be ``size``."""
         where = self.describe(path)
         view = buffer.cast("B") if buffer.format != "B" else buffer
         done, total = 0, view.nbytes
-        size = self.size(path)
         if size < offset + total:  # a ranged read past the end is an error of its own on S3: say what it means
             raise StorageError(f"{where} ended early at byte {size}", errno=errno.EIO, path=where)
         with _mapped("read", where, FileNotFoundError):
