@@ -12,7 +12,9 @@ Every method reads a checkpoint whose pages were evicted from the page cache jus
 - ``safetensors``: ``safetensors.torch.load_file`` of the same tensors, then ``copy_`` into the live tensors.
 
 Workloads: ``large`` is ``--size-mib`` of float32 in ``--tensors`` tensors; ``small`` the same bytes in
-``--small-count`` tensors; ``one`` the same bytes in one tensor (the reference the small-tensor target uses).
+``--small-count`` tensors; ``one`` the same bytes in one tensor (the reference the small-tensor target uses);
+``module`` the ``large`` tensors as a module's parameters (``{"model": module}``, as most states hold weights),
+where ``safetensors`` is ``load_file`` then the module's ``load_state_dict``.
 
 Eviction (``--evict``): ``fadvise`` (the default) syncs, then calls ``posix_fadvise(POSIX_FADV_DONTNEED)`` on every
 file the method reads, which drops exactly those pages and leaves the other processes on the machine alone;
@@ -66,10 +68,17 @@ class Case:
         self.checkpoint = scratch / f"{name}.safepoint"
         self.safetensors = scratch / f"{name}.safetensors"
         shutil.rmtree(self.checkpoint, ignore_errors=True)
-        safepoint.save(self.checkpoint, {"tensors": state})
+        self.module = (
+            torch.nn.ParameterDict({k: torch.zeros_like(v) for k, v in state.items()}) if name == "module" else None
+        )
+        safepoint.save(
+            self.checkpoint, {"model": torch.nn.ParameterDict(state)} if self.module is not None else {"tensors": state}
+        )
         save_file(state, str(self.safetensors))
         self.payloads = sorted(p for p in self.checkpoint.rglob("*") if p.is_file() and p.name != "manifest.json")
-        self.live = {key: torch.zeros_like(value) for key, value in state.items()}
+        self.live = (
+            dict(self.module.items()) if self.module is not None else {k: torch.zeros_like(v) for k, v in state.items()}
+        )
         self.touched = [torch.zeros(path.stat().st_size, dtype=torch.uint8) for path in self.payloads]
         self.expected = state
 
@@ -89,7 +98,11 @@ class Case:
             loaded = safepoint.load(self.checkpoint)["tensors"]
             assert len(loaded) == len(self.live)
         elif method == "restore":
-            safepoint.restore(self.checkpoint, {"tensors": self.live})
+            safepoint.restore(
+                self.checkpoint, {"model": self.module} if self.module is not None else {"tensors": self.live}
+            )
+        elif self.module is not None:
+            self.module.load_state_dict(load_file(str(self.safetensors)))
         else:
             loaded = load_file(str(self.safetensors))
             for key, tensor in self.live.items():
@@ -98,7 +111,8 @@ class Case:
     def check(self) -> None:
         for key, tensor in self.live.items():
             assert torch.equal(tensor, self.expected[key]), key
-            tensor.zero_()  # the next restore must write every byte again
+            with torch.no_grad():
+                tensor.zero_()  # the next restore must write every byte again
 
 
 def read_plain(path: Path, buffer: torch.Tensor) -> None:
@@ -193,13 +207,14 @@ def main() -> None:
         args.size_mib, args.repeats, args.small_count = 64, 3, 2_000
     total = args.size_mib * MIB
     args.dir.mkdir(parents=True, exist_ok=True)
-    shapes = {"large": args.tensors, "small": args.small_count, "one": 1}
+    shapes = {"large": args.tensors, "small": args.small_count, "one": 1, "module": args.tensors}
     wanted = args.workloads.split(",")
     cases = [Case(args.dir, name, make_state(total, shapes[name])) for name in wanted]
     methods: dict[str, tuple[str, ...]] = {
         "large": METHODS,
         "small": ("restore", "safetensors"),
         "one": ("restore",),
+        "module": ("restore", "safetensors"),
     }
     probe = cases[0]
     evict(probe.files("load"), args.evict)
@@ -226,6 +241,8 @@ def main() -> None:
     ratio("restore speed vs safetensors+copy_ (>= 1.3)", "large/safetensors", "large/restore")
     ratio("small restore time / one tensor (<= 2)", "small/restore", "one/restore")
     ratio("small restore time / safetensors (<= 1.2)", "small/restore", "small/safetensors")
+    ratio("module restore speed vs safetensors+load_state_dict", "module/safetensors", "module/restore")
+    ratio("module restore speed vs limit", "large/limit", "module/restore")
     print("\nratios (targets from issue 10): ratio of medians, median of paired ratios")
     for name, (of_medians, of_pairs) in ratios.items():
         print(f"  {name:46s} {of_medians:5.2f}  {of_pairs:5.2f}")

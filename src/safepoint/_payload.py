@@ -36,7 +36,16 @@ from ._sharded import chunk_bytes, chunk_sums
 from ._storage import FileSink, LocalStorage, Storage
 from ._storage.base import FileReader, SequentialReads
 
-__all__ = ["PlannedFile", "PlannedTensor", "direct_target", "is_dense_on_cpu", "plan_file", "read_file", "write_file"]
+__all__ = [
+    "CopyTargets",
+    "PlannedFile",
+    "PlannedTensor",
+    "direct_target",
+    "is_dense_on_cpu",
+    "plan_file",
+    "read_file",
+    "write_file",
+]
 
 #: Headers larger than this are refused before they are parsed.
 MAX_HEADER_BYTES = 256 << 20
@@ -533,6 +542,23 @@ class _Pass:
 #: it aside; smaller ones lie next to each other in runs of up to this size, each kept in one backup and read with one
 #: scatter read.
 DIRECT_BYTES = _SLICE_BYTES
+
+
+class CopyTargets(dict[int, torch.Tensor]):
+    """Restore's copied entries (see :func:`read_file`'s ``copied``), each with the live tensor it is copied into.
+
+    :attr:`given` names those that a module's ``load_state_dict`` receives instead of a plain ``copy_`` (its
+    parameters and buffers): each may still be read straight into its live tensor, where the module's own copy
+    then finds the bytes already in place; but read any other way, its value owns its memory, as a module may
+    keep what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.given: set[int] = set()
+
+    def shareable(self) -> set[int]:
+        """The entries whose values may share one buffer: those only ``copy_`` receives."""
+        return self.keys() - self.given
 
 
 def direct_target(live: torch.Tensor, entry: EntryRecord) -> bool:

@@ -20,7 +20,7 @@ from ._codec import DTYPE_NAMES, Sharded, assemble
 from ._errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from ._layout import MANIFEST_NAME, join
 from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative_path
-from ._payload import read_file
+from ._payload import CopyTargets, read_file
 from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
 from ._storage import LocalStorage, Storage
 from ._storage.base import Prefetch, RangeFiles, RangeReads
@@ -147,6 +147,8 @@ def read_leaves(
     grouped = _by_file(manifest)
     # local files only: on an object store the network, not a copy, bounds a restore, so the plain path stays
     into = _targets(copied) if backups is not None and not mmap and isinstance(storage, LocalStorage) else {}
+    if isinstance(copied, CopyTargets):  # a module's values are read into its tensors, or own their memory
+        copied = copied.shareable()
     wanted_files = [
         index
         for index in range(len(manifest.files))

@@ -9,14 +9,17 @@ so a failing migration has touched nothing live; the loaded values are then matc
    now returns, so an object that silently ignores data is caught instead of training on from its initial
    weights. Objects other than modules are backed up just before they are applied (cheap when resuming: a fresh
    optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
-   (every key, shape and dtype) beforehand and not copied: a backup would double the memory of the model.
+   (every key, shape and dtype) beforehand and not copied again: a backup would double the memory of the model
+   (what was read into them in place is put back from the backups their read took instead).
 2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
 
 The exception to "nothing live is touched before the apply": some live tensors are read into in place, each
 behind a backup (:mod:`safepoint._backup`), so their copy is already done when the apply comes:
 
-- large plain tensors that restore only copies into (:func:`copied_entries`,
-  :func:`~safepoint._payload.direct_target`), while the files are read;
+- plain tensors that restore only copies into, and a module's own parameters and buffers, which its
+  load_state_dict copies into (:func:`copied_entries`, :func:`~safepoint._payload.direct_target`), while the files
+  are read; the module then gets those same tensors, and its check compares a digest of the bytes read with what
+  it holds after;
 - the local shards of live DTensors (in plain containers, and in a module's ``state_dict()``, which shares its
   parameters' memory), while preparing, once the whole state matched; a module's load_state_dict then gets those
   same tensors, and its check compares a digest of the bytes read with what it holds after.
@@ -44,6 +47,7 @@ from ._codec import REPLACED_WHOLE, Pickled, PickledPayload, decode_tree, is_sta
 from ._errors import ConfigError, CorruptCheckpointError, RestoreError, UnsafeCheckpointError, attach_note
 from ._manifest import Manifest
 from ._migrations import Migrations, upgrade_state
+from ._payload import CopyTargets
 from ._reader import LoadedCheckpoint
 from ._sharded import ShardedSaved, is_dtensor, slice_like
 
@@ -171,7 +175,7 @@ def plain_values(loaded: LoadedCheckpoint, allow_pickle: Iterable[str] | bool = 
 
 
 # -- entries that are only copied ------------------------------------------------------------------------------
-def copied_entries(tree: Mapping[str, Any], live_state: Any) -> dict[int, torch.Tensor]:
+def copied_entries(tree: Mapping[str, Any], live_state: Any) -> CopyTargets:
     """The entries that restoring ``tree`` into ``live_state`` can only copy into a live tensor and drop, each with
     that tensor: each sits in the tree as a plain tensor node, below dicts, lists and tuples only, where the live
     state holds a plain ``torch.Tensor`` (or ``Parameter``) under plain containers of the same kinds. Matching
@@ -179,18 +183,23 @@ def copied_entries(tree: Mapping[str, Any], live_state: Any) -> dict[int, torch.
     else ever receives it, so its value need not own its memory (the reader may place many in one buffer, or read
     it straight into the tensor behind a backup). Anything else (objects, ``Replace``, ``Pickled``, tensor
     subclasses, views of shared storage, ``typed`` nodes) is left out: those values may be kept by what receives
-    them, so they must be owned."""
-    found: dict[int, torch.Tensor] = {}
+    them, so they must be owned.
+
+    Also a live module's parameters and buffers, each with the module's own tensor (``state_dict(keep_vars=True)``)
+    as :attr:`~safepoint._payload.CopyTargets.given` entries: its load_state_dict copies into them, but it receives
+    the values, so they are read straight into the tensor (where its copy finds them in place) or into memory of
+    their own; its check compares a digest of the bytes read with what it holds afterwards."""
+    found = CopyTargets()
     _collect_copied(tree, live_state, found)
     return found
 
 
-def copied_into(live_state: Any, state_version: int | None) -> Callable[[Manifest], dict[int, torch.Tensor]]:
+def copied_into(live_state: Any, state_version: int | None) -> Callable[[Manifest], CopyTargets]:
     """:func:`copied_entries` of a manifest, none where a migration will run (it may keep any value)."""
 
-    def copied(manifest: Manifest) -> dict[int, torch.Tensor]:
+    def copied(manifest: Manifest) -> CopyTargets:
         if state_version is not None and state_version != manifest.state_version:
-            return {}
+            return CopyTargets()
         return copied_entries(manifest.tree, live_state)
 
     return copied
@@ -200,11 +209,13 @@ def _is_plain_container(live: Any) -> bool:
     return not isinstance(live, (Pickled, torch.Tensor, np.ndarray, Replace)) and not is_stateful(live)
 
 
-def _collect_copied(node: Mapping[str, Any], live: Any, found: dict[int, torch.Tensor]) -> None:
+def _collect_copied(node: Mapping[str, Any], live: Any, found: CopyTargets) -> None:
     kind = node["k"]
     if kind == "tensor":
-        if type(live) in (torch.Tensor, torch.nn.Parameter):  # a subclass's copy_ could keep its source
+        if type(live) in _PLAIN_TENSORS:  # a subclass's copy_ could keep its source
             found[node["e"]] = live
+    elif kind == "object" and isinstance(live, torch.nn.Module):
+        _collect_module(node["v"], live, found)
     elif kind == "dict":
         if isinstance(live, MutableMapping) and _is_plain_container(live):
             for key, child in node["v"]:
@@ -215,6 +226,27 @@ def _collect_copied(node: Mapping[str, Any], live: Any, found: dict[int, torch.T
             return  # restore replaces the list's contents with the saved items, or refuses
         for item, child in zip(live, node["v"], strict=True):
             _collect_copied(child, item, found)
+
+
+def _collect_module(node: Mapping[str, Any], module: torch.nn.Module, found: CopyTargets) -> None:
+    """The module's own parameters and buffers (``keep_vars=True``: a plain ``state_dict()`` holds detached aliases,
+    which share their storage, so none would be its storage's sole user) under the keys its saved state has."""
+    if node["k"] == "typed":  # an OrderedDict
+        node = node["v"]
+    if node["k"] != "dict":
+        return
+    try:
+        live = module.state_dict(keep_vars=True)
+    except Exception:  # the match calls state_dict() again, and reports what it raises
+        return
+    for key, child in node["v"]:
+        tensor = live.get(key)
+        if child["k"] == "tensor" and isinstance(tensor, torch.Tensor) and type(tensor) in _PLAIN_TENSORS:
+            found[child["e"]] = tensor
+            found.given.add(child["e"])
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 # -- matching ---------------------------------------------------------------------------------------------------
@@ -402,7 +434,7 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
     module = isinstance(live, torch.nn.Module)
     state = dict(_fit_tree(plan, layouts, saved, path, in_place=module))
     if module:
-        plan.digested += [v for k, v in state.items() if is_dtensor(v) and current.get(k) is v]  # read in place
+        plan.digested += [v for k, v in state.items() if _read_in_place(v, current.get(k))]
         state = _match_module_state(plan, current, state, path)
     else:
         if isinstance(current, Mapping):
@@ -1081,17 +1113,37 @@ def _cast_on_load(live: torch.Tensor, saved: torch.Tensor) -> bool:
     return _bitwise_equal(live, saved.to(live.dtype))
 
 
+def _read_in_place(value: Any, live: Any) -> bool:
+    """Whether a module's state value was read into the module's own memory: the live DTensor itself, or its plain
+    parameter or buffer (which shares its memory with the ``state_dict()`` alias ``live``; a value the reader
+    allocated never does)."""
+    if is_dtensor(value) or is_dtensor(live):
+        return live is value
+    return (
+        isinstance(value, torch.Tensor)
+        and isinstance(live, torch.Tensor)
+        and value.numel() > 0
+        and value.device.type == live.device.type == "cpu"
+        and value.data_ptr() == live.data_ptr()
+        and _same_layout(live, value)
+    )
+
+
 def _same_layout(live: Any, saved: Any) -> bool:
-    """DTensors of one global shape and placements, with local tensors of one shape, dtype and contiguous."""
-    if not (is_dtensor(live) and is_dtensor(saved)) or live.placements != saved.placements or live.shape != saved.shape:
+    """Tensors of one shape and dtype, the live one contiguous: plain CPU tensors, or DTensors of one global shape
+    and placements (their local tensors compared)."""
+    if is_dtensor(live) and is_dtensor(saved):
+        if live.placements != saved.placements or live.shape != saved.shape:
+            return False
+        live, saved = live.to_local(), saved.to_local()
+    elif is_dtensor(live) or is_dtensor(saved) or not isinstance(live, torch.Tensor) or live.device.type != "cpu":
         return False
-    mine, theirs = live.to_local(), saved.to_local()
-    return bool(mine.shape == theirs.shape and mine.dtype == theirs.dtype and mine.is_contiguous())
+    return bool(live.shape == saved.shape and live.dtype == saved.dtype and live.is_contiguous())
 
 
-def _local_digest(dtensor: Any) -> int:
-    """xxh3_64 of a DTensor's (contiguous) local tensor's bytes."""
-    local = dtensor.to_local().detach()
+def _local_digest(tensor: Any) -> int:
+    """xxh3_64 of a (contiguous, CPU) tensor's bytes; of its local tensor's for a DTensor."""
+    local = (tensor.to_local() if is_dtensor(tensor) else tensor).detach()
     if local.numel() == 0:
         return xxhash.xxh3_64_intdigest(b"")
     return xxhash.xxh3_64_intdigest(local.reshape(-1).view(torch.uint8).numpy().data)

@@ -259,8 +259,12 @@ def test_only_plain_tensor_entries_under_plain_containers_are_copied(tmp_path: P
         "array": {"n": torch.zeros(2).as_subclass(Sub)},
     }
     manifest = read_manifest(LocalStorage(tmp_path / "c"), "")
-    copied = {manifest.entries[i].key for i in copied_entries(manifest.tree, live)}
+    found = copied_entries(manifest.tree, live)
+    copied = {manifest.entries[i].key for i in found.shareable()}
     assert copied == {"plain/w", "plain/deep/0", "plain/deep/1/0", "param/p"}
+    # a module's values are read into its own tensors, or own their memory: its load_state_dict receives them
+    assert {manifest.entries[i].key for i in found.given} == {"module/weight", "module/bias"}
+    assert found[next(i for i in found.given if manifest.entries[i].key == "module/weight")] is live["module"].weight
 
 
 # -- prefetch: the disk starts on the first payload files while the manifest is parsed -------------------------------
