@@ -506,7 +506,7 @@ _hook_registered = False
 def _start(thread: threading.Thread, handle: SaveHandle[Any]) -> None:
     _register_exit_hook()
     with _hook_lock:
-        for finished in [t for t, h in _saves.items() if not t.is_alive() and h.done() and h._quiet()]:
+        for finished in [t for t, h in _saves.items() if not t.is_alive() and h._quiet()]:
             del _saves[finished]
         _saves[thread] = handle
     thread.start()

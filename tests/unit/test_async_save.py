@@ -350,6 +350,25 @@ def test_a_save_in_flight_is_finished_at_exit_when_nothing_refers_to_its_manager
     assert leftovers(tmp_path) == []
 
 
+def test_the_exit_hook_keeps_no_finished_save_of_a_manager_nobody_closed(tmp_path: Path) -> None:
+    """The exit hook holds every save until its manager joins it; a manager dropped without close() never does,
+    so its successful saves are forgotten when the next save starts (a failed one stays, for the hook to log)."""
+    from safepoint import _writer
+
+    dropped = []
+    for step in range(3):
+        manager = safepoint.CheckpointManager(tmp_path / f"dropped{step}")
+        dropped.append(manager.save(step, {"w": torch.ones(10)}, blocking=False))
+        dropped[-1].result(timeout=60)
+        del manager  # never closed: nothing joins its thread
+    for thread in [t for t, h in _writer._saves.items() if any(h is d for d in dropped)]:
+        thread.join(timeout=60)
+    with safepoint.CheckpointManager(tmp_path / "last") as manager:
+        manager.save(9, {"w": torch.ones(10)}, blocking=False).result(timeout=60)
+    kept = [handle for handle in _writer._saves.values() if any(handle is d for d in dropped)]
+    assert kept == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_are_staged_in_pinned_buffers_and_snapshotted(tmp_path: Path) -> None:  # pragma: no cover
     tensors = [torch.full((1024, 1024), float(i), device="cuda") for i in range(8)]
