@@ -7,10 +7,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 _T = TypeVar("_T")
 
@@ -56,3 +57,21 @@ def timed_afresh(target: Path, call: Callable[[], _T]) -> tuple[_T, float]:
     result = call()
     dist.barrier()
     return result, time.perf_counter() - start
+
+
+def end_rank() -> NoReturn:
+    """Inside a rank of the group, once its results are written: end the process without finalizing the
+    interpreter, as the tests' workers do (``tests/distributed/worker.py``).
+
+    A gloo worker thread releases a collective's work, and the tensors it holds, only after the caller has been
+    woken and gone on. Tensors whose Python objects the caller dropped meanwhile (``all_gather_object`` drops its
+    buffers on return) are then released by that thread, and releasing their Python objects takes the GIL; while
+    the interpreter finalizes, CPython ends such a thread with ``pthread_exit``, whose unwinding through torch's
+    noexcept destructor calls ``std::terminate`` ("terminate called without an active exception", SIGABRT). A
+    core of the rank that aborted in bench_fsdp.py's 4-rank save group shows exactly that: ``runLoop`` ->
+    ``~AsyncAllgatherWork`` -> ``TensorImpl::decref_pyobject`` -> ``gil_scoped_acquire`` -> ``take_gil`` ->
+    ``pthread_exit`` -> ``std::terminate``, while the main thread was in ``Py_FinalizeEx``. safepoint itself
+    starts no gloo collectives (its ranks exchange through the store)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

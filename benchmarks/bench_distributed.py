@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from _durable import fsync_path
-from _ranks import run_ranks, timed_afresh
+from _ranks import end_rank, run_ranks, timed_afresh
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent
@@ -220,7 +220,7 @@ def main() -> None:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     if args.worker:
         worker(args)
-        return
+        end_rank()  # not a normal exit: see end_rank
     if args.quick:
         args.size_mib, args.repeats, args.warmup = 64, 2, 0
     out = Path(args.out)

@@ -58,7 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _durable import fsync_tree
-from _ranks import run_ranks, timed_afresh
+from _ranks import end_rank, run_ranks, timed_afresh
 
 MIB = 1 << 20
 ROOT = Path(__file__).resolve().parent
@@ -429,7 +429,7 @@ def main() -> None:
         parser.error("--methods: choose from safepoint,dcp")
     if args.worker:
         worker(args)
-        return
+        end_rank()  # not a normal exit: see end_rank
     if args.quick:
         args.size_mib, args.repeats, args.warmup = 64, 2, 0
     args.layers = max(1, round(args.size_mib * MIB / (3 * 4 * (WIDTH * WIDTH + WIDTH))))

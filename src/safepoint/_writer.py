@@ -29,7 +29,6 @@ import operator
 import os
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar, overload
@@ -92,6 +91,13 @@ class SaveHandle(Generic[T]):
 
     def _wait(self) -> None:
         self._future.exception()  # waits; never raises the save's own error
+
+    def _quiet(self) -> bool:
+        """Done, with no failure left to report."""
+        if not self._future.done():
+            return False
+        with self._lock:
+            return self._reported or self._future.exception() is None
 
     def _take_error(self) -> BaseException | None:
         """The failure, if any and not reported yet; marks it reported."""
@@ -265,6 +271,7 @@ class BackgroundWriter:
             thread = self._threads.pop(handle, None)
             if thread is not None:
                 thread.join()  # it has set its result and only has to return: none outlives close() (see the exit hook)
+                _forget(thread)
         failures = [(handle.step, error) for handle in finished if (error := handle._take_error()) is not None]
         if not failures:
             return
@@ -305,8 +312,7 @@ class BackgroundWriter:
         streaming = plan.streaming
         thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
         if streaming:
-            _register_exit_hook(self)
-            thread.start()
+            _start(thread, handle)
         try:
             _copy(leaves, plan, staged, self.pool, pointers)
         except BaseException as err:
@@ -324,8 +330,7 @@ class BackgroundWriter:
             handle._mark_reported()
             raise handle._future.exception() or SafepointError(f"the background save of step {step} failed")
         if not streaming:
-            _register_exit_hook(self)
-            thread.start()
+            _start(thread, handle)
         self._pending.append(handle)
         self._threads[handle] = thread
         return handle
@@ -489,17 +494,34 @@ def _fill(buffer: torch.Tensor, sources: list[torch.Tensor], segment: _Run) -> N
             view.copy_(source, non_blocking=asynchronous)
 
 
-_writers: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()
+#: Every background save's thread and handle, from its start until its manager has joined it (``raise_failures``):
+#: held here, not through the manager, so that the exit hook also finishes a save whose manager nobody holds any
+#: more (a local of a ``main()`` that returned while the save was in flight). A save of such a manager that
+#: succeeded is forgotten at the next start of a save; one that failed stays, for the exit hook to log.
+_saves: dict[threading.Thread, SaveHandle[Any]] = {}
 _hook_lock = threading.Lock()
 _hook_registered = False
 
 
-def _register_exit_hook(writer: BackgroundWriter) -> None:
+def _start(thread: threading.Thread, handle: SaveHandle[Any]) -> None:
+    _register_exit_hook()
+    with _hook_lock:
+        for finished in [t for t, h in _saves.items() if not t.is_alive() and h._quiet()]:
+            del _saves[finished]
+        _saves[thread] = handle
+    thread.start()
+
+
+def _forget(thread: threading.Thread) -> None:
+    with _hook_lock:
+        _saves.pop(thread, None)
+
+
+def _register_exit_hook() -> None:
     """Finish saves in flight at interpreter exit. ``threading._register_atexit`` hooks run, newest first,
     before non-daemon threads are joined and before concurrent.futures refuses new work (which the writer
     needs for its parallel files); plain ``atexit`` hooks would run too late for that."""
     global _hook_registered
-    _writers.add(writer)
     with _hook_lock:
         if _hook_registered:
             return
@@ -514,19 +536,21 @@ def _register_exit_hook(writer: BackgroundWriter) -> None:
 
 
 def _drain_at_exit() -> None:
-    for writer in list(_writers):
-        for handle in writer.in_flight():
+    with _hook_lock:
+        saves = list(_saves.items())
+    for _, handle in saves:
+        if not handle.done():
             logger.warning(
                 "safepoint: finishing the background save of step %s at interpreter exit; "
                 "call manager.wait() or close() so its errors reach you",
                 handle.step,
             )
             handle._wait()
-        for thread in list(writer._threads.values()):
-            # a save thread still alive during finalization (even one that has set its result) can abort the
-            # interpreter ("terminate called without an active exception") as torch's thread pools are destroyed
-            thread.join()
-        for handle in list(writer._pending):
-            error = handle._take_error()
-            if error is not None:
-                logger.error("safepoint: the background save of step %s failed: %r", handle.step, error)
+    for thread, handle in saves:
+        # a save thread still alive during finalization (even one that has set its result) aborts the
+        # interpreter ("terminate called without an active exception"): CPython ends a thread that takes the GIL
+        # then with pthread_exit, whose unwinding through torch's noexcept frames calls std::terminate
+        thread.join()
+        error = handle._take_error()
+        if error is not None:
+            logger.error("safepoint: the background save of step %s failed: %r", handle.step, error)

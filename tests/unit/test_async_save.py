@@ -316,6 +316,59 @@ def test_the_interpreter_exits_with_a_save_in_flight_and_finishes_it(tmp_path: P
     assert leftovers(tmp_path) == []
 
 
+DROPS_ITS_MANAGER_WITH_A_SAVE_IN_FLIGHT = """
+import gc, sys, torch, safepoint
+def main():
+    manager = safepoint.CheckpointManager(sys.argv[1])
+    state = {"w": [torch.full((1024, 1024), float(i)) for i in range(32)]}   # 128 MiB
+    manager.save(7, state, blocking=False)
+    print("returned", flush=True)
+main()
+gc.collect()
+# nothing refers to the manager any more, and its save is still in flight
+"""
+
+
+def test_a_save_in_flight_is_finished_at_exit_when_nothing_refers_to_its_manager(tmp_path: Path) -> None:
+    """A manager local to a main() that returned is collected with its save in flight: the exit hook must still
+    find the save (it used to find only managers still alive), or the save thread aborted the interpreter or was
+    cut off at finalization, and the checkpoint was lost."""
+    result = subprocess.run(
+        [sys.executable, "-c", DROPS_ITS_MANAGER_WITH_A_SAVE_IN_FLIGHT, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "terminate called" not in result.stderr
+    assert result.stdout.strip() == "returned"
+    assert "finishing the background save of step 7 at interpreter exit" in result.stderr
+    assert safepoint.verify(tmp_path).ok
+    loaded = safepoint.load(tmp_path / "step-000000000007")["w"]
+    assert [float(t[0, 0]) for t in loaded] == [float(i) for i in range(32)]
+    assert leftovers(tmp_path) == []
+
+
+def test_the_exit_hook_keeps_no_finished_save_of_a_manager_nobody_closed(tmp_path: Path) -> None:
+    """The exit hook holds every save until its manager joins it; a manager dropped without close() never does,
+    so its successful saves are forgotten when the next save starts (a failed one stays, for the hook to log)."""
+    from safepoint import _writer
+
+    dropped = []
+    for step in range(3):
+        manager = safepoint.CheckpointManager(tmp_path / f"dropped{step}")
+        dropped.append(manager.save(step, {"w": torch.ones(10)}, blocking=False))
+        dropped[-1].result(timeout=60)
+        del manager  # never closed: nothing joins its thread
+    for thread in [t for t, h in _writer._saves.items() if any(h is d for d in dropped)]:
+        thread.join(timeout=60)
+    with safepoint.CheckpointManager(tmp_path / "last") as manager:
+        manager.save(9, {"w": torch.ones(10)}, blocking=False).result(timeout=60)
+    kept = [handle for handle in _writer._saves.values() if any(handle is d for d in dropped)]
+    assert kept == []
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_tensors_are_staged_in_pinned_buffers_and_snapshotted(tmp_path: Path) -> None:  # pragma: no cover
     tensors = [torch.full((1024, 1024), float(i), device="cuda") for i in range(8)]
