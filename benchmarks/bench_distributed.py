@@ -17,7 +17,11 @@ each repeat in an order rotated per repeat:
   with ``blocking=False`` every repeat (reusing its staging buffers), and each rank times its own call, from a
   barrier to its return; ``manager.wait()`` then runs untimed. The reference is each rank's ``memcpy``: one
   memoryview slice assignment per tensor of the bytes that rank stages (rank 0 the replicated and its own
-  entries, the others their own) into a buffer allocated once, as ``bench_async`` does.
+  entries, the others their own) into a buffer allocated once, as ``bench_async`` does. The two calls of a
+  repeat alternate which goes first, and each is timed both by the wall clock and by the calling thread's CPU
+  time (``time.thread_time``): with more ranks than cores, the wall clock of a ~10 ms call is mostly where the
+  scheduler put the ranks, which the CPU time is not (see docs/performance.md). Ratios are given as the ratio
+  of the medians and as the median of the per-repeat ratios (``paired``).
 
 Each timing runs from a barrier before the call on every rank to a barrier after it: until every rank is done
 and the data is durable. Outputs are removed and ``os.sync()`` called before each timed call.
@@ -133,28 +137,34 @@ def stall(args: argparse.Namespace, state: dict[str, Any], rank: int, world: int
     staged = [*(state["model"].values() if rank == 0 else ()), *own.values()]
     views = [memoryview(tensor.numpy()).cast("B") for tensor in staged]
     target = memoryview(bytearray(sum(view.nbytes for view in views)))
-    timings: dict[str, list[float]] = {"memcpy": [], "stall": []}
+    timings: dict[str, list[float]] = {"memcpy": [], "stall": [], "memcpy_cpu": [], "stall_cpu": []}
     if rank == 0:
         shutil.rmtree(scratch, ignore_errors=True)
     dist.barrier()
+
+    def copy() -> None:
+        offset = 0
+        for view in views:
+            target[offset : offset + view.nbytes] = view
+            offset += view.nbytes
+
     with safepoint.CheckpointManager(scratch / "stall", keep_last=1, timeout=600) as manager:
         for repeat in range(-args.warmup, args.repeats):
+            step = repeat + args.warmup
+            # the two calls alternate which goes first: neither always follows the other's side effects
+            for method in ("memcpy", "stall") if step % 2 == 0 else ("stall", "memcpy"):
+                dist.barrier()
+                start, cpu = time.perf_counter(), time.thread_time()
+                if method == "memcpy":
+                    copy()
+                else:
+                    manager.save(step, full, blocking=False)
+                seconds, cpu = time.perf_counter() - start, time.thread_time() - cpu
+                manager.wait()  # untimed; no writer thread is busy during the next timed call
+                if repeat >= 0:
+                    timings[method].append(seconds)
+                    timings[f"{method}_cpu"].append(cpu)
             dist.barrier()
-            start = time.perf_counter()
-            offset = 0
-            for view in views:
-                target[offset : offset + view.nbytes] = view
-                offset += view.nbytes
-            copied = time.perf_counter() - start
-            dist.barrier()
-            start = time.perf_counter()
-            manager.save(repeat + args.warmup, full, blocking=False)
-            stalled = time.perf_counter() - start
-            manager.wait()
-            dist.barrier()
-            if repeat >= 0:
-                timings["memcpy"].append(copied)
-                timings["stall"].append(stalled)
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, timings)
     if rank == 0:
@@ -162,12 +172,25 @@ def stall(args: argparse.Namespace, state: dict[str, Any], rank: int, world: int
         Path(args.result).write_text(json.dumps({f"rank{r}": t for r, t in enumerate(gathered)}))
 
 
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """The median of the per-repeat ratios a[i] / b[i]: each pair ran back to back, in the same conditions."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
 def stall_table(results: dict[int, dict[str, dict[str, list[float]]]]) -> str:
-    lines = ["| ranks | rank | memcpy s | stall s | stall / memcpy |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| ranks | rank | memcpy s | stall s | stall / memcpy | paired | memcpy cpu s | stall cpu s | paired (cpu) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for world, ranks in results.items():
-        for name, timings in ranks.items():
-            copy, stalled = statistics.median(timings["memcpy"]), statistics.median(timings["stall"])
-            lines.append(f"| {world} | {name[4:]} | {copy:.4f} | {stalled:.4f} | {stalled / copy:.2f} |")
+        for name, t in ranks.items():
+            copy, stalled = statistics.median(t["memcpy"]), statistics.median(t["stall"])
+            copy_cpu, stalled_cpu = statistics.median(t["memcpy_cpu"]), statistics.median(t["stall_cpu"])
+            lines.append(
+                f"| {world} | {name[4:]} | {copy:.4f} | {stalled:.4f} | {stalled / copy:.2f} "
+                f"| {paired_ratio(t['stall'], t['memcpy']):.2f} | {copy_cpu:.4f} | {stalled_cpu:.4f} "
+                f"| {paired_ratio(t['stall_cpu'], t['memcpy_cpu']):.2f} |"
+            )
     return "\n".join(lines)
 
 
