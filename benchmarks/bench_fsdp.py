@@ -22,9 +22,9 @@ same state, side by side, interleaved within each repeat in an order rotated per
   checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold, and runs a full garbage
   collection, so that no call pays for collections made due by the garbage of earlier calls (safepoint's restore
   pauses the collector and leaves its garbage to whatever runs next; DCP's loads leave theirs too): without it,
-  DCP's timed loads, alone or beside safepoint's, took 0.40-0.50 s instead of 0.25-0.31 s in some repeats. ``--load-only`` times only this
-  (the ``--load-from`` group then saves the checkpoints once, untimed); ``--profile FILE`` writes a cProfile of
-  rank 0's timed safepoint loads.
+  DCP's timed loads, alone or beside safepoint's, took 0.40-0.50 s instead of 0.25-0.31 s in some repeats.
+  ``--load-only`` times only this (the ``--load-from`` group then saves the checkpoints once, untimed);
+  ``--profile FILE`` writes a cProfile of rank 0's timed safepoint loads.
 - ``bytes read``: on each rank of the load, the bytes read during the call, from ``/proc/self/io``:
   ``read_bytes`` (what the rank made the kernel fetch from the disk; readahead included, so it is what the disk
   had to deliver) and ``rchar`` (bytes returned by ``read``-family system calls, whatever the source: page
