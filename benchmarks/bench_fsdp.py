@@ -19,9 +19,12 @@ same state, side by side, interleaved within each repeat in an order rotated per
   by a ``--load-to`` group (default 2) into a fresh FSDP2 model and optimizer of the same shapes, in place:
   ``manager.restore(state)`` against ``dcp.load(state)`` (with ``--into objects``, safepoint restores
   ``{"model": model, "optim": optimizer}`` instead). Before each timed call every rank syncs and drops the
-  checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold. ``--load-only`` times only this
-  (the ``--load-from`` group then saves the checkpoints once, untimed); ``--profile FILE`` writes a cProfile of
-  rank 0's timed safepoint loads.
+  checkpoint files' pages (``posix_fadvise(DONTNEED)``), so the reads are cold, and runs a full garbage
+  collection, so that no call pays for collections made due by the garbage of earlier calls (safepoint's restore
+  pauses the collector and leaves its garbage to whatever runs next; DCP's loads leave theirs too): without it,
+  DCP's timed loads, alone or beside safepoint's, took 0.40-0.50 s instead of 0.25-0.31 s in some repeats.
+  ``--load-only`` times only this (the ``--load-from`` group then saves the checkpoints once, untimed);
+  ``--profile FILE`` writes a cProfile of rank 0's timed safepoint loads.
 - ``bytes read``: on each rank of the load, the bytes read during the call, from ``/proc/self/io``:
   ``read_bytes`` (what the rank made the kernel fetch from the disk; readahead included, so it is what the disk
   had to deliver) and ``rchar`` (bytes returned by ``read``-family system calls, whatever the source: page
@@ -44,6 +47,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import gc
 import json
 import os
 import platform
@@ -291,6 +295,7 @@ def load_phase(
         for method in rotated(methods.names, repeat):
             evict(sources / method)
             target = objects if method == "safepoint" and args.into == "objects" else state
+            gc.collect()  # neither method pays for the collections earlier calls' garbage made due
             dist.barrier()
             before = io_counters()
             start = time.perf_counter()

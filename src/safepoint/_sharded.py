@@ -23,6 +23,7 @@ before the manifest parser checked it.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import zlib
@@ -400,23 +401,35 @@ class BoxReader:
         boxes line up) and ``region`` is one contiguous block, else through a buffer."""
         record = saved.record
         element = region.element_size()
-        first_byte, end_byte = _span(record, part, element)
-        chunk, nbytes = record.chunk, math.prod(record.sizes) * element
-        direct = (
-            region.numel() > 0 and region.device.type == "cpu" and region.is_contiguous()
-            and part.sizes[1:] == record.sizes[1:] and first_byte % chunk == 0
-            and (end_byte % chunk == 0 or end_byte == nbytes)
-        )  # fmt: skip
-        if not direct:
+        direct = region.numel() > 0 and region.device.type == "cpu" and region.is_contiguous()
+        first_byte = _direct_start(record, part, element) if direct else None
+        if first_byte is None:
             region.copy_(self.read(saved, part, region.dtype))
             return
-        view = region.reshape(-1).view(torch.uint8).numpy().data
-        self._read_range(saved.path, record.at + first_byte, view)
+        self.read_bytes(saved, first_byte, region.reshape(-1).view(torch.uint8).numpy().data)
+
+    def read_bytes(self, saved: SavedBox, first_byte: int, view: memoryview) -> None:
+        """Fill ``view`` with the box's entry bytes from ``first_byte`` (a chunk boundary; the view ends on one or
+        at the box's end), verified."""
+        self._read_range(saved.path, saved.record.at + first_byte, view)
         _check_chunks(saved, view, first_byte)
 
     def verify(self, saved: SavedBox, dtype: torch.dtype) -> None:
         """Check every chunk of a box."""
         self.read(saved, saved.record.box, dtype)
+
+
+def _direct_start(record: BoxRecord, part: Box, element: int) -> int | None:
+    """Where ``part``'s bytes start in the box's entry when they can be read straight into one contiguous block
+    and verified as they are: whole rows of the box, starting and ending on chunk boundaries (or at the box's
+    end); else None."""
+    if part.sizes[1:] != record.sizes[1:]:
+        return None
+    first_byte, end_byte = _span(record, part, element)
+    chunk = record.chunk
+    if first_byte % chunk or (end_byte % chunk and end_byte != math.prod(record.sizes) * element):
+        return None
+    return first_byte
 
 
 def _span(record: BoxRecord, part: Box, element: int) -> tuple[int, int]:
@@ -497,6 +510,14 @@ class ShardedSaved:
             fill(out, Box((0,) * len(self.shape), self.shape), self.boxes, self.reader)
         return out
 
+    def _read_rows(self, local: torch.Tensor, plan: list[_RowRead], ready: Ready) -> None:
+        """Read every part of ``plan`` into its bytes of ``local`` (contiguous), calling ``ready`` on each first."""
+        flat = local.view(-1).view(torch.uint8)
+        data = flat.numpy().data
+        for saved, first_byte, start, end in plan:
+            ready(flat[start:end])
+            self.reader.read_bytes(saved, first_byte, data[start:end])
+
     def placeholder(self) -> torch.Tensor:
         """A data-less tensor of the saved dtype and shape: what a mismatch message describes."""
         return torch.empty(self.shape, dtype=self.dtype, device="meta")
@@ -512,6 +533,10 @@ class ShardedSaved:
             local = live.to_local().detach()  # the same memory
             if writable(local, self.dtype):
                 pieces = local_pieces(live, self.key)
+                plan = _row_reads(local, pieces, self.boxes)
+                if plan is not None:
+                    into.add(self.key, local, functools.partial(self._read_rows, local, plan))
+                    return live
 
                 def write(ready: Ready) -> None:
                     for piece in pieces:
@@ -520,6 +545,38 @@ class ShardedSaved:
                 into.add(self.key, local, write)
                 return live
         return shard_like(live, self.dtype, lambda out, box: fill(out, box, self.boxes, self.reader))
+
+
+class _RowRead(NamedTuple):
+    saved: SavedBox
+    first_byte: int  # in the saved box's entry: a chunk boundary
+    start: int  # the bytes of the live local tensor it fills
+    end: int
+
+
+def _row_reads(local: torch.Tensor, pieces: Sequence[Piece], saved: Sequence[SavedBox]) -> list[_RowRead] | None:
+    """The reads that fill ``local`` (contiguous) when every part it needs of the saved boxes is whole rows, both
+    of the saved box and of the local tensor, starting and ending on chunk boundaries (FSDP row shards): each
+    part is then one run of bytes on both sides. None when any part is not (tensor parallel columns, a part
+    that splits a chunk): those go through :func:`fill`."""
+    if local.dim() == 0:
+        return None
+    element, row = local.element_size(), math.prod(local.shape[1:])
+    trailing = tuple(local.shape[1:])
+    reads = []
+    for piece in pieces:
+        if piece.box.sizes[1:] != trailing or any(piece.local[1:]):
+            return None
+        for box in saved:
+            common = piece.box.intersect(box.record.box)
+            if common is None:
+                continue
+            first_byte = _direct_start(box.record, common, element)
+            if first_byte is None or common.sizes[1:] != trailing:
+                return None
+            start = (piece.local[0] + common.offsets[0] - piece.box.offsets[0]) * row * element
+            reads.append(_RowRead(box, first_byte, start, start + common.sizes[0] * row * element))
+    return reads
 
 
 def shard_like(live: Any, dtype: torch.dtype, fill_box: Callable[[torch.Tensor, Box], None]) -> Any:

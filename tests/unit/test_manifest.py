@@ -321,6 +321,30 @@ def test_reformatting_the_json_keeps_it_valid(body: Body) -> None:
     assert parse(json.dumps(dict(reversed(list(body.items())))).encode()).to_json() == expected
 
 
+def test_an_edit_of_the_text_as_written_breaks_the_checksum(original: bytes) -> None:
+    # the text as to_json writes it is checked on the text itself (no re-serialisation): a changed value in it,
+    # the checksum and the layout left as they were, is still caught
+    assert original.startswith(b'{"checksum":"')
+    assert original.endswith(b"}\n")
+    for old, new in ((b'"step":7', b'"step":8'), (b'"state_version":3', b'"state_version":4')):
+        assert original.count(old) == 1, old
+        error = refused(original.replace(old, new))
+        assert "checksum" in str(error), old
+    flipped = bytearray(original)
+    flipped[len(original) // 2] ^= 1  # anywhere in the body: the check covers every byte after the checksum
+    with pytest.raises((CorruptCheckpointError, FormatVersionError)):
+        parse(bytes(flipped))
+
+
+def test_the_layout_as_written_with_other_spacing_in_the_body_is_still_valid(original: bytes) -> None:
+    # the checksum first but the rest not byte for byte canonical: the text itself does not match the checksum,
+    # the content does (checked on the body re-serialised), so it is valid, as any reformatting is
+    spaced = original.replace(b'"step":7', b'"step": 7')
+    assert spaced != original
+    assert spaced.startswith(b'{"checksum":"')
+    assert parse(spaced).to_json() == parse(original).to_json()
+
+
 @pytest.mark.parametrize(
     "checksum",
     ["xxh3_64:0000000000000000", "sha256:00", "xxh3_64:", "", "xxh3_64:XYZ", 5, None, ["xxh3_64:00"]],

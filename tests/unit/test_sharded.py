@@ -30,7 +30,10 @@ from safepoint._sharded import (
     Box,
     BoxReader,
     BoxRecord,
+    Piece,
     SavedBox,
+    ShardedSaved,
+    _row_reads,
     check_cover,
     chunk_bytes,
     chunk_sums,
@@ -316,3 +319,76 @@ def test_verify_checks_the_chunk_checksums_of_every_box(tmp_path: Path) -> None:
     (bad,) = report.bad
     assert bad.error is not None
     assert "checksum" in bad.error
+
+
+# -- FSDP row shards read straight into the live tensor, planned once per tensor ----------------------------------
+def _row_boxes(values: torch.Tensor, starts: list[int]) -> tuple[_File, list[SavedBox]]:
+    """``values`` saved as boxes of whole rows beginning at ``starts``, one after the other in one file."""
+    data, saved = bytearray(b"\0" * 24), []
+    for index, (first, end) in enumerate(zip(starts, [*starts[1:], values.shape[0]], strict=True)):
+        raw = values[first:end].contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+        chunk = chunk_bytes(len(raw))
+        sums = chunk_sums(memoryview(raw), chunk)
+        record = BoxRecord((first, 0), (end - first, values.shape[1]), index, len(data), chunk, sums)
+        saved.append(SavedBox(record, "f", "the file"))
+        data += raw
+    return _File(bytes(data)), saved
+
+
+def test_fsdp_rows_over_whole_boxes_are_planned_as_one_read_per_box_and_filled_in_place() -> None:
+    values = torch.randn(2048, 64)  # 512 KiB: four saved boxes of 512 rows (128 KiB, two 64 KiB chunks each)
+    file, saved = _row_boxes(values, [0, 512, 1024, 1536])
+    local = torch.zeros(1024, 64)  # the second of two ranks: rows 1024-2047
+    plan = _row_reads(local, [Piece(Box((1024, 0), (1024, 64)), (0, 0))], saved)
+    assert plan is not None
+    assert [(read.saved.record.offsets[0], read.first_byte, read.start, read.end) for read in plan] == [
+        (1024, 0, 0, 512 * 64 * 4),
+        (1536, 0, 512 * 64 * 4, 1024 * 64 * 4),
+    ]
+    readied: list[tuple[int, int]] = []
+
+    def ready(region: torch.Tensor) -> None:  # called before each region is written: it still holds zeros
+        assert not region.any()
+        readied.append((region.data_ptr() - local.data_ptr(), region.nbytes))
+
+    sharded = ShardedSaved("w", torch.float32, (2048, 64), saved, BoxReader(file))
+    sharded._read_rows(local, plan, ready)
+    assert torch.equal(local, values[1024:])
+    assert readied == [(0, 512 * 64 * 4), (512 * 64 * 4, 512 * 64 * 4)]
+    assert file.read == 1024 * 64 * 4  # exactly the rows needed
+
+
+def test_rows_that_start_inside_a_box_on_a_chunk_boundary_are_planned_too() -> None:
+    values = torch.randn(2048, 64)
+    file, saved = _row_boxes(values, [0, 1024])  # two boxes of 256 KiB: 64 KiB chunks, 256 rows each
+    local = torch.zeros(512, 64)
+    plan = _row_reads(local, [Piece(Box((768, 0), (512, 64)), (0, 0))], saved)  # rows 768-1279: both boxes
+    assert plan is not None
+    assert [(read.first_byte, read.start, read.end) for read in plan] == [
+        (768 * 64 * 4, 0, 256 * 64 * 4),
+        (0, 256 * 64 * 4, 512 * 64 * 4),
+    ]
+    ShardedSaved("w", torch.float32, (2048, 64), saved, BoxReader(file))._read_rows(local, plan, lambda _: None)
+    assert torch.equal(local, values[768:1280])
+
+
+def test_a_flipped_byte_in_a_planned_row_read_is_corruption() -> None:
+    values = torch.randn(2048, 64)
+    file, saved = _row_boxes(values, [0, 512, 1024, 1536])
+    file.data[saved[3].record.at + 100 * 64 * 4] ^= 0x04
+    local = torch.zeros(1024, 64)
+    plan = _row_reads(local, [Piece(Box((1024, 0), (1024, 64)), (0, 0))], saved)
+    assert plan is not None
+    with pytest.raises(CorruptCheckpointError, match="do not match their checksum"):
+        ShardedSaved("w", torch.float32, (2048, 64), saved, BoxReader(file))._read_rows(local, plan, lambda _: None)
+
+
+def test_parts_that_are_not_whole_rows_on_chunk_boundaries_are_not_planned() -> None:
+    values = torch.randn(2048, 64)
+    _, saved = _row_boxes(values, [0, 1024])
+    # a part ending inside a chunk: rows 0-99 of the first box
+    assert _row_reads(torch.zeros(100, 64), [Piece(Box((0, 0), (100, 64)), (0, 0))], saved) is None
+    # tensor parallel columns: the local rows are half of each saved row
+    assert _row_reads(torch.zeros(2048, 32), [Piece(Box((0, 32), (2048, 32)), (0, 0))], saved) is None
+    # a 0-d tensor
+    assert _row_reads(torch.zeros(()), [Piece(Box((), ()), ())], saved) is None
