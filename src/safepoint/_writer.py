@@ -310,11 +310,14 @@ class BackgroundWriter:
             plan = self._copy_plan = self._plan_copy(leaves, order, structure)
         staged = _Staged(leaves, self.pool, plan, specs)
         streaming = plan.streaming
-        thread = threading.Thread(target=_run, args=(handle, staged, job), name=f"safepoint-save-{step}", daemon=True)
+        unviewed: list[tuple[_Run, Sequence[int]]] = []  # filled by the copy, viewed by the writer (see _views)
+        thread = threading.Thread(
+            target=_run, args=(handle, staged, job, unviewed), name=f"safepoint-save-{step}", daemon=True
+        )
         if streaming:
             _start(thread, handle)
         try:
-            _copy(leaves, plan, staged, self.pool, pointers)
+            _copy(leaves, plan, staged, self.pool, pointers, unviewed=unviewed)
         except BaseException as err:
             staged.abandon(err)
             staged.staging_finished()
@@ -347,7 +350,7 @@ class BackgroundWriter:
         return _plan_copy(leaves, range(len(leaves)), SEGMENT_BYTES, plan)
 
 
-def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T]) -> None:
+def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T], unviewed: list[tuple[_Run, Sequence[int]]]) -> None:
     _yield_cpu()
     try:
         result = job(staged, staged.written)
@@ -356,7 +359,9 @@ def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T]) -> None:
         staged.release_all()
         handle._future.set_exception(err)
         return
-    staged.release_all()
+    staged.release_all()  # also waits for the end of the copy: ``unviewed`` is complete
+    with contextlib.suppress(Exception):  # views only make later copies cheaper: never a reason to fail a save
+        _views(unviewed)  # before the result: a save that waited for this one finds them
     handle._future.set_result(result)
 
 
@@ -378,7 +383,7 @@ class _Run:
     """One staging buffer's worth of the copy: its size, its device (None: host memory), its leaves, and where
     each lies in it."""
 
-    __slots__ = ("_pick", "device", "host", "indices", "offsets", "size", "sizes")
+    __slots__ = ("_pick", "device", "host", "indices", "offsets", "size", "sizes", "slices", "views")
 
     def __init__(self, device: torch.device | None, members: list[tuple[int, int]], sizes: list[int], host: bool):
         self.device, self.sizes, self.host = device, sizes, host
@@ -386,6 +391,10 @@ class _Run:
         self.offsets = [offset for _, offset in members]
         self.size = members[-1][1] + -(-sizes[-1] // _ALIGN) * _ALIGN
         self._pick = operator.itemgetter(*self.indices)
+        # each leaf's place in the buffer, and (see _views) the source addresses of a past copy with a view of
+        # each source's planned extent: a copy from the same addresses again goes through them
+        self.slices = list(map(slice, self.offsets, map(operator.add, self.offsets, sizes)))
+        self.views: tuple[Sequence[int], list[memoryview]] | None = None
 
     def sources(self, pointers: Sequence[int]) -> Sequence[int]:
         """This segment's entries of ``pointers`` (one per leaf of the snapshot), in one C call."""
@@ -443,11 +452,18 @@ def _plan_copy(leaves: Sequence[Leaf], order: Sequence[int], limit: int, plan: _
 
 
 def _copy(
-    leaves: Sequence[Leaf], plan: _CopyPlan, staged: _Staged, pool: StagingPool, pointers: Sequence[int] | None
+    leaves: Sequence[Leaf],
+    plan: _CopyPlan,
+    staged: _Staged,
+    pool: StagingPool,
+    pointers: Sequence[int] | None,
+    *,
+    unviewed: list[tuple[_Run, Sequence[int]]],
 ) -> None:
     """Copy the leaves into staging segments as ``plan`` says: from a GPU into pinned memory asynchronously, every
     copy having landed when this returns. These loops are the stall of a background save with many small tensors.
-    ``pointers``: see :meth:`BackgroundWriter.submit`."""
+    ``pointers``: see :meth:`BackgroundWriter.submit`. Adds to ``unviewed`` the host segments copied by address
+    without views of those addresses (see _views), with their source addresses."""
     for index in plan.direct:
         source = leaves[index].tensor
         staged.put(index, source if source.nbytes else torch.empty(source.shape, dtype=source.dtype))
@@ -457,7 +473,13 @@ def _copy(
         if staged.cancelled.is_set():
             return
         if pointers is not None and segment.host:
-            _move(buffer, segment.sources(pointers), segment)
+            sources = segment.sources(pointers)
+            views = segment.views
+            if views is not None and views[0] == sources:
+                _copy_views(buffer, views[1], segment)
+            else:
+                _move(buffer, sources, segment)
+                unviewed.append((segment, sources))
         else:
             _fill(buffer, [leaves[index].tensor for index in segment.indices], segment)
         stream = torch.cuda.current_stream(segment.device) if pinned else None
@@ -475,6 +497,26 @@ def _move(buffer: torch.Tensor, sources: Sequence[int], segment: _Run) -> None:
     the leaves' dtypes and shapes fix. torch's ``copy_`` costs ~10x more per call."""
     base = buffer.data_ptr()
     collections.deque(map(ctypes.memmove, map(base.__add__, segment.offsets), sources, segment.sizes), 0)
+
+
+def _copy_views(buffer: torch.Tensor, views: list[memoryview], segment: _Run) -> None:
+    """What :func:`_move` does, through views of the same source extents: a slice assignment costs a tenth of a
+    foreign call (~0.04 us against ~0.36 us: 3 ms of the stall of 10 000 tensors). A size that differs from the
+    planned one would be a ValueError, never a copy of other bytes."""
+    collections.deque(map(buffer.numpy().data.__setitem__, segment.slices, views), 0)
+
+
+def _views(unviewed: list[tuple[_Run, Sequence[int]]]) -> None:
+    """Give each segment views of its planned source extents at ``sources``, for the next copy from the same
+    addresses. On the writer's thread, after a copy (~1.5 us a tensor, paid once while the addresses stay). The
+    views hold no tensor: they are used only by a copy whose walk read these same addresses again for tensors of
+    the planned dtypes and shapes (dense), i.e. exactly the spans :func:`_move` would copy."""
+    for segment, sources in unviewed:
+        views = [
+            memoryview((ctypes.c_char * size).from_address(address)).cast("B")
+            for address, size in zip(sources, segment.sizes, strict=True)
+        ]
+        segment.views = (sources, views)
 
 
 def _fill(buffer: torch.Tensor, sources: list[torch.Tensor], segment: _Run) -> None:

@@ -494,3 +494,60 @@ def test_a_background_save_with_per_rank_entries_writes_the_per_rank_layout(tmp_
     assert torch.equal(live["rng"].value["t"], torch.full((2,), 3.0))
     names = sorted(path.name for path in (tmp_path / "step-000000000000").glob("*/*.safetensors"))
     assert names == ["r00000-own-00000.safetensors", "r00000-rep-00000.safetensors"]
+
+
+def _segments(manager: safepoint.CheckpointManager) -> list[Any]:
+    plan = manager._saver.background._copy_plan
+    assert plan is not None
+    return plan.segments
+
+
+def test_a_copy_from_the_addresses_of_the_last_save_goes_through_views_and_holds_the_values_of_its_call(
+    tmp_path: Path,
+) -> None:
+    """From the second save on, the copy of a dict of dense tensors at the addresses of the last save goes
+    through views of those extents; a tensor replaced by another of its shape (the old one alive, holding other
+    values) is copied from its new address, never through a view of the old one."""
+    state = {"t": {f"w{i}": torch.full((5, 7), float(i)) for i in range(40)}}
+    kept = state["t"]["w3"]  # stays alive at its address, with values the checkpoint must not hold
+    with safepoint.CheckpointManager(tmp_path, max_in_flight=1) as manager:
+        manager.save(1, state, blocking=False).result(timeout=60)  # encoded afresh: copied tensor by tensor
+        manager.save(2, state, blocking=False).result(timeout=60)  # a hit: copied by address, then viewed
+        segments = _segments(manager)
+        assert all(segment.views is not None for segment in segments)
+        viewed = segments[0].views
+        manager.save(3, state, blocking=False).result(timeout=60)  # through the views
+        assert segments[0].views is viewed
+        state["t"]["w3"] = torch.full((5, 7), -3.0)  # the same structure, another address
+        handle = manager.save(4, state, blocking=False)
+        for tensor in state["t"].values():
+            tensor.fill_(99.0)  # after save() returned: no save holds these
+        handle.result(timeout=60)
+        assert segments[0].views[0] == tuple(tensor.data_ptr() for tensor in state["t"].values())  # viewed anew
+        for step in (3, 4):
+            values, _ = manager.load(step)
+            for i in range(40):
+                want = -3.0 if (step, i) == (4, 3) else float(i)
+                assert torch.equal(values["t"][f"w{i}"], torch.full((5, 7), want)), (step, i)
+    assert torch.equal(kept, torch.full((5, 7), 3.0))  # the old w3 kept its values all along
+
+
+def test_views_that_cannot_be_made_leave_the_save_and_the_next_copy_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Views are an optimisation: failing to make them never fails a save, and the next copy goes by address."""
+    from safepoint import _writer
+
+    def refuse(unviewed: Any) -> None:
+        raise MemoryError("no room for views")
+
+    monkeypatch.setattr(_writer, "_views", refuse)
+    state = {"t": {f"w{i}": torch.full((3,), float(i)) for i in range(10)}}
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        for step in (1, 2):
+            manager.save(step, state, blocking=False).result(timeout=60)
+        assert all(segment.views is None for segment in _segments(manager))
+        manager.save(3, state, blocking=False).result(timeout=60)
+        values, _ = manager.load(3)
+    for i in range(10):
+        assert torch.equal(values["t"][f"w{i}"], torch.full((3,), float(i)))
