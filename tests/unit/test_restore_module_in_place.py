@@ -46,7 +46,8 @@ class Net(torch.nn.Module):
 
 
 def bits(module: torch.nn.Module) -> dict[str, bytes]:
-    return {key: v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for key, v in module.state_dict().items()}
+    state = module.state_dict()
+    return {key: value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() for key, value in state.items()}
 
 
 def read_into(checkpoint: Path, live: dict[str, Any]) -> tuple[LoadedCheckpoint, TensorBackups]:
