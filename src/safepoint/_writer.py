@@ -15,6 +15,11 @@ handle's ``result()`` or else by the owner's next ``raise_failures()`` as :class
 failure as its cause. At interpreter exit, saves still in flight are finished (a hook that runs before
 ``concurrent.futures`` refuses new work), and a warning says that nobody waited for them.
 
+Threads: the writers run on threads kept from one save to the next (:class:`_Worker`, one per save in flight at
+the same time, shared by every manager of the process), because starting a thread per save made the caller wait
+until the new thread had run. They end at interpreter exit, after the saves; a forked child has none of them and
+none of its parent's saves (a DataLoader worker forked while a save is in flight exits at once).
+
 This module never decides what is written, retained or what a step is called: the caller passes the ``job``
 (:mod:`safepoint._pipeline`'s save attempt).
 """
@@ -24,9 +29,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import logging
 import operator
 import os
+import queue
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -248,7 +255,6 @@ class BackgroundWriter:
         self.pool = StagingPool(check_staging_bytes(max_staging_bytes))
         self.max_in_flight = check_in_flight(max_in_flight)
         self._pending: list[SaveHandle[Any]] = []
-        self._threads: dict[SaveHandle[Any], threading.Thread] = {}
         self._copy_plan: _CopyPlan | None = None  # the last save's (see submit's ``structure``)
 
     def in_flight(self) -> list[SaveHandle[Any]]:
@@ -267,11 +273,7 @@ class BackgroundWriter:
         """Raise the first failure nobody has seen yet (later ones attached as notes), once; forget finished saves."""
         finished = [handle for handle in self._pending if handle.done()]
         self._pending = [handle for handle in self._pending if not handle.done()]
-        for handle in finished:
-            thread = self._threads.pop(handle, None)
-            if thread is not None:
-                thread.join()  # it has set its result and only has to return: none outlives close() (see the exit hook)
-                _forget(thread)
+        _forget(finished)
         failures = [(handle.step, error) for handle in finished if (error := handle._take_error()) is not None]
         if not failures:
             return
@@ -311,31 +313,28 @@ class BackgroundWriter:
         staged = _Staged(leaves, self.pool, plan, specs)
         streaming = plan.streaming
         unviewed: list[tuple[_Run, Sequence[int]]] = []  # filled by the copy, viewed by the writer (see _views)
-        thread = threading.Thread(
-            target=_run, args=(handle, staged, job, unviewed), name=f"safepoint-save-{step}", daemon=True
-        )
+        task = functools.partial(_run, handle, staged, job, unviewed)
         if streaming:
-            _start(thread, handle)
+            _start(handle, task)
         try:
             _copy(leaves, plan, staged, self.pool, pointers, unviewed=unviewed)
         except BaseException as err:
             staged.abandon(err)
             staged.staging_finished()
             if streaming:
-                thread.join()  # the writer removes what it wrote: nothing half-written outlives the error
+                handle._wait()  # the writer removes what it wrote: nothing half-written outlives the error
             else:
                 staged.release_all()
             handle._mark_reported()
             raise
         staged.staging_finished()
         if staged.cancelled.is_set():  # the writer failed while the snapshot was copied: it is this call's error
-            thread.join()
+            handle._wait()
             handle._mark_reported()
             raise handle._future.exception() or SafepointError(f"the background save of step {step} failed")
         if not streaming:
-            _start(thread, handle)
+            _start(handle, task)
         self._pending.append(handle)
-        self._threads[handle] = thread
         return handle
 
     def _plan_copy(
@@ -350,19 +349,21 @@ class BackgroundWriter:
         return _plan_copy(leaves, range(len(leaves)), SEGMENT_BYTES, plan)
 
 
-def _run(handle: SaveHandle[T], staged: _Staged, job: Job[T], unviewed: list[tuple[_Run, Sequence[int]]]) -> None:
-    _yield_cpu()
+def _run(
+    handle: SaveHandle[T], staged: _Staged, job: Job[T], unviewed: list[tuple[_Run, Sequence[int]]]
+) -> Callable[[], None]:
+    """Run one save's ``job``; returns what sets its outcome on ``handle``, which the worker calls once it is
+    idle again (so that a save that waited for this one finds the thread free)."""
     try:
         result = job(staged, staged.written)
     except BaseException as err:
         staged.abandon(err)
         staged.release_all()
-        handle._future.set_exception(err)
-        return
+        return functools.partial(handle._future.set_exception, err)
     staged.release_all()  # also waits for the end of the copy: ``unviewed`` is complete
     with contextlib.suppress(Exception):  # views only make later copies cheaper: never a reason to fail a save
         _views(unviewed)  # before the result: a save that waited for this one finds them
-    handle._future.set_result(result)
+    return functools.partial(handle._future.set_result, result)
 
 
 #: The background writer's nice value (Linux: per thread, and inherited by the file writers it starts), so the
@@ -536,27 +537,81 @@ def _fill(buffer: torch.Tensor, sources: list[torch.Tensor], segment: _Run) -> N
             view.copy_(source, non_blocking=asynchronous)
 
 
-#: Every background save's thread and handle, from its start until its manager has joined it (``raise_failures``):
-#: held here, not through the manager, so that the exit hook also finishes a save whose manager nobody holds any
-#: more (a local of a ``main()`` that returned while the save was in flight). A save of such a manager that
-#: succeeded is forgotten at the next start of a save; one that failed stays, for the exit hook to log.
-_saves: dict[threading.Thread, SaveHandle[Any]] = {}
-_hook_lock = threading.Lock()
+class _Worker:
+    """A writer thread kept from one background save to the next: ``_start`` hands it a save through a queue and
+    returns. (A thread started per save made the caller wait until it had run and handed the GIL back: 0.3-0.6 ms
+    a save, more with more ranks than cores; docs/performance.md.) It runs at the background niceness for its
+    whole life, holds nothing of a save once the save is done, and serves any manager of the process."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], Callable[[], None]] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="safepoint-writer", daemon=True)
+
+    def run(self, task: Callable[[], Callable[[], None]]) -> None:
+        self._tasks.put(task)
+
+    def stop(self) -> None:
+        """End the thread once the saves handed to it are done."""
+        self._tasks.put(None)
+
+    def _serve(self) -> None:
+        _yield_cpu()
+        while (task := self._tasks.get()) is not None:
+            settle = task()
+            del task  # nothing of a finished save stays reachable from an idle thread
+            with _lock:
+                if self in _workers:  # not stopped by the exit hook, nor left behind in a forked child
+                    _idle.append(self)
+            settle()
+            del settle
+
+
+#: Every background save from its start until its manager has seen its outcome (``raise_failures``): held here, not
+#: through the manager, so that the exit hook also finishes a save whose manager nobody holds any more (a local of
+#: a ``main()`` that returned while the save was in flight). A save of such a manager that succeeded is forgotten at
+#: the next start of a save; one that failed stays, for the exit hook to log.
+_saves: list[SaveHandle[Any]] = []
+_workers: list[_Worker] = []  # every writer thread of this process
+_idle: list[_Worker] = []  # those waiting for a save
+_lock = threading.Lock()
 _hook_registered = False
 
 
-def _start(thread: threading.Thread, handle: SaveHandle[Any]) -> None:
+def _start(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> None:
+    """Run ``task`` (a save of ``handle``) on an idle writer thread, or a new one."""
     _register_exit_hook()
-    with _hook_lock:
-        for finished in [t for t, h in _saves.items() if not t.is_alive() and h._quiet()]:
-            del _saves[finished]
-        _saves[thread] = handle
-    thread.start()
+    new = None
+    with _lock:
+        _saves[:] = [held for held in _saves if not held._quiet()]
+        _saves.append(handle)
+        if _idle:
+            worker = _idle.pop()
+        else:
+            worker = new = _Worker()
+            _workers.append(worker)
+    if new is not None:
+        new.thread.start()
+    worker.run(task)
 
 
-def _forget(thread: threading.Thread) -> None:
-    with _hook_lock:
-        _saves.pop(thread, None)
+def _forget(handles: list[SaveHandle[Any]]) -> None:
+    with _lock:
+        _saves[:] = [held for held in _saves if not any(held is handle for handle in handles)]
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) has none of its parent's writer threads, and its parent's saves are not
+    its own: the exit hook must not wait for them (it waited forever), nor an idle thread that is not there be
+    handed a save. The lock may have been held by one of the parent's threads at the fork."""
+    global _lock
+    _lock = threading.Lock()
+    _saves.clear()
+    _workers.clear()
+    _idle.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _register_exit_hook() -> None:
@@ -564,7 +619,7 @@ def _register_exit_hook() -> None:
     before non-daemon threads are joined and before concurrent.futures refuses new work (which the writer
     needs for its parallel files); plain ``atexit`` hooks would run too late for that."""
     global _hook_registered
-    with _hook_lock:
+    with _lock:
         if _hook_registered:
             return
         register = getattr(threading, "_register_atexit", None)
@@ -578,9 +633,9 @@ def _register_exit_hook() -> None:
 
 
 def _drain_at_exit() -> None:
-    with _hook_lock:
-        saves = list(_saves.items())
-    for _, handle in saves:
+    with _lock:
+        saves = list(_saves)
+    for handle in saves:
         if not handle.done():
             logger.warning(
                 "safepoint: finishing the background save of step %s at interpreter exit; "
@@ -588,11 +643,18 @@ def _drain_at_exit() -> None:
                 handle.step,
             )
             handle._wait()
-    for thread, handle in saves:
-        # a save thread still alive during finalization (even one that has set its result) aborts the
-        # interpreter ("terminate called without an active exception"): CPython ends a thread that takes the GIL
-        # then with pthread_exit, whose unwinding through torch's noexcept frames calls std::terminate
-        thread.join()
+    with _lock:
+        workers = list(_workers)
+        _workers.clear()
+        _idle.clear()
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        # a writer thread still alive during finalization (even an idle one) aborts the interpreter ("terminate
+        # called without an active exception"): CPython ends a thread that takes the GIL then with pthread_exit,
+        # whose unwinding through torch's noexcept frames calls std::terminate
+        worker.thread.join()
+    for handle in saves:
         error = handle._take_error()
         if error is not None:
             logger.error("safepoint: the background save of step %s failed: %r", handle.step, error)

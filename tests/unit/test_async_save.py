@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -360,13 +361,185 @@ def test_the_exit_hook_keeps_no_finished_save_of_a_manager_nobody_closed(tmp_pat
         manager = safepoint.CheckpointManager(tmp_path / f"dropped{step}")
         dropped.append(manager.save(step, {"w": torch.ones(10)}, blocking=False))
         dropped[-1].result(timeout=60)
-        del manager  # never closed: nothing joins its thread
-    for thread in [t for t, h in _writer._saves.items() if any(h is d for d in dropped)]:
-        thread.join(timeout=60)
+        del manager  # never closed: nothing tells the registry that its saves were seen
+    assert all(any(held is handle for held in _writer._saves) for handle in dropped[-1:])
     with safepoint.CheckpointManager(tmp_path / "last") as manager:
         manager.save(9, {"w": torch.ones(10)}, blocking=False).result(timeout=60)
-    kept = [handle for handle in _writer._saves.values() if any(handle is d for d in dropped)]
+    kept = [handle for handle in _writer._saves if any(handle is d for d in dropped)]
     assert kept == []
+
+
+def save_threads(manager: safepoint.CheckpointManager, steps: list[int]) -> list[threading.Thread]:
+    """The thread each background save of ``steps`` ran its attempt on (waited for, one after the other)."""
+    seen: list[threading.Thread] = []
+
+    def record(name: str) -> None:
+        seen.append(threading.current_thread())
+
+    with faults.armed({"save.begin": faults.FaultSpec(record, 0)}):
+        for step in steps:
+            manager.save(step, {"x": torch.full((4,), float(step))}, blocking=False).result(timeout=60)
+    return seen
+
+
+def test_background_saves_run_on_one_writer_thread_kept_between_saves_and_managers(tmp_path: Path) -> None:
+    """save(blocking=False) hands the save to the thread of the last one instead of starting a thread (and
+    waiting for it to be scheduled) every time; a closed manager's thread serves the next manager."""
+    with safepoint.CheckpointManager(tmp_path / "a", keep_last=1) as manager:
+        seen = save_threads(manager, [1, 2, 3])
+        assert manager.steps() == [3]
+    assert len(seen) == 3
+    assert seen[1] is seen[0]
+    assert seen[2] is seen[0]
+    assert seen[0] is not threading.current_thread()
+    assert seen[0].name == "safepoint-writer"
+    assert seen[0].daemon
+    assert seen[0].is_alive()  # idle, waiting for the next save
+    with safepoint.CheckpointManager(tmp_path / "b") as other:
+        (later,) = save_threads(other, [4])
+    assert later is seen[0]
+
+
+def test_with_room_for_two_a_save_starts_while_the_one_before_it_is_held(tmp_path: Path) -> None:
+    """Saves in flight at the same time run side by side, each on a writer thread of its own: the second one
+    begins while the first is held inside its write."""
+    release, second_began = threading.Event(), threading.Event()
+
+    def hold(name: str) -> None:
+        assert release.wait(60), "the test never released the writer"
+
+    with (
+        faults.armed(
+            {
+                "data.write.before": faults.FaultSpec(hold, nth=1),
+                "save.begin": faults.FaultSpec(lambda name: second_began.set(), nth=2),
+            }
+        ),
+        safepoint.CheckpointManager(tmp_path, max_in_flight=2) as manager,
+    ):
+        try:
+            first = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+            second = manager.save(2, {"x": torch.ones(4)}, blocking=False)
+            assert second_began.wait(30)
+            assert not first.done()
+        finally:
+            release.set()
+        assert first.result(timeout=60).step == 1
+        assert second.result(timeout=60).step == 2
+        assert manager.steps() == [1, 2]
+
+
+WRITERS_AT_EXIT = """
+import atexit, sys, threading, torch, safepoint
+from safepoint import _faults as faults
+
+def writers_left():   # plain atexit hooks run after threading's, just before the interpreter finalizes
+    print("writers left", sum(t.name == "safepoint-writer" and t.is_alive() for t in threading.enumerate()), flush=True)
+
+atexit.register(writers_left)
+second_began = threading.Event()
+hold = faults.FaultSpec(lambda name: second_began.wait(60), nth=1)   # the first save waits for the second
+with faults.armed({"data.write.before": hold, "save.begin": faults.FaultSpec(lambda name: second_began.set(), nth=2)}):
+    manager = safepoint.CheckpointManager(sys.argv[1], max_in_flight=2)
+    manager.save(1, {"w": torch.ones(1 << 20)}, blocking=False)
+    manager.save(2, {"w": torch.ones(1 << 20)}, blocking=False)
+    manager.wait()
+print("writers idle", sum(t.name == "safepoint-writer" for t in threading.enumerate()), flush=True)
+"""
+
+
+def test_the_exit_hook_ends_every_writer_thread_before_the_interpreter_finalizes(tmp_path: Path) -> None:
+    """A thread that runs while the interpreter finalizes can abort it; idle writer threads are ended and
+    joined by the exit hook."""
+    result = subprocess.run(
+        [sys.executable, "-c", WRITERS_AT_EXIT, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "writers idle 2"  # two saves were in flight at once: two threads
+    assert lines[1] == "writers left 0"
+    assert safepoint.verify(tmp_path).ok
+
+
+FORKED_CHILD_SAVES = """
+import os, sys, torch, safepoint
+manager = safepoint.CheckpointManager(sys.argv[1])
+manager.save(1, {"x": torch.ones(4)}, blocking=False).result(timeout=60)   # the parent's writer thread, now idle
+pid = os.fork()
+if pid == 0:   # the child has no thread but this one: its save must start its own writer
+    try:
+        manager.save(2, {"x": torch.full((4,), 2.0)}, blocking=False).result(timeout=20)
+        manager.close()
+    except BaseException as err:
+        print("child:", repr(err), flush=True)
+        os._exit(3)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+manager.save(3, {"x": torch.full((4,), 3.0)}, blocking=False).result(timeout=60)   # the parent's thread still serves
+manager.close()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_saves_in_the_background_on_a_thread_of_its_own(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_CHILD_SAVES, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "child exit 0"
+    assert safepoint.verify(tmp_path).ok
+    assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
+
+
+DATALOADER_DURING_A_SAVE = """
+import sys, threading, time, torch, safepoint
+from safepoint import _faults as faults
+from torch.utils.data import DataLoader
+
+release = threading.Event()
+with faults.armed({"data.write.before": faults.FaultSpec(lambda name: release.wait(120), nth=1)}):
+    manager = safepoint.CheckpointManager(sys.argv[1])
+    handle = manager.save(1, {"w": torch.arange(1000.0)}, blocking=False)   # held in flight by the fault
+    started = time.monotonic()
+    batches = list(DataLoader(list(range(8)), batch_size=2, num_workers=2))   # forks 2 workers, which exit at the end
+    print(f"epoch {time.monotonic() - started:.2f}", flush=True)
+    assert not handle.done()
+    release.set()
+    handle.result(timeout=60)
+manager.close()
+print("batches", len(batches), flush=True)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_dataloader_workers_forked_during_a_background_save_exit_at_once(tmp_path: Path) -> None:
+    """A worker forked while a save is in flight inherits the exit hook but not the save's thread: its exit used
+    to wait for the parent's save forever, until the DataLoader killed it after 5 s (MP_STATUS_CHECK_INTERVAL)."""
+    from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
+
+    result = subprocess.run(
+        [sys.executable, "-c", DATALOADER_DURING_A_SAVE, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "finishing the background save" not in result.stderr  # no worker waited for the parent's save
+    lines = result.stdout.split()
+    assert lines[-2:] == ["batches", "4"]
+    assert float(lines[1]) < MP_STATUS_CHECK_INTERVAL - 1
+    assert safepoint.verify(tmp_path).ok
+    assert torch.equal(safepoint.load(tmp_path / "step-000000000001")["w"], torch.arange(1000.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
