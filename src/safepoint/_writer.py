@@ -256,9 +256,22 @@ class BackgroundWriter:
         self.max_in_flight = check_in_flight(max_in_flight)
         self._pending: list[SaveHandle[Any]] = []
         self._copy_plan: _CopyPlan | None = None  # the last save's (see submit's ``structure``)
+        self._pid = os.getpid()
 
     def in_flight(self) -> list[SaveHandle[Any]]:
-        return [handle for handle in self._pending if not handle.done()]
+        return [handle for handle in self._saves() if not handle.done()]
+
+    def _saves(self) -> list[SaveHandle[Any]]:
+        """This process's saves not yet reported. A child forked while saves were in flight has none: they are
+        its parent's, and no thread of the child will finish them (waiting for room for the child's own save
+        waited forever). The child gets a pool of its own too: a parent's thread may have held its lock at the
+        fork, and its buffers are lent to the parent's saves."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._pending = []
+            self._copy_plan = None
+            self.pool = StagingPool(self.pool.limit)
+        return self._pending
 
     def wait_for_room(self) -> None:
         """Wait until fewer than ``max_in_flight`` saves are in flight, oldest first."""
@@ -266,12 +279,12 @@ class BackgroundWriter:
             self.in_flight()[0]._wait()
 
     def wait_all(self) -> None:
-        for handle in list(self._pending):
+        for handle in list(self._saves()):
             handle._wait()
 
     def raise_failures(self) -> None:
         """Raise the first failure nobody has seen yet (later ones attached as notes), once; forget finished saves."""
-        finished = [handle for handle in self._pending if handle.done()]
+        finished = [handle for handle in self._saves() if handle.done()]
         self._pending = [handle for handle in self._pending if not handle.done()]
         _forget(finished)
         failures = [(handle.step, error) for handle in finished if (error := handle._take_error()) is not None]
@@ -307,6 +320,7 @@ class BackgroundWriter:
         ``data_ptr()``, read at this call, where every leaf is dense (contiguous, no conj/neg bit): the host
         copies then read nothing more of the tensors."""
         handle: SaveHandle[T] = SaveHandle(step)
+        self._saves()  # a forked child's own pool and plan (see there)
         plan = self._copy_plan
         if plan is None or not plan.serves(structure, self.pool.limit):
             plan = self._copy_plan = self._plan_copy(leaves, order, structure)

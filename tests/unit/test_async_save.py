@@ -500,6 +500,54 @@ def test_a_forked_child_saves_in_the_background_on_a_thread_of_its_own(tmp_path:
     assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
 
 
+FORKED_DURING_A_SAVE = """
+import os, sys, threading, torch, safepoint
+from safepoint import _faults as faults
+
+reached, release = threading.Event(), threading.Event()
+
+def hold(name):
+    reached.set()
+    release.wait(120)
+
+with faults.armed({"data.write.before": faults.FaultSpec(hold, nth=1)}):
+    manager = safepoint.CheckpointManager(sys.argv[1])
+    handle = manager.save(1, {"x": torch.ones(4)}, blocking=False)
+    assert reached.wait(60)   # the parent's save is in flight, held inside its write
+    pid = os.fork()
+    if pid == 0:   # the parent's save is not the child's: its own save must not wait for it
+        try:
+            manager.save(2, {"x": torch.full((4,), 2.0)}, blocking=False).result(timeout=30)
+            manager.close()
+        except BaseException as err:
+            print("child:", repr(err), flush=True)
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child exit", os.waitstatus_to_exitcode(status), flush=True)
+    release.set()
+    handle.result(timeout=60)
+    manager.close()
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_save_saves_without_waiting_for_its_parents_save(tmp_path: Path) -> None:
+    """The child's manager held the parent's save in flight; with room for one save it waited for that save,
+    which no thread of the child would ever finish: a hang."""
+    result = subprocess.run(
+        [sys.executable, "-c", FORKED_DURING_A_SAVE, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "child exit 0"
+    assert safepoint.verify(tmp_path).ok
+    assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2)] == [1.0, 2.0]
+
+
 DATALOADER_DURING_A_SAVE = """
 import sys, threading, time, torch, safepoint
 from safepoint import _faults as faults
