@@ -47,6 +47,15 @@ def leftovers(root: Path) -> list[Path]:
     return found
 
 
+def run_script(script: str, directory: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new interpreter with ``directory`` as its argument; it must exit 0."""
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=240
+    )
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_the_checkpoint_holds_the_values_of_the_moment_of_the_call(tmp_path: Path) -> None:
     state = make_state()
     big = torch.arange(3 << 20, dtype=torch.float32)  # 12 MiB: a tensor written in several chunks
@@ -300,14 +309,7 @@ print("returned", flush=True)
 def test_the_interpreter_exits_with_a_save_in_flight_and_finishes_it(tmp_path: Path, ending: str) -> None:
     """Without close(), the exit hook finishes the save and warns; with it, nothing is left to do. Either way the
     process exits cleanly: a save thread alive during finalization used to abort it (SIGABRT) now and then."""
-    result = subprocess.run(
-        [sys.executable, "-c", EXITS_WITH_A_SAVE_IN_FLIGHT + ending, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_script(EXITS_WITH_A_SAVE_IN_FLIGHT + ending, tmp_path)
     assert result.stdout.strip() == "returned"
     warned = "finishing the background save of step 7 at interpreter exit" in result.stderr
     assert warned is (not ending)
@@ -334,14 +336,7 @@ def test_a_save_in_flight_is_finished_at_exit_when_nothing_refers_to_its_manager
     """A manager local to a main() that returned is collected with its save in flight: the exit hook must still
     find the save (it used to find only managers still alive), or the save thread aborted the interpreter or was
     cut off at finalization, and the checkpoint was lost."""
-    result = subprocess.run(
-        [sys.executable, "-c", DROPS_ITS_MANAGER_WITH_A_SAVE_IN_FLIGHT, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_script(DROPS_ITS_MANAGER_WITH_A_SAVE_IN_FLIGHT, tmp_path)
     assert "terminate called" not in result.stderr
     assert result.stdout.strip() == "returned"
     assert "finishing the background save of step 7 at interpreter exit" in result.stderr
@@ -451,14 +446,7 @@ print("writers idle", sum(t.name == "safepoint-writer" for t in threading.enumer
 def test_the_exit_hook_ends_every_writer_thread_before_the_interpreter_finalizes(tmp_path: Path) -> None:
     """A thread that runs while the interpreter finalizes can abort it; idle writer threads are ended and
     joined by the exit hook."""
-    result = subprocess.run(
-        [sys.executable, "-c", WRITERS_AT_EXIT, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_script(WRITERS_AT_EXIT, tmp_path)
     lines = result.stdout.splitlines()
     assert lines[0] == "writers idle 2"  # two saves were in flight at once: two threads
     assert lines[1] == "writers left 0"
@@ -466,56 +454,22 @@ def test_the_exit_hook_ends_every_writer_thread_before_the_interpreter_finalizes
 
 
 FORKED_CHILD_SAVES = """
-import os, sys, torch, safepoint
-manager = safepoint.CheckpointManager(sys.argv[1])
-manager.save(1, {"x": torch.ones(4)}, blocking=False).result(timeout=60)   # the parent's writer thread, now idle
-pid = os.fork()
-if pid == 0:   # the child has no thread but this one: its save must start its own writer
-    try:
-        manager.save(2, {"x": torch.full((4,), 2.0)}, blocking=False).result(timeout=20)
-        manager.close()
-    except BaseException as err:
-        print("child:", repr(err), flush=True)
-        os._exit(3)
-    os._exit(0)
-_, status = os.waitpid(pid, 0)
-print("child exit", os.waitstatus_to_exitcode(status), flush=True)
-manager.save(3, {"x": torch.full((4,), 3.0)}, blocking=False).result(timeout=60)   # the parent's thread still serves
-manager.close()
-"""
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_forked_child_saves_in_the_background_on_a_thread_of_its_own(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", FORKED_CHILD_SAVES, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "child exit 0"
-    assert safepoint.verify(tmp_path).ok
-    assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
-
-
-FORKED_DURING_A_SAVE = """
 import os, sys, threading, torch, safepoint
 from safepoint import _faults as faults
 
+held = sys.argv[2] == "held"   # the parent's save is in flight at the fork, else done (its thread idle)
 reached, release = threading.Event(), threading.Event()
 
 def hold(name):
     reached.set()
     release.wait(120)
 
-with faults.armed({"data.write.before": faults.FaultSpec(hold, nth=1)}):
-    manager = safepoint.CheckpointManager(sys.argv[1])
+with faults.armed({"data.write.before": faults.FaultSpec(hold)} if held else {}):
+    manager = safepoint.CheckpointManager(sys.argv[1], keep_last=5)
     handle = manager.save(1, {"x": torch.ones(4)}, blocking=False)
-    assert reached.wait(60)   # the parent's save is in flight, held inside its write
+    assert reached.wait(60) if held else handle.result(timeout=60)
     pid = os.fork()
-    if pid == 0:   # the parent's save is not the child's: its own save must not wait for it
+    if pid == 0:   # no thread of the parent is here, and its save is not the child's: the child's must not wait
         try:
             manager.save(2, {"x": torch.full((4,), 2.0)}, blocking=False).result(timeout=30)
             manager.close()
@@ -527,16 +481,19 @@ with faults.armed({"data.write.before": faults.FaultSpec(hold, nth=1)}):
     print("child exit", os.waitstatus_to_exitcode(status), flush=True)
     release.set()
     handle.result(timeout=60)
+    manager.save(3, {"x": torch.full((4,), 3.0)}, blocking=False).result(timeout=60)   # the parent's threads serve
     manager.close()
 """
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-def test_a_child_forked_during_a_save_saves_without_waiting_for_its_parents_save(tmp_path: Path) -> None:
-    """The child's manager held the parent's save in flight; with room for one save it waited for that save,
-    which no thread of the child would ever finish: a hang."""
+@pytest.mark.parametrize("parent", ["idle", "held"])
+def test_a_forked_child_saves_in_the_background_on_a_thread_of_its_own(tmp_path: Path, parent: str) -> None:
+    """A forked child has none of its parent's writer threads: its save starts its own. With the parent's save in
+    flight at the fork ("held"), the child's manager used to wait for that save, which no thread of the child
+    would ever finish: a hang."""
     result = subprocess.run(
-        [sys.executable, "-c", FORKED_DURING_A_SAVE, str(tmp_path)],
+        [sys.executable, "-c", FORKED_CHILD_SAVES, str(tmp_path), parent],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -545,7 +502,7 @@ def test_a_child_forked_during_a_save_saves_without_waiting_for_its_parents_save
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "child exit 0"
     assert safepoint.verify(tmp_path).ok
-    assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2)] == [1.0, 2.0]
+    assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
 
 
 DATALOADER_DURING_A_SAVE = """
@@ -574,14 +531,7 @@ def test_dataloader_workers_forked_during_a_background_save_exit_at_once(tmp_pat
     to wait for the parent's save forever, until the DataLoader killed it after 5 s (MP_STATUS_CHECK_INTERVAL)."""
     from torch.utils.data._utils import MP_STATUS_CHECK_INTERVAL
 
-    result = subprocess.run(
-        [sys.executable, "-c", DATALOADER_DURING_A_SAVE, str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_script(DATALOADER_DURING_A_SAVE, tmp_path)
     assert "finishing the background save" not in result.stderr  # no worker waited for the parent's save
     lines = result.stdout.split()
     assert lines[-2:] == ["batches", "4"]
