@@ -17,7 +17,8 @@ failure as its cause. At interpreter exit, saves still in flight are finished (a
 
 Threads: the writers run on threads kept from one save to the next (:class:`_Worker`, one per save in flight at
 the same time, shared by every manager of the process), because starting a thread per save made the caller wait
-until the new thread had run. They end at interpreter exit, after the saves; a forked child has none of them and
+until the new thread had run. They end at interpreter exit, after the saves (a save started later, by a thread the
+interpreter still waits for, gets a thread of its own that is waited for too); a forked child has none of them and
 none of its parent's saves (a DataLoader worker forked while a save is in flight exits at once).
 
 This module never decides what is written, retained or what a step is called: the caller passes the ``job``
@@ -589,6 +590,7 @@ _workers: list[_Worker] = []  # every writer thread of this process
 _idle: list[_Worker] = []  # those waiting for a save
 _lock = threading.Lock()
 _hook_registered = False
+_exiting = False  # the exit hook has run: see _start
 
 
 def _start(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> None:
@@ -598,6 +600,12 @@ def _start(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> N
     with _lock:
         _saves[:] = [held for held in _saves if not held._quiet()]
         _saves.append(handle)
+        if _exiting:
+            # a save started by a thread the interpreter is still waiting for after the exit hook ran (the main
+            # thread has returned): a kept daemon thread would be cut off at finalization, the save lost without a
+            # word. A thread of its own, not a daemon, is waited for like the caller's.
+            threading.Thread(target=_run_once, args=(handle, task), name="safepoint-writer", daemon=False).start()
+            return
         if _idle:
             worker = _idle.pop()
         else:
@@ -606,6 +614,15 @@ def _start(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> N
     if new is not None:
         new.thread.start()
     worker.run(task)
+
+
+def _run_once(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> None:
+    """A save started after the exit hook ran: no hook is left to report its failure, so it is logged here (and
+    still raised to whoever waits for it: logged twice at worst, never lost)."""
+    _yield_cpu()
+    task()()
+    if not handle._quiet():
+        logger.error("safepoint: the background save of step %s failed: %r", handle.step, handle._future.exception())
 
 
 def _forget(handles: list[SaveHandle[Any]]) -> None:
@@ -617,8 +634,9 @@ def _after_fork_in_child() -> None:
     """A forked child (a DataLoader worker) has none of its parent's writer threads, and its parent's saves are not
     its own: the exit hook must not wait for them (it waited forever), nor an idle thread that is not there be
     handed a save. The lock may have been held by one of the parent's threads at the fork."""
-    global _lock
+    global _lock, _exiting
     _lock = threading.Lock()
+    _exiting = False
     _saves.clear()
     _workers.clear()
     _idle.clear()
@@ -647,7 +665,9 @@ def _register_exit_hook() -> None:
 
 
 def _drain_at_exit() -> None:
+    global _exiting
     with _lock:
+        _exiting = True
         saves = list(_saves)
     for handle in saves:
         if not handle.done():

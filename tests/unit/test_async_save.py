@@ -47,10 +47,10 @@ def leftovers(root: Path) -> list[Path]:
     return found
 
 
-def run_script(script: str, directory: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` in a new interpreter with ``directory`` as its argument; it must exit 0."""
+def run_script(script: str, directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a new interpreter with ``directory`` and ``args`` as its arguments; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "-c", script, str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=240
+        [sys.executable, "-c", script, str(directory), *args], cwd=ROOT, capture_output=True, text=True, timeout=240
     )
     assert result.returncode == 0, result.stderr
     return result
@@ -319,6 +319,49 @@ def test_the_interpreter_exits_with_a_save_in_flight_and_finishes_it(tmp_path: P
     assert leftovers(tmp_path) == []
 
 
+SAVES_AFTER_THE_MAIN_THREAD_RETURNED = """
+import errno, sys, threading, time, torch, safepoint
+from safepoint import _faults as faults
+
+manager = safepoint.CheckpointManager(sys.argv[1], keep_last=5)
+manager.save(1, {"w": torch.ones(4)}, blocking=False).result(timeout=60)   # the exit hook is registered
+
+def disk_full(name):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+def train():
+    time.sleep(1.0)   # the main thread has returned: the exit hook has run, the interpreter waits for this thread
+    state = {"w": [torch.full((1024, 1024), float(i)) for i in range(32)]}   # 128 MiB
+    handle = manager.save(2, state, blocking=False)
+    if sys.argv[2] == "fails":   # the next save fails in its write, and nobody waits for it
+        handle.result(timeout=60)
+        with faults.armed({"data.write.before": faults.FaultSpec(disk_full)}):
+            manager.save(3, {"w": torch.ones(4)}, blocking=False)
+            time.sleep(2.0)
+    print("train returns", flush=True)
+
+threading.Thread(target=train).start()
+print("main returns", flush=True)
+"""
+
+
+@pytest.mark.parametrize("then", ["succeeds", "fails"])
+def test_a_save_started_after_the_main_thread_returned_is_finished_and_its_failure_logged(
+    tmp_path: Path, then: str
+) -> None:
+    """A training loop on a thread of its own saves after the main thread returned, so after the exit hook ran.
+    Its save ran on a kept daemon thread that the interpreter cut off at finalization: step 2 was lost, exit code
+    0, no word. A failure of such a save has no hook left to report it: it is logged."""
+    result = run_script(SAVES_AFTER_THE_MAIN_THREAD_RETURNED, tmp_path, then)
+    assert result.stdout.split() == ["main", "returns", "train", "returns"]
+    assert safepoint.CheckpointManager(tmp_path).steps() == [1, 2]
+    assert safepoint.verify(tmp_path).ok
+    loaded = safepoint.load(tmp_path / "step-000000000002")["w"]
+    assert [float(t[0, 0]) for t in loaded] == [float(i) for i in range(32)]
+    failure = "the background save of step 3 failed" in result.stderr and "No space left on device" in result.stderr
+    assert failure is (then == "fails")
+
+
 DROPS_ITS_MANAGER_WITH_A_SAVE_IN_FLIGHT = """
 import gc, sys, torch, safepoint
 def main():
@@ -492,14 +535,7 @@ def test_a_forked_child_saves_in_the_background_on_a_thread_of_its_own(tmp_path:
     """A forked child has none of its parent's writer threads: its save starts its own. With the parent's save in
     flight at the fork ("held"), the child's manager used to wait for that save, which no thread of the child
     would ever finish: a hang."""
-    result = subprocess.run(
-        [sys.executable, "-c", FORKED_CHILD_SAVES, str(tmp_path), parent],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr
+    result = run_script(FORKED_CHILD_SAVES, tmp_path, parent)
     assert result.stdout.strip() == "child exit 0"
     assert safepoint.verify(tmp_path).ok
     assert [float(safepoint.load(tmp_path / f"step-00000000000{s}")["x"][0]) for s in (1, 2, 3)] == [1.0, 2.0, 3.0]
