@@ -116,10 +116,16 @@ class Spill:
                 raise RuntimeError(f"the backup file ended at byte {at + done}")
             done += count
 
-    def close(self) -> None:
+    def close(self, *, later: bool = False) -> None:
+        """Free the kept bytes; ``later``: on a thread of its own, off the caller's path (freeing 126 MiB of pages
+        took ~9 ms, after a restore that no longer needs them)."""
         with self._lock:
             fd, self.fd = self.fd, None
-        if fd is not None:
+        if fd is None:
+            return
+        if later:
+            threading.Thread(target=os.close, args=(fd,), name="safepoint-free", daemon=True).start()
+        else:
             os.close(fd)
 
 
@@ -329,7 +335,7 @@ class TensorBackups:
         """Forget the backups: the restore is complete and the writes stay."""
         _, spill = self._forget()
         if spill is not None:
-            spill.close()
+            spill.close(later=True)
 
     def _forget(self) -> tuple[list[Backup | RunBackup], Spill | None]:
         with self._lock:

@@ -243,7 +243,6 @@ def range_reader(storage: Storage, files: RangeFiles | None = None) -> ReadRange
     ranged = files if files is not None else storage if isinstance(storage, RangeReads) else None
 
     def read(path: str, offset: int, buffer: memoryview) -> None:
-        where = storage.describe(path)
         try:
             if ranged is not None:
                 ranged.read_range(path, offset, buffer)
@@ -251,8 +250,10 @@ def range_reader(storage: Storage, files: RangeFiles | None = None) -> ReadRange
             whole = bytearray(storage.size(path))
             storage.read_into(path, memoryview(whole), None)
         except FileNotFoundError as err:
+            where = storage.describe(path)  # only for the message: a restore makes hundreds of these reads
             raise CorruptCheckpointError(f"{where} is missing", path=where) from err
         if offset + buffer.nbytes > len(whole):
+            where = storage.describe(path)
             raise CorruptCheckpointError(f"{where} is too short (truncated)", path=where)
         buffer[:] = whole[offset : offset + buffer.nbytes]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -180,7 +181,10 @@ def test_large_backups_share_one_memory_file_which_is_closed_with_them() -> None
     writes = InPlace()
     writes.add("t0", tensor, _fill(tensor, 9.0))
     writes.run()
-    writes.backups.discard()  # a complete restore: the writes stay, the file goes
+    writes.backups.discard()  # a complete restore: the writes stay, the file goes (closed on a thread of its own)
+    deadline = time.monotonic() + 5
+    while _spills() and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert _spills() == []
     assert torch.equal(tensor, torch.full_like(tensor, 9.0))
 

@@ -142,24 +142,25 @@ class _HeldFiles:
         self, open_below_root: Callable[[str], contextlib.AbstractContextManager[int]], describe: Callable[[str], str]
     ) -> None:
         self._open, self._describe = open_below_root, describe
-        self._fds: dict[str, int] | None = {}  # None once closed
+        self._fds: dict[str, tuple[int, str]] | None = {}  # path -> (descriptor, its description); None once closed
         self._lock = threading.Lock()
 
     def read_range(self, path: str, offset: int, buffer: memoryview) -> None:
         with self._lock:
-            fd = None if self._fds is None else self._fds.get(path)
-            if fd is None and self._fds is not None:
-                with self._open(path) as opened, _mapped("open", self._describe(path)):
-                    fd = self._fds[path] = os.dup(opened)  # the walk's descriptors close here, the file's copy stays
-        if fd is None:  # closed: a read after the restore opens the file for this read only, holding nothing
+            held = None if self._fds is None else self._fds.get(path)
+            if held is None and self._fds is not None:
+                where = self._describe(path)  # once per file, not per range
+                with self._open(path) as opened, _mapped("open", where):
+                    held = self._fds[path] = (os.dup(opened), where)  # the walk's descriptors close, the copy stays
+        if held is None:  # closed: a read after the restore opens the file for this read only, holding nothing
             with self._open(path) as opened:
                 _pread(opened, self._describe(path), offset, buffer)
             return
-        _pread(fd, self._describe(path), offset, buffer)
+        _pread(*held, offset, buffer)
 
     def close(self) -> None:
         with self._lock:
-            fds, self._fds = list((self._fds or {}).values()), None
+            fds, self._fds = [fd for fd, _ in (self._fds or {}).values()], None
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
