@@ -189,7 +189,12 @@ def pieces_at(
     shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int], placements: Sequence[Any], key: str = ""
 ) -> list[Piece]:
     """The non-empty boxes the rank at ``coordinate`` of a mesh holds of a tensor of ``shape``."""
-    per_dim = [_runs(indices) for indices in _indices(shape, mesh_shape, coordinate, placements, key)]
+    return _pieces(_indices(shape, mesh_shape, coordinate, placements, key))
+
+
+def _pieces(indices: list[Sequence[int]]) -> list[Piece]:
+    """The boxes of the global indices a rank holds (per dimension, in local order)."""
+    per_dim = [_runs(along) for along in indices]
     pieces = []
     for combination in itertools.product(*per_dim):
         box = Box(tuple(run[1] for run in combination), tuple(run[2] for run in combination))
@@ -205,13 +210,14 @@ def _coordinate(dtensor: Any, key: str) -> list[int]:
     return list(coordinate)
 
 
-def local_pieces(dtensor: Any, key: str = "") -> list[Piece]:
-    """The non-empty boxes of this rank's local tensor of ``dtensor``; InvalidStateError if they do not add up to
-    its local shape (a placement this code does not model)."""
+def local_pieces(dtensor: Any, key: str = "", local: torch.Tensor | None = None) -> list[Piece]:
+    """The non-empty boxes of this rank's local tensor of ``dtensor`` (``local``, when the caller has it already);
+    InvalidStateError if they do not add up to its local shape (a placement this code does not model)."""
     mesh = dtensor.device_mesh
     shape = tuple(dtensor.shape)
     indices = _indices(shape, tuple(mesh.shape), _coordinate(dtensor, key), dtensor.placements, key)
-    local = dtensor.to_local()
+    if local is None:
+        local = dtensor.to_local()
     if tuple(len(i) for i in indices) != tuple(local.shape):
         raise InvalidStateError(
             f"state entry {key!r}: the DTensor's local tensor is {list(local.shape)}, but its placements "
@@ -219,7 +225,7 @@ def local_pieces(dtensor: Any, key: str = "") -> list[Piece]:
             "it cannot be saved as boxes (a padded or custom layout?)",
             key=key,
         )
-    return pieces_at(shape, tuple(mesh.shape), _coordinate(dtensor, key), dtensor.placements, key)
+    return _pieces(indices)
 
 
 def owned_pieces(dtensor: Any, key: str, world_size: int) -> list[Piece]:
@@ -532,7 +538,7 @@ class ShardedSaved:
         if into is not None:
             local = live.to_local().detach()  # the same memory
             if writable(local, self.dtype):
-                pieces = local_pieces(live, self.key)
+                pieces = local_pieces(live, self.key, local)
                 plan = _row_reads(local, pieces, self.boxes)
                 if plan is not None:
                     into.add(self.key, local, functools.partial(self._read_rows, local, plan))
