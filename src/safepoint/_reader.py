@@ -23,7 +23,7 @@ from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative
 from ._payload import CopyTargets, read_file
 from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
 from ._storage import LocalStorage, Storage
-from ._storage.base import Prefetch, RangeFiles, RangeReads
+from ._storage.base import Prefetch, PrefetchRanges, RangeFiles, RangeReads
 
 __all__ = [
     "LoadedCheckpoint",
@@ -227,7 +227,9 @@ def saved_boxes(storage: Storage, checkpoint: str, manifest: Manifest, node: dic
 def lazy_sharded(storage: Storage, checkpoint: str, manifest: Manifest, files: RangeFiles | None = None) -> Sharded:
     """Sharded nodes as :class:`ShardedSaved` values: read later, only where a live target needs them (through
     ``files``, held open by the caller, where given)."""
-    reader = BoxReader(range_reader(storage, files))
+    reader = BoxReader(
+        range_reader(storage, files), files.prefetch_range if isinstance(files, PrefetchRanges) else None
+    )
 
     def value(node: Mapping[str, Any], leaves: Sequence[Any]) -> ShardedSaved:
         boxes = saved_boxes(storage, checkpoint, manifest, dict(node))
