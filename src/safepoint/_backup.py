@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,10 +25,22 @@ from torch.autograd.graph import increment_version
 
 from ._errors import RestoreError, StorageError, attach_note
 
-__all__ = ["SLICE_BYTES", "Backup", "InPlace", "Ready", "RunBackup", "TensorBackups", "writable"]
+__all__ = [
+    "SLICE_BYTES",
+    "SPILL_MIN_BYTES",
+    "Backup",
+    "InPlace",
+    "Ready",
+    "RunBackup",
+    "Spill",
+    "TensorBackups",
+    "writable",
+]
 
 #: The keeper copies this many bytes at a time: a writer that overtakes it waits for at most one slice.
 SLICE_BYTES = 4 << 20
+#: Backups of tensors of at least this many bytes are kept in a memory file (:class:`Spill`) where the system has one.
+SPILL_MIN_BYTES = 1 << 20
 
 #: ``ready(region)``: returns once every byte of ``region`` (a view of a tensor being written) is kept.
 Ready = Callable[[torch.Tensor], None]
@@ -48,17 +61,92 @@ def writable(tensor: torch.Tensor, dtype: torch.dtype) -> bool:
     )
 
 
-class Backup:
-    """The bytes of one live tensor from before the restore, copied aside in order up to :attr:`kept`."""
+def _bytes_at(address: int, nbytes: int) -> memoryview:
+    """The ``nbytes`` of memory at ``address`` (of a tensor the caller holds), as a writable byte view."""
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
 
-    def __init__(self, key: str, live: torch.Tensor) -> None:
+
+class Spill:
+    """A memory file (``memfd_create``, Linux) holding the backups of one restore, each in its own page-aligned
+    region. Writing a tensor's bytes into it costs about two thirds of copying them into fresh memory: a fresh
+    allocation is zero-filled page by page on first touch (measured: 126 MiB in 0.090 s on this project's VM, 0.062 s
+    into a memory file), and a restore keeps its live shards' bytes before reading into them, so this is per byte
+    restored. The pages are freed when it is closed. ``available()`` is False where there is no ``memfd_create``:
+    backups are then kept in fresh tensors."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = os.memfd_create("safepoint-backup", os.MFD_CLOEXEC)
+        self._end = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(os, "memfd_create")
+
+    def reserve(self, nbytes: int) -> int:
+        """The offset of a fresh region of ``nbytes`` (page aligned: no page is shared by two backups)."""
+        with self._lock:
+            at = self._end
+            self._end += -(-nbytes // 4096) * 4096
+        return at
+
+    def write(self, at: int, address: int, nbytes: int, key: str) -> None:
+        """Keep the ``nbytes`` at ``address`` at offset ``at``; StorageError if the system has no memory for them
+        (nothing of the live tensor is written before its bytes are kept, so the restore can still roll back)."""
+        fd = self.fd
+        view = _bytes_at(address, nbytes)
+        done = 0
+        try:
+            while done < nbytes:
+                if fd is None:
+                    raise OSError("the backup file is closed")
+                done += os.pwrite(fd, view[done:], at + done)  # releases the interpreter
+        except OSError as err:
+            raise StorageError(f"cannot keep the bytes of {key!r} before reading into it: {err}") from err
+
+    def read(self, at: int, address: int, nbytes: int) -> None:
+        """Put ``nbytes`` kept at ``at`` back at ``address``."""
+        if self.fd is None:
+            raise RuntimeError("the backup file is closed")
+        view = _bytes_at(address, nbytes)
+        done = 0
+        while done < nbytes:
+            count = os.preadv(self.fd, [view[done:]], at + done)
+            if count == 0:
+                raise RuntimeError(f"the backup file ended at byte {at + done}")
+            done += count
+
+    def close(self, *, later: bool = False) -> None:
+        """Free the kept bytes; ``later``: on a thread of its own, off the caller's path (freeing 126 MiB of pages
+        took ~9 ms, after a restore that no longer needs them)."""
+        with self._lock:
+            fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        if later:
+            threading.Thread(target=os.close, args=(fd,), name="safepoint-free", daemon=True).start()
+        else:
+            os.close(fd)
+
+
+class Backup:
+    """The bytes of one live tensor from before the restore, copied aside in order up to :attr:`kept`: into
+    ``spill`` where given, else into a tensor of its own."""
+
+    def __init__(self, key: str, live: torch.Tensor, spill: Spill | None = None) -> None:
         self.key, self.live = key, live
         self.address, self.nbytes = live.data_ptr(), live.nbytes
         self._memory = live.detach().reshape(-1)  # holds the storage: the address stays valid while kept
-        try:
-            self.copy = torch.empty(self.nbytes, dtype=torch.uint8)
-        except RuntimeError as err:
-            raise StorageError(f"cannot allocate {self.nbytes} bytes to keep {key!r} before reading into it") from err
+        self._spill = spill
+        self._at = spill.reserve(self.nbytes) if spill is not None else 0
+        self.copy: torch.Tensor | None = None
+        if spill is None:
+            try:
+                self.copy = torch.empty(self.nbytes, dtype=torch.uint8)
+            except RuntimeError as err:
+                raise StorageError(
+                    f"cannot allocate {self.nbytes} bytes to keep {key!r} before reading into it"
+                ) from err
         self.kept = 0
         self.overlapping: list[Backup] = []  # backups of other memory that shares bytes with this one's
         self._lock = threading.Lock()  # the keeper and a writer never copy the same bytes at once
@@ -76,8 +164,12 @@ class Backup:
         if end <= self.kept:  # read without the lock: it only grows
             return
         with self._lock:
-            if end > self.kept:  # ctypes.memmove releases the GIL, unlike a copy_ of a view of each part
-                ctypes.memmove(self.copy.data_ptr() + self.kept, self.address + self.kept, end - self.kept)
+            if end > self.kept:  # ctypes.memmove and os.pwrite release the GIL, unlike a copy_ of a view of each part
+                if self._spill is not None:
+                    self._spill.write(self._at + self.kept, self.address + self.kept, end - self.kept, self.key)
+                else:
+                    assert self.copy is not None
+                    ctypes.memmove(self.copy.data_ptr() + self.kept, self.address + self.kept, end - self.kept)
                 self.kept = end
 
     def ready(self, region: torch.Tensor) -> None:
@@ -105,7 +197,11 @@ class Backup:
             if self.live.data_ptr() != self.address or self.live.untyped_storage().nbytes() < self.nbytes:
                 raise RuntimeError("the tensor's memory changed during the restore")
             if self.kept:
-                ctypes.memmove(self.address, self.copy.data_ptr(), self.kept)
+                if self._spill is not None:
+                    self._spill.read(self._at, self.address, self.kept)
+                else:
+                    assert self.copy is not None
+                    ctypes.memmove(self.address, self.copy.data_ptr(), self.kept)
                 increment_version(self.live)  # as copy_ would: a graph that saved the value sees it changed
 
 
@@ -162,6 +258,7 @@ class TensorBackups:
         self._runs: list[RunBackup] = []  # small tensors kept together (they share memory with nothing else)
         self._lock = threading.Lock()
         self._keeper: ThreadPoolExecutor | None = None
+        self._spill: Spill | None = None  # the large backups' memory file, made at the first; closed when forgotten
 
     def __len__(self) -> int:
         return len(self._kept) + sum(len(run.parts) for run in self._runs)
@@ -175,7 +272,7 @@ class TensorBackups:
             found = self._kept.get(memory)
         if found is not None:
             return found
-        backup = Backup(key, live)
+        backup = Backup(key, live, self._spill_for(live.nbytes))
         with self._lock:
             found = self._kept.get(memory)
             if found is not None:
@@ -191,6 +288,17 @@ class TensorBackups:
                 self._keeper.submit(backup._keep_ahead)
         return backup
 
+    def _spill_for(self, nbytes: int) -> Spill | None:
+        """The memory file for a backup of ``nbytes``: None for small ones, or where there is none (no
+        ``memfd_create``, or it failed: the backup then takes a tensor of its own, as everywhere else)."""
+        if nbytes < SPILL_MIN_BYTES or not Spill.available():
+            return None
+        with self._lock:
+            if self._spill is None:
+                with contextlib.suppress(OSError):
+                    self._spill = Spill()
+            return self._spill
+
     def keep_run(self, items: list[tuple[str, torch.Tensor]]) -> RunBackup:
         """Copy the bytes of several small ``(key, live tensor)`` aside now, in one buffer (see :class:`RunBackup`:
         each tensor the sole user of its storage, and in no other backup); StorageError if there is no memory."""
@@ -203,16 +311,21 @@ class TensorBackups:
         """Put every kept tensor back as it was. A tensor that cannot be put back is named in a note on ``error``
         (the failure being handled, never replaced), or, without one, in a RestoreError raised once the others
         are back."""
-        kept = self._forget()
+        kept, spill = self._forget()
         failures = []
-        for backup in reversed(kept):  # the runs share no byte with anything else: any order puts them back
-            try:
-                backup.put_back()
-            except Exception as failure:
-                failures.append(
-                    f"safepoint: putting back {backup.key!r} after the failed restore also failed: {failure!r}; "
-                    "that tensor may hold bytes of the checkpoint that were read but not verified: do not train on it"
-                )
+        try:
+            for backup in reversed(kept):  # the runs share no byte with anything else: any order puts them back
+                try:
+                    backup.put_back()
+                except Exception as failure:
+                    failures.append(
+                        f"safepoint: putting back {backup.key!r} after the failed restore also failed: {failure!r}; "
+                        "that tensor may hold bytes of the checkpoint that were read but not verified: do not train "
+                        "on it"
+                    )
+        finally:
+            if spill is not None:
+                spill.close()
         if failures and error is None:
             raise RestoreError("; ".join(failures))
         for note in failures:
@@ -220,18 +333,21 @@ class TensorBackups:
 
     def discard(self) -> None:
         """Forget the backups: the restore is complete and the writes stay."""
-        self._forget()
+        _, spill = self._forget()
+        if spill is not None:
+            spill.close(later=True)
 
-    def _forget(self) -> list[Backup | RunBackup]:
+    def _forget(self) -> tuple[list[Backup | RunBackup], Spill | None]:
         with self._lock:
             kept, self._kept = list(self._kept.values()), {}
             runs, self._runs = self._runs, []
             keeper, self._keeper = self._keeper, None
+            spill, self._spill = self._spill, None
         for backup in kept:
             backup._stopped = True
         if keeper is not None:
             keeper.shutdown(wait=True)  # nothing reads a live tensor into a backup any more
-        return [*runs, *kept]
+        return [*runs, *kept], spill
 
     @contextlib.contextmanager
     def until_complete(self) -> Iterator[TensorBackups]:

@@ -229,6 +229,7 @@ _FIELDS = {
 assert min(_FIELDS - {"checksum"}) > "checksum", "to_json puts the checksum first: it must sort first"
 _FILE_FIELDS = {"path", "size", "checksum"}
 _ENTRY_FIELDS = {"key", "kind", "dtype", "shape", "file", "name", "scalar"}
+_ENTRY_KINDS = ("tensor", "ndarray", "pickle")
 _NODE_FIELDS = {
     "dict": {"k", "v"}, "list": {"k", "v"}, "tuple": {"k", "v"}, "object": {"k", "type", "v"},
     "tensor": {"k", "e"}, "ndarray": {"k", "e"}, "pickle": {"k", "e"},
@@ -359,6 +360,9 @@ class _Parser:
         return FileRecord(path, self.integer(record["size"], f"files[{index}].size"), record["checksum"])
 
     def entry(self, value: Any, index: int, files: tuple[FileRecord, ...]) -> EntryRecord:
+        plain = self.plain_entry(value, files)
+        if plain is not None:
+            return plain
         where = f"entries[{index}]"
         record = self.obj(value, where)
         self.fields(record, _ENTRY_FIELDS, where)
@@ -391,6 +395,24 @@ class _Parser:
                 f"more than its file {files[file_index].path} holds ({files[file_index].size})"
             )
         return entry
+
+    def plain_entry(self, value: Any, files: tuple[FileRecord, ...]) -> EntryRecord | None:
+        """The entry when every check of :meth:`entry` passes and it is not a numpy scalar, checked without building
+        any message; None when any check fails (or it is a scalar), for :meth:`entry` to look closer."""
+        if type(value) is not dict or value.keys() != _ENTRY_FIELDS:
+            return None
+        key, kind, dtype, name, shape = value["key"], value["kind"], value["dtype"], value["name"], value["shape"]
+        file_index = value["file"]
+        if type(key) is not str or type(name) is not str or type(dtype) is not str or value["scalar"] is not False:
+            return None
+        if kind not in _ENTRY_KINDS or dtype not in DTYPE_NAMES or type(shape) is not list or len(shape) > _MAX_NDIM:
+            return None
+        if type(file_index) is not int or not 0 <= file_index < len(files):
+            return None
+        if not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        entry = EntryRecord(key, kind, dtype, tuple(shape), file_index, name, False)
+        return entry if entry.nbytes <= files[file_index].size else None
 
     def names_unique(self, entries: tuple[EntryRecord, ...]) -> None:
         seen: set[tuple[int, str]] = set()
@@ -499,6 +521,11 @@ class _Parser:
             raise self.fail(f"sharded tensor {where[:200]!r} has a dimension beyond 64 bits")
         boxes = []
         for index, value in enumerate(self.array(node["boxes"], "sharded boxes")):
+            plain = self.plain_box(value, dtype)
+            if plain is not None:  # as a writer makes it: the checks below, without building a message per box
+                referenced.append((plain[1], "sharded", where))
+                boxes.append(plain[0])
+                continue
             what = f"box {index} of {where[:200]!r}"
             box = self.obj(value, what)
             if set(box) != _BOX_FIELDS:
@@ -525,6 +552,29 @@ class _Parser:
         problem = check_cover(dims, boxes)
         if problem:
             raise self.fail(f"the boxes of sharded tensor {where[:200]!r} do not cover it exactly once: {problem}")
+
+    def plain_box(self, value: Any, dtype: str) -> tuple[Box, int] | None:
+        """A box and its entry's index when every check of :meth:`sharded` passes, checked without building any
+        message (a manifest has a box per saved shard); None when any check fails, for :meth:`sharded` to find
+        which and say so."""
+        if type(value) is not dict or value.keys() != _BOX_FIELDS:
+            return None
+        offsets, sizes, entry_index, at = value["offsets"], value["sizes"], value["e"], value["at"]
+        if type(offsets) is not list or type(sizes) is not list or type(entry_index) is not int or type(at) is not int:
+            return None
+        if not all(type(n) is int and n >= 0 for n in offsets) or not all(type(n) is int and n >= 0 for n in sizes):
+            return None
+        if not 0 <= entry_index < len(self.entries) or at < 8:
+            return None
+        entry = self.entries[entry_index]
+        shape = tuple(sizes)
+        if entry.kind != "tensor" or entry.dtype != dtype or entry.shape != shape:
+            return None
+        if at + entry.nbytes > self.files[entry.file].size or check_sums_text(
+            value["sums"], entry.nbytes, value["chunk"]
+        ):
+            return None
+        return Box(tuple(offsets), shape), entry_index
 
     def view(self, node: dict[str, Any], base: EntryRecord) -> None:
         """A view must lie inside its entry: ``as_strided`` checks nothing that would stop a read out of bounds."""

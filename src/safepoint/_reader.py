@@ -23,7 +23,7 @@ from ._manifest import MAX_MANIFEST_BYTES, EntryRecord, Manifest, check_relative
 from ._payload import CopyTargets, read_file
 from ._sharded import BoxReader, ReadRange, SavedBox, ShardedSaved, boxes_of, sharded_nodes
 from ._storage import LocalStorage, Storage
-from ._storage.base import Prefetch, RangeFiles, RangeReads
+from ._storage.base import Prefetch, PrefetchRanges, RangeFiles, RangeReads
 
 __all__ = [
     "LoadedCheckpoint",
@@ -227,7 +227,9 @@ def saved_boxes(storage: Storage, checkpoint: str, manifest: Manifest, node: dic
 def lazy_sharded(storage: Storage, checkpoint: str, manifest: Manifest, files: RangeFiles | None = None) -> Sharded:
     """Sharded nodes as :class:`ShardedSaved` values: read later, only where a live target needs them (through
     ``files``, held open by the caller, where given)."""
-    reader = BoxReader(range_reader(storage, files))
+    reader = BoxReader(
+        range_reader(storage, files), files.prefetch_range if isinstance(files, PrefetchRanges) else None
+    )
 
     def value(node: Mapping[str, Any], leaves: Sequence[Any]) -> ShardedSaved:
         boxes = saved_boxes(storage, checkpoint, manifest, dict(node))
@@ -243,7 +245,6 @@ def range_reader(storage: Storage, files: RangeFiles | None = None) -> ReadRange
     ranged = files if files is not None else storage if isinstance(storage, RangeReads) else None
 
     def read(path: str, offset: int, buffer: memoryview) -> None:
-        where = storage.describe(path)
         try:
             if ranged is not None:
                 ranged.read_range(path, offset, buffer)
@@ -251,8 +252,10 @@ def range_reader(storage: Storage, files: RangeFiles | None = None) -> ReadRange
             whole = bytearray(storage.size(path))
             storage.read_into(path, memoryview(whole), None)
         except FileNotFoundError as err:
+            where = storage.describe(path)  # only for the message: a restore makes hundreds of these reads
             raise CorruptCheckpointError(f"{where} is missing", path=where) from err
         if offset + buffer.nbytes > len(whole):
+            where = storage.describe(path)
             raise CorruptCheckpointError(f"{where} is too short (truncated)", path=where)
         buffer[:] = whole[offset : offset + buffer.nbytes]
 

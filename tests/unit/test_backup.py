@@ -3,13 +3,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
-from safepoint._backup import SLICE_BYTES, InPlace, Ready, TensorBackups, writable
-from safepoint._errors import RestoreError
+from safepoint._backup import SLICE_BYTES, SPILL_MIN_BYTES, InPlace, Ready, Spill, TensorBackups, writable
+from safepoint._errors import RestoreError, StorageError
+
+needs_spill = pytest.mark.skipif(
+    not Spill.available() or not os.path.isdir("/proc/self/fd"), reason="needs memfd_create and /proc/self/fd"
+)
 
 
 def _fill(tensor: torch.Tensor, value: float, *, fail: BaseException | None = None) -> Callable[[Ready], None]:
@@ -132,3 +140,83 @@ def test_a_backup_kept_by_the_keeper_thread_is_put_back_bitwise() -> None:
     backups.roll_back(RuntimeError("x"))
     assert torch.equal(tensor.view(torch.int32), original.view(torch.int32))
     assert len(backups) == 0
+
+
+def _spills() -> list[str]:
+    """The backup memory files this process holds open."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if "safepoint-backup" in target:
+            found.append(target)
+    return found
+
+
+@needs_spill
+def test_large_backups_share_one_memory_file_which_is_closed_with_them() -> None:
+    tensors = [torch.randn(SPILL_MIN_BYTES // 4 + 7 * i) for i in range(3)]  # three large, of odd sizes
+    small = torch.randn(100)  # below SPILL_MIN_BYTES: a tensor of its own
+    originals = [t.clone() for t in [*tensors, small]]
+    seen: list[list[str]] = []
+
+    def check(ready: Ready) -> None:
+        ready(small)
+        seen.append(_spills())
+        raise ValueError("a later box is corrupt")
+
+    writes = InPlace()
+    for index, tensor in enumerate(tensors):
+        writes.add(f"t{index}", tensor, _fill(tensor, float(index)))
+    writes.add("small", small, check)
+    with pytest.raises(ValueError, match="later box"):
+        writes.run()
+    assert len(seen[0]) == 1  # one memory file for all three, while they are kept
+    assert _spills() == []  # closed once they are put back
+    for tensor, original in zip([*tensors, small], originals, strict=True):
+        assert torch.equal(tensor.view(torch.int32), original.view(torch.int32))
+    tensor = tensors[0]
+    writes = InPlace()
+    writes.add("t0", tensor, _fill(tensor, 9.0))
+    writes.run()
+    writes.backups.discard()  # a complete restore: the writes stay, the file goes (closed on a thread of its own)
+    deadline = time.monotonic() + 5
+    while _spills() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _spills() == []
+    assert torch.equal(tensor, torch.full_like(tensor, 9.0))
+
+
+@pytest.fixture
+def file_size_limit() -> Iterator[Callable[[int], None]]:
+    """Sets RLIMIT_FSIZE (a write past it fails with EFBIG, SIGXFSZ ignored) until the test ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        yield lambda limit: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@needs_spill
+def test_bytes_the_system_cannot_keep_are_a_storage_error_before_anything_is_written(
+    file_size_limit: Callable[[int], None],
+) -> None:
+    """The memory file refuses the backup's bytes past 2 MiB (a real failed write, EFBIG, standing for a system
+    out of memory): the write that needs them fails with StorageError before it writes them, and every tensor
+    is put back."""
+    first = torch.randn(SPILL_MIN_BYTES // 4)  # fits below the limit
+    second = torch.randn(3 * SPILL_MIN_BYTES // 4)  # the limit falls inside it
+    originals = (first.clone(), second.clone())
+    writes = InPlace()
+    writes.add("first", first, _fill(first, 1.0))
+    writes.add("second", second, _fill(second, 2.0))
+    file_size_limit(2 * SPILL_MIN_BYTES)
+    with pytest.raises(StorageError, match="cannot keep the bytes of 'second'"):
+        writes.run()
+    assert torch.equal(first.view(torch.int32), originals[0].view(torch.int32))
+    assert torch.equal(second.view(torch.int32), originals[1].view(torch.int32))
+    assert _spills() == []

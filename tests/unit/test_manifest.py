@@ -849,6 +849,11 @@ SHARDED_MALFORMED: list[tuple[str, Callable[[Body], None], str]] = [
     ("sums", lambda b: rows_of(b)["boxes"][0].update(sums=rows_of(b)["boxes"][0]["sums"][:-1]), "chunk checksums"),
     ("sums-algorithm", lambda b: rows_of(b)["boxes"][0].update(sums="md5:" + "0" * 16), "xxh3_64"),
     ("box-field", lambda b: rows_of(b)["boxes"][0].update(extra=1), "fields"),
+    # JSON that Python reads as ints but safepoint never writes: a box with these goes the long way, and fails there
+    ("bool-offset", lambda b: rows_of(b)["boxes"][1].update(offsets=[7, False]), "offsets"),
+    ("bool-entry", lambda b: rows_of(b)["boxes"][1].update(e=True), "entry must be"),
+    ("float-at", lambda b: rows_of(b)["boxes"][0].update(at=64.0), "at must be"),
+    ("string-sizes", lambda b: rows_of(b)["boxes"][1].update(sizes="64"), "is not a list"),
     ("node-field", lambda b: rows_of(b).update(extra=1), "fields"),
     ("huge-empty", lambda b: node_of(b, "sharded", "empty").update(shape=[0, 2**64]), "beyond 64 bits"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,41 @@ def test_a_symlink_is_refused_as_by_every_other_read(root: Path) -> None:
             _read(files, "step/link.bin", 0, 1)
     finally:
         files.close()
+
+
+def _cached(path: Path, offset: int, size: int) -> bool:
+    """Whether the file's bytes are all in the page cache: a read that may not wait for the device gets them all."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(size)], offset, os.RWF_NOWAIT) == size
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "splice") or not hasattr(os, "RWF_NOWAIT") or not os.path.isdir("/proc/self/fd"),
+    reason="needs Linux (splice, RWF_NOWAIT, /proc/self/fd)",
+)
+def test_a_prefetched_range_is_in_the_page_cache_and_the_prefetching_ends_with_the_files(tmp_path: Path) -> None:
+    (tmp_path / "step").mkdir()
+    data = os.urandom(3 << 20)
+    target = tmp_path / "step" / "big.bin"
+    target.write_bytes(data)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold: nothing of it in the page cache
+    finally:
+        os.close(fd)
+    before = set(os.listdir("/proc/self/fd"))
+    files = LocalStorage(str(tmp_path)).range_files()
+    files.prefetch_range("step/big.bin", 4096, 1 << 20)  # type: ignore[attr-defined]
+    files.prefetch_range("step/missing.bin", 0, 10)  # type: ignore[attr-defined]  # a hint: no error
+    files.prefetch_range("step/big.bin", (3 << 20) - 10, 1000)  # type: ignore[attr-defined]  # past the end
+    assert _read(files, "step/big.bin", 4096 + 7, 100) == data[4096 + 7 : 4096 + 107]
+    files.close()  # waits for the prefetching thread, which had the hints queued before
+    assert _cached(target, 4096, 1 << 20)
+    assert set(os.listdir("/proc/self/fd")) == before  # the file, the pipe and /dev/null are closed
+    assert not any(t.name == "safepoint-prefetch" for t in threading.enumerate())

@@ -24,7 +24,16 @@ from typing import Protocol, runtime_checkable
 
 from .._checksum import Hasher
 
-__all__ = ["AttemptLock", "FileReader", "FileSink", "Prefetch", "RangeReads", "SequentialReads", "Storage"]
+__all__ = [
+    "AttemptLock",
+    "FileReader",
+    "FileSink",
+    "Prefetch",
+    "PrefetchRanges",
+    "RangeReads",
+    "SequentialReads",
+    "Storage",
+]
 
 
 class FileSink(Protocol):
@@ -88,6 +97,16 @@ class HeldRangeReads(Protocol):
 
     def range_files(self) -> RangeFiles:
         """An empty set of held files; the caller closes it, also on errors."""
+
+
+@runtime_checkable
+class PrefetchRanges(Protocol):
+    """Optional for :class:`RangeFiles`: a hint that a byte range of a file will be read soon, so the device can
+    fetch it while the caller does other work (a resharding restore matches the rest of its state meanwhile).
+    Never required, never an error, and nothing fetched is used as it is: the range is read and verified as any
+    other."""
+
+    def prefetch_range(self, path: str, offset: int, nbytes: int) -> None: ...
 
 
 @runtime_checkable
