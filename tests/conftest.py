@@ -21,6 +21,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def open_files() -> list[str]:
+    """What each descriptor this process holds open points at (``/proc/self/fd``, Linux): paths, ``memfd:...``,
+    ``pipe:[...]``."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue  # the descriptor listdir itself used, closed by now
+    return found
+
+
 def make_state(seed: int = 0, hidden: int = 8) -> dict[str, Any]:
     """A small training state: model with dropout, AdamW with state, a scheduler, RNG, progress."""
     torch.manual_seed(seed)

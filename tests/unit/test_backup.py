@@ -14,6 +14,7 @@ import torch
 
 from safepoint._backup import SLICE_BYTES, SPILL_MIN_BYTES, InPlace, Ready, Spill, TensorBackups, writable
 from safepoint._errors import RestoreError, StorageError
+from tests.conftest import open_files
 
 needs_spill = pytest.mark.skipif(
     not Spill.available() or not os.path.isdir("/proc/self/fd"), reason="needs memfd_create and /proc/self/fd"
@@ -144,15 +145,7 @@ def test_a_backup_kept_by_the_keeper_thread_is_put_back_bitwise() -> None:
 
 def _spills() -> list[str]:
     """The backup memory files this process holds open."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if "safepoint-backup" in target:
-            found.append(target)
-    return found
+    return [target for target in open_files() if "safepoint-backup" in target]
 
 
 @needs_spill

@@ -10,19 +10,16 @@ import pytest
 
 from safepoint._errors import StorageError, UnsafeCheckpointError
 from safepoint._storage import LocalStorage
+from tests.conftest import open_files
 
 
 def _held(root: Path) -> list[str]:
     """The files below ``root`` this process holds open."""
-    found = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith(str(root)) and os.path.isfile(target):
-            found.append(os.path.relpath(target, root))
-    return sorted(found)
+    return sorted(
+        os.path.relpath(target, root)
+        for target in open_files()
+        if target.startswith(str(root)) and os.path.isfile(target)
+    )
 
 
 @pytest.fixture
