@@ -596,7 +596,7 @@ _exiting = False  # the exit hook has run: see _start
 def _start(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> None:
     """Run ``task`` (a save of ``handle``) on an idle writer thread, or a new one."""
     _register_exit_hook()
-    new = None
+    new = worker = None
     with _lock:
         _saves[:] = [held for held in _saves if not held._quiet()]
         _saves.append(handle)
@@ -604,16 +604,17 @@ def _start(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> N
             # a save started by a thread the interpreter is still waiting for after the exit hook ran (the main
             # thread has returned): a kept daemon thread would be cut off at finalization, the save lost without a
             # word. A thread of its own, not a daemon, is waited for like the caller's.
-            threading.Thread(target=_run_once, args=(handle, task), name="safepoint-writer", daemon=False).start()
-            return
-        if _idle:
+            new = threading.Thread(target=_run_once, args=(handle, task), name="safepoint-writer", daemon=False)
+        elif _idle:
             worker = _idle.pop()
         else:
-            worker = new = _Worker()
+            worker = _Worker()
+            new = worker.thread
             _workers.append(worker)
     if new is not None:
-        new.thread.start()
-    worker.run(task)
+        new.start()
+    if worker is not None:
+        worker.run(task)
 
 
 def _run_once(handle: SaveHandle[Any], task: Callable[[], Callable[[], None]]) -> None:
