@@ -18,11 +18,12 @@ Two implementations:
   which ranks never posted, and name them; the store survives the failure, so the group is still usable for the
   next save; a dead rank cannot leave a half-finished collective behind; and it works the same whatever the
   default backend is (nccl included), without creating a group. Nothing but small JSON records passes through
-  the store. Waits poll the store (``check``) rather than block in ``wait``: one store client serves the
-  caller's thread and the background saves' threads, and a blocking wait would hold it for the others. Rank 0
-  returns from an exchange only once every rank that posted has read the outcome (then removes the records):
-  rank 0 usually hosts the store, and a rank 0 that exits right after its last save would otherwise take the
-  outcome away from ranks that have not looked yet.
+  the store. Every thread waits in the store's own blocking ``wait``, on a client of its own
+  (``Store.clone``), so a rank learns of a post or an outcome as soon as it is set, and a background save's
+  wait holds up no call of the caller's thread (a store that cannot be cloned is shared, one call at a time, and
+  waited on in short slices). Rank 0 returns from an exchange only once every rank that posted has said it read
+  the outcome (then removes the records): rank 0 usually hosts the store, and a rank 0 that exits right after
+  its last save would otherwise take the outcome away from ranks that have not looked yet.
 
 Errors cross ranks as (type name, message, a few attributes): a SafepointError subclass is rebuilt as the same
 type; anything else becomes a :class:`~safepoint._errors.CoordinationError` naming the rank and the original type.
@@ -35,10 +36,12 @@ import contextlib
 import inspect
 import itertools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch.distributed as dist
@@ -229,6 +232,12 @@ def rebuild(described: dict[str, Json], *, rank: int) -> SafepointError:
         return CoordinationError(message, ranks=(rank,))
 
 
+def _clone(store: dist.distributed_c10d.Store) -> dist.distributed_c10d.Store:
+    """A new client of the same store, for one thread (``Store.clone``, which torch's type stubs leave out)."""
+    clone: Callable[[], dist.distributed_c10d.Store] = store.clone  # type: ignore[attr-defined]
+    return clone()
+
+
 def _consequence(op: str) -> str:
     return "; nothing was committed" if op.startswith("save.") else ""
 
@@ -265,8 +274,8 @@ class LocalCoordinator:
 _instances = itertools.count()
 
 
-#: The first and the longest pause between two looks at the store while waiting for the other ranks.
-_POLL_FIRST, _POLL_MAX = 0.0002, 0.005
+#: The longest single wait on a store shared by several threads (one that cannot be cloned): it holds the others.
+_SHARED_SLICE = 0.005
 
 
 class TorchCoordinator:
@@ -290,8 +299,12 @@ class TorchCoordinator:
         self.world_size = world_size
         self._store = dist.distributed_c10d.PrefixStore(namespace, store)
         self._operations = itertools.count(1)
-        # the caller's thread and the background saves' threads share the store client: one call at a time
-        self._lock = threading.Lock()
+        self._clients = threading.local()  # each thread's own clone of the store, with the pid that made it
+        self._shared: threading.Lock | None = None
+        try:
+            self._clients.held = (os.getpid(), _clone(self._store))
+        except RuntimeError:  # a Store subclass written in Python has no clone: every thread shares this client
+            self._shared = threading.Lock()
 
     def operation(self, kind: str) -> Operation:
         return Operation(self, str(next(self._operations)), kind)
@@ -308,15 +321,25 @@ class TorchCoordinator:
         if self.rank != 0:  # rank 0 decides on its own post in memory; its record only says it has arrived
             value = None if post.value is None else post.value.to_json()
             record.update(value=value, error=None if post.error is None else describe(post.error))
-        with self._store_errors(phase):
-            self._call(self._store.set, f"{key}/{self.rank}", json.dumps(record))
+        with self._store_errors(phase), self._client() as store:
+            store.set(f"{key}/{self.rank}", json.dumps(record))
         if self.rank == 0:
             return self._lead(key, phase, post, decide, reads[0])
         return self._follow(key, phase, post, reads[1])
 
-    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
-        with self._lock:
-            return method(*args)
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[dist.distributed_c10d.Store]:
+        """This thread's own clone of the store, made on its first use (and again in a forked child, which must not
+        talk over its parent's connection); or the one shared client, held for the duration."""
+        if self._shared is not None:
+            with self._shared:
+                yield self._store
+            return
+        pid = os.getpid()
+        held = getattr(self._clients, "held", None)
+        if held is None or held[0] != pid:
+            held = self._clients.held = (pid, _clone(self._store))
+        yield held[1]
 
     def _lead(
         self,
@@ -331,7 +354,7 @@ class TorchCoordinator:
             present = self._wait_for([f"{key}/{r}" for r in range(1, self.world_size)], self.timeout)
             for rank in range(1, self.world_size):
                 posts.append(self._read_post(key, rank, phase, read) if present[rank - 1] else None)
-        readers = sum(post is not None for post in posts) - 1
+        readers = [rank for rank, post in enumerate(posts) if rank and post is not None]
         try:
             value = decide(posts)
         except BaseException as error:
@@ -340,25 +363,24 @@ class TorchCoordinator:
         self._publish(key, phase, {"value": value.to_json()}, readers)
         return value
 
-    def _publish(self, key: str, phase: str, outcome: dict[str, Json], readers: int) -> None:
-        with self._store_errors(phase):
-            self._call(self._store.set, f"{key}/outcome", json.dumps(outcome))
+    def _publish(self, key: str, phase: str, outcome: dict[str, Json], readers: list[int]) -> None:
+        with self._store_errors(phase), self._client() as store:
+            store.set(f"{key}/outcome", json.dumps(outcome))
         self._await_readers(key, readers)
 
-    def _await_readers(self, key: str, readers: int) -> None:
-        """Wait (at most the timeout) until ``readers`` ranks have read the outcome, then remove the exchange's
-        records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
-        deadline = time.monotonic() + self.timeout
-        pause = _POLL_FIRST
+    def _await_readers(self, key: str, readers: list[int]) -> None:
+        """Wait (at most the timeout) until the ranks ``readers`` have read the outcome, then remove the
+        exchange's records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
         with contextlib.suppress(RuntimeError, OSError, ValueError):
-            while self._call(self._store.add, f"{key}/read", 0) < readers and time.monotonic() < deadline:
-                time.sleep(pause)
-                pause = min(2 * pause, _POLL_MAX)
-            for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", f"{key}/read"]:
-                self._call(self._store.delete_key, name)
+            self._wait_for([f"{key}/read/{rank}" for rank in readers], self.timeout)
+            names = [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome"]
+            with self._client() as store:
+                for name in [*names, *(f"{key}/read/{rank}" for rank in readers)]:
+                    store.delete_key(name)
 
     def _read_post(self, key: str, rank: int, phase: str, read: Callable[[Json], P]) -> Post[P]:
-        record = json.loads(self._call(self._store.get, f"{key}/{rank}"))
+        with self._client() as store:
+            record = json.loads(store.get(f"{key}/{rank}"))
         if record["op"] != phase:
             error = CoordinationError(
                 f"rank {rank} is in {record['op']} while rank 0 is in {phase}: every rank must make the same "
@@ -386,14 +408,16 @@ class TorchCoordinator:
             # rank 0 waits up to the timeout for the others, then decides (writing a manifest at most)
             if not self._wait_for([f"{key}/outcome"], 2 * self.timeout)[0]:
                 keys = [f"{key}/{r}" for r in range(self.world_size)]
-                missing = [r for r, name in enumerate(keys) if not self._call(self._store.check, [name])]
+                with self._client() as store:
+                    missing = [r for r, name in enumerate(keys) if not store.check([name])]
                 raise CoordinationError(
                     f"rank 0 did not announce the outcome of {phase} within {2 * self.timeout:g} s"
                     + (f"; {_ranks(missing)} never joined" if missing else "")
                     + "; this rank cannot know how the operation ended: a new run's restore() finds what was committed",
                     ranks=tuple(missing) or (0,),
                 )
-            outcome = json.loads(self._call(self._store.get, f"{key}/outcome"))
+            with self._client() as store:
+                outcome = json.loads(store.get(f"{key}/outcome"))
         self._read_by_one_more(key)
         if "error" in outcome:
             error = rebuild(outcome["error"], rank=0)
@@ -404,29 +428,44 @@ class TorchCoordinator:
 
     def _read_by_one_more(self, key: str) -> None:
         """Tell rank 0 this rank has read the outcome. The outcome is known: a store gone now changes nothing."""
-        with contextlib.suppress(RuntimeError, OSError, ValueError):
-            self._call(self._store.add, f"{key}/read", 1)
+        with contextlib.suppress(RuntimeError, OSError, ValueError), self._client() as store:
+            store.set(f"{key}/read/{self.rank}", "")
 
     def _wait_for(self, keys: list[str], timeout: float) -> list[bool]:
         """Which of ``keys`` were set within ``timeout`` seconds of the last one seen arriving (so every rank
         that arrived a little after this one has also waited ``timeout`` for the missing ones), and at most
-        1.25 ``timeout`` in all: the ranks waiting for the outcome give up at twice the timeout."""
+        1.25 ``timeout`` in all: the ranks waiting for the outcome give up at twice the timeout. Arrivals are
+        seen when a wait ends: at once when every key is set, else when the wait (or a shared client's slice)
+        expires."""
         start = time.monotonic()
         deadline, cap = start + timeout, start + 1.25 * timeout
-        pause = _POLL_FIRST
         waiting = list(keys)
         while waiting:
-            still = [key for key in waiting if not self._call(self._store.check, [key])]
+            now = time.monotonic()
+            wait = max(0.0, deadline - now) if self._shared is None else min(_SHARED_SLICE, max(0.0, deadline - now))
+            if self._waited(waiting, wait):
+                return [True] * len(keys)
+            with self._client() as store:
+                still = [key for key in waiting if not store.check([key])]
             now = time.monotonic()
             if len(still) < len(waiting):
                 deadline = min(max(deadline, now + timeout), cap)
-                pause = _POLL_FIRST
             waiting = still
-            if not waiting or now >= deadline:
+            if now >= deadline:
                 break
-            time.sleep(min(pause, max(0.0, deadline - now)))
-            pause = min(2 * pause, _POLL_MAX)
         return [key not in waiting for key in keys]
+
+    def _waited(self, keys: list[str], seconds: float) -> bool:
+        """Whether every one of ``keys`` was set within ``seconds``; a store that fails raises."""
+        began = time.monotonic()
+        try:
+            with self._client() as store:
+                store.wait(keys, timedelta(seconds=max(seconds, 0.001)))
+        except RuntimeError:  # DistStoreError (RuntimeError for a FileStore): a timeout, or a store gone
+            if time.monotonic() - began < 0.5 * seconds:
+                raise  # it failed before its time was up: not a timeout
+            return False
+        return True
 
     @contextlib.contextmanager
     def _store_errors(self, phase: str) -> Iterator[None]:
