@@ -210,17 +210,29 @@ def verify_checkpoint(storage: Storage, checkpoint: str, *, step: int | None = N
     for file_index, record in enumerate(manifest.files):
         read_file(storage, checkpoint, record, grouped.get(file_index, []), keep=False)
     reader = BoxReader(range_reader(storage))
+    places = file_places(storage, checkpoint, manifest)
     for node in sharded_nodes(manifest.tree):
-        for box in saved_boxes(storage, checkpoint, manifest, node):
+        for box in saved_boxes(manifest, node, places):
             reader.verify(box, DTYPE_NAMES[node["dtype"]])
     return manifest
 
 
-def saved_boxes(storage: Storage, checkpoint: str, manifest: Manifest, node: dict[str, Any]) -> list[SavedBox]:
+def file_places(storage: Storage, checkpoint: str, manifest: Manifest) -> list[tuple[str, str]]:
+    """Each payload file's path in the storage and its description (for messages), in the manifest's order: worked
+    out once per checkpoint, not once per box."""
+    places = []
+    for record in manifest.files:
+        path = join(checkpoint, record.path)
+        places.append((path, storage.describe(path)))
+    return places
+
+
+def saved_boxes(manifest: Manifest, node: dict[str, Any], places: Sequence[tuple[str, str]]) -> list[SavedBox]:
+    """The boxes of a sharded node, each with its file's place (``places``, from :func:`file_places`)."""
     found = []
     for record in boxes_of(node):
-        path = join(checkpoint, manifest.files[manifest.entries[record.entry].file].path)
-        found.append(SavedBox(record, path, storage.describe(path)))
+        path, where = places[manifest.entries[record.entry].file]
+        found.append(SavedBox(record, path, where))
     return found
 
 
@@ -231,8 +243,10 @@ def lazy_sharded(storage: Storage, checkpoint: str, manifest: Manifest, files: R
         range_reader(storage, files), files.prefetch_range if isinstance(files, PrefetchRanges) else None
     )
 
+    places = file_places(storage, checkpoint, manifest)
+
     def value(node: Mapping[str, Any], leaves: Sequence[Any]) -> ShardedSaved:
-        boxes = saved_boxes(storage, checkpoint, manifest, dict(node))
+        boxes = saved_boxes(manifest, dict(node), places)
         key = manifest.entries[boxes[0].record.entry].key if boxes else ""
         return ShardedSaved(key, DTYPE_NAMES[node["dtype"]], tuple(node["shape"]), boxes, reader)
 
