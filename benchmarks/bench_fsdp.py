@@ -39,7 +39,10 @@ Until safepoint saves sharded state, its methods are dropped after the first att
     .venv/bin/python benchmarks/bench_fsdp.py                  # 256 MiB, 5 repeats, 2 and 4 ranks, load 4 -> 2
     .venv/bin/python benchmarks/bench_fsdp.py --size-mib 1024 --repeats 5
 
-Medians and ratios are printed and written to ``benchmarks/out/bench_fsdp.md`` (every timing in ``.json``).
+Medians and ratios are printed and written to ``benchmarks/out/bench_fsdp.md`` (every timing in ``.json``): ``dcp /
+safepoint`` is the ratio of the two medians, ``paired`` the median of each repeat's own ratio (the two methods ran
+back to back in it, so a slow spell of the shared disk weighs on both; on this project's VM one run's ratio of
+medians swings by 20 % or more from the next's).
 """
 
 from __future__ import annotations
@@ -355,32 +358,40 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _versus(medians: dict[str, float]) -> str:
-    """``dcp / safepoint`` (above 1: safepoint faster), or ``-`` when one of them is missing."""
-    if "safepoint" not in medians or "dcp" not in medians:
-        return "-"
-    return f"{medians['dcp'] / medians['safepoint']:.2f}"
+def _versus(timings: dict[str, list[float]]) -> str:
+    """``dcp / safepoint`` of the medians (above 1: safepoint faster), then the median of the per-repeat ratios
+    (the two ran back to back in each repeat, so a slow spell of the disk or of the machine weighs on both); ``-``
+    when one of them is missing."""
+    if "safepoint" not in timings or "dcp" not in timings:
+        return "- | -"
+    of_medians = f"{_median(timings['dcp']) / _median(timings['safepoint']):.2f}"
+    if len(timings["dcp"]) != len(timings["safepoint"]):
+        return f"{of_medians} | -"
+    ratios = [d / s for d, s in zip(timings["dcp"], timings["safepoint"], strict=True) if s > 0]
+    return f"{of_medians} | {_median(ratios):.2f}"
 
 
 def tables(saves: dict[int, list[dict[str, Any]]], loads: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    lines = ["| ranks | what | method | median s | dcp / safepoint |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| ranks | what | method | median s | dcp / safepoint | paired |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for world, ranks in saves.items():
         first = ranks[0]
-        medians = {m: _median(v) for m, v in first["save"].items()}  # barrier to barrier: the same on every rank
-        for method, median in medians.items():
-            lines.append(f"| {world} | save until durable | {method} | {median:.3f} | {_versus(medians)} |")
+        saved = first["save"]  # barrier to barrier: the same on every rank
+        for method, seconds in saved.items():
+            lines.append(f"| {world} | save until durable | {method} | {_median(seconds):.3f} | {_versus(saved)} |")
         # the stall of a repeat is its slowest rank's
         stalls = {
             m: [max(r["stall"][m][i] for r in ranks) for i in range(len(first["stall"][m]))] for m in first["stall"]
         }
-        stall_medians = {m: _median(v) for m, v in stalls.items()}
-        for method, median in stall_medians.items():
-            lines.append(f"| {world} | background stall | {method} | {median:.4f} | {_versus(stall_medians)} |")
+        for method, seconds in stalls.items():
+            lines.append(f"| {world} | background stall | {method} | {_median(seconds):.4f} | {_versus(stalls)} |")
     if loads:
         label = f"load {args.load_from} -> {len(loads)}"
-        medians = {m: _median(v) for m, v in loads[0]["load"].items()}
-        for method, median in medians.items():
-            lines.append(f"| {len(loads)} | {label} | {method} | {median:.3f} | {_versus(medians)} |")
+        loaded = loads[0]["load"]
+        for method, seconds in loaded.items():
+            lines.append(f"| {len(loads)} | {label} | {method} | {_median(seconds):.3f} | {_versus(loaded)} |")
         lines += [
             "",
             f"Bytes read per rank on the {label} load (medians over repeats, MiB):",
