@@ -21,7 +21,8 @@ Two implementations:
   the store. Every thread waits in the store's own blocking ``wait``, on a client of its own
   (``Store.clone``), so a rank learns of a post or an outcome as soon as it is set, and a background save's
   wait holds up no call of the caller's thread (a store that cannot be cloned is shared, one call at a time, and
-  waited on in short slices). Rank 0 returns from an exchange only once every rank that posted has said it read
+  waited on in short slices). The main thread has a waiter thread block for it and waits in Python, where
+  Ctrl-C reaches it at once. Rank 0 returns from an exchange only once every rank that posted has said it read
   the outcome (then removes the records): rank 0 usually hosts the store, and a rank 0 that exits right after
   its last save would otherwise take the outcome away from ranks that have not looked yet.
 
@@ -33,10 +34,12 @@ Nothing is unpickled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import json
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -270,6 +273,63 @@ class LocalCoordinator:
         return decide([post])
 
 
+# -- the main thread's waits ------------------------------------------------------------------------------------
+@dataclass
+class _Answer:
+    done: threading.Event
+    value: bool = False
+    error: BaseException | None = None
+
+
+class _Waiter:
+    """A daemon thread that blocks in the store on behalf of the main thread, which waits for its answer in
+    Python. Python runs a signal's handler (Ctrl-C's KeyboardInterrupt) only between bytecodes, so a main thread
+    blocked in the store itself would not stop until the store answered: up to the timeout, ten minutes by
+    default. A wait the main thread gave up on (an exception while it waited) is left to this thread to finish,
+    and the next wait gets a new waiter."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.abandoned = False
+        self._requests: queue.SimpleQueue[tuple[Callable[[], bool], _Answer] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="safepoint-store-wait", daemon=True).start()
+
+    def _serve(self) -> None:
+        while (request := self._requests.get()) is not None:
+            call, answer = request
+            try:
+                answer.value = call()
+            except BaseException as error:  # handed to the waiting thread, which raises it
+                answer.error = error
+            answer.done.set()
+
+    def run(self, call: Callable[[], bool]) -> bool:
+        """``call()`` on this waiter's thread; its value, or its exception."""
+        answer = _Answer(threading.Event())
+        self._requests.put((call, answer))
+        try:
+            answer.done.wait()
+        except BaseException:
+            self.abandoned = True
+            self._requests.put(None)  # the thread ends once the store answers the wait in progress
+            raise
+        if answer.error is not None:
+            raise answer.error
+        return answer.value
+
+
+_waiter: _Waiter | None = None  # only the main thread uses it
+
+
+def _main_waiter() -> _Waiter:
+    """The main thread's waiter: a new one after an abandoned wait, and in a forked child (which has no thread
+    of its parent's)."""
+    global _waiter
+    if _waiter is None or _waiter.abandoned or _waiter.pid != os.getpid():
+        _waiter = _Waiter()
+    return _waiter
+
+
 # -- the torch.distributed coordinator ---------------------------------------------------------------------------
 _instances = itertools.count()
 
@@ -456,7 +516,14 @@ class TorchCoordinator:
         return [key not in waiting for key in keys]
 
     def _waited(self, keys: list[str], seconds: float) -> bool:
-        """Whether every one of ``keys`` was set within ``seconds``; a store that fails raises."""
+        """Whether every one of ``keys`` was set within ``seconds``; a store that fails raises. The main thread
+        has a waiter thread block in the store for it (see :class:`_Waiter`)."""
+        wait = functools.partial(self._wait_here, keys, seconds)
+        if self._shared is None and threading.current_thread() is threading.main_thread():
+            return _main_waiter().run(wait)
+        return wait()
+
+    def _wait_here(self, keys: list[str], seconds: float) -> bool:
         began = time.monotonic()
         try:
             with self._client() as store:

@@ -4,6 +4,8 @@ and a world of one. Real process groups are in tests/distributed."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import tempfile
 import threading
 import time
@@ -230,6 +232,47 @@ def test_a_rank_that_never_posts_is_named_on_every_waiting_rank(store_type: Call
         assert error.ranks == (2,)
     assert str(results[0]) == str(results[1])
     assert TIMEOUT <= elapsed < TIMEOUT * 4 + 5
+
+
+class Interrupted(Exception):
+    """What this module's SIGINT handler raises: a KeyboardInterrupt would stop pytest itself."""
+
+
+@pytest.mark.parametrize("store_type", [dist.HashStore, file_store], ids=["own-clients", "file-store"])
+def test_ctrl_c_stops_the_main_thread_while_it_waits_for_the_others(store_type: Callable[[], Store]) -> None:
+    """Python runs a signal's handler only between bytecodes: a main thread blocked in the store's own wait would
+    not see Ctrl-C until the store answered (the whole timeout). The main thread waits in Python instead."""
+    assert threading.current_thread() is threading.main_thread()
+    store = store_type()
+    coordinator = TorchCoordinator(store, 0, 2, namespace="test/", timeout=60.0)  # rank 1 never comes
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    try:
+        timer.start()
+        with pytest.raises(Interrupted):
+            gather_sum(coordinator)
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert time.monotonic() - started < 5
+    waiters = [t for t in threading.enumerate() if t.name == "safepoint-store-wait"]
+    assert len(waiters) == 1  # still waiting for rank 1, for the main thread that gave up
+    dist.PrefixStore("test/", store).set("1.1/1", "{}")  # the store answers: the abandoned wait, and its thread, end
+    waiters[0].join(timeout=5)
+    assert not waiters[0].is_alive()
+    # the main thread's next exchange gets a new waiter
+    found: dict[str, Any] = {}
+    partner = TorchCoordinator(store, 1, 2, namespace="again/", timeout=5.0)
+    thread = threading.Thread(target=lambda: found.update(partner=gather_sum(partner)))
+    thread.start()
+    found["main"] = gather_sum(TorchCoordinator(store, 0, 2, namespace="again/", timeout=5.0))
+    thread.join(timeout=30)
+    assert found == {"main": 21, "partner": 21}
 
 
 @STORES
