@@ -432,10 +432,10 @@ class TorchCoordinator:
         """Wait (at most the timeout) until the ranks ``readers`` have read the outcome, then remove the
         exchange's records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
         with contextlib.suppress(RuntimeError, OSError, ValueError):
-            self._wait_for([f"{key}/read/{rank}" for rank in readers], self.timeout)
-            names = [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome"]
+            seen = [f"{key}/read/{rank}" for rank in readers]
+            self._wait_for(seen, self.timeout)
             with self._client() as store:
-                for name in [*names, *(f"{key}/read/{rank}" for rank in readers)]:
+                for name in [*(f"{key}/{r}" for r in range(self.world_size)), f"{key}/outcome", *seen]:
                     store.delete_key(name)
 
     def _read_post(self, key: str, rank: int, phase: str, read: Callable[[Json], P]) -> Post[P]:
@@ -478,7 +478,7 @@ class TorchCoordinator:
                 )
             with self._client() as store:
                 outcome = json.loads(store.get(f"{key}/outcome"))
-        self._read_by_one_more(key)
+        self._say_read(key)
         if "error" in outcome:
             error = rebuild(outcome["error"], rank=0)
             if own.error is not None:
@@ -486,7 +486,7 @@ class TorchCoordinator:
             raise error
         return read(outcome["value"])
 
-    def _read_by_one_more(self, key: str) -> None:
+    def _say_read(self, key: str) -> None:
         """Tell rank 0 this rank has read the outcome. The outcome is known: a store gone now changes nothing."""
         with contextlib.suppress(RuntimeError, OSError, ValueError), self._client() as store:
             store.set(f"{key}/read/{self.rank}", "")
