@@ -46,3 +46,18 @@ def test_a_script_ending_with_a_background_save_in_flight_exits_cleanly_with_the
     assert sorted(loaded["own"]) == list(range(WORLD))
     for rank in range(WORLD):
         assert torch.equal(loaded["own"][rank], values(rank)["own"])
+
+
+def test_ctrl_c_stops_a_rank_waiting_for_the_others_and_the_script_exits_cleanly(tmp_path: Path) -> None:
+    """The store's own wait is C++: a main thread blocked in it would see Ctrl-C only when the store answered
+    (rank 1 never comes: after the 60 s timeout). The wait it gave up on is still blocked in the store when the
+    interpreter exits, on a daemon thread: the process must still exit normally, and nothing be committed."""
+    ckpt = tmp_path / "ckpt"
+    ranks = run_group("interrupted", WORLD, ckpt, tmp_path / "out", worker="tests.distributed.worker_exit")
+    for rank, result in enumerate(ranks):
+        assert result.returncode == 0, f"rank {rank} exited {result.returncode}:\n{result.output[-4000:]}"
+        assert "terminate called" not in result.output, result.output[-4000:]
+        assert "Fatal Python error" not in result.output, result.output[-4000:]
+        assert f"rank {rank}: the script ends" in result.output
+    assert 1.0 <= ranks[0].results["interrupted_after"] < 10
+    assert safepoint.CheckpointManager(ckpt).steps() == []
