@@ -20,8 +20,8 @@ Two implementations:
   default backend is (nccl included), without creating a group. Nothing but small JSON records passes through
   the store. Every thread waits in the store's own blocking ``wait``, on a client of its own
   (``Store.clone``), so a rank learns of a post or an outcome as soon as it is set, and a background save's
-  wait holds up no call of the caller's thread (a store that cannot be cloned is shared, one call at a time, and
-  waited on in short slices). The main thread has a waiter thread block for it and waits in Python, where
+  wait holds up no call of the caller's thread (a thread that cannot have a clone shares one client, one call at
+  a time, and waits on it in short slices). The main thread has a waiter thread block for it and waits in Python, where
   Ctrl-C reaches it at once. Rank 0 returns from an exchange only once every rank that posted has said it read
   the outcome (then removes the records): rank 0 usually hosts the store, and a rank 0 that exits right after
   its last save would otherwise take the outcome away from ranks that have not looked yet.
@@ -334,8 +334,11 @@ def _main_waiter() -> _Waiter:
 _instances = itertools.count()
 
 
-#: The longest single wait on a store shared by several threads (one that cannot be cloned): it holds the others.
+#: The longest single wait on the client shared by the threads that have none of their own: it holds the others.
 _SHARED_SLICE = 0.005
+#: How much longer than asked a store's wait may take to time out: a FileStore's ends on a whole second, up to
+#: one second late (torch 2.13). The ranks waiting for rank 0's outcome allow rank 0 that much more.
+_COARSE_WAIT = 1.0
 
 
 class TorchCoordinator:
@@ -359,12 +362,9 @@ class TorchCoordinator:
         self.world_size = world_size
         self._store = dist.distributed_c10d.PrefixStore(namespace, store)
         self._operations = itertools.count(1)
-        self._clients = threading.local()  # each thread's own clone of the store, with the pid that made it
-        self._shared: threading.Lock | None = None
-        try:
-            self._clients.held = (os.getpid(), _clone(self._store))
-        except RuntimeError:  # a Store subclass written in Python has no clone: every thread shares this client
-            self._shared = threading.Lock()
+        self._clients = threading.local()  # each thread's own clone of the store (or None), with the pid that made it
+        self._shared = threading.Lock()  # the one client of the threads that have none of their own
+        self._own()
 
     def operation(self, kind: str) -> Operation:
         return Operation(self, str(next(self._operations)), kind)
@@ -387,19 +387,31 @@ class TorchCoordinator:
             return self._lead(key, phase, post, decide, reads[0])
         return self._follow(key, phase, post, reads[1])
 
-    @contextlib.contextmanager
-    def _client(self) -> Iterator[dist.distributed_c10d.Store]:
+    def _own(self) -> dist.distributed_c10d.Store | None:
         """This thread's own clone of the store, made on its first use (and again in a forked child, which must not
-        talk over its parent's connection); or the one shared client, held for the duration."""
-        if self._shared is not None:
-            with self._shared:
-                yield self._store
-            return
+        talk over its parent's connection). None where there is no clone: a store written in Python has none, and
+        a store's host may refuse more connections; such a thread shares one client, one call at a time, and waits
+        on it in short slices."""
         pid = os.getpid()
         held = getattr(self._clients, "held", None)
         if held is None or held[0] != pid:
-            held = self._clients.held = (pid, _clone(self._store))
-        yield held[1]
+            try:
+                client = _clone(self._store)
+            except RuntimeError:  # "pure virtual function clone", or a connection refused
+                client = None
+            held = self._clients.held = (pid, client)
+        own: dist.distributed_c10d.Store | None = held[1]
+        return own
+
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[dist.distributed_c10d.Store]:
+        """This thread's own client, or the shared one, held for the duration."""
+        own = self._own()
+        if own is not None:
+            yield own
+            return
+        with self._shared:
+            yield self._store
 
     def _lead(
         self,
@@ -466,12 +478,13 @@ class TorchCoordinator:
                     ranks=(0,),
                 )
             # rank 0 waits up to the timeout for the others, then decides (writing a manifest at most)
-            if not self._wait_for([f"{key}/outcome"], 2 * self.timeout)[0]:
+            patience = 2 * self.timeout + _COARSE_WAIT
+            if not self._wait_for([f"{key}/outcome"], patience)[0]:
                 keys = [f"{key}/{r}" for r in range(self.world_size)]
                 with self._client() as store:
                     missing = [r for r, name in enumerate(keys) if not store.check([name])]
                 raise CoordinationError(
-                    f"rank 0 did not announce the outcome of {phase} within {2 * self.timeout:g} s"
+                    f"rank 0 did not announce the outcome of {phase} within {patience:g} s"
                     + (f"; {_ranks(missing)} never joined" if missing else "")
                     + "; this rank cannot know how the operation ended: a new run's restore() finds what was committed",
                     ranks=tuple(missing) or (0,),
@@ -494,16 +507,14 @@ class TorchCoordinator:
     def _wait_for(self, keys: list[str], timeout: float) -> list[bool]:
         """Which of ``keys`` were set within ``timeout`` seconds of the last one seen arriving (so every rank
         that arrived a little after this one has also waited ``timeout`` for the missing ones), and at most
-        1.25 ``timeout`` in all: the ranks waiting for the outcome give up at twice the timeout. Arrivals are
-        seen when a wait ends: at once when every key is set, else when the wait (or a shared client's slice)
-        expires."""
+        1.25 ``timeout`` in all: the ranks waiting for the outcome give up at twice the timeout (and a second).
+        Arrivals are seen when a wait ends: at once when every key is set, else when the wait (or a shared
+        client's slice) expires."""
         start = time.monotonic()
         deadline, cap = start + timeout, start + 1.25 * timeout
         waiting = list(keys)
         while waiting:
-            now = time.monotonic()
-            wait = max(0.0, deadline - now) if self._shared is None else min(_SHARED_SLICE, max(0.0, deadline - now))
-            if self._waited(waiting, wait):
+            if self._waited(waiting, max(0.0, deadline - time.monotonic())):
                 return [True] * len(keys)
             with self._client() as store:
                 still = [key for key in waiting if not store.check([key])]
@@ -516,14 +527,17 @@ class TorchCoordinator:
         return [key not in waiting for key in keys]
 
     def _waited(self, keys: list[str], seconds: float) -> bool:
-        """Whether every one of ``keys`` was set within ``seconds``; a store that fails raises. The main thread
-        has a waiter thread block in the store for it (see :class:`_Waiter`)."""
+        """Whether every one of ``keys`` was set within ``seconds`` (a thread without a client of its own waits
+        one short slice of them at most); a store that fails raises. The main thread has a waiter thread block
+        in the store for it (see :class:`_Waiter`)."""
         wait = functools.partial(self._wait_here, keys, seconds)
-        if self._shared is None and threading.current_thread() is threading.main_thread():
+        if self._own() is not None and threading.current_thread() is threading.main_thread():
             return _main_waiter().run(wait)
         return wait()
 
     def _wait_here(self, keys: list[str], seconds: float) -> bool:
+        if self._own() is None:
+            seconds = min(seconds, _SHARED_SLICE)
         began = time.monotonic()
         try:
             with self._client() as store:

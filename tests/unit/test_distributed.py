@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.distributed import Store
 
 import safepoint
+from safepoint import _distributed
 from safepoint._distributed import Operation, Post, TorchCoordinator, first_failure, require_all
 from safepoint._messages import Json
 
@@ -180,11 +181,10 @@ def test_operations_on_two_threads_do_not_meet(store_type: Callable[[], Store]) 
         assert found["second"] == [1001, 1001]
 
 
-@STORES
-def test_a_waiting_thread_holds_up_no_other_thread_of_its_rank(store_type: Callable[[], Store]) -> None:
-    """Rank 0's background thread waits for rank 1's background post, which rank 1 makes only once the caller's
-    threads have finished an exchange of their own: if that wait held rank 0's store client, the callers' exchange
-    could not run, and both would time out."""
+def background_and_foreground(store: Store) -> list[Any]:
+    """Rank 0's background thread (named ``background``) waits for rank 1's background post, which rank 1 makes
+    only once the caller's threads have finished an exchange of their own: if that wait held rank 0's store
+    client, the callers' exchange could not run, and both would time out."""
 
     def body(coordinator: TorchCoordinator) -> Any:
         background, foreground = coordinator.operation("save"), coordinator.operation("restore")
@@ -196,7 +196,7 @@ def test_a_waiting_thread_holds_up_no_other_thread_of_its_rank(store_type: Calla
                 done.wait()
             found["background"] = exchange(background, "a", Post(Number(coordinator.rank)), plus(100))
 
-        thread = threading.Thread(target=save)
+        thread = threading.Thread(target=save, name="background")
         thread.start()
         time.sleep(0.1)  # rank 0's background thread is waiting for rank 1 by now
         started = time.monotonic()
@@ -214,10 +214,37 @@ def test_a_waiting_thread_holds_up_no_other_thread_of_its_rank(store_type: Calla
 
         return decide
 
-    for found in run_ranks(2, body, store=store_type()):
+    return run_ranks(2, body, store=store)
+
+
+@STORES
+def test_a_waiting_thread_holds_up_no_other_thread_of_its_rank(store_type: Callable[[], Store]) -> None:
+    for found in background_and_foreground(store_type()):
         assert found["background"] == 101
         assert found["foreground"] == 1001
         assert found["took"] < TIMEOUT / 2
+
+
+def test_a_thread_that_cannot_clone_the_store_shares_a_client_and_holds_up_no_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store's host may refuse one more connection: the background threads, whose clones fail, share one
+    client and wait on it in slices, while the callers' threads keep clients of their own."""
+    clone = _distributed._clone
+    failed: list[str] = []
+
+    def refusing(store: Store) -> Store:
+        if threading.current_thread().name == "background":
+            failed.append("background")
+            raise RuntimeError("Connection refused")
+        return clone(store)
+
+    monkeypatch.setattr(_distributed, "_clone", refusing)
+    for found in background_and_foreground(dist.HashStore()):
+        assert found["background"] == 101
+        assert found["foreground"] == 1001
+        assert found["took"] < TIMEOUT / 2
+    assert failed == ["background", "background"]  # one try per thread, not one per call
 
 
 @STORES
