@@ -43,6 +43,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -274,48 +275,39 @@ class LocalCoordinator:
 
 
 # -- the main thread's waits ------------------------------------------------------------------------------------
-@dataclass
-class _Answer:
-    done: threading.Event
-    value: bool = False
-    error: BaseException | None = None
-
-
 class _Waiter:
     """A daemon thread that blocks in the store on behalf of the main thread, which waits for its answer in
     Python. Python runs a signal's handler (Ctrl-C's KeyboardInterrupt) only between bytecodes, so a main thread
     blocked in the store itself would not stop until the store answered: up to the timeout, ten minutes by
     default. A wait the main thread gave up on (an exception while it waited) is left to this thread to finish,
-    and the next wait gets a new waiter."""
+    and the next wait gets a new waiter. (Not a ThreadPoolExecutor: the interpreter joins its threads at exit,
+    which would wait out an abandoned wait.)"""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.abandoned = False
-        self._requests: queue.SimpleQueue[tuple[Callable[[], bool], _Answer] | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[tuple[Callable[[], bool], Future[bool]] | None] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="safepoint-store-wait", daemon=True).start()
 
     def _serve(self) -> None:
         while (request := self._requests.get()) is not None:
             call, answer = request
             try:
-                answer.value = call()
+                answer.set_result(call())
             except BaseException as error:  # handed to the waiting thread, which raises it
-                answer.error = error
-            answer.done.set()
+                answer.set_exception(error)
 
     def run(self, call: Callable[[], bool]) -> bool:
         """``call()`` on this waiter's thread; its value, or its exception."""
-        answer = _Answer(threading.Event())
+        answer: Future[bool] = Future()
         self._requests.put((call, answer))
         try:
-            answer.done.wait()
+            return answer.result()
         except BaseException:
-            self.abandoned = True
-            self._requests.put(None)  # the thread ends once the store answers the wait in progress
+            if not answer.done():
+                self.abandoned = True
+                self._requests.put(None)  # the thread ends once the store answers the wait in progress
             raise
-        if answer.error is not None:
-            raise answer.error
-        return answer.value
 
 
 _waiter: _Waiter | None = None  # only the main thread uses it

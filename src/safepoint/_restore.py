@@ -908,28 +908,27 @@ def _prepare(
     saved, applied = _saved_values(loaded, path, state_version, migrations)
     # one set of backups for everything this restore writes in place (the read's, and the DTensors' below)
     plan = _Plan(strict, cast_dtypes, in_place=InPlace(loaded.backups))
-    # no autograd while matching and reading in place: DTensor.to_local() and views skip it (~6 us a call, and a
-    # restore of a sharded state makes several per tensor)
+    # no autograd while matching, reading in place and digesting: DTensor.to_local() and views skip it (~6 us a
+    # call, and a restore of a sharded state makes several per tensor)
     with torch.no_grad():
         _match(plan, live_state, saved, [], None)
         step = loaded.manifest.step
         if plan.mismatched or (strict and (plan.missing or plan.unexpected)):
             raise _restore_error(plan, step, path, strict)
         plan.in_place.run()  # on an error, the live tensors are put back before it propagates
-    try:
-        with torch.no_grad():
+        try:
             plan.digests.update((id(value), _local_digest(value)) for value in plan.digested)
-        report = dataclasses.replace(
-            _report(loaded, path, skipped, applied),
-            restored=_restored(plan, live_state),
-            missing=tuple(key_path(p) for p in plan.missing),
-            unexpected=tuple(key_path(p) for p in plan.unexpected),
-            reasons=_reasons(plan),
-            cast=tuple(plan.cast),
-        )
-    except BaseException as err:
-        plan.in_place.backups.roll_back(err)
-        raise
+            report = dataclasses.replace(
+                _report(loaded, path, skipped, applied),
+                restored=_restored(plan, live_state),
+                missing=tuple(key_path(p) for p in plan.missing),
+                unexpected=tuple(key_path(p) for p in plan.unexpected),
+                reasons=_reasons(plan),
+                cast=tuple(plan.cast),
+            )
+        except BaseException as err:
+            plan.in_place.backups.roll_back(err)
+            raise
     return PreparedRestore(plan, report)
 
 
