@@ -21,10 +21,13 @@ Two implementations:
   the store. Every thread waits in the store's own blocking ``wait``, on a client of its own
   (``Store.clone``), so a rank learns of a post or an outcome as soon as it is set, and a background save's
   wait holds up no call of the caller's thread (a thread that cannot have a clone shares one client, one call at
-  a time, and waits on it in short slices). The main thread has a waiter thread block for it and waits in Python, where
-  Ctrl-C reaches it at once. Rank 0 returns from an exchange only once every rank that posted has said it read
-  the outcome (then removes the records): rank 0 usually hosts the store, and a rank 0 that exits right after
-  its last save would otherwise take the outcome away from ranks that have not looked yet.
+  a time, and looks again every few milliseconds). The main thread has a waiter thread block for it and waits in Python,
+  where Ctrl-C reaches it at once; the two share one client, never using it at the same time. A thread's client
+  serves every manager of the process (each prefixes its own keys), so a rank holds one connection to the store
+  per thread that takes part, however many managers it has. Rank 0 returns from an exchange only once every rank
+  that posted has said it read the outcome (then removes the records): rank 0 usually hosts the store, and a
+  rank 0 that exits right after its last save would otherwise take the outcome away from ranks that have not
+  looked yet.
 
 Errors cross ranks as (type name, message, a few attributes): a SafepointError subclass is rebuilt as the same
 type; anything else becomes a :class:`~safepoint._errors.CoordinationError` naming the rank and the original type.
@@ -42,6 +45,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -49,6 +53,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import Store
 
 from . import _errors as errors
 from ._errors import ConfigError, CoordinationError, SafepointError
@@ -236,9 +241,9 @@ def rebuild(described: dict[str, Json], *, rank: int) -> SafepointError:
         return CoordinationError(message, ranks=(rank,))
 
 
-def _clone(store: dist.distributed_c10d.Store) -> dist.distributed_c10d.Store:
+def _clone(store: Store) -> Store:
     """A new client of the same store, for one thread (``Store.clone``, which torch's type stubs leave out)."""
-    clone: Callable[[], dist.distributed_c10d.Store] = store.clone  # type: ignore[attr-defined]
+    clone: Callable[[], Store] = store.clone  # type: ignore[attr-defined]
     return clone()
 
 
@@ -274,6 +279,66 @@ class LocalCoordinator:
         return decide([post])
 
 
+# -- each thread's client of the store ----------------------------------------------------------------------
+class _Clients:
+    """The clients (clones) of one thread of this process, one per store, made on first use. Where a store has
+    none, None: a store written in Python has no ``clone``, and a store's host may refuse more connections; such
+    a thread shares the store's one client with the others, one call at a time (see :func:`_shared_lock`)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        # weak keys: a store's clients go with it (a process group destroyed and made again gets a new store)
+        self._clones: weakref.WeakKeyDictionary[Store, Store] = weakref.WeakKeyDictionary()
+        self._itself: weakref.WeakSet[Store] = weakref.WeakSet()  # its own clone (a HashStore, safe from any thread)
+        self._none: weakref.WeakSet[Store] = weakref.WeakSet()
+
+    def of(self, store: Store) -> Store | None:
+        if store in self._itself:
+            return store
+        if store in self._none:
+            return None
+        client = self._clones.get(store)
+        if client is None:
+            try:
+                client = _clone(store)
+            except RuntimeError:  # "pure virtual function clone", or a connection refused
+                self._none.add(store)
+                return None
+            if client is store:
+                self._itself.add(store)
+            else:
+                self._clones[store] = client
+        return client
+
+
+_local = threading.local()  # .clients: this thread's _Clients (a waiter thread's are its main thread's)
+
+
+def _thread_clients() -> _Clients:
+    """This thread's clients: the main thread's are its waiter's (a new waiter after an abandoned wait, whose
+    client may still be blocked in it), a forked child's are new (it must not talk over its parent's
+    connections)."""
+    if threading.current_thread() is threading.main_thread():
+        return _main_waiter().clients
+    clients: _Clients | None = getattr(_local, "clients", None)
+    if clients is None or clients.pid != os.getpid():
+        clients = _local.clients = _Clients()
+    return clients
+
+
+_shared_locks: weakref.WeakKeyDictionary[Store, threading.Lock] = weakref.WeakKeyDictionary()
+_shared_locks_lock = threading.Lock()
+
+
+def _shared_lock(store: Store) -> threading.Lock:
+    """The lock of ``store``'s one client, which the threads without a clone of it share."""
+    with _shared_locks_lock:
+        lock = _shared_locks.get(store)
+        if lock is None:
+            lock = _shared_locks[store] = threading.Lock()
+        return lock
+
+
 # -- the main thread's waits ------------------------------------------------------------------------------------
 class _Waiter:
     """A daemon thread that blocks in the store on behalf of the main thread, which waits for its answer in
@@ -286,10 +351,12 @@ class _Waiter:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.abandoned = False
+        self.clients = _Clients()  # the main thread's, used on its thread only while the main thread waits for it
         self._requests: queue.SimpleQueue[tuple[Callable[[], bool], Future[bool]] | None] = queue.SimpleQueue()
         threading.Thread(target=self._serve, name="safepoint-store-wait", daemon=True).start()
 
     def _serve(self) -> None:
+        _local.clients = self.clients
         while (request := self._requests.get()) is not None:
             call, answer = request
             try:
@@ -326,7 +393,7 @@ def _main_waiter() -> _Waiter:
 _instances = itertools.count()
 
 
-#: The longest single wait on the client shared by the threads that have none of their own: it holds the others.
+#: How long a thread without a client of its own sleeps between looks at the shared one.
 _SHARED_SLICE = 0.005
 #: How much longer than asked a store's wait may take to time out: a FileStore's ends on a whole second, up to
 #: one second late (torch 2.13). The ranks waiting for rank 0's outcome allow rank 0 that much more.
@@ -342,7 +409,7 @@ class TorchCoordinator:
 
     def __init__(
         self,
-        store: dist.distributed_c10d.Store,
+        store: Store,
         rank: int,
         world_size: int,
         *,
@@ -352,14 +419,14 @@ class TorchCoordinator:
         self.timeout = timeout
         self.rank = rank
         self.world_size = world_size
-        self._store = dist.distributed_c10d.PrefixStore(namespace, store)
+        self._store = store  # every key starts with the namespace: the operations' keys do (see operation)
+        self._namespace = namespace
         self._operations = itertools.count(1)
-        self._clients = threading.local()  # each thread's own clone of the store (or None), with the pid that made it
-        self._shared = threading.Lock()  # the one client of the threads that have none of their own
+        self._shared = _shared_lock(store)  # the one client of the threads that have none of their own
         self._own()
 
     def operation(self, kind: str) -> Operation:
-        return Operation(self, str(next(self._operations)), kind)
+        return Operation(self, f"{self._namespace}{next(self._operations)}", kind)
 
     def exchange_at(
         self,
@@ -379,24 +446,13 @@ class TorchCoordinator:
             return self._lead(key, phase, post, decide, reads[0])
         return self._follow(key, phase, post, reads[1])
 
-    def _own(self) -> dist.distributed_c10d.Store | None:
-        """This thread's own clone of the store, made on its first use (and again in a forked child, which must not
-        talk over its parent's connection). None where there is no clone: a store written in Python has none, and
-        a store's host may refuse more connections; such a thread shares one client, one call at a time, and waits
-        on it in short slices."""
-        pid = os.getpid()
-        held = getattr(self._clients, "held", None)
-        if held is None or held[0] != pid:
-            try:
-                client = _clone(self._store)
-            except RuntimeError:  # "pure virtual function clone", or a connection refused
-                client = None
-            held = self._clients.held = (pid, client)
-        own: dist.distributed_c10d.Store | None = held[1]
-        return own
+    def _own(self) -> Store | None:
+        """This thread's own client of the store (see :class:`_Clients`); None where it has none: it then shares
+        one, and looks at it every few milliseconds."""
+        return _thread_clients().of(self._store)
 
     @contextlib.contextmanager
-    def _client(self) -> Iterator[dist.distributed_c10d.Store]:
+    def _client(self) -> Iterator[Store]:
         """This thread's own client, or the shared one, held for the duration."""
         own = self._own()
         if own is not None:
@@ -519,8 +575,8 @@ class TorchCoordinator:
         return [key not in waiting for key in keys]
 
     def _waited(self, keys: list[str], seconds: float) -> bool:
-        """Whether every one of ``keys`` was set within ``seconds`` (a thread without a client of its own waits
-        one short slice of them at most); a store that fails raises. The main thread has a waiter thread block
+        """Whether every one of ``keys`` was set within ``seconds`` (a thread without a client of its own looks
+        once, then sleeps one short slice); a store that fails raises. The main thread has a waiter thread block
         in the store for it (see :class:`_Waiter`)."""
         wait = functools.partial(self._wait_here, keys, seconds)
         if self._own() is not None and threading.current_thread() is threading.main_thread():
@@ -528,8 +584,12 @@ class TorchCoordinator:
         return wait()
 
     def _wait_here(self, keys: list[str], seconds: float) -> bool:
-        if self._own() is None:
-            seconds = min(seconds, _SHARED_SLICE)
+        if self._own() is None:  # hold the shared client only to look: a thread that waited on it would hold it
+            with self._client() as store:
+                if store.check(keys):
+                    return True
+            time.sleep(min(seconds, _SHARED_SLICE))
+            return False
         began = time.monotonic()
         try:
             with self._client() as store:

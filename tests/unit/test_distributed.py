@@ -3,13 +3,14 @@ and a world of one. Real process groups are in tests/distributed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,34 +31,55 @@ TIMEOUT = 0.5
 
 class NoCloneStore(Store):
     """A store written in Python, as a user may pass to init_process_group: it has no ``clone``, so every thread
-    of a rank shares one client of it."""
+    of a rank shares one client of it, which takes one call at a time (the ranks of these tests are threads of one
+    process, sharing it too)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.inner = dist.HashStore()
+        self._calling = threading.Lock()
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[None]:
+        """Its one client takes one call at a time: a second call meanwhile is a failure of the store."""
+        if not self._calling.acquire(blocking=False):
+            raise RuntimeError("NoCloneStore: two calls at once on its one client")
+        try:
+            yield
+        finally:
+            self._calling.release()
 
     def set(self, key: str, value: Any) -> None:
-        self.inner.set(key, value)
+        with self._alone():
+            self.inner.set(key, value)
 
     def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+        with self._alone():
+            return self.inner.get(key)
 
     def add(self, key: str, amount: int) -> int:
-        return self.inner.add(key, amount)
+        with self._alone():
+            return self.inner.add(key, amount)
 
     def check(self, keys: list[str]) -> bool:
-        return self.inner.check(keys)
+        with self._alone():
+            return self.inner.check(keys)
 
     def delete_key(self, key: str) -> bool:
-        return self.inner.delete_key(key)
+        with self._alone():
+            return self.inner.delete_key(key)
 
     def wait(self, keys: list[str], timeout: timedelta) -> None:
-        self.inner.wait(keys, timeout)
+        with self._alone():
+            self.inner.wait(keys, timeout)
+
+
+_STORE_FILES = tempfile.TemporaryDirectory(prefix="safepoint-stores-")  # removed when the interpreter exits
 
 
 def file_store() -> Store:
     """The store of ``init_method="file://..."``: its waits end on whole seconds, whatever timeout they are given."""
-    return dist.FileStore(tempfile.mktemp(prefix="safepoint-store-"), -1)
+    return dist.FileStore(tempfile.mktemp(dir=_STORE_FILES.name), -1)
 
 
 STORES = pytest.mark.parametrize(
@@ -127,24 +149,33 @@ def test_every_rank_gets_the_decision_rank_0_made_on_all_posts(store_type: Calla
     assert run_ranks(3, gather_sum, store=store_type()) == [33, 33, 33]
 
 
-def test_exchanges_repeat_in_order_and_old_records_are_removed() -> None:
-    store = dist.HashStore()  # a store written in Python cannot delete keys through a PrefixStore (torch 2.13)
-    seen: list[Any] = []
+@STORES
+def test_exchanges_repeat_in_order_and_old_records_are_removed(store_type: Callable[[], Store]) -> None:
+    store = store_type()
+    posted: list[bool] = []  # rank 0, deciding each exchange: rank 1's post is in the store under its name
+    seen: list[bool] = []
 
     def body(coordinator: TorchCoordinator) -> Any:
         operation = coordinator.operation("sum")
-        values = [gather_sum(coordinator, operation) for _ in range(3)]
+        values = []
+        for n in (1, 2, 3):
+
+            def decide(posts: list[Post[Number] | None], n: int = n) -> Number:
+                posted.append(store.check([f"test/1.{n}/1"]))
+                return Number(sum(post.message().value for post in require_all("sum", posts, 5.0)))
+
+            values.append(exchange(operation, "sum", Post(Number(10 + coordinator.rank)), decide))
         if coordinator.rank == 0:
-            prefixed = dist.PrefixStore("test/", store)
-            seen.extend(prefixed.check([f"1.{n}/{r}"]) for n in (1, 2) for r in (0, 1))
-            seen.extend(prefixed.check([f"1.{n}/outcome"]) for n in (1, 2))
+            seen.extend(store.check([f"test/1.{n}/{r}"]) for n in (1, 2) for r in (0, 1))
+            seen.extend(store.check([f"test/1.{n}/outcome"]) for n in (1, 2))
         return values
 
     results = run_ranks(2, body, store=store)
     assert results == [[21, 21, 21], [21, 21, 21]]
+    assert posted == [True] * 3
     assert seen == [False] * 6  # rank 0 returned from 1 and 2 once rank 1 had read them, and removed the records
-    leftover = [f"1.{n}/{name}" for n in (1, 2, 3) for name in ("0", "1", "outcome", "read/1")]
-    assert not any(dist.PrefixStore("test/", store).check([name]) for name in leftover)
+    leftover = [f"test/1.{n}/{name}" for n in (1, 2, 3) for name in ("0", "1", "outcome", "read/1")]
+    assert not any(store.check([name]) for name in leftover)
 
 
 @STORES
@@ -247,6 +278,36 @@ def test_a_thread_that_cannot_clone_the_store_shares_a_client_and_holds_up_no_ot
     assert failed == ["background", "background"]  # one try per thread, not one per call
 
 
+def test_a_thread_has_one_client_of_the_store_for_every_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each manager has a coordinator of its own (its own keys); a thread's clone of the store serves them all,
+    and the main thread shares its clone with the waiter that blocks for it: two connections to the store's host
+    for two threads with three managers each, where one per manager and thread would be nine."""
+    assert threading.current_thread() is threading.main_thread()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    clone = _distributed._clone
+    made: list[str] = []
+
+    def counting(of: Store) -> Store:
+        if of is store:
+            made.append(threading.current_thread().name)
+        return clone(of)
+
+    monkeypatch.setattr(_distributed, "_clone", counting)
+    found: dict[str, Any] = {}
+
+    def partner() -> None:
+        coordinators = [TorchCoordinator(store, 1, 2, namespace=f"m{i}/", timeout=5.0) for i in range(3)]
+        found["partner"] = [gather_sum(coordinator) for coordinator in coordinators for _ in range(2)]
+
+    thread = threading.Thread(target=partner, name="partner")
+    thread.start()
+    coordinators = [TorchCoordinator(store, 0, 2, namespace=f"m{i}/", timeout=5.0) for i in range(3)]
+    found["main"] = [gather_sum(coordinator) for coordinator in coordinators for _ in range(2)]
+    thread.join(timeout=30)
+    assert found == {"main": [21] * 6, "partner": [21] * 6}
+    assert sorted(made) == ["MainThread", "partner"]
+
+
 @STORES
 def test_a_rank_that_never_posts_is_named_on_every_waiting_rank(store_type: Callable[[], Store]) -> None:
     start = time.monotonic()
@@ -289,7 +350,7 @@ def test_ctrl_c_stops_the_main_thread_while_it_waits_for_the_others(store_type: 
     assert time.monotonic() - started < 5
     waiters = [t for t in threading.enumerate() if t.name == "safepoint-store-wait"]
     assert len(waiters) == 1  # still waiting for rank 1, for the main thread that gave up
-    dist.PrefixStore("test/", store).set("1.1/1", "{}")  # the store answers: the abandoned wait, and its thread, end
+    store.set("test/1.1/1", "{}")  # the store answers: the abandoned wait, and its thread, end
     waiters[0].join(timeout=5)
     assert not waiters[0].is_alive()
     # the main thread's next exchange gets a new waiter
