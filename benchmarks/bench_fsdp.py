@@ -25,6 +25,10 @@ same state, side by side, interleaved within each repeat in an order rotated per
   DCP's timed loads, alone or beside safepoint's, took 0.40-0.50 s instead of 0.25-0.31 s in some repeats.
   ``--load-only`` times only this (the ``--load-from`` group then saves the checkpoints once, untimed);
   ``--profile FILE`` writes a cProfile of rank 0's timed safepoint loads.
+- ``limit``, timed beside the loads in every repeat, the same way: the physical limit of the load. Each rank reads
+  its equal share of the safepoint checkpoint's payload bytes (as many as it needs on this resharded load of
+  fully sharded state), cold, in 8 MiB ``preadv`` calls into memory it touched beforehand, and checks nothing.
+  ``dcp / limit`` is then the most any reader could gain on DCP on this machine.
 - ``bytes read``: on each rank of the load, the bytes read during the call, from ``/proc/self/io``:
   ``read_bytes`` (what the rank made the kernel fetch from the disk; readahead included, so it is what the disk
   had to deliver) and ``rchar`` (bytes returned by ``read``-family system calls, whatever the source: page
@@ -149,6 +153,7 @@ class Methods:
         self.names = names
         self.notes: list[str] = []
         self.background_manager: Any = None  # one for every background save, as in training: staging reused
+        self.share: Any = None  # the limit's target: a tensor of this rank's share of the payload bytes, touched
 
     def unsupported(self, error: Exception) -> None:
         self.names = [n for n in self.names if n != "safepoint"]
@@ -217,6 +222,45 @@ class Methods:
         else:
             step = max(p for p in source.glob("step-*") if (p / ".metadata").exists())
             load(state, checkpoint_id=step)
+
+    def share_of(self, source: Path) -> list[tuple[Path, int, int]]:
+        """This rank's equal share of the payload bytes of the checkpoint in ``source`` (every file but the
+        manifest, in name order, as one sequence): ``(file, offset, length)`` pieces. On a resharded load of
+        fully sharded state every rank needs that many bytes."""
+        import torch.distributed as dist
+
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.name != "manifest.json")
+        total = sum(p.stat().st_size for p in files)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        begin, end = total * rank // world, total * (rank + 1) // world
+        pieces, at = [], 0
+        for path in files:
+            size = path.stat().st_size
+            first, last = max(begin, at), min(end, at + size)
+            if first < last:
+                pieces.append((path, first - at, last - first))
+            at += size
+        return pieces
+
+    def prepare_limit(self, source: Path) -> None:
+        import torch
+
+        self.share = torch.ones(sum(length for *_, length in self.share_of(source)), dtype=torch.uint8)
+
+    def read_limit(self, source: Path) -> None:
+        """The physical limit of the load: this rank's share of the payload bytes read from the files into memory
+        already touched, in 8 MiB ``preadv`` calls, nothing parsed, checked or copied."""
+        view, done = memoryview(self.share.numpy()), 0
+        for path, offset, length in self.share_of(source):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for start in range(0, length, 8 * MIB):
+                    count = min(8 * MIB, length - start)
+                    if os.preadv(fd, [view[done : done + count]], offset + start) != count:
+                        raise OSError(f"{path}: short read")
+                    done += count
+            finally:
+                os.close(fd)
 
 
 def guarded(methods: Methods, method: str, call: Callable[[], None]) -> bool:
@@ -292,20 +336,25 @@ def load_phase(
     present = [m for m in methods.names if (sources / m).exists() and any((sources / m).glob("step-*"))]
     if "safepoint" in methods.names and "safepoint" not in present:
         methods.notes.append(f"{UNSUPPORTED} (no safepoint checkpoint was saved to load)")
-    methods.names = present
+    methods.names = present + (["limit"] if "safepoint" in present else [])
+    if "limit" in methods.names:
+        methods.prepare_limit(sources / "safepoint")
     profiler = cProfile.Profile() if args.profile and dist.get_rank() == 0 else None
     for repeat in range(-args.warmup, args.repeats):
         for method in rotated(methods.names, repeat):
-            evict(sources / method)
+            source = sources / ("safepoint" if method == "limit" else method)
+            evict(source)
             target = objects if method == "safepoint" and args.into == "objects" else state
             gc.collect()  # neither method pays for the collections earlier calls' garbage made due
             dist.barrier()
             before = io_counters()
             start = time.perf_counter()
-            if profiler is not None and method == "safepoint" and repeat >= 0:
-                profiler.runcall(methods.load, method, sources / method, target)
+            if method == "limit":
+                methods.read_limit(source)
+            elif profiler is not None and method == "safepoint" and repeat >= 0:
+                profiler.runcall(methods.load, method, source, target)
             else:
-                methods.load(method, sources / method, target)
+                methods.load(method, source, target)
             seconds = time.perf_counter() - start
             after = io_counters()
             dist.barrier()
@@ -390,8 +439,19 @@ def tables(saves: dict[int, list[dict[str, Any]]], loads: list[dict[str, Any]], 
     if loads:
         label = f"load {args.load_from} -> {len(loads)}"
         loaded = loads[0]["load"]
-        for method, seconds in loaded.items():
-            lines.append(f"| {len(loads)} | {label} | {method} | {_median(seconds):.3f} | {_versus(loaded)} |")
+        versus = {m: t for m, t in loaded.items() if m != "limit"}
+        for method, seconds in versus.items():
+            lines.append(f"| {len(loads)} | {label} | {method} | {_median(seconds):.3f} | {_versus(versus)} |")
+        if "limit" in loaded:
+            limit = _median(loaded["limit"])
+            against = ", ".join(f"{m} / limit {_median(t) / limit:.2f}" for m, t in versus.items())
+            lines += [
+                "",
+                f"Physical limit of the {label} load: {limit:.3f} s (median), each rank reading its share of the",
+                "payload bytes cold in 8 MiB preads into touched memory, nothing checked. "
+                + against
+                + "; DCP's time over the limit is the most any reader could be faster than DCP on this machine.",
+            ]
         lines += [
             "",
             f"Bytes read per rank on the {label} load (medians over repeats, MiB):",
