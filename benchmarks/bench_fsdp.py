@@ -154,6 +154,7 @@ class Methods:
         self.notes: list[str] = []
         self.background_manager: Any = None  # one for every background save, as in training: staging reused
         self.share: Any = None  # the limit's target: a tensor of this rank's share of the payload bytes, touched
+        self.pieces: list[tuple[Path, int, int]] = []  # the limit's (file, offset, length) to read
 
     def unsupported(self, error: Exception) -> None:
         self.names = [n for n in self.names if n != "safepoint"]
@@ -243,15 +244,17 @@ class Methods:
         return pieces
 
     def prepare_limit(self, source: Path) -> None:
+        """The limit's pieces and its touched target, found and made once, untimed."""
         import torch
 
-        self.share = torch.ones(sum(length for *_, length in self.share_of(source)), dtype=torch.uint8)
+        self.pieces = self.share_of(source)
+        self.share = torch.ones(sum(length for *_, length in self.pieces), dtype=torch.uint8)
 
-    def read_limit(self, source: Path) -> None:
+    def read_limit(self) -> None:
         """The physical limit of the load: this rank's share of the payload bytes read from the files into memory
         already touched, in 8 MiB ``preadv`` calls, nothing parsed, checked or copied."""
         view, done = memoryview(self.share.numpy()), 0
-        for path, offset, length in self.share_of(source):
+        for path, offset, length in self.pieces:
             fd = os.open(path, os.O_RDONLY)
             try:
                 for start in range(0, length, 8 * MIB):
@@ -350,7 +353,7 @@ def load_phase(
             before = io_counters()
             start = time.perf_counter()
             if method == "limit":
-                methods.read_limit(source)
+                methods.read_limit()
             elif profiler is not None and method == "safepoint" and repeat >= 0:
                 profiler.runcall(methods.load, method, source, target)
             else:

@@ -293,21 +293,22 @@ class _Clients:
         self._none: weakref.WeakSet[Store] = weakref.WeakSet()
 
     def of(self, store: Store) -> Store | None:
+        client = self._clones.get(store)  # the usual case (a TCPStore's clone) first: one lookup per call
+        if client is not None:
+            return client
         if store in self._itself:
             return store
         if store in self._none:
             return None
-        client = self._clones.get(store)
-        if client is None:
-            try:
-                client = _clone(store)
-            except RuntimeError:  # "pure virtual function clone", or a connection refused
-                self._none.add(store)
-                return None
-            if client is store:
-                self._itself.add(store)
-            else:
-                self._clones[store] = client
+        try:
+            client = _clone(store)
+        except RuntimeError:  # "pure virtual function clone", or a connection refused
+            self._none.add(store)
+            return None
+        if client is store:
+            self._itself.add(store)
+        else:
+            self._clones[store] = client
         return client
 
 
@@ -584,16 +585,16 @@ class TorchCoordinator:
         return wait()
 
     def _wait_here(self, keys: list[str], seconds: float) -> bool:
-        if self._own() is None:  # hold the shared client only to look: a thread that waited on it would hold it
-            with self._client() as store:
-                if store.check(keys):
+        own = self._own()
+        if own is None:  # hold the shared client only to look: a thread that waited on it would hold it
+            with self._shared:
+                if self._store.check(keys):
                     return True
             time.sleep(min(seconds, _SHARED_SLICE))
             return False
         began = time.monotonic()
         try:
-            with self._client() as store:
-                store.wait(keys, timedelta(seconds=max(seconds, 0.001)))
+            own.wait(keys, timedelta(seconds=max(seconds, 0.001)))
         except RuntimeError:  # DistStoreError (RuntimeError for a FileStore): a timeout, or a store gone
             if time.monotonic() - began < 0.5 * seconds:
                 raise  # it failed before its time was up: not a timeout
