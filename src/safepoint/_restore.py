@@ -8,9 +8,11 @@ so a failing migration has touched nothing live; the loaded values are then matc
 1. Objects' ``load_state_dict``, then a check that every tensor they were given is what their ``state_dict()``
    now returns, so an object that silently ignores data is caught instead of training on from its initial
    weights. Objects other than modules are backed up just before they are applied (cheap when resuming: a fresh
-   optimizer has no state) and rolled back if a later object or the check fails. Modules are matched exactly
-   (every key, shape and dtype) beforehand and not copied again: a backup would double the memory of the model
-   (what was read into them in place is put back from the backups their read took instead).
+   optimizer has no state) and rolled back if a later object or the check fails: a torch optimizer (its own
+   load_state_dict and state_dict, no hooks) keeps the tensors it held as its backup, since its load_state_dict
+   replaces them and never writes into them; any other object is deep-copied. Modules are matched exactly (every
+   key, shape and dtype) beforehand and not copied again: a backup would double the memory of the model (what was
+   read into them in place is put back from the backups their read took instead).
 2. Plain tensor copies and assignments into the live dicts, lists and tuples: nothing can fail any more.
 
 The exception to "nothing live is touched before the apply": some live tensors are read into in place, each
@@ -20,9 +22,11 @@ behind a backup (:mod:`safepoint._backup`), so their copy is already done when t
   load_state_dict copies into (:func:`copied_entries`, :func:`~safepoint._payload.direct_target`), while the files
   are read; the module then gets those same tensors, and its check compares a digest of the bytes read with what
   it holds after;
-- the local shards of live DTensors (in plain containers, and in a module's ``state_dict()``, which shares its
-  parameters' memory), while preparing, once the whole state matched; a module's load_state_dict then gets those
-  same tensors, and its check compares a digest of the bytes read with what it holds after.
+- the local shards of live DTensors (in plain containers, in a module's ``state_dict()``, which shares its
+  parameters' memory, and in the state a torch optimizer holds already), while preparing, once the whole state
+  matched; a module's load_state_dict then gets those same tensors, and its check compares a digest of the bytes
+  read with what it holds after; an optimizer's takes those same tensors as they are, and its check is that it
+  holds them.
 
 One set of backups per restore holds them all; every failure until the apply completes (a file, the match,
 another rank's verdict, phase 1) puts every one of them back before it propagates.
@@ -273,6 +277,9 @@ class _Plan:
     # post-apply check: the values given to load_state_dict are the live ones, so they cannot be compared)
     digested: list[Any] = field(default_factory=list)
     digests: dict[int, int] = field(default_factory=dict)  # id(DTensor) -> xxh3_64 of its local bytes
+    # an optimizer's state tensors read into in place (see _replaces_state): its load_state_dict never writes into
+    # what it is given, so its post-apply check needs only that it holds these very tensors (id -> tensor)
+    held: dict[int, Any] = field(default_factory=dict)
 
 
 def _is_tensor(value: object) -> bool:
@@ -430,13 +437,19 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         plan.checks.append((key, live, state))
         return
     current = live.state_dict()
-    layouts = _with_parameters(live, current) if isinstance(live, torch.optim.Optimizer) else current
+    optimizer = isinstance(live, torch.optim.Optimizer)
+    layouts = _with_parameters(live, current) if optimizer else current
     module = isinstance(live, torch.nn.Module)
-    state = dict(_fit_tree(plan, layouts, saved, path, in_place=module))
+    # an optimizer whose load_state_dict is torch's only replaces its state tensors, never writes into them: the
+    # saved values of those it holds already can be read into them, behind the restore's backups (see _load_object)
+    in_place = module or (optimizer and _replaces_state(live))
+    state = dict(_fit_tree(plan, layouts, saved, path, in_place=in_place))
     if module:
         plan.digested += [v for k, v in state.items() if _read_in_place(v, current.get(k))]
         state = _match_module_state(plan, current, state, path)
     else:
+        if in_place:
+            plan.held.update((id(value), value) for value in _read_into_state(state, current))
         if isinstance(current, Mapping):
             _compare_keys(plan, current, saved, path)
             if isinstance(live, torch.optim.Optimizer):
@@ -793,6 +806,7 @@ def _fit_tree(plan: _Plan, current: Any, saved: Any, path: list[str | int], *, i
             shape = tuple(live.parameter.shape)
             live = {k: live.parameter for k, v in saved.items() if isinstance(v, torch.Tensor | ShardedSaved)
                     and tuple(v.shape) == shape}  # fmt: skip
+            in_place = False  # the parameter only stands for a layout: its memory is never read into
         fitted = {k: _fit_tree(plan, live.get(k), v, [*path, k], in_place=in_place) for k, v in saved.items()}
         if all(fitted[k] is v for k, v in saved.items()):
             return saved  # nothing sharded below: the value as decoded (its exact dict type kept)
@@ -1039,9 +1053,62 @@ def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
     if _is_loader(target):
         target.load_state_dict(state)
         return _cannot_roll_back(target)
+    if isinstance(target, torch.optim.Optimizer) and _replaces_state(target):
+        # torch's load_state_dict puts new tensors in place of the old ones and never writes into them, so the old
+        # ones themselves are the backup (those read into in place are put back by the restore's backups): no copy
+        # of the optimizer's state, which on a GPU could be more memory than there is
+        before = _state_refs(target.state_dict())
+        target.load_state_dict(state)
+        return lambda: target.load_state_dict(before)
     backup = copy.deepcopy(target.state_dict())
     target.load_state_dict(state)
     return lambda: target.load_state_dict(backup)
+
+
+#: The hooks through which other code takes part in an optimizer's state_dict or load_state_dict.
+_OPTIMIZER_HOOKS = (
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+def _replaces_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` takes and gives its state the way ``torch.optim.Optimizer`` does, with no hook
+    changing that: ``load_state_dict`` then replaces its per-parameter state with the tensors given (cast to the
+    parameter's dtype and device where they differ) and never writes into the tensors it held before, and
+    ``state_dict()`` returns those tensors themselves."""
+    kind = type(optimizer)
+    return (
+        kind.load_state_dict is torch.optim.Optimizer.load_state_dict
+        and kind.state_dict is torch.optim.Optimizer.state_dict
+        and not any(getattr(optimizer, hooks, None) for hooks in _OPTIMIZER_HOOKS)
+    )
+
+
+def _state_refs(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer's ``state_dict()`` with its own containers: the same tensors, in dicts and lists that nothing
+    else holds (a later step changes the optimizer's own per-parameter dicts, not these)."""
+    return {
+        **state,
+        "state": {key: dict(value) if isinstance(value, Mapping) else value for key, value in state["state"].items()},
+        "param_groups": [dict(group) for group in state["param_groups"]],
+    }
+
+
+def _read_into_state(state: Mapping[str, Any], current: Any) -> list[Any]:
+    """The values of an optimizer's fitted ``state`` that were read into its live state tensors in place (the values
+    given to its load_state_dict are then the live ones)."""
+    fitted, live = state.get("state"), current.get("state") if isinstance(current, Mapping) else None
+    if not isinstance(fitted, Mapping) or not isinstance(live, Mapping):
+        return []
+    found = []
+    for key, values in fitted.items():
+        held = live.get(key)
+        if isinstance(values, Mapping) and isinstance(held, Mapping):
+            found += [value for name, value in values.items() if _read_in_place(value, held.get(name))]
+    return found
 
 
 def _is_loader(value: Any) -> bool:
@@ -1083,6 +1150,8 @@ def _check_applied(plan: _Plan, step: int) -> None:
             except (KeyError, IndexError, TypeError):
                 wrong.append(f"{where}: missing after load_state_dict")
                 continue
+            if node is tensor and plan.held.get(id(tensor)) is tensor:
+                continue  # read in place, and held as it was given: its bytes are the bytes read and verified
             digest = plan.digests.get(id(tensor))
             if digest is not None and _same_layout(node, tensor) and _local_digest(node) == digest:
                 continue  # read in place: what the module holds now still has the bytes read and verified

@@ -5,7 +5,9 @@ last rank reads, after the other ranks have already written every shard in place
 for step 2, every rank raises and every live shard is bitwise what it was; restoring the newest that verifies,
 every rank falls back to step 1, and a tensor step 1 lacks keeps its own values (not step 2's). An object whose
 load_state_dict fails on one rank, after all reads, makes that rank put its shards back. A module's DTensor
-parameter is read in place too, and a module whose load_state_dict does not keep it is caught and put back.
+parameter is read in place too, and a module whose load_state_dict does not keep it is caught and put back. An
+optimizer object holding state takes its saved DTensor moments into its own tensors, and is put back (bits, the
+same tensors, its learning rate) when a later object fails on its rank.
 """
 
 from __future__ import annotations
@@ -88,6 +90,31 @@ def test_a_module_that_does_not_keep_what_it_was_given_is_caught_and_put_back(fo
         # the values read in place are put back: the parameter is as it was before the restore, not zeros
         assert observed["resets=True unchanged"] is True, rank
         assert observed["resets=True is_step1"] is False, rank
+
+
+def test_an_optimizer_holding_state_takes_the_saved_moments_into_its_own_tensors(found: list[dict[str, Any]]) -> None:
+    for rank, observed in enumerate(found):
+        assert observed["optim clean"]["error"] is None, (rank, observed["optim clean"])
+        assert observed["optim clean same_tensors"] is True, rank
+        assert _all_true(observed["optim clean same_memory"]) == [], rank
+        assert len(observed["optim clean is_saved"]) == 2
+        assert _all_true(observed["optim clean is_saved"]) == [], rank
+        assert observed["optim clean lr"] == 0.1, rank
+
+
+def test_an_optimizer_read_in_place_is_put_back_when_a_later_object_fails(found: list[dict[str, Any]]) -> None:
+    for rank, observed in enumerate(found):
+        failed = observed["optim apply_fails"]
+        assert failed["error"] == "RestoreError", (rank, failed)
+        assert observed["optim apply_fails same_tensors"] is True, rank
+        assert _all_true(observed["optim apply_fails same_memory"]) == [], rank
+        if rank == WORLD - 1:  # rolled back: the state (bits and tensors) and the learning rate it had
+            assert "refuses" in failed["message"], failed
+            assert _all_true(observed["optim apply_fails unchanged"]) == [], rank
+            assert observed["optim apply_fails lr"] == 0.5, rank
+        else:  # these ranks applied, and were told that another failed
+            assert _all_true(observed["optim apply_fails is_saved"]) == [], rank
+            assert observed["optim apply_fails lr"] == 0.1, rank
 
 
 def test_a_restore_closes_the_files_it_held_open_for_its_reads(found: list[dict[str, Any]]) -> None:

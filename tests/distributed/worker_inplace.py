@@ -7,8 +7,9 @@ holds ``m``, ``extra`` (``c``) and ``counter`` (an object). Rank 0 then flips a 
 ``extra/c`` restore split by columns (a resharded read). So when the last rank finds the corruption, it has
 written ``m/a`` in place, and every other rank has written all three. Each case records plain facts in
 ``OUT/rank<N>.json``; the tests decide what is right. Last, a module with a DTensor parameter restores in
-place, and is put back when its own load_state_dict does not keep the values. The package never imports this
-module.
+place, and is put back when its own load_state_dict does not keep the values; and an optimizer object holding
+state already restores its DTensor moments in place, and is put back when a later object fails. The package
+never imports this module.
 """
 
 from __future__ import annotations
@@ -135,6 +136,58 @@ def modules(directory: Path, mesh: DeviceMesh) -> dict[str, Any]:
     return found
 
 
+def adam(weight: DTensor, grad_seed: int, lr: float) -> tuple[Holder, torch.optim.Adam]:
+    """A module holding ``weight`` and an Adam over it with state: one step taken with the gradient of
+    ``grad_seed`` (laid out as the weight)."""
+    net = Holder(weight)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    grad = values(grad_seed)["a"]
+    net.weight.grad = distribute_tensor(grad, weight.device_mesh, list(weight.placements))
+    optimizer.step()
+    return net, optimizer
+
+
+def moments(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """A copy of this rank's local shards of the optimizer's moments."""
+    (state,) = optimizer.state.values()
+    return {name: state[name].to_local().clone() for name in ("exp_avg", "exp_avg_sq")}
+
+
+def optimizers(directory: Path, mesh: DeviceMesh, rank: int, world: int) -> dict[str, Any]:
+    """An optimizer object whose state is held already (Adam after a step) restores its DTensor moments in place,
+    resharded (saved split by rows, restored split by columns): the same tensors, the same memory, the saved
+    values. When another object fails in the apply phase on the last rank, after the optimizer took its state, that
+    rank's optimizer is put back: the same tensors, the bits and learning rate it had."""
+    found: dict[str, Any] = {}
+    saved_net, saved_optimizer = adam(distribute_tensor(values(1)["a"], mesh, [Shard(0)]), 2, lr=0.1)
+    with safepoint.CheckpointManager(directory / "optimizers", timeout=TIMEOUT) as manager:
+        manager.save(1, {"net": saved_net, "optim": saved_optimizer, "counter": FailsOnRank(rank, -1)})
+    (saved_state,) = saved_optimizer.state.values()
+    expected = {
+        name: distribute_tensor(saved_state[name].full_tensor(), mesh, [Shard(1)]).to_local()
+        for name in ("exp_avg", "exp_avg_sq")
+    }
+    for case, failing in (("clean", -1), ("apply_fails", world - 1)):
+        net, optimizer = adam(distribute_tensor(values(9)["a"], mesh, [Shard(1)]), 8, lr=0.5)
+        (state,) = optimizer.state.values()
+        tensors = {name: state[name] for name in ("exp_avg", "exp_avg_sq")}
+        addresses = {name: tensor.to_local().data_ptr() for name, tensor in tensors.items()}
+        before = moments(optimizer)
+        live = {"net": net, "optim": optimizer, "counter": FailsOnRank(rank, failing)}
+        with safepoint.CheckpointManager(directory / "optimizers", timeout=TIMEOUT) as manager:
+            found[f"optim {case}"] = outcome(lambda live=live: manager.restore(live, strict=False))
+        (state,) = optimizer.state.values()
+        after = moments(optimizer)
+        found[f"optim {case} same_tensors"] = all(state[name] is tensor for name, tensor in tensors.items())
+        found[f"optim {case} same_memory"] = {
+            name: state[name].to_local().data_ptr() == address for name, address in addresses.items()
+        }
+        found[f"optim {case} is_saved"] = same_bits(expected, after)
+        found[f"optim {case} unchanged"] = same_bits(before, after)
+        found[f"optim {case} lr"] = optimizer.param_groups[0]["lr"]
+    return found
+
+
 def open_payloads() -> list[str]:
     """The payload files this process holds open (a restore's ranged reads hold them until it ends)."""
     found = []
@@ -208,6 +261,7 @@ def run(directory: Path, rank: int, world: int) -> dict[str, Any]:
     found["clean_is_step2"] = same_bits(step2, locals_of(state))
     found["clean_same_objects"] = objects == {key: id(t) for key, t in {**state["m"], **state["extra"]}.items()}
     found.update(modules(directory, mesh))
+    found.update(optimizers(directory, mesh, rank, world))
     return found
 
 
