@@ -347,14 +347,15 @@ class _Waiter:
     blocked in the store itself would not stop until the store answered: up to the timeout, ten minutes by
     default. A wait the main thread gave up on (an exception while it waited) is left to this thread to finish,
     and the next wait gets a new waiter. (Not a ThreadPoolExecutor: the interpreter joins its threads at exit,
-    which would wait out an abandoned wait.)"""
+    which would wait out an abandoned wait.) The thread starts at the first wait: a main thread whose stores
+    have no client of their own (a store written in Python) looks at them itself, and needs none."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.abandoned = False
         self.clients = _Clients()  # the main thread's, used on its thread only while the main thread waits for it
         self._requests: queue.SimpleQueue[tuple[Callable[[], bool], Future[bool]] | None] = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="safepoint-store-wait", daemon=True).start()
+        self._started = False  # only the main thread starts it
 
     def _serve(self) -> None:
         _local.clients = self.clients
@@ -367,6 +368,9 @@ class _Waiter:
 
     def run(self, call: Callable[[], bool]) -> bool:
         """``call()`` on this waiter's thread; its value, or its exception."""
+        if not self._started:
+            threading.Thread(target=self._serve, name="safepoint-store-wait", daemon=True).start()
+            self._started = True
         answer: Future[bool] = Future()
         self._requests.put((call, answer))
         try:

@@ -363,6 +363,24 @@ def test_ctrl_c_stops_the_main_thread_while_it_waits_for_the_others(store_type: 
     assert found == {"main": 21, "partner": 21}
 
 
+def test_a_main_thread_that_looks_at_a_shared_client_starts_no_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written in Python has no client per thread: the main thread looks at it itself (briefly, between
+    short sleeps), so the waiter thread that blocks in a store for it is never started."""
+    assert threading.current_thread() is threading.main_thread()
+    monkeypatch.setattr(_distributed, "_waiter", None)  # as in a process that has not waited yet
+    before = {t.ident for t in threading.enumerate() if t.name == "safepoint-store-wait"}
+    store = NoCloneStore()
+    found: dict[str, Any] = {}
+    partner = TorchCoordinator(store, 1, 2, namespace="python/", timeout=5.0)
+    thread = threading.Thread(target=lambda: found.update(partner=gather_sum(partner)))
+    thread.start()
+    found["main"] = gather_sum(TorchCoordinator(store, 0, 2, namespace="python/", timeout=5.0))
+    thread.join(timeout=30)
+    assert found == {"main": 21, "partner": 21}
+    started = [t for t in threading.enumerate() if t.name == "safepoint-store-wait" and t.ident not in before]
+    assert started == []
+
+
 @STORES
 def test_a_missing_coordinator_is_named_by_the_other_ranks(store_type: Callable[[], Store]) -> None:
     results = run_ranks(2, gather_sum, absent=(0,), store=store_type())
