@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _durable import fsync_tree
+from _durable import evict_tree, fsync_tree
 from _ranks import end_rank, run_ranks, timed_afresh
 
 MIB = 1 << 20
@@ -133,16 +133,6 @@ def io_counters() -> dict[str, int]:
         name, value = line.split(":")
         counters[name] = int(value)
     return counters
-
-
-def evict(root: Path) -> None:
-    os.sync()
-    for path in (p for p in root.rglob("*") if p.is_file()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 class Methods:
@@ -346,7 +336,7 @@ def load_phase(
     for repeat in range(-args.warmup, args.repeats):
         for method in rotated(methods.names, repeat):
             source = sources / ("safepoint" if method == "limit" else method)
-            evict(source)
+            evict_tree(source)
             target = objects if method == "safepoint" and args.into == "objects" else state
             gc.collect()  # neither method pays for the collections earlier calls' garbage made due
             dist.barrier()

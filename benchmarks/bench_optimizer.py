@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import shutil
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _durable import evict_tree
 
 import safepoint
 
@@ -51,16 +51,6 @@ def build(layers: int, seed: int) -> tuple[torch.nn.Module, torch.optim.Optimize
     return model, optimizer
 
 
-def evict(root: Path) -> None:
-    os.sync()
-    for path in (p for p in root.rglob("*") if p.is_file()):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def resident_mib(field: str) -> float:
     with open("/proc/self/status") as status:
         for line in status:
@@ -71,7 +61,7 @@ def resident_mib(field: str) -> float:
 
 def timed(call: Callable[[], Any], root: Path) -> tuple[float, float]:
     """Seconds and peak resident growth (MiB) of one cold call."""
-    evict(root)
+    evict_tree(root)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current resident set
@@ -79,7 +69,7 @@ def timed(call: Callable[[], Any], root: Path) -> tuple[float, float]:
     start = time.perf_counter()
     call()
     seconds = time.perf_counter() - start
-    return seconds, resident_mib("VmHWM:") - before
+    return seconds, max(0.0, resident_mib("VmHWM:") - before)
 
 
 def main() -> None:

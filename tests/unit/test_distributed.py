@@ -354,13 +354,18 @@ def test_ctrl_c_stops_the_main_thread_while_it_waits_for_the_others(store_type: 
     waiters[0].join(timeout=5)
     assert not waiters[0].is_alive()
     # the main thread's next exchange gets a new waiter
+    assert sum_with_a_partner(store, "again/") == {"main": 21, "partner": 21}
+
+
+def sum_with_a_partner(store: Store, namespace: str) -> dict[str, Any]:
+    """``gather_sum`` with the main thread as rank 0 and another thread as rank 1: what each got."""
     found: dict[str, Any] = {}
-    partner = TorchCoordinator(store, 1, 2, namespace="again/", timeout=5.0)
+    partner = TorchCoordinator(store, 1, 2, namespace=namespace, timeout=5.0)
     thread = threading.Thread(target=lambda: found.update(partner=gather_sum(partner)))
     thread.start()
-    found["main"] = gather_sum(TorchCoordinator(store, 0, 2, namespace="again/", timeout=5.0))
+    found["main"] = gather_sum(TorchCoordinator(store, 0, 2, namespace=namespace, timeout=5.0))
     thread.join(timeout=30)
-    assert found == {"main": 21, "partner": 21}
+    return found
 
 
 def test_a_main_thread_that_looks_at_a_shared_client_starts_no_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,14 +374,7 @@ def test_a_main_thread_that_looks_at_a_shared_client_starts_no_waiter(monkeypatc
     assert threading.current_thread() is threading.main_thread()
     monkeypatch.setattr(_distributed, "_waiter", None)  # as in a process that has not waited yet
     before = {t.ident for t in threading.enumerate() if t.name == "safepoint-store-wait"}
-    store = NoCloneStore()
-    found: dict[str, Any] = {}
-    partner = TorchCoordinator(store, 1, 2, namespace="python/", timeout=5.0)
-    thread = threading.Thread(target=lambda: found.update(partner=gather_sum(partner)))
-    thread.start()
-    found["main"] = gather_sum(TorchCoordinator(store, 0, 2, namespace="python/", timeout=5.0))
-    thread.join(timeout=30)
-    assert found == {"main": 21, "partner": 21}
+    assert sum_with_a_partner(NoCloneStore(), "python/") == {"main": 21, "partner": 21}
     started = [t for t in threading.enumerate() if t.name == "safepoint-store-wait" and t.ident not in before]
     assert started == []
 
