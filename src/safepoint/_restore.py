@@ -1057,7 +1057,7 @@ def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
         # torch's load_state_dict puts new tensors in place of the old ones and never writes into them, so the old
         # ones themselves are the backup (those read into in place are put back by the restore's backups): no copy
         # of the optimizer's state, which on a GPU could be more memory than there is
-        before = _state_refs(target.state_dict())
+        before = target.state_dict()
         target.load_state_dict(state)
         return lambda: target.load_state_dict(before)
     backup = copy.deepcopy(target.state_dict())
@@ -1085,16 +1085,6 @@ def _replaces_state(optimizer: torch.optim.Optimizer) -> bool:
         and kind.state_dict is torch.optim.Optimizer.state_dict
         and not any(getattr(optimizer, hooks, None) for hooks in _OPTIMIZER_HOOKS)
     )
-
-
-def _state_refs(state: Mapping[str, Any]) -> dict[str, Any]:
-    """An optimizer's ``state_dict()`` with its own containers: the same tensors, in dicts and lists that nothing
-    else holds (a later step changes the optimizer's own per-parameter dicts, not these)."""
-    return {
-        **state,
-        "state": {key: dict(value) if isinstance(value, Mapping) else value for key, value in state["state"].items()},
-        "param_groups": [dict(group) for group in state["param_groups"]],
-    }
 
 
 def _read_into_state(state: Mapping[str, Any], current: Any) -> list[Any]:

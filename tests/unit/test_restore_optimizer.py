@@ -27,6 +27,16 @@ class Fails:
         raise ValueError("cannot take this")
 
 
+class Holds:
+    """Takes what it is given (the same slot as Fails, for a restore that completes)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": 1}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 class CopiesIntoItsState(torch.optim.Adam):
     """An optimizer whose load_state_dict copies the saved moments into the tensors it holds (as some do, to keep
     their memory): the tensors it held are then no backup."""
@@ -87,14 +97,6 @@ def test_a_clean_restore_gives_the_optimizer_the_saved_state(checkpoint: Path) -
     safepoint.restore(checkpoint, {"model": model, "optim": optimizer, "z": Holds()})
     assert bits(moments(optimizer)) == bits(moments(saved))
     assert optimizer.param_groups[0]["lr"] == 0.1
-
-
-class Holds:
-    def state_dict(self) -> dict[str, Any]:
-        return {"n": 1}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def test_an_optimizer_that_copies_into_its_state_is_still_put_back_exactly(tmp_path: Path) -> None:
