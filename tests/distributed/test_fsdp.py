@@ -191,18 +191,22 @@ def training(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return runs
 
 
-def _resumed(training: dict[str, Any], world: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _resumed(
+    training: dict[str, Any], world: int, via: str = "plain"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     killed = training["killed"]
     assert [r.returncode for r in killed] == [-9, -9], killed[0].output[-4000:]  # SIGKILLed after step 4
     assert all(r.results == {"saved_at": worker.SAVED_AT} for r in killed)
-    for observed in _ok(training[f"resume{world}"]):
+    for found in _ok(training[f"resume{world}"]):
+        observed = found if via == "plain" else found[via]
         assert observed["step"] == worker.SAVED_AT
         assert observed["extra"] == {"step": worker.SAVED_AT, "name": "train"}
         assert observed["mismatched"] == []  # the restore itself is bitwise on any world size
         assert observed["missing"] == []
         assert observed["compared"] == EXPECTED_KEYS
     base: Path = training["base"]
-    resumed: dict[str, torch.Tensor] = torch.load(base / f"out-resume{world}" / "resumed.pt", weights_only=True)
+    name = "resumed.pt" if via == "plain" else f"resumed-{via}.pt"
+    resumed: dict[str, torch.Tensor] = torch.load(base / f"out-resume{world}" / name, weights_only=True)
     final = worker.read_expected(base, "train-final")
     assert sorted(resumed) == sorted(final)
     return resumed, final
@@ -214,6 +218,23 @@ def test_training_resumed_on_the_same_world_size_is_bitwise(training: dict[str, 
     are equal bit for bit to the uninterrupted run's."""
     resumed, final = _resumed(training, 2)
     assert [k for k in final if not torch.equal(resumed[k], final[k])] == []
+
+
+@pytest.mark.parametrize("training", SAFEPOINT_ONLY, indirect=True)
+@pytest.mark.parametrize("world", [2, 3])
+def test_training_resumed_into_the_model_and_optimizer_objects_matches_the_plain_resume(
+    training: dict[str, Any], world: int
+) -> None:
+    """safepoint only (DCP restores state dicts): the same resume restored into the model and the optimizer
+    themselves (the README's form; the optimizer holds state, so its moments are read into its own tensors) ends
+    bit for bit where the resume through their state dicts ends, on the same world size (so the uninterrupted
+    run's bits) and on another."""
+    resumed, final = _resumed(training, world, via="objects")
+    plain, _ = _resumed(training, world)
+    assert sorted(resumed) == sorted(plain)
+    assert [k for k in plain if not torch.equal(resumed[k], plain[k])] == []
+    if world == 2:
+        assert [k for k in final if not torch.equal(resumed[k], final[k])] == []
 
 
 #: The tolerance of a resume on another world size. Measured with dcp (restore itself bitwise): the largest

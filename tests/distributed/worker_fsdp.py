@@ -332,7 +332,8 @@ def restore_into(
     """A fresh model of ``kind`` restored from checkpoint ``source``, compared with ``source``'s expected values.
 
     ``via="plain"``: ``model.state_dict()`` / ``optimizer.state_dict()`` restored in place, then loaded back;
-    ``via="dcp-state-dict"``: the same through ``get_state_dict`` / ``set_state_dict``."""
+    ``via="dcp-state-dict"``: the same through ``get_state_dict`` / ``set_state_dict``; ``via="objects"`` (safepoint
+    only): the model and the optimizer themselves, as the README shows."""
     expected = read_expected(directory, source)
     model, optimizer = fresh(kind)
     equal_before = [k for k, v in full_state(model, optimizer).items() if k in expected and torch.equal(v, expected[k])]
@@ -342,6 +343,9 @@ def restore_into(
         state = plain_state(model, optimizer, extra)
         step = backend.restore(directory / source, state)
         apply_plain(model, optimizer, state)
+    elif via == "objects":
+        state = {"model": model, "optim": optimizer, "extra": extra}
+        step = backend.restore(directory / source, state)
     else:
         model_state, optim_state = get_state_dict(model, optimizer)
         state = {"model": model_state, "optim": optim_state, "extra": extra}
@@ -477,14 +481,22 @@ def train_and_kill(backend: Backend, directory: Path, rank: int, world: int) -> 
 
 def resume(backend: Backend, directory: Path, rank: int, world: int) -> dict[str, Any]:
     """A fresh process group of any size resumes the killed run from its checkpoint and trains to the end; rank 0
-    writes the final full tensors to ``OUT/resumed.pt`` for the test to compare with the uninterrupted run's."""
-    model, optimizer, found = restore_into(backend, directory, "train", "fsdp")
-    del found["layout"]
-    train(model, optimizer, range(int(found["extra"]["step"]) + 1, TRAIN_STEPS + 1), sliced=True)
-    resumed = full_state(model, optimizer)
-    if rank == 0:
-        torch.save(resumed, Path(sys.argv[3]) / "resumed.pt")
-    return found
+    writes the final full tensors to ``OUT/resumed.pt`` for the test to compare with the uninterrupted run's. With
+    safepoint, a second resume restores into the model and optimizer objects themselves (the optimizer holding
+    state, so its moments are read in place): ``OUT/resumed-objects.pt``, and its findings under ``"objects"``."""
+    results: dict[str, Any] = {}
+    for via in ("plain", "objects") if backend.name == "safepoint" else ("plain",):
+        model, optimizer, found = restore_into(backend, directory, "train", "fsdp", via=via)
+        del found["layout"]
+        train(model, optimizer, range(int(found["extra"]["step"]) + 1, TRAIN_STEPS + 1), sliced=True)
+        resumed = full_state(model, optimizer)
+        if rank == 0:
+            torch.save(resumed, Path(sys.argv[3]) / ("resumed.pt" if via == "plain" else f"resumed-{via}.pt"))
+        if via == "plain":
+            results.update(found)
+        else:
+            results[via] = found
+    return results
 
 
 SCENARIOS: dict[str, Callable[[Backend, Path, int, int], dict[str, Any]]] = {
