@@ -15,20 +15,11 @@ import pytest
 import torch
 
 import safepoint
-
-
-class Fails:
-    """Applied after the optimizer (objects apply in the state's order), and fails."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"n": 1}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise ValueError("cannot take this")
+from tests.unit.test_restore import Fails  # applied after the optimizer (objects apply in the state's order)
 
 
 class Holds:
-    """Takes what it is given (the same slot as Fails, for a restore that completes)."""
+    """Takes what it is given (in Fails' place, for a restore that completes)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"n": 1}
