@@ -280,6 +280,8 @@ class _Plan:
     # an optimizer's state tensors read into in place (see _replaces_state): its load_state_dict never writes into
     # what it is given, so its post-apply check needs only that it holds these very tensors (id -> tensor)
     held: dict[int, Any] = field(default_factory=dict)
+    # ids of those optimizers, decided once when matched: their rollback is the tensors they held (_load_object)
+    own_backup: set[int] = field(default_factory=set)
 
 
 def _is_tensor(value: object) -> bool:
@@ -449,10 +451,11 @@ def _match_object(plan: _Plan, live: Any, saved: Any, path: list[str | int]) -> 
         state = _match_module_state(plan, current, state, path)
     else:
         if in_place:
+            plan.own_backup.add(id(live))
             plan.held.update((id(value), value) for value in _read_into_state(state, current))
         if isinstance(current, Mapping):
             _compare_keys(plan, current, saved, path)
-            if isinstance(live, torch.optim.Optimizer):
+            if optimizer:
                 _match_param_groups(plan, current, saved, key)
         plan.units.append(tuple(path))
     plan.objects.append((key, live, state))
@@ -1018,7 +1021,7 @@ def _apply(plan: _Plan, step: int) -> None:
     try:
         for key, target, state in order:
             try:
-                undo.append(_load_object(target, state, plan.strict))
+                undo.append(_load_object(target, state, plan.strict, own_backup=id(target) in plan.own_backup))
             except Exception as err:
                 raise RestoreError(
                     f"restoring {key!r} from step {step} failed in its load_state_dict: {err!r}; "
@@ -1042,7 +1045,9 @@ def _roll_back(undo: list[Callable[[], None]], err: BaseException) -> None:
             attach_note(err, note)
 
 
-def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
+def _load_object(target: Any, state: Any, strict: bool, *, own_backup: bool) -> Callable[[], None]:
+    """Apply ``state`` to ``target``; the undo. ``own_backup``: a torch optimizer (see :func:`_replaces_state`, decided
+    when it was matched, and what it was read into in place relies on it), whose held tensors are its backup."""
     if isinstance(target, _PickledTarget):
         previous = target.wrapper.value
         target.run()
@@ -1053,7 +1058,7 @@ def _load_object(target: Any, state: Any, strict: bool) -> Callable[[], None]:
     if _is_loader(target):
         target.load_state_dict(state)
         return _cannot_roll_back(target)
-    if isinstance(target, torch.optim.Optimizer) and _replaces_state(target):
+    if own_backup:
         # torch's load_state_dict puts new tensors in place of the old ones and never writes into them, so the old
         # ones themselves are the backup (those read into in place are put back by the restore's backups): no copy
         # of the optimizer's state, which on a GPU could be more memory than there is
