@@ -926,7 +926,7 @@ def open_saver(
 def collect_leftovers(storage: Storage) -> None:
     """Remove what crashed saves left behind, quietly: a manager that opens must not fail because of them."""
     try:
-        report = collect(storage)
+        report = collect(storage, settled_pass=True)
     except SafepointError as err:
         logger.warning("could not collect leftovers of crashed saves in %s: %s", storage.describe(""), err)
         return

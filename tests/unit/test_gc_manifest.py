@@ -102,3 +102,41 @@ def test_a_malformed_save_id_under_a_matching_checksum_is_corrupt() -> None:
     data = _written({"format_version": FORMAT_VERSION, "save_id": "../" + "a" * 29})
     with pytest.raises(CorruptCheckpointError, match="save_id"):
         save_id_of(data, "m")
+
+
+# -- the pass a manager makes when it opens ------------------------------------------------------------------------
+def test_opening_a_manager_reads_no_manifest_of_a_settled_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A step as a finished save leaves it (its manifest and its one attempt) is passed over when a manager opens:
+    a manifest the collector would read is made unreadable, and opening says nothing of it; gc() reads it."""
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        for step in (1, 2, 3):
+            manager.save(step, {"x": torch.ones(2)})
+    for step in (1, 2, 3):
+        (tmp_path / step_dir(step) / "manifest.json").write_bytes(b"not json")
+    with caplog.at_level("WARNING", logger="safepoint"), safepoint.CheckpointManager(tmp_path) as manager:
+        assert "cannot be read" not in caplog.text
+        manager.gc()
+    assert caplog.text.count("cannot be read") == 3
+
+
+def test_opening_a_manager_collects_an_orphan_beside_a_committed_attempt(tmp_path: Path) -> None:
+    step, save_id = _committed(tmp_path)
+    with safepoint.CheckpointManager(tmp_path):
+        pass
+    assert not (step / ORPHAN).exists()
+    assert (step / save_id / "00000.safetensors").exists()
+    assert safepoint.verify(tmp_path).ok
+
+
+def test_a_lone_attempt_the_manifest_does_not_name_is_left_on_open_and_collected_by_gc(tmp_path: Path) -> None:
+    """A committed step whose own data is gone and which holds one other attempt: opening passes it over (it looks
+    settled, and passing over removes nothing); an explicit gc reads the manifest and removes the attempt."""
+    step, save_id = _committed(tmp_path)
+    (step / save_id / "00000.safetensors").unlink()
+    (step / save_id).rmdir()
+    with safepoint.CheckpointManager(tmp_path) as manager:
+        assert (step / ORPHAN / "00000.safetensors").exists()
+        assert manager.gc().removed == (f"{step_dir(1)}/{ORPHAN}",)
+    assert not (step / ORPHAN).exists()
