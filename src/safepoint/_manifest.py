@@ -244,6 +244,15 @@ _NODE_SINCE = {"view": 2, "typed": 2, "sharded": 3}
 _INT64 = 1 << 63
 
 
+def _naturals(values: list[Any]) -> bool:
+    """Whether every value is an int >= 0 (not a bool): a loop, ~3x faster than ``all()`` over a generator on the
+    two- to four-element lists of shapes and offsets that every entry and box of a manifest has."""
+    for value in values:  # noqa: SIM110 - the loop is the point
+        if type(value) is not int or value < 0:
+            return False
+    return True
+
+
 class _Parser:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -409,7 +418,7 @@ class _Parser:
             return None
         if type(file_index) is not int or not 0 <= file_index < len(files):
             return None
-        if not all(type(d) is int and d >= 0 for d in shape):
+        if not _naturals(shape):
             return None
         entry = EntryRecord(key, kind, dtype, tuple(shape), file_index, name, False)
         return entry if entry.nbytes <= files[file_index].size else None
@@ -562,7 +571,7 @@ class _Parser:
         offsets, sizes, entry_index, at = value["offsets"], value["sizes"], value["e"], value["at"]
         if type(offsets) is not list or type(sizes) is not list or type(entry_index) is not int or type(at) is not int:
             return None
-        if not all(type(n) is int and n >= 0 for n in offsets) or not all(type(n) is int and n >= 0 for n in sizes):
+        if not (_naturals(offsets) and _naturals(sizes)):
             return None
         if not 0 <= entry_index < len(self.entries) or at < 8:
             return None

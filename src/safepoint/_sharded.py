@@ -294,6 +294,8 @@ def check_cover(shape: Sequence[int], boxes: Iterable[Box]) -> str:
     """Why ``boxes`` do not cover a tensor of ``shape`` exactly once ("" when they do): each box lies inside the
     shape and is not empty, no two overlap, and their volumes add up to the tensor's."""
     listed = sorted(boxes)
+    if _tile_the_rows(shape, listed):
+        return ""
     total = 0
     for box in listed:
         if len(box.offsets) != len(shape) or len(box.sizes) != len(shape):
@@ -320,6 +322,24 @@ def check_cover(shape: Sequence[int], boxes: Iterable[Box]) -> str:
     if total != math.prod(shape):
         return f"the boxes hold {total} of the tensor's {math.prod(shape)} elements (a gap)"
     return ""
+
+
+def _tile_the_rows(shape: Sequence[int], listed: Sequence[Box]) -> bool:
+    """Whether boxes sorted by their offsets each span every dimension but the first and follow one another along
+    it from row 0 to the last without a gap: FSDP's split, confirmed in one pass (every manifest read checks every
+    sharded tensor). False says nothing: the sweep of :func:`check_cover` decides, and names what is wrong."""
+    if not shape:
+        return False
+    rest = tuple(shape[1:])
+    zeros = (0,) * len(rest)
+    row = 0
+    for offsets, sizes in listed:
+        if len(offsets) != len(shape) or offsets[0] != row or sizes[1:] != rest or offsets[1:] != zeros:
+            return False
+        if sizes[0] <= 0:
+            return False
+        row += sizes[0]
+    return row == shape[0]
 
 
 # -- chunk checksums ----------------------------------------------------------------------------------------------

@@ -132,8 +132,12 @@ def test_boxes_of_every_layout_cover_the_tensor_exactly_once() -> None:
         ((4, 2), [Box((0, 0), (4, 2)), Box((4, 0), (0, 2))], "empty"),
         ((4, 2), [Box((0,), (4,))], "dimensions"),
         ((), [], "0 boxes"),
+        # rows that follow one another, but a box that does not span every column: not FSDP's tiling
+        ((4, 2), [Box((0, 0), (2, 1)), Box((2, 0), (2, 2))], "a gap"),
+        ((4, 2), [Box((0, 1), (2, 2)), Box((2, 0), (2, 2))], "outside the shape"),
+        ((4, 2), [Box((0, 0), (2, 2)), Box((2, 0), (2, 2)), Box((0, 0), (0, 2))], "empty"),
     ],
-    ids=["gap", "overlap", "duplicate", "outside", "empty-box", "rank", "0-d"],
+    ids=["gap", "overlap", "duplicate", "outside", "empty-box", "rank", "0-d", "narrow", "shifted", "empty-first"],
 )
 def test_a_broken_cover_is_named(shape: tuple[int, ...], listed: list[Box], fragment: str) -> None:
     assert fragment in check_cover(shape, listed)
