@@ -495,7 +495,11 @@ class TorchCoordinator:
 
     def _await_readers(self, key: str, readers: list[int]) -> None:
         """Wait (at most the timeout) until the ranks ``readers`` have read the outcome, then remove the
-        exchange's records. Tidying and a courtesy to the readers: the outcome is decided, so nothing here raises."""
+        exchange's records. The outcome is decided, so nothing here raises; but the wait is needed, not only tidy:
+        where rank 0's process hosts the store (a group started without torchrun's agent), returning at once let
+        it finish and exit before a slower rank had read the outcome of the last exchange, which then got
+        "Connection reset by peer" instead of the outcome (tried, and reverted: test_ranks.py's background-kill
+        test on 4 ranks failed in 6 of 8 runs)."""
         with contextlib.suppress(RuntimeError, OSError, ValueError):
             seen = [f"{key}/read/{rank}" for rank in readers]
             self._wait_for(seen, self.timeout)
