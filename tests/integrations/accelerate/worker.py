@@ -39,6 +39,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
 import safepoint
 from safepoint.integrations.accelerate import load_state, save_state
+from tests.helpers import end_rank
 
 
 class Progress:
@@ -163,3 +164,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_rank()

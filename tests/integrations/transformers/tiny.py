@@ -20,6 +20,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 
 import safepoint
 from safepoint.integrations.transformers import SafepointTrainerMixin
+from tests.helpers import end_rank
 
 VOCAB, LENGTH, SAMPLES = 64, 8, 8
 
@@ -151,6 +152,7 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     if trainer.args.process_index == 0:
         safepoint.save(options.result, result_of(trainer, started.step))
+    end_rank()
 
 
 if __name__ == "__main__":
