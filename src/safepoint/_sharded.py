@@ -334,7 +334,9 @@ def _tile_the_rows(shape: Sequence[int], listed: Sequence[Box]) -> bool:
     zeros = (0,) * len(rest)
     row = 0
     for offsets, sizes in listed:
-        if len(offsets) != len(shape) or offsets[0] != row or sizes[1:] != rest or offsets[1:] != zeros:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            return False
+        if offsets[0] != row or sizes[1:] != rest or offsets[1:] != zeros:
             return False
         if sizes[0] <= 0:
             return False

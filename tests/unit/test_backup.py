@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import resource
 import signal
@@ -245,3 +246,18 @@ def test_discard_returns_at_once_and_the_keeper_stops_then_the_memory_goes_on_a_
     assert _spills() == []
     assert not any(t.name.startswith("safepoint-keep") for t in threading.enumerate())
     assert backup.kept == 0  # stopped before it began: nothing copied for a restore that is complete
+
+
+def test_discard_without_a_thread_to_be_had_stops_and_frees_on_the_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where no thread can be started (a process at its thread limit), the restore is still complete: the keeper
+    is stopped and the memory freed on the caller's thread, and discard raises nothing."""
+
+    def no_thread(*args: object) -> int:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(_thread, "start_new_thread", no_thread)
+    backups = TensorBackups()
+    backups.keep("t", torch.ones(2 * SPILL_MIN_BYTES // 4))
+    backups.discard()
+    assert _spills() == []
+    assert not any(t.name.startswith("safepoint-keep") for t in threading.enumerate())

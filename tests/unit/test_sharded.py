@@ -136,8 +136,21 @@ def test_boxes_of_every_layout_cover_the_tensor_exactly_once() -> None:
         ((4, 2), [Box((0, 0), (2, 1)), Box((2, 0), (2, 2))], "a gap"),
         ((4, 2), [Box((0, 1), (2, 2)), Box((2, 0), (2, 2))], "outside the shape"),
         ((4, 2), [Box((0, 0), (2, 2)), Box((2, 0), (2, 2)), Box((0, 0), (0, 2))], "empty"),
+        ((4,), [Box((0,), ())], "dimensions"),
     ],
-    ids=["gap", "overlap", "duplicate", "outside", "empty-box", "rank", "0-d", "narrow", "shifted", "empty-first"],
+    ids=[
+        "gap",
+        "overlap",
+        "duplicate",
+        "outside",
+        "empty-box",
+        "rank",
+        "0-d",
+        "narrow",
+        "shifted",
+        "empty-first",
+        "no-sizes",
+    ],
 )
 def test_a_broken_cover_is_named(shape: tuple[int, ...], listed: list[Box], fragment: str) -> None:
     assert fragment in check_cover(shape, listed)
